@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run the whole test suite: unit tests, the local pipeline on real digits, the server in a real
+# browser, the manifest/Dockerfile/script checks, and (unless SKIP_E2E=1) the container end-to-end run.
+# Installs what it needs itself (Debian packages when run as root, the virtualenv always).
+# Extra arguments go to pytest, e.g. scripts/test.sh -k splitter
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# System packages the tests use: a browser for the page test, shellcheck for the scripts.
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+if ((${#need[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "test.sh: missing ${need[*]}; install them (Debian: apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+fi
+
+"$root/scripts/bootstrap.sh" --dev
+export TF_CPP_MIN_LOG_LEVEL=2
+"$root/.venv/bin/python" -m pytest "$@"
+
+if [[ "${SKIP_E2E:-0}" != "1" && $# -eq 0 ]]; then
+  "$root/scripts/e2e-containers.sh"
+fi
