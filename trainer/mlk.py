@@ -1,0 +1,111 @@
+"""Pieces shared by trainer.py and evaluate.py: input checks, the model, the weight fingerprint.
+
+Kept free of TensorFlow imports at module level so argument and data errors are reported
+before the (slow) TensorFlow start-up.
+"""
+
+import argparse
+import hashlib
+import zipfile
+
+import numpy as np
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+
+class InputError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line (program name first) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def load_shard(path):
+    """Read and check a shard (keys x uint8 (n, 28, 28), y integer (n,) in 0-9); returns (x, y)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise InputError(f"{path}: not an .npz archive")
+            missing = [key for key in ("x", "y") if key not in npz.files]
+            if missing:
+                raise InputError(f"{path}: missing key(s) {', '.join(missing)} (has {', '.join(npz.files) or 'none'})")
+            x, y = npz["x"], npz["y"]
+    except InputError:
+        raise
+    except AttributeError:  # np.load of a plain .npy returns an ndarray, which has no context manager
+        raise InputError(f"{path}: not an .npz archive") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: cannot read as .npz ({err})") from None
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
+        raise InputError(f"{path}: x must be uint8 of shape (n, 28, 28), got {x.dtype} {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        raise InputError(f"{path}: y must be integer labels of shape (n,), got {y.dtype} {y.shape}")
+    if len(x) != len(y):
+        raise InputError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    if len(x) == 0:
+        raise InputError(f"{path}: shard is empty")
+    if y.min() < 0 or y.max() >= NUM_CLASSES:
+        raise InputError(f"{path}: labels must be 0-9, found {int(y.min())}..{int(y.max())}")
+    return x, y.astype(np.int64)
+
+
+def to_model_input(x):
+    """uint8 (n, 28, 28) -> float32 (n, 28, 28, 1) in [0, 1], the model's input contract."""
+    return (x.astype(np.float32) / 255.0)[..., np.newaxis]
+
+
+def fingerprint(weights):
+    """sha256 hex over each array's shape text ("3x3x1x32;") and float32 little-endian bytes."""
+    digest = hashlib.sha256()
+    for array in weights:
+        array = np.asarray(array)
+        digest.update(("x".join(str(d) for d in array.shape) + ";").encode())
+        digest.update(array.astype("<f4").tobytes())
+    return digest.hexdigest()
+
+
+def read_attrs(path):
+    """The file's root mlk_* attributes as plain Python values ({} if it has none)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        attrs = {}
+        for key, value in f.attrs.items():
+            if not key.startswith("mlk_"):
+                continue
+            if isinstance(value, bytes):
+                value = value.decode()
+            elif isinstance(value, np.generic):
+                value = value.item()
+            attrs[key] = value
+        return attrs
+
+
+def load_checked_model(path):
+    """Load a .h5 model with compile=False and check it maps (None, 28, 28, 1) to 10 classes."""
+    import h5py
+    import keras
+
+    try:
+        if not h5py.is_hdf5(path):
+            raise InputError(f"{path}: not an HDF5 model file")
+        model = keras.models.load_model(path, compile=False)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except Exception as err:  # Keras raises many types for a bad file; all mean "not a usable model"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: cannot load as a Keras model ({first_line})") from None
+    input_shape = tuple(model.inputs[0].shape) if model.inputs else None
+    output_shape = tuple(model.outputs[0].shape) if model.outputs else None
+    if input_shape != (None, *IMAGE_SHAPE, 1) or output_shape != (None, NUM_CLASSES):
+        raise InputError(f"{path}: model maps {input_shape} -> {output_shape}, expected (None, 28, 28, 1) -> (None, 10)")
+    return model

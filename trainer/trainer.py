@@ -1,0 +1,156 @@
+"""Train one worker's CNN on one MNIST shard and save it as a Keras .h5 model.
+
+Every worker of a round starts from the same initial weights (built from --seed, or loaded from
+--init-model, the previous round's aggregated model), so the aggregator can average them.
+See docs/CONTRACTS.md for the file formats and the attributes written into the .h5 file.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from mlk import InputError, Parser, fingerprint, load_checked_model, load_shard, read_attrs, to_model_input
+
+# Model / training constants (chosen for accuracy per CPU-second; see README's benchmark).
+DEFAULT_SEED = 2019
+PEAK_LEARNING_RATE = 3e-3  # Adam; cosine-decayed over the run ...
+FINAL_LEARNING_RATE_FRACTION = 0.02  # ... to 2% of the peak, so workers end with small steps
+DROPOUT = 0.5
+
+
+def build_parser():
+    parser = Parser(prog="trainer.py", description="Train the MNIST CNN on one shard (.npz) and save an .h5 model.")
+    parser.add_argument("--data", required=True, help="shard .npz with keys x uint8 (n,28,28) and y (n,) in 0-9")
+    parser.add_argument("--epoch", type=int, required=True, help="epochs over the shard (>= 1)")
+    parser.add_argument("--batch", type=int, required=True, help="batch size (>= 1)")
+    parser.add_argument("--savemodel", "--savefile", dest="savemodel", required=True, help="output .h5 path")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the initial weights (default {DEFAULT_SEED})")
+    parser.add_argument("--init-model", help="start from this .h5 model (e.g. the previous round's aggregate)")
+    parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads (0 = TF default)")
+    return parser
+
+
+def build_model(keras):
+    """Small convnet that pools early: about a fifth of the original's compute per sample."""
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            layers.Conv2D(32, kernel_size=3, activation="relu"),
+            layers.MaxPooling2D(pool_size=2),
+            layers.Conv2D(64, kernel_size=3, activation="relu"),
+            layers.MaxPooling2D(pool_size=2),
+            layers.Flatten(),
+            layers.Dropout(DROPOUT),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+def epoch_logger(keras, epochs, samples):
+    """One plain line per epoch, for logs (a terminal gets Keras' progress bar instead)."""
+
+    class EpochLine(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            rate = samples / max(time.perf_counter() - self.started, 1e-9)
+            print(f"epoch {epoch + 1}/{epochs} - loss {logs['loss']:.4f} - accuracy {logs['accuracy']:.4f}"
+                  f" - {rate:.0f} samples/s", flush=True)
+
+    return EpochLine()
+
+
+def save_atomically(model, path, attrs):
+    """model.save into a private temp dir beside `path`, add the mlk_* attributes, then os.replace."""
+    import h5py
+
+    target_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(target_dir, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix=".trainer-", dir=target_dir)  # not matched by a reader's *.h5 glob
+    try:
+        temp_path = os.path.join(temp_dir, "model.h5")
+        model.save(temp_path)
+        with h5py.File(temp_path, "a") as f:
+            f.attrs.update(attrs)
+        os.replace(temp_path, path)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def train(args):
+    # Check the cheap things before TensorFlow starts.
+    if args.epoch < 1:
+        raise InputError(f"--epoch must be >= 1, got {args.epoch}")
+    if args.batch < 1:
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
+    if args.threads < 0:
+        raise InputError(f"--threads must be >= 0, got {args.threads}")
+    if not args.savemodel.endswith(".h5"):
+        raise InputError(f"--savemodel must end in .h5, got {args.savemodel}")
+    if args.init_model is not None and not os.path.isfile(args.init_model):
+        raise InputError(f"--init-model {args.init_model}: no such file")
+    x, y = load_shard(args.data)
+    x = to_model_input(x)
+    print(f"data: {args.data}: {len(x)} samples", flush=True)
+
+    import keras
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    keras.utils.set_random_seed(args.seed)  # initial weights, shuffling and dropout
+
+    # Model: the shared starting point of every worker in this round.
+    if args.init_model:
+        model = load_checked_model(args.init_model)
+        training_round = int(read_attrs(args.init_model).get("mlk_round", 0)) + 1
+    else:
+        model = build_model(keras)
+        training_round = 1
+    init_fingerprint = fingerprint(model.get_weights())
+    print(f"model: round {training_round}, {model.count_params()} parameters, init {init_fingerprint[:12]}", flush=True)
+
+    # Train: Adam with a cosine-decayed learning rate that ends low.
+    steps = args.epoch * -(-len(x) // args.batch)
+    learning_rate = keras.optimizers.schedules.CosineDecay(PEAK_LEARNING_RATE, steps, alpha=FINAL_LEARNING_RATE_FRACTION)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    on_terminal = sys.stdout.isatty()
+    model.fit(x, y, batch_size=args.batch, epochs=args.epoch, verbose=1 if on_terminal else 0,
+              callbacks=[] if on_terminal else [epoch_logger(keras, args.epoch, len(x))])
+
+    # Save with the attributes the aggregator and the next round read.
+    save_atomically(model, args.savemodel, {
+        "mlk_kind": "worker",
+        "mlk_samples": len(x),
+        "mlk_init_fingerprint": init_fingerprint,
+        "mlk_round": training_round,
+        "mlk_epochs": args.epoch,
+        "mlk_batch": args.batch,
+        "mlk_seed": args.seed,
+        "mlk_data": os.path.basename(args.data),
+    })
+    print(f"saved: {args.savemodel}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        train(args)
+    except InputError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
