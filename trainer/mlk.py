@@ -6,6 +6,7 @@ before the (slow) TensorFlow start-up.
 
 import argparse
 import hashlib
+import os
 import zipfile
 
 import numpy as np
@@ -37,7 +38,7 @@ def load_shard(path):
             x, y = npz["x"], npz["y"]
     except InputError:
         raise
-    except AttributeError:  # np.load of a plain .npy returns an ndarray, which has no context manager
+    except (AttributeError, TypeError):  # np.load of a plain .npy returns an ndarray, not an archive
         raise InputError(f"{path}: not an .npz archive") from None
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
@@ -93,6 +94,8 @@ def load_checked_model(path):
     import h5py
     import keras
 
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
     try:
         if not h5py.is_hdf5(path):
             raise InputError(f"{path}: not an HDF5 model file")

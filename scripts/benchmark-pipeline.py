@@ -1,0 +1,92 @@
+"""Benchmark: the local pipeline vs the 2019 method on real MNIST, same shards, same parallelism.
+
+Runs scripts/local-quickstart.sh (WORKER_NUMBER=3 EPOCH=2 BATCH=100 SERVE=0, ROUNDS from env or its
+default) in a temp WORK_DIR, then scripts/original_method.py on that run's shards, and prints a table
+(method, wall time, test accuracy) and a verdict on the >= 0.985 target. If local-quickstart.sh does
+not exist yet, it runs the same stages itself (split, parallel trainers, aggregate, evaluate).
+Usage: MNIST_NPZ=../shared/datasets/mnist.npz [ROUNDS=2] .venv/bin/python scripts/benchmark-pipeline.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = 0.985
+WORKERS, EPOCH, BATCH = 3, 2, 100
+PY = sys.executable
+
+
+def last_json(text):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def run(cmd, env=None):
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark-pipeline: command failed ({proc.returncode}): {' '.join(map(str, cmd))}")
+    return proc.stdout
+
+
+def own_pipeline(work, mnist, rounds):
+    """Stand-in for local-quickstart.sh: the same stages, trainers in parallel with one thread each."""
+    run([PY, REPO / "splitter/splitter.py", "--n_container", str(WORKERS), "--savedir", work / "data", "--dataset", mnist])
+    init = []
+    for _ in range(rounds):
+        procs = [subprocess.Popen([PY, REPO / "trainer/trainer.py", "--data", work / f"data/{i}.npz", "--epoch", str(EPOCH),
+                                   "--batch", str(BATCH), "--savemodel", work / f"model/{i}-model.h5", "--threads", "1", *init])
+                 for i in range(WORKERS)]
+        if any(p.wait() != 0 for p in procs):
+            sys.exit("benchmark-pipeline: a trainer failed")
+        run([PY, REPO / "aggregator/aggregator.py", "--dir", work / "model", "--savefile", work / "aggregated-model.h5",
+             "--expect", str(WORKERS)])
+        init = ["--init-model", work / "aggregated-model.h5"]
+    return run([PY, REPO / "trainer/evaluate.py", "--modelpath", work / "aggregated-model.h5", "--data", work / "data/test.npz"])
+
+
+def main() -> int:
+    mnist = Path(os.environ.get("MNIST_NPZ", REPO / "../shared/datasets/mnist.npz")).resolve()
+    if not mnist.is_file():
+        sys.exit(f"benchmark-pipeline: MNIST not found at {mnist} (set MNIST_NPZ)")
+    quickstart = REPO / "scripts/local-quickstart.sh"
+    with tempfile.TemporaryDirectory(prefix="mlk-bench-") as tmp:
+        work = Path(tmp) / "work"
+        env = dict(os.environ, WORKER_NUMBER=str(WORKERS), EPOCH=str(EPOCH), BATCH=str(BATCH), SERVE="0",
+                   WORK_DIR=str(work), MNIST_NPZ=str(mnist))
+        started = time.perf_counter()
+        if quickstart.exists():
+            method = "pipeline (local-quickstart.sh, ROUNDS=" + os.environ.get("ROUNDS", "default") + ")"
+            out = run(["bash", quickstart], env=env)
+        else:
+            rounds = int(os.environ.get("ROUNDS", "2"))
+            method = f"pipeline (stand-in loop, ROUNDS={rounds})"
+            out = own_pipeline(work, mnist, rounds)
+        ours_seconds = time.perf_counter() - started
+        accuracy_lines = [line for line in out.splitlines() if line.startswith("{") and "accuracy" in line]
+        ours = json.loads(accuracy_lines[-1]) if accuracy_lines else None
+
+        started = time.perf_counter()
+        original = last_json(run([PY, REPO / "scripts/original_method.py", "--data-dir", work / "data",
+                                  "--workers", str(WORKERS), "--epoch", str(EPOCH), "--batch", str(BATCH)]))
+        original_seconds = time.perf_counter() - started
+
+    ours_acc = ours["accuracy"] if ours else float("nan")
+    print()
+    print(f"| method | wall time (s) | test accuracy |")
+    print(f"| --- | ---: | ---: |")
+    print(f"| {method} | {ours_seconds:.1f} | {ours_acc:.4f} |")
+    print(f"| original 2019 method (independent init, plain average) | {original_seconds:.1f} | {original['accuracy']:.4f} |")
+    ok = ours_acc >= TARGET and ours_seconds <= original_seconds
+    print(f"verdict: {'PASS' if ok else 'FAIL'} — accuracy {ours_acc:.4f} (target >= {TARGET}), "
+          f"wall {ours_seconds:.1f}s vs original {original_seconds:.1f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

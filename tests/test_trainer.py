@@ -1,0 +1,156 @@
+"""trainer/trainer.py on tiny synthetic shards: outputs, attributes, shared init, bad input."""
+
+import re
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
+import trainer  # noqa: E402
+from mlk import fingerprint  # noqa: E402
+
+N = 200
+
+
+def make_shard(path, n=N, seed=0, **overrides):
+    rng = np.random.default_rng(seed)
+    arrays = {"x": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), "y": rng.integers(0, 10, n).astype(np.uint8)}
+    arrays.update(overrides)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return make_shard(tmp_path_factory.mktemp("data") / "0.npz")
+
+
+@pytest.fixture(scope="module")
+def trained(shard, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "0-model.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(out)]) == 0
+    return out
+
+
+def attrs(path):
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items() if k.startswith("mlk_")}
+
+
+def test_writes_loadable_model_with_contract_attributes(trained, shard):
+    import keras
+
+    model = keras.models.load_model(trained, compile=False)
+    assert model.output_shape == (None, 10)
+    probs = model.predict(np.zeros((2, 28, 28, 1), np.float32), verbose=0)
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    a = attrs(trained)
+    assert a["mlk_kind"] == "worker"
+    assert a["mlk_samples"] == N
+    assert a["mlk_round"] == 1
+    assert a["mlk_epochs"] == 1 and a["mlk_batch"] == 50 and a["mlk_seed"] == trainer.DEFAULT_SEED
+    assert a["mlk_data"] == "0.npz"
+    assert re.fullmatch(r"[0-9a-f]{64}", a["mlk_init_fingerprint"])
+    assert list(trained.parent.iterdir()) == [trained]  # no temp leftovers
+
+
+def test_fingerprint_is_that_of_the_seeded_initial_weights(trained):
+    import keras
+
+    keras.utils.set_random_seed(trainer.DEFAULT_SEED)
+    assert attrs(trained)["mlk_init_fingerprint"] == fingerprint(trainer.build_model(keras).get_weights())
+
+
+def test_same_seed_same_fingerprint_other_seed_differs(shard, trained, tmp_path):
+    same, other = tmp_path / "same.h5", tmp_path / "other.h5"
+    make_shard(tmp_path / "1.npz", seed=5)  # different data, same seed: still same init
+    assert trainer.main(["--data", str(tmp_path / "1.npz"), "--epoch", "1", "--batch", "50", "--savemodel", str(same)]) == 0
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(other),
+                         "--seed", "7"]) == 0
+    assert attrs(same)["mlk_init_fingerprint"] == attrs(trained)["mlk_init_fingerprint"]
+    assert attrs(other)["mlk_init_fingerprint"] != attrs(trained)["mlk_init_fingerprint"]
+
+
+def test_init_model_continues_from_its_weights(shard, trained, tmp_path):
+    import keras
+
+    out = tmp_path / "r2.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(out),
+                         "--init-model", str(trained)]) == 0
+    init_weights = keras.models.load_model(trained, compile=False).get_weights()
+    assert attrs(out)["mlk_init_fingerprint"] == fingerprint(init_weights)
+    assert attrs(out)["mlk_round"] == 2
+
+
+def test_savefile_alias_and_progress_lines(shard, tmp_path, capsys):
+    out = tmp_path / "alias.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "2", "--batch", "100", "--savefile", str(out)]) == 0
+    assert out.is_file()
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2
+    for i, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"epoch {i}/2 - loss \d+\.\d{{4}} - accuracy [01]\.\d{{4}} - \d+ samples/s", line), line
+
+
+def bad_shards(tmp):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 20).astype(np.uint8)
+    (tmp / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    np.save(tmp / "plain.npy", x)
+    cases = {
+        "missing": (tmp / "nope.npz", "no such file"),
+        "corrupt": (tmp / "corrupt.npz", "cannot read"),
+        "npy": (tmp / "plain.npy", "not an .npz"),
+        "no_y": (tmp / "no_y.npz", "missing key"),
+        "shape": (make_shard(tmp / "shape.npz", x=x.reshape(20, 784), y=y), "x must be"),
+        "dtype": (make_shard(tmp / "dtype.npz", x=x.astype(np.float32), y=y), "x must be"),
+        "y_shape": (make_shard(tmp / "y_shape.npz", x=x, y=y.reshape(20, 1)), "y must be"),
+        "count": (make_shard(tmp / "count.npz", x=x, y=y[:10]), "samples"),
+        "label": (make_shard(tmp / "label.npz", x=x, y=np.full(20, 10, np.uint8)), "labels must be 0-9"),
+    }
+    np.savez(tmp / "no_y.npz", x=x)
+    return cases
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "npy", "no_y", "shape", "dtype", "y_shape", "count", "label"])
+def test_bad_data_exits_2_without_output(case, tmp_path, capsys):
+    path, message = bad_shards(tmp_path)[case]
+    out = tmp_path / "model" / "m.h5"
+    assert trainer.main(["--data", str(path), "--epoch", "1", "--batch", "10", "--savemodel", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trainer.py: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epoch", "0", "--batch", "10"], "--epoch must be >= 1"),
+    (["--epoch", "1", "--batch", "0"], "--batch must be >= 1"),
+    (["--epoch", "x", "--batch", "10"], "invalid int value"),
+])
+def test_bad_numbers_exit_2(flags, message, shard, tmp_path, capsys):
+    out = tmp_path / "m.h5"
+    assert trainer.main(["--data", str(shard), "--savemodel", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trainer.py: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_incompatible_init_model_exits_2(shard, tmp_path, capsys):
+    import keras
+
+    not_h5 = tmp_path / "junk.h5"
+    not_h5.write_bytes(b"not hdf5")
+    wrong = tmp_path / "wrong.h5"
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]).save(wrong)
+    for init, message in [(not_h5, "not an HDF5"), (wrong, "expected (None, 28, 28, 1) -> (None, 10)"),
+                          (tmp_path / "absent.h5", "no such file")]:
+        out = tmp_path / "m.h5"
+        assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "10", "--savemodel", str(out),
+                             "--init-model", str(init)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("trainer.py: error:") and message in err and "\n" not in err
+        assert not out.exists()
