@@ -64,7 +64,7 @@ def main() -> int:
             method = "pipeline (local-quickstart.sh, ROUNDS=" + os.environ.get("ROUNDS", "default") + ")"
             out = run(["bash", quickstart], env=env)
         else:
-            rounds = int(os.environ.get("ROUNDS", "2"))
+            rounds = int(os.environ.get("ROUNDS", "3"))
             method = f"pipeline (stand-in loop, ROUNDS={rounds})"
             out = own_pipeline(work, mnist, rounds)
         ours_seconds = time.perf_counter() - started
