@@ -21,10 +21,20 @@ if ! command -v "$python" >/dev/null 2>&1; then
   exit 1
 fi
 
-stamp="$venv/.requirements.sha256"
-want="$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)"
-if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-  exit 0
+# One stamp per mode: a dev install (a superset) also satisfies a plain one, so switching
+# between `bootstrap.sh` and `bootstrap.sh --dev` never reinstalls back and forth.
+base_hash="$(cat "${reqs[@]:0:4}" | sha256sum | cut -d' ' -f1)"
+all_hash="$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)"
+stamp_base="$venv/.requirements.sha256"
+stamp_dev="$venv/.requirements-dev.sha256"
+dev_hash="$(cat "${reqs[@]:0:4}" "$root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+if [[ -x "$venv/bin/python" ]]; then
+  if [[ -f "$stamp_dev" && "$(cat "$stamp_dev")" == "$dev_hash" ]]; then
+    exit 0
+  fi
+  if [[ ${#reqs[@]} -eq 4 && -f "$stamp_base" && "$(cat "$stamp_base")" == "$base_hash" ]]; then
+    exit 0
+  fi
 fi
 
 if [[ ! -x "$venv/bin/python" ]]; then
@@ -39,4 +49,5 @@ echo "bootstrap: installing requirements into $venv (first run takes a few minut
 args=()
 for r in "${reqs[@]}"; do args+=(-r "$r"); done
 "$venv/bin/python" -m pip install --quiet "${args[@]}"
-echo "$want" >"$stamp"
+echo "$base_hash" >"$stamp_base"
+if [[ ${#reqs[@]} -eq 5 ]]; then echo "$all_hash" >"$stamp_dev"; else rm -f "$stamp_dev"; fi
