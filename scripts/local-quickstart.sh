@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# The whole pipeline on this machine, no Kubernetes: split MNIST -> WORKER_NUMBER trainers in
+# parallel -> FedAvg aggregate, for ROUNDS rounds -> accuracy test -> (SERVE=1) prediction server.
+# WORK_DIR is laid out like the cluster's NFS volume (docs/CONTRACTS.md).
+#
+# Environment (defaults in brackets):
+#   WORKER_NUMBER [3]   trainers (= shards), run as parallel processes sharing the cores
+#   EPOCH [2]           epochs per trainer per round
+#   BATCH [100]         batch size
+#   ROUNDS [3]          rounds; round r's trainers start from round r-1's aggregated model
+#   MNIST_NPZ []        local Keras-layout mnist.npz (unset: the splitter downloads it)
+#   WORK_DIR [./work]   data/, model/, logs/, aggregated-model.h5
+#   SERVE [1]           1: start server/server.py on the result; 0: stop after the accuracy test
+#   PORT [5000]         the server's port
+#   VENV [<repo>/.venv] the virtualenv (created/updated by scripts/bootstrap.sh)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+me="local-quickstart"
+
+say() { printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*"; }
+fail() { # fail STAGE MESSAGE...: one clear line naming the stage, then exit 1
+  local stage="$1"
+  shift
+  printf '%s: stage %s failed: %s\n' "$me" "$stage" "$*" >&2
+  exit 1
+}
+
+# --- configuration ----------------------------------------------------------------------------
+WORKER_NUMBER="${WORKER_NUMBER:-3}"
+EPOCH="${EPOCH:-2}"
+BATCH="${BATCH:-100}"
+ROUNDS="${ROUNDS:-3}"
+MNIST_NPZ="${MNIST_NPZ:-}"
+WORK_DIR="${WORK_DIR:-./work}"
+SERVE="${SERVE:-1}"
+PORT="${PORT:-5000}"
+VENV="${VENV:-$root/.venv}"
+
+for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT; do
+  value="${!name}"
+  if [[ ! "$value" =~ ^[1-9][0-9]{0,8}$ ]]; then
+    fail config "$name must be a positive integer, got '$value'"
+  fi
+done
+((PORT <= 65535)) || fail config "PORT must be at most 65535, got '$PORT'"
+[[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
+[[ -n "$WORK_DIR" ]] || fail config "WORK_DIR must not be empty"
+
+# --- timing -----------------------------------------------------------------------------------
+now_ms() { local t="${EPOCHREALTIME//[.,]/}"; echo $((t / 1000)); }
+seconds() { printf '%d.%01d' $(($1 / 1000)) $((($1 % 1000) / 100)); }
+stage_names=()
+stage_ms=()
+stage_started=0
+begin() { stage_started="$(now_ms)"; say "== $1"; }
+finish() { # finish NAME: record and print how long the stage took
+  local took=$(($(now_ms) - stage_started))
+  stage_names+=("$1")
+  stage_ms+=("$took")
+  say "== $1 done in $(seconds "$took")s"
+}
+run_started="$(now_ms)"
+
+# --- children: every trainer runs in its own process group so it can be stopped as a whole ----
+set -m
+pids=()
+stop_children() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null || true
+  done
+  pids=()
+}
+trap stop_children EXIT
+trap 'printf "\n%s: interrupted; stopping trainers\n" "$me" >&2; exit 130' INT TERM
+
+# run_logged STAGE LOG CMD...: run a stage, show its output and keep it in LOG
+run_logged() {
+  local stage="$1" log="$2"
+  shift 2
+  local rc=0
+  "$@" </dev/null 2>&1 | tee "$log" || rc=$?
+  ((rc == 0)) || fail "$stage" "exit code $rc (log: $log)"
+}
+
+# --- set-up -----------------------------------------------------------------------------------
+say "WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS SERVE=$SERVE WORK_DIR=$WORK_DIR"
+begin setup
+VENV="$VENV" "$root/scripts/bootstrap.sh" || fail setup "scripts/bootstrap.sh could not prepare $VENV"
+py="$VENV/bin/python"
+mkdir -p "$WORK_DIR" || fail setup "cannot create WORK_DIR $WORK_DIR"
+work="$(cd "$WORK_DIR" && pwd)"
+mkdir -p "$work/data" "$work/model" "$work/logs" || fail setup "cannot create directories in $work"
+export PYTHONUNBUFFERED=1
+cores="$(nproc)"
+threads=$((cores / WORKER_NUMBER))
+((threads >= 1)) || threads=1
+say "$cores cores: $WORKER_NUMBER trainers with $threads TensorFlow thread(s) each"
+finish setup
+
+# --- split ------------------------------------------------------------------------------------
+begin split
+dataset=()
+[[ -z "$MNIST_NPZ" ]] || dataset=(--dataset "$MNIST_NPZ")
+run_logged split "$work/logs/split.log" \
+  "$py" "$root/splitter/splitter.py" --n_container "$WORKER_NUMBER" --savedir "$work/data" "${dataset[@]}"
+finish split
+
+# --- rounds of parallel training + aggregation ------------------------------------------------
+train_worker() { # train_worker ROUND INDEX: one trainer, its lines logged and shown with a prefix
+  local round="$1" i="$2"
+  local init=()
+  ((round == 1)) || init=(--init-model "$work/aggregated-model.h5")
+  "$py" "$root/trainer/trainer.py" --data "$work/data/$i.npz" --epoch "$EPOCH" --batch "$BATCH" \
+    --savemodel "$work/model/$i-model.h5" --threads "$threads" "${init[@]}" </dev/null 2>&1 |
+    tee "$work/logs/round-$round-worker-$i.log" | sed -u "s/^/[worker $i] /"
+}
+
+for ((round = 1; round <= ROUNDS; round++)); do
+  stage="train (round $round/$ROUNDS)"
+  begin "$stage"
+  # The aggregator averages every *.h5 in model/, so the directory holds this round's models only.
+  find "$work/model" -mindepth 1 -delete
+  declare -A worker_of=()
+  for ((i = 0; i < WORKER_NUMBER; i++)); do
+    train_worker "$round" "$i" &
+    pids+=("$!")
+    worker_of[$!]="$i"
+  done
+  while ((${#pids[@]})); do
+    rc=0
+    finished=""
+    wait -n -p finished "${pids[@]}" || rc=$?
+    [[ -n "$finished" ]] || fail "$stage" "lost track of the trainer processes (wait returned $rc)"
+    remaining=()
+    for pid in "${pids[@]}"; do [[ "$pid" == "$finished" ]] || remaining+=("$pid"); done
+    pids=("${remaining[@]}")
+    i="${worker_of[$finished]}"
+    if ((rc != 0)); then
+      stop_children
+      log="$work/logs/round-$round-worker-$i.log"
+      {
+        printf '%s: worker %s exited with code %s; last lines of %s:\n' "$me" "$i" "$rc" "$log"
+        tail -n 15 "$log" | sed 's/^/    /'
+      } >&2
+      fail "$stage" "worker $i exited with code $rc (log: $log)"
+    fi
+    say "worker $i finished round $round"
+  done
+  unset worker_of
+  finish "$stage"
+
+  stage="aggregate (round $round/$ROUNDS)"
+  begin "$stage"
+  run_logged "$stage" "$work/logs/round-$round-aggregate.log" \
+    "$py" "$root/aggregator/aggregator.py" --dir "$work/model" --savefile "$work/aggregated-model.h5" \
+    --expect "$WORKER_NUMBER"
+  finish "$stage"
+done
+
+# --- accuracy test ----------------------------------------------------------------------------
+begin evaluate
+run_logged evaluate "$work/logs/evaluate.log" \
+  "$py" "$root/trainer/evaluate.py" --modelpath "$work/aggregated-model.h5" --data "$work/data/test.npz"
+accuracy="$(tail -n 1 "$work/logs/evaluate.log" |
+  "$py" -c 'import json, sys; print("%.4f" % json.load(sys.stdin)["accuracy"])')" ||
+  fail evaluate "no JSON result line in $work/logs/evaluate.log"
+finish evaluate
+
+# --- summary ----------------------------------------------------------------------------------
+total=$(($(now_ms) - run_started))
+echo
+echo "== summary: $WORKER_NUMBER workers x $EPOCH epochs x $ROUNDS rounds, batch $BATCH"
+for k in "${!stage_names[@]}"; do
+  printf '   %-28s %8ss\n' "${stage_names[$k]}" "$(seconds "${stage_ms[$k]}")"
+done
+printf '   %-28s %8ss\n' "total" "$(seconds "$total")"
+echo "   test accuracy: $accuracy"
+echo "   model: $work/aggregated-model.h5"
+
+# --- serve ------------------------------------------------------------------------------------
+if [[ "$SERVE" == 1 ]]; then
+  if [[ -f "$root/server/server.py" ]]; then
+    say "serving the model at http://localhost:$PORT/ (Ctrl-C to stop)"
+    trap - EXIT INT TERM
+    set +m
+    exec "$py" "$root/server/server.py" --model "$work/aggregated-model.h5" --port "$PORT"
+  fi
+  say "the prediction server (server/server.py) is not available yet; stopping after the accuracy test"
+fi
+exit 0
