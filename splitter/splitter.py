@@ -31,8 +31,15 @@ class SplitError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (program name first) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="splitter.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="splitter.py", description=__doc__.splitlines()[0])
     p.add_argument("--n_container", type=int, required=True, help="number of shards (workers)")
     p.add_argument("--savedir", required=True, help="directory for 0.npz ... and test.npz")
     p.add_argument("--dataset", default=None,
@@ -60,8 +67,10 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def download_mnist(cache_dir, url=MNIST_URL, sha256=MNIST_SHA256):
+def download_mnist(cache_dir, url=None, sha256=None):
     """Download mnist.npz into cache_dir (reused when its checksum matches); return its path."""
+    url = url or MNIST_URL  # looked up at call time, so tests can patch the module constants
+    sha256 = sha256 or MNIST_SHA256
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / "mnist.npz"
@@ -150,8 +159,11 @@ def remove_stale_shards(savedir, n):
             print(f"{PROG}: removed stale shard {p}", flush=True)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # usage error (exit 2, one line) or --help (exit 0)
+        return int(exit_.code or 0)
     try:
         n = args.n_container
         if n < 1 or n > MAX_SHARDS:
@@ -172,14 +184,18 @@ def main(argv=None):
         return 2
 
     shards = shard_indices(y_train, n, args.strategy, args.shuffle_seed)
-    for i, idx in enumerate(shards):
-        save_npz_atomic(savedir / f"{i}.npz", x=x_train[idx], y=y_train[idx])
-        counts = np.bincount(y_train[idx], minlength=10)
-        print(f"{PROG}: shard {i + 1}/{n} {savedir / f'{i}.npz'}: {len(idx)} samples, "
-              f"digits {' '.join(map(str, counts))}", flush=True)
-    save_npz_atomic(savedir / "test.npz", x=x_test, y=y_test)
-    print(f"{PROG}: test set {savedir / 'test.npz'}: {len(x_test)} samples", flush=True)
-    remove_stale_shards(savedir, n)
+    try:
+        for i, idx in enumerate(shards):
+            save_npz_atomic(savedir / f"{i}.npz", x=x_train[idx], y=y_train[idx])
+            counts = np.bincount(y_train[idx], minlength=10)
+            print(f"{PROG}: shard {i + 1}/{n} {savedir / f'{i}.npz'}: {len(idx)} samples, "
+                  f"digits {' '.join(map(str, counts))}", flush=True)
+        save_npz_atomic(savedir / "test.npz", x=x_test, y=y_test)
+        print(f"{PROG}: test set {savedir / 'test.npz'}: {len(x_test)} samples", flush=True)
+        remove_stale_shards(savedir, n)
+    except OSError as e:  # disk full, read-only volume, permissions
+        print(f"{PROG}: error: cannot write to {savedir}: {e}", file=sys.stderr)
+        return 2
     print(f"{PROG}: done: {len(x_train)} training samples in {n} shards ({args.strategy}, "
           f"seed {args.shuffle_seed})", flush=True)
     return 0
