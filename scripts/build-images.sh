@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Build the stage images (each stage folder is its own build context) and tag them
+# $IMAGE_REGISTRY/<stage>:$IMAGE_TAG (scripts/images.env). Prints each image's size at the end.
+#   scripts/build-images.sh [stage...]      default: every stage in images.env
+#   CONTAINER_ENGINE  docker or podman (default: whichever is installed, podman first)
+#   BASE_IMAGE        passed as --build-arg BASE_IMAGE (default: the Dockerfiles' pinned base)
+#   BUILD_ARGS        extra build flags, e.g. BUILD_ARGS="--network=host"
+#   IMAGE_REGISTRY, IMAGE_TAG   see scripts/images.env
+#   PUSH=1            push each image after building it
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/images.env disable=SC1091
+source "$root/scripts/images.env"
+
+die() { echo "build-images: $*" >&2; exit 1; }
+
+engine="${CONTAINER_ENGINE:-}"
+if [[ -z "$engine" ]]; then
+  if command -v podman >/dev/null 2>&1; then engine=podman
+  elif command -v docker >/dev/null 2>&1; then engine=docker
+  else die "neither podman nor docker found; install one (Debian: apt-get install podman)"
+  fi
+fi
+command -v "$engine" >/dev/null 2>&1 || die "CONTAINER_ENGINE=$engine not found"
+
+stages=("$@")
+if ((${#stages[@]} == 0)); then stages=("${STAGES[@]}"); fi
+for s in "${stages[@]}"; do
+  [[ " ${STAGES[*]} " == *" $s "* ]] || die "unknown stage '$s' (stages: ${STAGES[*]})"
+  [[ -f "$root/$s/Dockerfile" ]] || die "$s/Dockerfile missing"
+done
+
+args=()
+if [[ -n "${BASE_IMAGE:-}" ]]; then args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE"); fi
+if [[ -n "${BUILD_ARGS:-}" ]]; then
+  read -r -a extra <<<"$BUILD_ARGS"
+  args+=("${extra[@]}")
+fi
+
+for s in "${stages[@]}"; do
+  image="$IMAGE_REGISTRY/$s:$IMAGE_TAG"
+  echo "build-images: building $image" >&2
+  started=$SECONDS
+  if ! "$engine" build "${args[@]}" -t "$image" -f "$root/$s/Dockerfile" "$root/$s"; then
+    die "building $image failed"
+  fi
+  echo "build-images: built $image in $((SECONDS - started)) s" >&2
+  if [[ "${PUSH:-0}" == 1 ]]; then
+    "$engine" push "$image" || die "pushing $image failed"
+  fi
+done
+
+echo "build-images: image sizes"
+for s in "${stages[@]}"; do
+  image="$IMAGE_REGISTRY/$s:$IMAGE_TAG"
+  size="$("$engine" image inspect --format '{{.Size}}' "$image")"
+  printf '  %-40s %6d MB\n' "$image" "$((size / 1000000))"
+done
