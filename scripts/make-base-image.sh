@@ -67,6 +67,6 @@ for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_DEFAULT_TIMEOU
   if [[ -n "${!var:-}" ]]; then changes+=(--change "ENV $var=${!var}"); fi
 done
 
-tar -C "$rootfs" -c . | podman import "${changes[@]}" - "$name" >/dev/null
+tar -C "$rootfs" -c . | podman import --quiet "${changes[@]}" - "$name" >/dev/null
 echo "make-base-image: built $name in $((SECONDS - started)) s" \
      "($(podman image inspect --format '{{.Size}}' "$name" | awk '{printf "%.0f MB", $1/1e6}'))" >&2

