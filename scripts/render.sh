@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Print Kubernetes manifests with their placeholders filled and image names rewritten; the quickstart
+# renders through this same script. Files are separated by "---".
+#
+#   scripts/render.sh FILE...
+#
+# Environment (a placeholder a file uses must be set, else this fails naming it):
+#   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP  fill {{NAME}}
+#   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL (rounds after the first)
+#   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<stage>:0.1.0 -> $IMAGE_REGISTRY/<stage>:$IMAGE_TAG
+set -euo pipefail
+
+me="render.sh"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/images.env
+source "$here/images.env"
+
+die() { printf '%s: %s\n' "$me" "$*" >&2; exit 2; }
+
+(($# > 0)) || die "usage: scripts/render.sh FILE... (fills {{WORKER_NUMBER}} {{EPOCH}} {{BATCH}} {{INCREMENTAL_NUMBER}} {{NFS_CLUSTER_IP}} from the environment)"
+
+# Values go into sed replacements: allow only characters that cannot break them or the YAML.
+check_value() { # check_value NAME VALUE
+  [[ "$2" =~ ^[A-Za-z0-9._:/-]+$ ]] || die "$1='$2' has characters other than letters, digits and . _ : / -"
+}
+sed_literal() { printf '%s' "$1" | sed -e 's/[][\\/.*^$|&]/\\&/g'; }
+
+check_value IMAGE_REGISTRY "$IMAGE_REGISTRY"
+check_value IMAGE_TAG "$IMAGE_TAG"
+[[ -z "${INIT_MODEL:-}" ]] || check_value INIT_MODEL "$INIT_MODEL"
+
+first=1
+for file in "$@"; do
+  [[ -f "$file" ]] || die "no such file: $file"
+  expr=()
+  for name in WORKER_NUMBER EPOCH BATCH INCREMENTAL_NUMBER NFS_CLUSTER_IP; do
+    grep -q "{{$name}}" "$file" || continue
+    [[ -n "${!name:-}" ]] || die "$file needs $name (set it in the environment)"
+    check_value "$name" "${!name}"
+    expr+=(-e "s/{{$name}}/$(sed_literal "${!name}")/g")
+  done
+  for stage in "${STAGES[@]}"; do
+    expr+=(-e "s|$(sed_literal "$DEFAULT_IMAGE_REGISTRY/$stage:$DEFAULT_IMAGE_TAG")|$(sed_literal "$IMAGE_REGISTRY/$stage:$IMAGE_TAG")|g")
+  done
+  if [[ -n "${INIT_MODEL:-}" ]]; then
+    # The trainer's args end with its --savemodel pair: append the model to start from.
+    expr+=(-e "s|\\(\"--savemodel\", \"[^\"]*\"\\)\\]|\\1, \"--init-model\", \"$(sed_literal "$INIT_MODEL")\"]|")
+  fi
+  ((first)) || printf -- '---\n'
+  first=0
+  sed "${expr[@]}" "$file"
+done
