@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Policy scan of the Kubernetes manifests with checkov: every file in manifests/ (and variants/) is
+# rendered with scripts/render.sh and scanned; the project-wide exceptions and their reasons are in
+# .checkov.yaml, the NFS server's in annotations on it. Exit 0 only when nothing else fails.
+# checkov conflicts with the project's pins, so it lives in its own virtualenv, .venv-checkov
+# (created on first use; CHECKOV_VENV overrides the place). MANIFESTS [manifests/]: the folder to scan.
+set -euo pipefail
+
+me="policy-check.sh"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${CHECKOV_VENV:-$root/.venv-checkov}"
+checkov_version="3.3.30"
+python="${PYTHON:-python3}"
+manifests="${MANIFESTS:-$root/manifests}"
+
+if [[ ! -x "$venv/bin/checkov" ]] || ! "$venv/bin/pip" show checkov 2>/dev/null | grep -qx "Version: $checkov_version"; then
+  echo "$me: installing checkov==$checkov_version into $venv" >&2
+  "$python" -m venv "$venv" || { echo "$me: cannot create a virtualenv with $python (Debian: apt-get install python3-venv)" >&2; exit 1; }
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "checkov==$checkov_version" \
+    || { echo "$me: pip could not install checkov==$checkov_version" >&2; exit 1; }
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+# Sample values: the policies do not depend on them.
+export WORKER_NUMBER=3 EPOCH=2 BATCH=100 INCREMENTAL_NUMBER=0 NFS_CLUSTER_IP=10.96.0.10
+shopt -s nullglob
+files=("$manifests"/*.yaml "$manifests"/variants/*.yaml)
+((${#files[@]})) || { echo "$me: no manifests under $manifests" >&2; exit 1; }
+for file in "${files[@]}"; do
+  name="${file#"$manifests/"}"
+  "$root/scripts/render.sh" "$file" >"$work/${name//\//-}"
+done
+
+echo "$me: scanning ${#files[@]} rendered manifests with checkov $checkov_version" >&2
+if ! "$venv/bin/checkov" --config-file "$root/.checkov.yaml" --directory "$work"; then
+  echo "$me: checkov found failing checks (fix them, or add a skip with its reason to .checkov.yaml)" >&2
+  exit 1
+fi
+echo "$me: passed" >&2
