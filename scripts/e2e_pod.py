@@ -5,15 +5,21 @@ image, command (-> --entrypoint), args, env, the security context's user, read-o
 filesystem, dropped capabilities, no-new-privileges, resource limits, emptyDir volumes (-> tmpfs)
 and the claim's mount (-> one shared podman volume).
 
-  e2e_pod.py run-args FILE.yaml --volume VOL [--kind Job] [--add-volume SRC:DST[:ro]] [--add-env K=V]
-                      [--publish HOST_IP:HOST_PORT] [--no-limits]
-      prints the options, the image and the args, NUL-separated (read with mapfile -d '')
+  e2e_pod.py run-args FILE.yaml --volume VOL [--kind Job] [--init I] [--configmaps F.yaml ...]
+                      [--add-volume SRC:DST[:ro]] [--add-env K=V] [--publish HOST_IP:HOST_PORT] [--no-limits]
+      prints the options, the image and the args, NUL-separated (read with mapfile -d ''):
+      the first container, or with --init I the pod's I-th init container; env from a ConfigMap
+      (configMapKeyRef) is looked up in the ConfigMaps of FILE and the --configmaps files, and
+      $(VAR) in command/args is expanded as Kubernetes does
+  e2e_pod.py inits FILE.yaml [--kind Job]
+      prints how many init containers the pod template has
   e2e_pod.py probe FILE.yaml readinessProbe|livenessProbe [--kind Deployment]
       prints "PATH PORT" of the first container's httpGet probe
 """
 
 import argparse
 import json
+import re
 import sys
 
 import yaml
@@ -25,10 +31,28 @@ class Refusal(Exception):
     pass
 
 
-def pod_spec(path, kind=None):
+def load(path):
     with open(path, encoding="utf-8") as f:
-        docs = [d for d in yaml.safe_load_all(f) if d]
-    for doc in docs:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def config_maps(paths):
+    out = {}
+    for path in paths:
+        for doc in load(path):
+            if doc.get("kind") == "ConfigMap":
+                out[doc["metadata"]["name"]] = doc.get("data") or {}
+    return out
+
+
+def expand(text, env):
+    """Kubernetes' $(VAR) expansion in command/args: defined variables only, $$ escapes."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+def pod_spec(path, kind=None):
+    for doc in load(path):
         if doc.get("kind") not in POD_KINDS or (kind and doc["kind"] != kind):
             continue
         if doc["kind"] == "Pod":
@@ -60,7 +84,14 @@ def cpus(q):
 
 def run_args(opts):
     spec = pod_spec(opts.file, opts.kind)
-    c = first_container(spec)
+    if opts.init is not None:
+        inits = spec.get("initContainers") or []
+        if opts.init >= len(inits):
+            raise Refusal(f"no init container {opts.init}")
+        c = inits[opts.init]
+    else:
+        c = first_container(spec)
+    maps = config_maps([opts.file] + (opts.configmaps or []))
     pod_sc = spec.get("securityContext") or {}
     sc = c.get("securityContext") or {}
     out = []
@@ -69,6 +100,8 @@ def run_args(opts):
     gid = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
     if uid is not None:  # otherwise the image's USER applies, as on a cluster
         out += ["--user", f"{uid}:{gid}" if gid is not None else str(uid)]
+    if pod_sc.get("fsGroup") is not None:  # the volume's group on a cluster; here a supplementary group
+        out += ["--group-add", str(pod_sc["fsGroup"])]
     if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) and uid == 0:
         raise Refusal("runAsNonRoot with runAsUser 0")
     if sc.get("readOnlyRootFilesystem"):
@@ -81,11 +114,19 @@ def run_args(opts):
     if c.get("workingDir"):
         out += ["--workdir", c["workingDir"]]
 
+    env = {}
     for e in c.get("env") or []:
         if "value" in e:
-            out += ["--env", f"{e['name']}={e['value']}"]
-        # valueFrom (downward API, secrets) has no stand-in here; a Job's JOB_COMPLETION_INDEX
-        # is set by Kubernetes itself, not by the manifest.
+            env[e["name"]] = expand(str(e["value"]), env)
+        elif "configMapKeyRef" in (e.get("valueFrom") or {}):
+            ref = e["valueFrom"]["configMapKeyRef"]
+            if ref["key"] not in maps.get(ref["name"], {}):
+                raise Refusal(f"env {e['name']}: ConfigMap {ref['name']} key {ref['key']} not found")
+            env[e["name"]] = str(maps[ref["name"]][ref["key"]])
+        else:  # downward API, secrets: no stand-in here
+            raise Refusal(f"env {e['name']}: only value and configMapKeyRef are supported by this runner")
+    for name, value in env.items():
+        out += ["--env", f"{name}={value}"]
 
     limits = (c.get("resources") or {}).get("limits") or {}
     if not opts.no_limits:
@@ -120,9 +161,9 @@ def run_args(opts):
         out += ["--publish", f"{opts.publish}:{ports[0]}"]
 
     if c.get("command"):
-        out += ["--entrypoint", json.dumps(c["command"])]
+        out += ["--entrypoint", json.dumps([expand(str(a), env) for a in c["command"]])]
     out.append(c["image"])
-    out += [str(a) for a in c.get("args") or []]
+    out += [expand(str(a), env) for a in c.get("args") or []]
     return out
 
 
@@ -144,6 +185,8 @@ def build_parser():
     r.add_argument("file")
     r.add_argument("--volume", required=True, help="podman volume standing in for the claim")
     r.add_argument("--kind", choices=POD_KINDS)
+    r.add_argument("--init", type=int, help="run the pod's I-th init container instead")
+    r.add_argument("--configmaps", action="append", help="more rendered files holding ConfigMaps")
     r.add_argument("--add-volume", action="append")
     r.add_argument("--add-env", action="append")
     r.add_argument("--publish", help="HOST_IP:HOST_PORT for the first containerPort")
@@ -152,6 +195,9 @@ def build_parser():
     p.add_argument("file")
     p.add_argument("probe", choices=("readinessProbe", "livenessProbe"))
     p.add_argument("--kind", choices=POD_KINDS)
+    i = sub.add_parser("inits")
+    i.add_argument("file")
+    i.add_argument("--kind", choices=POD_KINDS)
     return parser
 
 
@@ -160,6 +206,8 @@ def main(argv=None):
     try:
         if opts.cmd == "run-args":
             sys.stdout.write("\0".join(run_args(opts)) + "\0")
+        elif opts.cmd == "inits":
+            print(len(pod_spec(opts.file, opts.kind).get("initContainers") or []))
         else:
             print(" ".join(probe(opts)))
     except (Refusal, OSError, KeyError, yaml.YAMLError) as e:
