@@ -61,7 +61,7 @@ def main() -> int:
                    WORK_DIR=str(work), MNIST_NPZ=str(mnist))
         started = time.perf_counter()
         if quickstart.exists():
-            method = "pipeline (local-quickstart.sh, ROUNDS=" + os.environ.get("ROUNDS", "default") + ")"
+            method = "pipeline (local-quickstart.sh, ROUNDS=" + os.environ.get("ROUNDS", "3, its default") + ")"
             out = run(["bash", quickstart], env=env)
         else:
             rounds = int(os.environ.get("ROUNDS", "3"))

@@ -22,7 +22,7 @@ VENV = Path(sys.prefix)  # the project venv running these tests (scripts/test.sh
 
 # 2 workers x 1 epoch x 2 rounds, batch 32 (more steps than 100 on so few digits), on 6000 real training digits. Measured on this 2-core machine:
 # 0.939 test accuracy on the 1000 test digits (whole file: ~55 s); the bar leaves room for TF/thread nondeterminism.
-ACCURACY_BAR = 0.90
+ACCURACY_BAR = 0.92
 
 
 def run(env_overrides, timeout=300, **kwargs):
