@@ -13,7 +13,8 @@ checkov_version="3.3.30"
 python="${PYTHON:-python3}"
 manifests="${MANIFESTS:-$root/manifests}"
 
-if [[ ! -x "$venv/bin/checkov" ]] || ! "$venv/bin/pip" show checkov 2>/dev/null | grep -qx "Version: $checkov_version"; then
+installed="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("checkov"))' 2>/dev/null || true)"
+if [[ ! -x "$venv/bin/checkov" || "$installed" != "$checkov_version" ]]; then
   echo "$me: installing checkov==$checkov_version into $venv" >&2
   "$python" -m venv "$venv" || { echo "$me: cannot create a virtualenv with $python (Debian: apt-get install python3-venv)" >&2; exit 1; }
   "$venv/bin/pip" install --quiet --disable-pip-version-check "checkov==$checkov_version" \

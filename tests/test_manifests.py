@@ -412,3 +412,31 @@ def test_the_pipeline_runs_with_the_manifests_args(tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# --- policy scan ----------------------------------------------------------------------------------
+
+POLICY = REPO / "scripts" / "policy-check.sh"
+
+
+@pytest.mark.slow
+def test_policy_check_passes_and_catches_a_regression(tmp_path):
+    """scripts/policy-check.sh (checkov, own venv; the first run installs it: about 2 minutes here,
+    later runs about 8 s each) passes on the manifests, and fails when a container may escalate privileges."""
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MANIFESTS",)}
+    proc = subprocess.run(["bash", str(POLICY)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "Failed checks: 0" in proc.stdout
+    assert re.search(r"Passed checks: [1-9]\d\d", proc.stdout)
+
+    broken = tmp_path / "manifests"
+    (broken / "variants").mkdir(parents=True)
+    for f in FILES:
+        (broken / f.relative_to(MANIFESTS)).write_text(f.read_text())
+    trainer = broken / "5-trainer.yaml"
+    trainer.write_text(trainer.read_text().replace("allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true"))
+    proc = subprocess.run(["bash", str(POLICY)], env={**env, "MANIFESTS": str(broken)}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 1
+    assert "CKV_K8S_20" in proc.stdout  # "Containers should not run with allowPrivilegeEscalation"
+    assert "checkov found failing checks" in proc.stderr
