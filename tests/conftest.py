@@ -1,0 +1,41 @@
+"""Fixtures for the server tests: one small model trained on real MNIST by the project's trainer."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT.parent / "shared/datasets/mnist.npz"
+TRAIN_SAMPLES = 12000  # ~0.98 on the MNIST test set after 2 epochs; about 30 s on 2 cores
+
+
+@pytest.fixture(scope="session")
+def mnist_model(tmp_path_factory):
+    """Path of an .h5 trained by trainer/trainer.py on the first 12000 MNIST training digits,
+    with an aggregator-style set of root attributes added (as the server reads them)."""
+    import h5py
+
+    if not MNIST.is_file():
+        pytest.fail(f"real MNIST not found at {MNIST} (shared/ must sit beside the repository)")
+    work = tmp_path_factory.mktemp("mnist-model")
+    with np.load(MNIST) as npz:
+        np.savez(work / "0.npz", x=npz["x_train"][:TRAIN_SAMPLES], y=npz["y_train"][:TRAIN_SAMPLES])
+    model = work / "aggregated-model.h5"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run([sys.executable, str(ROOT / "trainer/trainer.py"), "--data", str(work / "0.npz"), "--epoch", "2",
+                    "--batch", "64", "--savemodel", str(model)], check=True, env=env, capture_output=True, timeout=600)
+    with h5py.File(model, "a") as f:  # what the aggregator writes over a worker's attributes
+        f.attrs.update({"mlk_kind": "aggregated", "mlk_workers": 1,
+                        "mlk_inputs": '[{"file": "0-model.h5", "sha256": "x", "samples": 12000}]'})
+    return model
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    """(x_test, y_test) of real MNIST."""
+    with np.load(MNIST) as npz:
+        return npz["x_test"], npz["y_test"]

@@ -1,0 +1,325 @@
+"""server/server.py through Flask's test client: every route, every kind of bad input, hot reload."""
+
+import hashlib
+import io
+import os
+import shutil
+import struct
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "server"))
+import server  # noqa: E402
+
+SAMPLES = ROOT / "samples"
+
+
+def png_bytes(array_or_image, fmt="PNG"):
+    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def png_header_only(width, height):
+    """A PNG signature + IHDR claiming width x height, with a valid CRC and no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+def bomb_png():
+    """A small (~20 kB) PNG that decodes to 12000x12000 pixels."""
+    return png_bytes(Image.new("1", (12000, 12000)))
+
+
+@pytest.fixture(scope="module")
+def app(mnist_model):
+    application = server.create_app(str(mnist_model))
+    application.testing = True
+    return application
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+def post_files(client, url, *blobs, field="file"):
+    data = {field: [(io.BytesIO(blob), f"f{i}.png") for i, blob in enumerate(blobs)]}
+    return client.post(url, data=data, content_type="multipart/form-data")
+
+
+# ------------------------------------------------------------------------------------ routes
+
+
+def test_page_has_upload_form_canvas_and_sample_links(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert 'action="/upload"' in html and 'name="file"' in html and 'enctype="multipart/form-data"' in html
+    assert '<canvas id="pad"' in html and "pointerdown" in html and "/api/predict" in html
+    assert 'name="viewport"' in html
+    for name in ("4.png", "6.png", "photo-3.jpg"):
+        assert f"/static/samples/{name}" in html
+        linked = client.get(f"/static/samples/{name}")
+        assert linked.status_code == 200 and linked.data == (SAMPLES / name).read_bytes()
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["status"] == "ready"
+
+
+def test_api_model_reports_file_hash_and_aggregator_attributes(client, mnist_model):
+    info = client.get("/api/model").get_json()
+    assert info["sha256"] == hashlib.sha256(mnist_model.read_bytes()).hexdigest()
+    assert info["path"] == str(mnist_model)
+    assert info["workers"] == 1 and info["round"] == 1 and info["samples"] == 12000 and info["kind"] == "aggregated"
+    assert info["attributes"]["mlk_inputs"][0]["file"] == "0-model.h5"
+    assert info["load_seconds"] > 0 and info["loaded_at"].endswith("Z")
+
+
+@pytest.mark.parametrize("name,digit", [("6.png", 6), ("4.png", 4), ("photo-2.jpg", 2), ("photo-3.jpg", 3),
+                                        ("photo-7.jpg", 7)])
+def test_api_predict_samples(client, name, digit):
+    response = post_files(client, "/api/predict", (SAMPLES / name).read_bytes())
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["digit"] == digit
+    assert len(body["probabilities"]) == 10 and abs(sum(body["probabilities"]) - 1) < 1e-3
+    assert body["probabilities"][digit] == max(body["probabilities"])
+    assert len(body["model"]) == 12
+
+
+def test_api_predict_raw_body(client):
+    response = client.post("/api/predict", data=(SAMPLES / "6.png").read_bytes(), content_type="image/png")
+    assert response.status_code == 200 and response.get_json()["digit"] == 6
+
+
+def test_api_predict_several_files_in_order(client):
+    response = post_files(client, "/api/predict", *((SAMPLES / n).read_bytes() for n in ("4.png", "6.png", "photo-3.jpg")))
+    assert response.status_code == 200
+    assert [p["digit"] for p in response.get_json()["predictions"]] == [4, 6, 3]
+
+
+def test_upload_form_returns_html_with_prediction_and_probabilities(client):
+    response = post_files(client, "/upload", (SAMPLES / "6.png").read_bytes())
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    assert "predict <b>6</b>" in html
+    assert html.count('class="bar') >= 10
+
+
+def test_canvas_style_image_black_strokes_on_transparent(client, mnist_test):
+    x, y = mnist_test
+    digit = x[np.flatnonzero(y == 7)[0]]
+    big = np.asarray(Image.fromarray(digit).resize((280, 280), Image.Resampling.BILINEAR))
+    rgba = np.zeros((280, 280, 4), np.uint8)
+    rgba[..., 3] = big  # black ink, alpha = stroke
+    response = post_files(client, "/api/predict", png_bytes(Image.fromarray(rgba, "RGBA")))
+    assert response.status_code == 200 and response.get_json()["digit"] == 7
+
+
+def test_metrics_count_requests_latency_and_predictions(client):
+    post_files(client, "/api/predict", (SAMPLES / "6.png").read_bytes())
+    client.post("/api/predict", data={}, content_type="multipart/form-data")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'mlk_http_requests_total{method="POST",route="/api/predict",status="200"}' in text
+    assert 'mlk_http_requests_total{method="POST",route="/api/predict",status="400"}' in text
+    assert 'mlk_http_request_duration_seconds_bucket{le="0.05",route="/api/predict"}' in text
+    assert 'mlk_predictions_total{digit="6"}' in text
+    assert "mlk_model_loads_total 1.0" in text
+
+
+# ------------------------------------------------------------------------------- bad input
+
+BAD_INPUTS = {
+    "empty file": (b"", "empty"),
+    "text as image": (b"hello, this is not a picture\n" * 10, "not an image"),
+    "html as image": (b"<!doctype html><html><body><img src=x></body></html>", "not an image"),
+    "truncated png": (None, "corrupt"),
+    "corrupt bytes": (b"\x89PNG\r\n\x1a\n" + os.urandom(300), None),
+    "zero-size png": (png_header_only(0, 10), None),
+    "decompression bomb": (None, "too large"),
+}
+
+
+def bad_blob(kind):
+    blob, _ = BAD_INPUTS[kind]
+    if kind == "truncated png":
+        full = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+        return full[: len(full) // 2]
+    if kind == "decompression bomb":
+        return bomb_png()
+    return blob
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_image_gets_400_json(client, kind):
+    blob = bad_blob(kind)
+    response = post_files(client, "/api/predict", blob)
+    assert response.status_code == 400, (kind, response.status_code, response.get_data(as_text=True))
+    error = response.get_json()["error"]
+    expected = BAD_INPUTS[kind][1]
+    if expected:
+        assert expected in error, error
+    # the same as a raw body, and the HTML form
+    raw = client.post("/api/predict", data=blob, content_type="image/png")
+    assert raw.status_code == 400 and raw.is_json
+    form = post_files(client, "/upload", blob)
+    assert form.status_code == 400 and form.mimetype == "text/html" and 'class="error"' in form.get_data(as_text=True)
+
+
+def test_bomb_is_small_but_refused_before_decoding(client):
+    assert len(bomb_png()) < 100_000
+    assert "12000x12000" in post_files(client, "/api/predict", bomb_png()).get_json()["error"]
+
+
+def test_missing_field_and_wrong_content_type(client):
+    missing = post_files(client, "/api/predict", b"abc", field="image")
+    assert missing.status_code == 400 and "missing multipart field 'file'" in missing.get_json()["error"]
+    as_json = client.post("/api/predict", json={"file": "x"})
+    assert as_json.status_code == 400 and "multipart" in as_json.get_json()["error"]
+    form = client.post("/upload", data={}, content_type="multipart/form-data")
+    assert form.status_code == 400 and "missing" in form.get_data(as_text=True)
+
+
+def test_body_over_2_mb_gets_413(client):
+    big = b"\0" * (2 * 1024 * 1024 + 10)
+    for response in (post_files(client, "/api/predict", big),
+                     client.post("/api/predict", data=big, content_type="image/png")):
+        assert response.status_code == 413 and "too large" in response.get_json()["error"]
+    form = post_files(client, "/upload", big)
+    assert form.status_code == 413 and form.mimetype == "text/html"
+
+
+def test_wrong_method_and_unknown_route_are_json_4xx(client):
+    assert client.get("/api/predict").status_code == 405 and client.get("/api/predict").is_json
+    assert client.get("/nope").status_code == 404
+
+
+def test_uploads_never_touch_the_disk(client, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = {"file": (io.BytesIO((SAMPLES / "6.png").read_bytes()), "../../evil.png")}
+    assert client.post("/api/predict", data=data, content_type="multipart/form-data").status_code == 200
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ model lifecycle
+
+
+def constant_model(source, target, digit):
+    """Copy of `source` whose output is always `digit` (zero last-layer weights, large bias)."""
+    import keras
+
+    model = keras.models.load_model(source, compile=False)
+    kernel, bias = model.layers[-1].get_weights()
+    bias = np.full_like(bias, -10.0)
+    bias[digit] = 10.0
+    model.layers[-1].set_weights([np.zeros_like(kernel), bias])
+    model.save(target)
+    return target
+
+
+def replace(src, dst):
+    tmp = dst.with_name(".incoming.h5")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def test_missing_model_then_appears(tmp_path, mnist_model):
+    path = tmp_path / "aggregated-model.h5"
+    app = server.create_app(str(path), check_interval=0)
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503 and "does not exist" in not_ready.get_json()["error"]
+    assert post_files(client, "/api/predict", (SAMPLES / "6.png").read_bytes()).status_code == 503
+    assert client.get("/api/model").status_code == 503
+    assert client.get("/").status_code == 200
+    replace(mnist_model, path)
+    assert client.get("/readyz").status_code == 200
+    assert post_files(client, "/api/predict", (SAMPLES / "6.png").read_bytes()).get_json()["digit"] == 6
+
+
+def test_hot_reload_swaps_model_without_failing_requests(tmp_path, mnist_model):
+    path = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(mnist_model, path)
+    always_three = constant_model(mnist_model, tmp_path / "three.h5", 3)
+    app = server.create_app(str(path), check_interval=0)
+    six = (SAMPLES / "6.png").read_bytes()
+    first = post_files(app.test_client(), "/api/predict", six).get_json()
+    assert first["digit"] == 6
+
+    statuses, digits, stop = [], [], threading.Event()
+
+    def hammer():
+        client = app.test_client()
+        while not stop.is_set():
+            response = post_files(client, "/api/predict", six)
+            statuses.append(response.status_code)
+            digits.append(response.get_json().get("digit"))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        replace(always_three, path)
+        client = app.test_client()
+        for _ in range(200):
+            if post_files(client, "/api/predict", six).get_json()["digit"] == 3:
+                break
+        else:
+            pytest.fail("the replaced model was never served")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(statuses) == {200}, "a request failed during the swap"
+    assert len(statuses) > 3 and set(digits) <= {3, 6}
+    info = app.test_client().get("/api/model").get_json()
+    assert info["sha256"] == hashlib.sha256(always_three.read_bytes()).hexdigest()
+    assert "mlk_model_loads_total 2.0" in app.test_client().get("/metrics").get_data(as_text=True)
+
+
+def test_corrupt_replacement_keeps_serving_the_old_model(tmp_path, mnist_model):
+    path = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(mnist_model, path)
+    app = server.create_app(str(path), check_interval=0)
+    client = app.test_client()
+    sha = client.get("/api/model").get_json()["sha256"]
+    tmp = tmp_path / ".x"
+    tmp.write_bytes(b"not an hdf5 file")
+    os.replace(tmp, path)
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/api/model").get_json()["sha256"] == sha
+    assert post_files(client, "/api/predict", (SAMPLES / "6.png").read_bytes()).get_json()["digit"] == 6
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "--model"),
+    (["--model", "m.h5", "--port", "0"], "--port"),
+    (["--model", "m.h5", "--workers", "0"], "--workers"),
+    (["--model", "/"], "directory"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    assert server.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("server.py: error:") and message in err and "\n" not in err
+
+
+def test_parser_defaults():
+    args = server.build_parser().parse_args(["--model", "m.h5"])
+    assert (args.host, args.port, args.workers) == ("0.0.0.0", 5000, server.DEFAULT_WORKERS)
