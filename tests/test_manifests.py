@@ -391,18 +391,19 @@ def test_the_pipeline_runs_with_the_manifests_args(tmp_path):
     server_c = pod_spec(by_name["mnist-server"])["containers"][0]
     _, program, args = argv_of(server_c, configmaps)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(program), *to_tmp(args), "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(program), *to_tmp(args), "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         codes = {}
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                codes = {p: requests.get(f"http://127.0.0.1:{port}{p}", timeout=5).status_code
+                codes = {p: requests.get(f"http://127.0.0.1:{port}{p}", timeout=10).status_code
                          for p in ("/healthz", "/readyz")}
                 if codes == {"/healthz": 200, "/readyz": 200}:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or busy loading TensorFlow
                 pass
             time.sleep(0.5)
         assert codes == {"/healthz": 200, "/readyz": 200}, (codes, proc.poll())
