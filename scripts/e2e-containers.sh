@@ -271,20 +271,20 @@ server() {
 timed server server
 
 predict() {
-  "$py" - "http://127.0.0.1:$server_port/api/predict" "$root/server/samples/6.png" <<'PY'
+  "$py" - "http://127.0.0.1:$server_port/api/predict" "$root/server/static/samples/6.png" <<'PY'
 import sys
 import requests
 url, png = sys.argv[1], sys.argv[2]
 with open(png, "rb") as f:
-    r = requests.post(url, files={"image": ("6.png", f, "image/png")}, timeout=30)
+    r = requests.post(url, files={"file": ("6.png", f, "image/png")}, timeout=30)
 print(f"POST /api/predict 6.png -> {r.status_code} {r.text.strip()[:200]}")
 r.raise_for_status()
 body = r.json()
-digit = body.get("digit", body.get("prediction"))
+digit = body.get("digit")
 sys.exit(0 if digit == 6 else 1)
 PY
 }
-[[ -f "$root/server/samples/6.png" ]] || fail "server/samples/6.png missing"
+[[ -f "$root/server/static/samples/6.png" ]] || fail "server/static/samples/6.png missing"
 predict || { show_logs "$run_id-server"; fail "the server did not answer 6 for samples/6.png"; }
 
 # 6. Summary.
