@@ -79,6 +79,12 @@ def _resize(grey, size):
     return np.asarray(Image.fromarray(grey, mode="F").resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
 
 
+def _median(values):
+    """Median (upper middle element; np.median is several times slower on small arrays)."""
+    middle = len(values) // 2
+    return float(np.partition(values, middle)[middle])
+
+
 def border_pixels(grey):
     """The outer ring of the image (about 5% of each side, at least one pixel)."""
     height, width = grey.shape
@@ -92,9 +98,10 @@ def normalise(grey):
     if high - low < 1e-6:
         return np.zeros_like(grey, dtype=np.float32)
     grey = (grey - low) / (high - low)
-    if np.median(border_pixels(grey)) > 0.5:  # light paper, dark ink: make the ink bright as in MNIST
+    background = _median(border_pixels(grey))
+    if background > 0.5:  # light paper, dark ink: make the ink bright as in MNIST
         grey = 1.0 - grey
-    background = float(np.median(border_pixels(grey)))
+        background = 1.0 - background
     ink = float(grey.max())
     if ink - background < 0.1:  # nothing stands out from the background: a blank image
         return np.zeros_like(grey, dtype=np.float32)
