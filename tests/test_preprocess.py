@@ -1,0 +1,154 @@
+"""server/preprocess.py on synthetic images: every Pillow mode, EXIF, alpha, polarity, crop, fit, centring."""
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+import preprocess  # noqa: E402
+from preprocess import ImageError  # noqa: E402
+
+
+def encode(image, fmt="PNG", **kwargs):
+    out = io.BytesIO()
+    image.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def bar_digit(size=(200, 120), box=(60, 20, 80, 100), ink=0, paper=255, mode="L"):
+    """A '1'-like vertical bar: `ink` on `paper`, tall and narrow, off-centre."""
+    image = Image.new("L", size, paper)
+    ImageDraw.Draw(image).rectangle(box, fill=ink)
+    return image.convert(mode) if mode != "L" else image
+
+
+def centre_of_mass(a):
+    rows, cols = np.indices(a.shape)
+    return (rows * a).sum() / a.sum(), (cols * a).sum() / a.sum()
+
+
+def ink_box(a, level=0.0):
+    rows, cols = np.flatnonzero(a.max(axis=1) > level), np.flatnonzero(a.max(axis=0) > level)
+    return rows[0], rows[-1], cols[0], cols[-1]
+
+
+def check_bar(out):
+    """The bar comes out MNIST-style: bright on black, 20 px tall, narrow, centred by mass."""
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() == pytest.approx(1.0, abs=1e-3)
+    top, bottom, left, right = ink_box(out)
+    assert bottom - top + 1 == 20, (top, bottom)
+    assert right - left + 1 <= 8  # aspect kept: 21x81 box -> about 5x20
+    cy, cx = centre_of_mass(out)
+    assert abs(cy - 13.5) <= 1.0 and abs(cx - 13.5) <= 1.0
+    assert out[0].max() == 0 and out[:, 0].max() == 0  # background black
+    return out
+
+
+def test_dark_ink_on_light_paper_is_inverted_cropped_fitted_and_centred():
+    check_bar(preprocess.preprocess(encode(bar_digit())))
+
+
+def test_mnist_style_input_is_left_as_it_is():
+    check_bar(preprocess.preprocess(encode(bar_digit(size=(28, 28), box=(13, 4, 14, 23), ink=255, paper=0))))
+    # an MNIST-shaped digit stays close to itself (the same size box, already centred)
+    rng = np.random.default_rng(1)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 10:18] = rng.integers(150, 256, (20, 8))
+    out = preprocess.preprocess(encode(Image.fromarray(digit)))
+    assert np.abs(out - digit / 255.0).mean() < 0.05
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "P", "CMYK", "I", "I;16", "1", "LA", "RGBA", "F"])
+def test_every_pillow_mode(mode):
+    image = bar_digit(mode="RGB")
+    if mode == "I;16":
+        array = np.where(np.asarray(image.convert("L")) > 128, 60000, 1000).astype(np.uint16)
+        image = Image.fromarray(array)
+        assert image.mode == "I;16"
+    elif mode in ("I", "F"):
+        image = image.convert("L").convert(mode)
+    else:
+        image = image.convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "F", "I") else "PNG"
+    check_bar(preprocess.preprocess(encode(image, fmt)))
+
+
+def test_16_bit_png_with_low_contrast():
+    array = np.where(np.asarray(bar_digit()) > 128, 30000, 29000).astype(np.uint16)
+    check_bar(preprocess.preprocess(encode(Image.fromarray(array))))
+
+
+def test_transparent_canvas_export_black_strokes_on_alpha():
+    rgba = np.zeros((280, 280, 4), np.uint8)  # fully transparent black ...
+    rgba[40:240, 130:150, 3] = 255  # ... with an opaque black bar
+    out = check_bar(preprocess.preprocess(encode(Image.fromarray(rgba, "RGBA"))))
+    assert out.sum() > 20
+
+
+def test_palette_with_transparency():
+    image = Image.new("P", (100, 100), 0)
+    image.putpalette([0, 0, 0, 0, 0, 0] + [0] * 762)  # both entries black; index 0 transparent
+    ImageDraw.Draw(image).rectangle((45, 10, 55, 90), fill=1)
+    out = preprocess.preprocess(encode(image, transparency=0))
+    top, bottom, _, _ = ink_box(out)
+    assert bottom - top + 1 == 20
+
+
+def test_exif_rotation_is_applied():
+    horizontal = bar_digit(size=(120, 200), box=(20, 60, 100, 80))  # a lying bar ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... stored rotated: viewers turn it 90 degrees clockwise, making it stand
+    data = encode(horizontal.convert("RGB"), "JPEG", exif=exif, quality=95)
+    check_bar(preprocess.preprocess(data))
+
+
+def test_noisy_jpeg_photo_off_centre():
+    rng = np.random.default_rng(0)
+    image = np.asarray(bar_digit(size=(400, 300), box=(300, 40, 330, 200), ink=40, paper=220), np.float32)
+    image = image + rng.normal(0, 8, image.shape) + np.linspace(-20, 20, 400)[None, :]
+    data = encode(Image.fromarray(np.uint8(np.clip(image, 0, 255))).convert("RGB"), "JPEG", quality=70)
+    check_bar(preprocess.preprocess(data))
+
+
+def test_wide_digit_is_fitted_by_width():
+    out = preprocess.preprocess(encode(bar_digit(size=(300, 200), box=(30, 90, 230, 110))))
+    top, bottom, left, right = ink_box(out)
+    assert right - left + 1 == 20 and bottom - top + 1 <= 4
+
+
+def test_blank_image_gives_an_empty_frame():
+    assert preprocess.preprocess(encode(Image.new("L", (50, 50), 255))).max() == 0
+    assert preprocess.preprocess(encode(Image.new("RGBA", (50, 50), (0, 0, 0, 0)))).max() == 0
+
+
+def test_large_photo_is_reduced_before_the_pixel_work():
+    big = bar_digit(size=(3000, 2000), box=(1400, 300, 1500, 1700)).convert("RGB")
+    check_bar(preprocess.preprocess(encode(big, "JPEG", quality=90)))
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "empty"),
+    (b"GIF89a this is not really a gif", "not an image|corrupt"),
+    (b"plain text, not an image", "not an image"),
+])
+def test_unusable_bytes_raise_image_error(data, message):
+    with pytest.raises(ImageError, match=message):
+        preprocess.preprocess(data)
+
+
+def test_pixel_limit():
+    with pytest.raises(ImageError, match="too large"):
+        preprocess.preprocess(encode(Image.new("1", (12000, 12000))))
+    side = int(preprocess.MAX_PIXELS ** 0.5) - 1
+    assert preprocess.decode(encode(Image.new("1", (side, side)))).size == (side, side)
+
+
+def test_truncated_image():
+    data = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
+    with pytest.raises(ImageError, match="corrupt"):
+        preprocess.preprocess(data[: len(data) // 2])
