@@ -142,3 +142,72 @@ def test_instruction_parser_joins_continuations(tmp_path):
     f = tmp_path / "Dockerfile"
     f.write_text("# c\nARG A=1\nRUN a \\\n    && b\n\nUSER 1\n")
     assert instructions(f) == [("ARG", "A=1"), ("RUN", "a      && b"), ("USER", "1")]
+
+
+# --- scripts/e2e_pod.py: how the container end-to-end run turns a pod template into `podman run`.
+
+def pod_args(tmp_path, text, *extra):
+    f = tmp_path / "pod.yaml"
+    f.write_text(text)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "e2e_pod.py"), "run-args", str(f), "--volume", "vol", *extra],
+                          capture_output=True, text=True)
+    return proc.returncode, proc.stdout.split("\0")[:-1] if proc.stdout else [], proc.stderr
+
+
+JOB = """
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cfg}
+data: {N: "3"}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: j}
+spec:
+  template:
+    spec:
+      securityContext: {runAsUser: 10001, runAsGroup: 10001, fsGroup: 10001}
+      initContainers:
+      - {name: init, image: img:1, command: ["python", "-c", "print(1)"], volumeMounts: [{name: data, mountPath: /mnt}]}
+      containers:
+      - name: main
+        image: img:1
+        command: ["python", "/app/evaluate.py"]
+        args: ["--expect", "$(N)", "--keep", "$$(N)", "--home", "$(HOME)"]
+        env:
+        - {name: N, valueFrom: {configMapKeyRef: {name: cfg, key: N}}}
+        - {name: HOME, value: /tmp}
+        securityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+        resources: {limits: {cpu: 500m, memory: 1Gi}}
+        ports: [{name: http, containerPort: 5000}]
+        volumeMounts: [{name: data, mountPath: /mnt, readOnly: true}, {name: tmp, mountPath: /tmp}]
+      volumes:
+      - {name: data, persistentVolumeClaim: {claimName: nfs}}
+      - {name: tmp, emptyDir: {}}
+"""
+
+
+def test_e2e_pod_translates_every_field_it_runs(tmp_path):
+    rc, args, err = pod_args(tmp_path, JOB, "--publish", "127.0.0.1:8080", "--add-env", "X=1")
+    assert rc == 0, err
+    opts, image, rest = args[: args.index("img:1")], "img:1", args[args.index("img:1") + 1:]
+    pairs = list(zip(opts, opts[1:]))
+    assert ("--user", "10001:10001") in pairs and ("--group-add", "10001") in pairs
+    assert "--read-only" in opts and ("--cap-drop", "ALL") in pairs
+    assert ("--security-opt", "no-new-privileges") in pairs
+    assert ("--memory", str(2**30)) in pairs and ("--cpus", "0.5") in pairs
+    assert ("--volume", "vol:/mnt:ro") in pairs and ("--tmpfs", "/tmp") in pairs
+    assert ("--env", "N=3") in pairs and ("--env", "X=1") in pairs
+    assert ("--publish", "127.0.0.1:8080:5000") in pairs
+    assert json.loads(opts[opts.index("--entrypoint") + 1]) == ["python", "/app/evaluate.py"]
+    # $(VAR) expanded from the container's env, $$ escapes, as Kubernetes does
+    assert image == "img:1" and rest == ["--expect", "3", "--keep", "$(N)", "--home", "/tmp"]
+
+
+def test_e2e_pod_runs_init_containers_and_refuses_what_it_cannot_stand_in_for(tmp_path):
+    rc, args, _ = pod_args(tmp_path, JOB, "--init", "0")
+    assert rc == 0 and args[-1] == "img:1" and ("--volume", "vol:/mnt") in list(zip(args, args[1:]))
+    rc, _, err = pod_args(tmp_path, JOB.replace("key: N}", "key: MISSING}"))
+    assert rc == 2 and err.startswith("e2e_pod.py: ") and "MISSING" in err
+    rc, _, err = pod_args(tmp_path, JOB.replace("persistentVolumeClaim: {claimName: nfs}", "hostPath: {path: /x}"))
+    assert rc == 2 and "not supported" in err
