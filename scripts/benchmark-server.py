@@ -103,6 +103,24 @@ def load_run(port, body, clients, seconds):
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
+def server_cpu_seconds(master_pid):
+    """user+system CPU seconds of the server: the gunicorn master and its workers (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        if pid == master_pid or ppid == master_pid:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -193,14 +211,19 @@ def main(argv=None) -> int:
             Image.fromarray(x_test[0]).save(out, "PNG")
             body = multipart(out.getvalue())
             load_run(port, body, args.clients, 2.0)  # warm-up
+            cpu_before = server_cpu_seconds(proc.pid)
             many = load_run(port, body, args.clients, args.seconds)
+            many["cpu_ms"] = (server_cpu_seconds(proc.pid) - cpu_before) * 1000 / max(many["requests"], 1)
             one = load_run(port, body, 1, args.seconds)
             acc, acc_failed = accuracy(port, x_test, y_test, args.digits)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"{args.clients} clients, {args.seconds:.0f} s: {many['requests']} requests, {many['rps']:.0f} req/s, "
-          f"p50 {many['p50_ms']:.1f} ms, p99 {many['p99_ms']:.1f} ms, errors {many['errors']}")
+          f"p50 {many['p50_ms']:.1f} ms, p99 {many['p99_ms']:.1f} ms, errors {many['errors']}; "
+          f"server CPU {many['cpu_ms']:.2f} ms/request")
+    print(f"machine: {os.cpu_count()} CPUs, load average before the end {os.getloadavg()[0]:.1f} "
+          "(other work on the machine lowers the figures)")
     print(f"1 client, {args.seconds:.0f} s: {one['requests']} requests, {one['rps']:.0f} req/s, "
           f"p50 {one['p50_ms']:.1f} ms, p99 {one['p99_ms']:.1f} ms, errors {one['errors']}")
     print(f"accuracy on {args.digits} photo-like MNIST test digits: {acc:.3f} ({acc_failed} failed requests)")
