@@ -7,6 +7,7 @@ import shutil
 import struct
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -323,3 +324,43 @@ def test_cli_bad_arguments_exit_2_with_one_line(argv, message, capsys):
 def test_parser_defaults():
     args = server.build_parser().parse_args(["--model", "m.h5"])
     assert (args.host, args.port, args.workers) == ("0.0.0.0", 5000, server.DEFAULT_WORKERS)
+
+
+def test_batcher_merges_concurrent_calls_and_returns_each_its_own_rows():
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def predict(self, images):
+            self.batches.append(len(images))
+            time.sleep(0.02)  # long enough for the other threads to queue up
+            return images.reshape(len(images), -1)[:, :10] * 2
+
+    model, batcher = Recorder(), server.Batcher()
+    results, errors = {}, []
+
+    def call(i):
+        try:
+            images = np.full((1 + i % 3, 28, 28), float(i), np.float32)
+            results[i] = batcher.predict(model, images)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, rows in results.items():
+        assert rows.shape == (1 + i % 3, 10) and np.all(rows == 2.0 * i)
+    assert sum(model.batches) == sum(1 + i % 3 for i in range(24))
+    assert len(model.batches) < 24  # some calls were merged
+
+    class Broken:
+        def predict(self, images):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        batcher.predict(Broken(), np.zeros((1, 28, 28), np.float32))
+    assert batcher.predict(model, np.ones((1, 28, 28), np.float32)).shape == (1, 10)  # still usable
