@@ -79,10 +79,11 @@ timed() { # timed NAME CMD... : run, record wall seconds
 # 2. + 3. Base (stand-in, cached) and the stage images, with the script users run.
 build() {
   if [[ -z "${BASE_IMAGE:-}" ]]; then
-    "$root/scripts/make-base-image.sh"
+    # (`|| return`: set -e does not apply inside a function called from an || list)
+    "$root/scripts/make-base-image.sh" || return 1
     export BASE_IMAGE=localhost/mlk-base:bookworm
   fi
-  BUILD_ARGS="${BUILD_ARGS:---network=host}" "$root/scripts/build-images.sh"
+  BUILD_ARGS="${BUILD_ARGS:---network=host}" "$root/scripts/build-images.sh" || return 1
 }
 if [[ "${E2E_SKIP_BUILD:-0}" == 1 ]]; then
   log "E2E_SKIP_BUILD=1: using the images already built"
