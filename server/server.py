@@ -19,7 +19,9 @@ import tempfile
 import threading
 import time
 
-from flask import Flask, jsonify, render_template, request
+import io
+
+from flask import Flask, Request, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -294,11 +296,19 @@ def _metrics():
 # ------------------------------------------------------------------------------------------- app
 
 
+class InMemoryRequest(Request):
+    """Multipart file parts stay in memory (werkzeug spools parts over 500 kB to a temp file)."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()  # bounded by MAX_CONTENT_LENGTH (2 MB)
+
+
 def create_app(model_path, check_interval=CHECK_INTERVAL):
     """The Flask app. Loads the model now if it exists; otherwise when it appears."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = Flask(__name__, template_folder="templates", static_folder="static")
+    app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_BODY
     app.debug = False

@@ -209,6 +209,17 @@ def test_wrong_method_and_unknown_route_are_json_4xx(client):
 
 
 def test_uploads_never_touch_the_disk(client, tmp_path, monkeypatch):
+    import werkzeug.formparser
+
+    def no_temp_files(*args, **kwargs):
+        raise AssertionError("an upload was spooled to a temporary file")
+
+    monkeypatch.setattr(werkzeug.formparser, "SpooledTemporaryFile", no_temp_files)
+    monkeypatch.setattr(werkzeug.formparser, "TemporaryFile", no_temp_files, raising=False)
+    noisy = np.random.default_rng(3).integers(0, 256, (800, 800), dtype=np.uint8)  # ~640 kB PNG
+    big = png_bytes(noisy)
+    assert 600_000 < len(big) < 2_000_000
+    assert post_files(client, "/api/predict", big).status_code == 200
     monkeypatch.chdir(tmp_path)
     data = {"file": (io.BytesIO((SAMPLES / "6.png").read_bytes()), "../../evil.png")}
     assert client.post("/api/predict", data=data, content_type="multipart/form-data").status_code == 200
