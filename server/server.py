@@ -10,6 +10,7 @@ picked up when it appears (/readyz says 503 until then). See docs/CONTRACTS.md f
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,8 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-
-import io
 
 from flask import Flask, Request, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -34,10 +33,6 @@ DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 4
 
 log = logging.getLogger("mlk.server")
-
-
-class UsageError(Exception):
-    """Bad command-line input: one line on stderr, exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):
