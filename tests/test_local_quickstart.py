@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
+
+from helpers import mlk_attrs as attrs
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local-quickstart.sh"
@@ -58,11 +59,6 @@ def real_run(subset, tmp_path_factory):
     proc.seconds = time.perf_counter() - started
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return work, proc
-
-
-def attrs(path):
-    with h5py.File(path, "r") as f:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items() if k.startswith("mlk_")}
 
 
 def test_lays_out_work_dir_like_the_volume(real_run):

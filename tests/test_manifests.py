@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import yaml
 from kubernetes_validate import utils as kv_utils
 
 import kubernetes_validate
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -327,12 +328,6 @@ def test_every_stage_container_args_parse_with_the_programs_own_parser():
                 assert parsed.expect == 3
     assert checked == {"splitter/splitter.py", "trainer/trainer.py", "trainer/evaluate.py",
                        "aggregator/aggregator.py", "server/server.py"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,13 +4,14 @@ import re
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
 import trainer  # noqa: E402
 from mlk import fingerprint  # noqa: E402
+
+from helpers import mlk_attrs as attrs
 
 N = 200
 
@@ -33,11 +34,6 @@ def trained(shard, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "0-model.h5"
     assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(out)]) == 0
     return out
-
-
-def attrs(path):
-    with h5py.File(path, "r") as f:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items() if k.startswith("mlk_")}
 
 
 def test_writes_loadable_model_with_contract_attributes(trained, shard):
