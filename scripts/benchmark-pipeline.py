@@ -4,9 +4,13 @@ Runs scripts/local-quickstart.sh (WORKER_NUMBER=3 EPOCH=2 BATCH=100 SERVE=0, ROU
 default) in a temp WORK_DIR, then scripts/original_method.py on that run's shards, and prints a table
 (method, wall time, test accuracy) and a verdict on the >= 0.985 target. If local-quickstart.sh does
 not exist yet, it runs the same stages itself (split, parallel trainers, aggregate, evaluate).
-Usage: MNIST_NPZ=../shared/datasets/mnist.npz [ROUNDS=2] .venv/bin/python scripts/benchmark-pipeline.py
+Usage: [MNIST_NPZ=mnist.npz] [ROUNDS=2] .venv/bin/python scripts/benchmark-pipeline.py
+MNIST: $MNIST_NPZ, else ../shared/datasets/mnist.npz beside the repository, else the splitter's
+checksum-verified download into the user cache (tests/helpers.py's mnist_path(), as for the tests).
 """
 
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +23,30 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET = 0.985
 WORKERS, EPOCH, BATCH = 3, 2, 100
 PY = sys.executable
+PROG = "benchmark-pipeline.py"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (program name first) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    return Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def mnist_path():
+    """tests/helpers.py's mnist_path(); exits 2 with one line when MNIST cannot be had."""
+    spec = importlib.util.spec_from_file_location("mlk_test_helpers", REPO / "tests/helpers.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    try:
+        return helpers.mnist_path()
+    except helpers.MnistUnavailable as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def last_json(text):
@@ -50,10 +78,15 @@ def own_pipeline(work, mnist, rounds):
     return run([PY, REPO / "trainer/evaluate.py", "--modelpath", work / "aggregated-model.h5", "--data", work / "data/test.npz"])
 
 
-def main() -> int:
-    mnist = Path(os.environ.get("MNIST_NPZ", REPO / "../shared/datasets/mnist.npz")).resolve()
+def main(argv=None) -> int:
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (exit 0) or a usage error (exit 2, one line)
+        return int(exit_.code or 0)
+    mnist = mnist_path().resolve()
     if not mnist.is_file():
-        sys.exit(f"benchmark-pipeline: MNIST not found at {mnist} (set MNIST_NPZ)")
+        print(f"{PROG}: error: MNIST not found at {mnist} (MNIST_NPZ)", file=sys.stderr)
+        return 2
     quickstart = REPO / "scripts/local-quickstart.sh"
     with tempfile.TemporaryDirectory(prefix="mlk-bench-") as tmp:
         work = Path(tmp) / "work"

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATASET = ROOT.parent / "shared/datasets/mnist.npz"
+PROG = "benchmark-server.py"
 BOUNDARY = "mlkbenchmarkboundary"
 TARGET_RPS, TARGET_P99_MS, TARGET_ACCURACY = 400.0, 50.0, 0.97
 
@@ -40,15 +40,30 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = Parser(prog="benchmark-server.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model .h5 (default: train one with trainer/trainer.py)")
-    parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="mnist.npz (default ../shared/datasets/mnist.npz)")
+    parser.add_argument("--dataset", help="mnist.npz (default: $MNIST_NPZ, else ../shared/datasets/mnist.npz, "
+                        "else the splitter's cached download)")
     parser.add_argument("--workers", type=int, default=2, help="server --workers (default 2)")
     parser.add_argument("--threads", type=int, default=4, help="server --threads (default 4)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load run (default 10)")
     parser.add_argument("--digits", type=int, default=500, help="photo-like test digits for accuracy (default 500)")
     return parser
+
+
+def mnist_path():
+    """Where MNIST comes from when --dataset is not given, as for the tests (tests/helpers.py's
+    mnist_path()): $MNIST_NPZ, else ../shared/datasets/mnist.npz beside the repository, else the
+    splitter's checksum-verified download into the user cache. Exits 2 with one line if none works."""
+    spec = importlib.util.spec_from_file_location("mlk_test_helpers", ROOT / "tests/helpers.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    try:
+        return str(helpers.mnist_path())
+    except helpers.MnistUnavailable as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def multipart(blob, name="digit.png", content_type="image/png"):
@@ -190,6 +205,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    args.dataset = args.dataset or mnist_path()
     if not os.path.isfile(args.dataset):
         print(f"{parser.prog}: error: dataset {args.dataset} not found", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Write the sample images of the demo page from MNIST test digits (true digit in each file name).
 
-    .venv/bin/python scripts/make-samples.py [--dataset ../shared/datasets/mnist.npz] [--out samples]
+    .venv/bin/python scripts/make-samples.py [--dataset mnist.npz] [--out samples]
+
+Without --dataset: $MNIST_NPZ, else ../shared/datasets/mnist.npz, else the splitter's cached download.
 
 MNIST-style: 4.png, 6.png (white digit on black, 28x28, like the original's samples).
 Photo-like: photo-<digit>.jpg (dark ink on uneven light paper, off-centre, scaled up, noisy JPEG).
@@ -10,6 +12,7 @@ can link them. `photo_like()` is also used by scripts/benchmark-server.py.
 """
 
 import argparse
+import importlib.util
 import io
 import os
 import shutil
@@ -20,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATASET = ROOT.parent / "shared/datasets/mnist.npz"
+PROG = "make-samples.py"
 MNIST_STYLE = (4, 6)
 PHOTO_DIGITS = (2, 3, 7)
 
@@ -31,13 +34,28 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = Parser(prog="make-samples.py", description="Write MNIST-style and photo-like sample digits.")
-    parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="mnist.npz with x_test, y_test")
+    parser = Parser(prog=PROG, description="Write MNIST-style and photo-like sample digits.")
+    parser.add_argument("--dataset", help="mnist.npz with x_test, y_test (default: $MNIST_NPZ, else "
+                        "../shared/datasets/mnist.npz, else the splitter's cached download)")
     parser.add_argument("--out", default=str(ROOT / "samples"), help="output folder (default samples/)")
     parser.add_argument("--static", default=str(ROOT / "server/static/samples"),
                         help="copy the samples here too ('' to skip; default server/static/samples)")
     parser.add_argument("--seed", type=int, default=7)
     return parser
+
+
+def mnist_path():
+    """Where MNIST comes from when --dataset is not given, as for the tests (tests/helpers.py's
+    mnist_path()): $MNIST_NPZ, else ../shared/datasets/mnist.npz beside the repository, else the
+    splitter's checksum-verified download into the user cache. Exits 2 with one line if none works."""
+    spec = importlib.util.spec_from_file_location("mlk_test_helpers", ROOT / "tests/helpers.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    try:
+        return str(helpers.mnist_path())
+    except helpers.MnistUnavailable as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def photo_like(digit, rng):
@@ -66,7 +84,7 @@ def load_test(dataset):
         with np.load(dataset, allow_pickle=False) as npz:
             return npz["x_test"], npz["y_test"]
     except (OSError, KeyError, ValueError) as err:
-        raise SystemExit(f"make-samples.py: error: cannot read {dataset}: {err}") from None
+        raise SystemExit(f"{PROG}: error: cannot read {dataset}: {err}") from None
 
 
 def first_index(y, digit, skip=0):
@@ -85,8 +103,9 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    dataset = args.dataset or mnist_path()
     try:
-        x, y = load_test(args.dataset)
+        x, y = load_test(dataset)
     except SystemExit as err:
         print(err, file=sys.stderr)
         return 2

@@ -8,21 +8,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import MnistUnavailable, mnist_path
+
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared/datasets/mnist.npz"
 TRAIN_SAMPLES = 12000  # ~0.98 on the MNIST test set after 2 epochs; about 30 s on 2 cores
 
 
 @pytest.fixture(scope="session")
-def mnist_model(tmp_path_factory):
+def mnist_npz():
+    """Path of real MNIST (Keras layout), found as the programs find it: helpers.mnist_path()."""
+    try:
+        path = mnist_path()
+    except MnistUnavailable as e:
+        pytest.fail(f"real MNIST unavailable: {e}")
+    if not path.is_file():
+        pytest.fail(f"MNIST_NPZ={path}: no such file")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_model(tmp_path_factory, mnist_npz):
     """Path of an .h5 trained by trainer/trainer.py on the first 12000 MNIST training digits,
     with an aggregator-style set of root attributes added (as the server reads them)."""
     import h5py
 
-    if not MNIST.is_file():
-        pytest.fail(f"real MNIST not found at {MNIST} (shared/ must sit beside the repository)")
     work = tmp_path_factory.mktemp("mnist-model")
-    with np.load(MNIST) as npz:
+    with np.load(mnist_npz) as npz:
         np.savez(work / "0.npz", x=npz["x_train"][:TRAIN_SAMPLES], y=npz["y_train"][:TRAIN_SAMPLES])
     model = work / "aggregated-model.h5"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -35,7 +46,7 @@ def mnist_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mnist_test():
+def mnist_test(mnist_npz):
     """(x_test, y_test) of real MNIST."""
-    with np.load(MNIST) as npz:
+    with np.load(mnist_npz) as npz:
         return npz["x_test"], npz["y_test"]

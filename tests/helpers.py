@@ -1,8 +1,52 @@
-"""Small helpers several test files share (import as `from helpers import ...`; pytest puts tests/ on sys.path)."""
+"""Small helpers several test files share (import as `from helpers import ...`; pytest puts tests/ on sys.path).
 
+`mnist_path()` is the one definition of where real MNIST comes from, for the tests and the development
+scripts (scripts/e2e-containers.sh, scripts/benchmark-*.py, scripts/make-samples.py load this file too)."""
+
+import os
 import socket
+import sys
+from pathlib import Path
 
-import h5py
+ROOT = Path(__file__).resolve().parent.parent
+# Development convenience: the shared datasets folder that sits beside the repository.
+SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist.npz"
+
+
+class MnistUnavailable(RuntimeError):
+    """No MNIST_NPZ, no ../shared copy, and the splitter's download failed (its one-line reason)."""
+
+
+def splitter_module():
+    """splitter/splitter.py, imported as `splitter` (the same module tests/test_splitter.py imports)."""
+    folder = str(ROOT / "splitter")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import splitter
+
+    return splitter
+
+
+def mnist_cache_dir():
+    """Where the splitter caches its download: $XDG_CACHE_HOME (default ~/.cache) / mlk-mnist."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlk-mnist"
+
+
+def mnist_path():
+    """Path of a Keras-layout mnist.npz: $MNIST_NPZ if set (returned as given, even when missing, so the
+    caller names it); else ../shared/datasets/mnist.npz beside the repository if it exists; else the
+    splitter's checksum-verified download into the user cache (reused when already there).
+    Raises MnistUnavailable when the download fails."""
+    env = os.environ.get("MNIST_NPZ")
+    if env:
+        return Path(env)
+    if SHARED_MNIST.is_file():
+        return SHARED_MNIST
+    splitter = splitter_module()
+    try:
+        return Path(splitter.download_mnist(mnist_cache_dir()))
+    except splitter.SplitError as e:
+        raise MnistUnavailable(str(e)) from None
 
 
 def free_port():
@@ -14,5 +58,7 @@ def free_port():
 
 def mlk_attrs(path):
     """The project's `mlk_*` root attributes of an .h5 model, strings decoded."""
+    import h5py  # here, so the scripts that load this file for mnist_path() need no h5py
+
     with h5py.File(path, "r") as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items() if k.startswith("mlk_")}

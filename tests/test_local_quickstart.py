@@ -9,16 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import helpers
 from helpers import mlk_attrs as attrs
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local-quickstart.sh"
-MNIST = REPO.parent / "shared" / "datasets" / "mnist.npz"
 VENV = Path(sys.prefix)  # the project venv running these tests (scripts/test.sh bootstraps it)
 
 # 2 workers x 1 epoch x 2 rounds, batch 32 (more steps than 100 on so few digits), on 6000 real training digits. Measured on this 2-core machine:
@@ -35,12 +36,10 @@ def run(env_overrides, timeout=300, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def subset(tmp_path_factory):
+def subset(tmp_path_factory, mnist_npz):
     """6000 training and 1000 test digits of real MNIST (a fixed random sample) as a Keras-layout npz."""
-    if not MNIST.is_file():
-        pytest.fail(f"real MNIST expected at {MNIST} (../shared/datasets/mnist.npz beside the repo)")
     rng = np.random.default_rng(0)
-    with np.load(MNIST) as d:
+    with np.load(mnist_npz) as d:
         train = rng.choice(len(d["y_train"]), 6000, replace=False)
         test = rng.choice(len(d["y_test"]), 1000, replace=False)
         arrays = {"x_train": d["x_train"][train], "y_train": d["y_train"][train],
@@ -106,6 +105,54 @@ def test_shows_each_workers_progress_and_keeps_its_log(real_run):
             assert "epoch 1/1" in log and f"saved: {work}/model/{i}-model.h5" in log
             assert "[worker" not in log  # the log holds the trainer's own lines, unprefixed
     assert re.search(r"2 trainers with \d+ TensorFlow thread", proc.stdout)
+
+
+# --- where MNIST comes from (helpers.mnist_path(), used by the fixtures above and the dev scripts) ---
+
+def test_mnist_lookup_order_is_env_then_shared_then_the_splitters_download(tmp_path, monkeypatch):
+    splitter = helpers.splitter_module()
+    source = tmp_path / "served.npz"
+    source.write_bytes(b"a stand-in for mnist.npz")
+    fetched = []
+
+    def fake_fetch(url, dest):  # the splitter's own download_mnist runs, minus the network
+        fetched.append(url)
+        Path(dest).write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(splitter, "fetch", fake_fetch)
+    monkeypatch.setattr(splitter, "MNIST_SHA256", hashlib.sha256(source.read_bytes()).hexdigest())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shared = tmp_path / "shared" / "datasets" / "mnist.npz"
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"shared copy")
+    monkeypatch.setattr(helpers, "SHARED_MNIST", shared)
+
+    monkeypatch.setenv("MNIST_NPZ", str(tmp_path / "mine.npz"))
+    assert helpers.mnist_path() == tmp_path / "mine.npz"  # MNIST_NPZ wins, even over an existing shared copy
+    monkeypatch.setenv("MNIST_NPZ", "")  # empty counts as unset, as in the splitter
+    assert helpers.mnist_path() == shared
+    monkeypatch.delenv("MNIST_NPZ")
+    assert helpers.mnist_path() == shared and fetched == []
+    shared.unlink()
+    cached = tmp_path / "cache" / "mlk-mnist" / "mnist.npz"
+    assert helpers.mnist_path() == cached and cached.read_bytes() == source.read_bytes()
+    assert fetched == [splitter.MNIST_URL]
+    assert helpers.mnist_path() == cached and len(fetched) == 1  # the verified cached copy is reused
+
+
+def test_mnist_lookup_reports_a_failed_download_in_one_line(tmp_path, monkeypatch):
+    splitter = helpers.splitter_module()
+
+    def offline(url, dest):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(splitter, "fetch", offline)
+    monkeypatch.delenv("MNIST_NPZ", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(helpers, "SHARED_MNIST", tmp_path / "no-shared" / "mnist.npz")
+    with pytest.raises(helpers.MnistUnavailable, match="set MNIST_NPZ") as e:
+        helpers.mnist_path()
+    assert "\n" not in str(e.value)
 
 
 # --- failure paths -------------------------------------------------------------------------
