@@ -28,7 +28,16 @@ SHARD_NAME = re.compile(r"^\d+\.npz$")
 
 
 class SplitError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
+    """Bad input: reported as one line on stderr, exit code 2 (a retry would fail the same way)."""
+
+    exit_code = 2
+
+
+class DownloadError(SplitError):
+    """The MNIST download failed or arrived damaged: one line on stderr, exit code 1, since a retry
+    may succeed (a Job retries it; exit code 2 fails the Job at once, see manifests/4-splitter.yaml)."""
+
+    exit_code = 1
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,12 +92,12 @@ def download_mnist(cache_dir, url=None, sha256=None):
         try:
             fetch(url, tmp)
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise SplitError(f"could not download {url} ({e}); without network, pass "
-                             "--dataset PATH or set MNIST_NPZ to a local Keras mnist.npz") from None
+            raise DownloadError(f"could not download {url} ({e}); without network, pass "
+                                "--dataset PATH or set MNIST_NPZ to a local Keras mnist.npz") from None
         got = sha256_of(tmp)
         if got != sha256:
-            raise SplitError(f"downloaded {url} has sha256 {got}, expected {sha256}; "
-                             "pass --dataset PATH to use a local copy")
+            raise DownloadError(f"downloaded {url} has sha256 {got}, expected {sha256}; "
+                                "pass --dataset PATH to use a local copy")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -178,10 +187,13 @@ def main(argv=None) -> int:
         x_train, y_train, x_test, y_test = load_mnist(dataset)
         if n > len(x_train):
             raise SplitError(f"--n_container {n} exceeds the {len(x_train)} training samples")
-        savedir.mkdir(parents=True, exist_ok=True)
+        try:  # the volume may come unprepared (the rwx backend): make the folder, parents too
+            savedir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent is a file, permissions, read-only volume
+            raise SplitError(f"cannot create --savedir {savedir}: {e}") from None
     except SplitError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
     shards = shard_indices(y_train, n, args.strategy, args.shuffle_seed)
     try:

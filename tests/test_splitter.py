@@ -181,10 +181,11 @@ def test_rerun_with_fewer_shards_removes_stale_ones(tmp_path, mnist, capsys):
 
 # --- refusals: exit 2, one line naming the program, nothing written ----------------------------
 
-def refuse(capsys, savedir, *argv):
-    """Run main(argv); assert exit 2, a single stderr line from the splitter, and no savedir."""
+def refuse(capsys, savedir, *argv, code=2):
+    """Run main(argv); assert exit `code` (2: bad input; 1: a failed download, which a retry may fix),
+    a single stderr line from the splitter, and no savedir."""
     capsys.readouterr()
-    assert splitter.main([str(a) for a in argv]) == 2
+    assert splitter.main([str(a) for a in argv]) == code
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -275,6 +276,20 @@ def test_refuses_savedir_that_is_a_file(tmp_path, mnist, capsys):
     assert out.read_text() == "occupied"
 
 
+def test_creates_missing_parents_of_savedir(tmp_path, mnist):
+    # On the rwx storage backend nothing prepares the volume: /mnt/data does not exist yet.
+    out = tmp_path / "fresh-volume" / "data"
+    assert split(out, 2, dataset=mnist) == 0
+    assert listing(out) == ["0.npz", "1.npz", "test.npz"]
+
+
+def test_refuses_savedir_it_cannot_create_in_one_line(tmp_path, mnist, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    out = tmp_path / "file" / "data"
+    line = refuse(capsys, out, "--n_container", 2, "--savedir", out, "--dataset", mnist)
+    assert "cannot create --savedir" in line and str(out) in line
+
+
 # --- the download path (no --dataset, no MNIST_NPZ) ------------------------------------------
 
 def fake_fetch_copying(source, calls):
@@ -302,7 +317,7 @@ def test_refuses_download_with_wrong_sha256(tmp_path, mnist, monkeypatch, capsys
     calls = []
     monkeypatch.setattr(splitter, "fetch", fake_fetch_copying(mnist, calls))
     out = tmp_path / "data"
-    line = refuse(capsys, out, "--n_container", 2, "--savedir", out)
+    line = refuse(capsys, out, "--n_container", 2, "--savedir", out, code=1)  # a damaged download: retryable
     assert calls and "sha256" in line and splitter.MNIST_SHA256 in line
     assert listing(tmp_path / "cache" / "mlk-mnist") == []  # the bad download is not kept
 
@@ -315,7 +330,7 @@ def test_download_failure_points_at_mnist_npz(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(splitter, "fetch", offline)
     out = tmp_path / "data"
-    line = refuse(capsys, out, "--n_container", 2, "--savedir", out)
+    line = refuse(capsys, out, "--n_container", 2, "--savedir", out, code=1)  # the network may come back
     assert "MNIST_NPZ" in line and "no route to host" in line
     assert listing(tmp_path / "cache" / "mlk-mnist") == []
 
