@@ -1,6 +1,8 @@
 """trainer/trainer.py on tiny synthetic shards: outputs, attributes, shared init, bad input."""
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -126,6 +128,8 @@ def test_bad_data_exits_2_without_output(case, tmp_path, capsys):
     (["--epoch", "0", "--batch", "10"], "--epoch must be >= 1"),
     (["--epoch", "1", "--batch", "0"], "--batch must be >= 1"),
     (["--epoch", "x", "--batch", "10"], "invalid int value"),
+    (["--epoch", "1", "--batch", "10", "--threads", "-1"], "--threads must be >= 0"),
+    (["--epoch", "1", "--batch", "10", "--threads", "two"], "invalid int value"),
 ])
 def test_bad_numbers_exit_2(flags, message, shard, tmp_path, capsys):
     out = tmp_path / "m.h5"
@@ -150,3 +154,16 @@ def test_incompatible_init_model_exits_2(shard, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("trainer.py: error:") and message in err and "\n" not in err
         assert not out.exists()
+
+
+def test_threads_sizes_tensorflows_pools_and_the_model_folder_is_created(shard, tmp_path):
+    # Its own process: TensorFlow's pools can only be sized before its runtime starts, which the other
+    # tests (in this process) have done. The manifests pass the container's CPU limit as --threads.
+    out = tmp_path / "fresh-volume" / "model" / "0-model.h5"  # nothing prepared the volume (rwx backend)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "HDF5_USE_FILE_LOCKING": "FALSE"}
+    proc = subprocess.run([sys.executable, str(Path(trainer.__file__)), "--data", str(shard), "--epoch", "1",
+                           "--batch", "50", "--threads", "1", "--savemodel", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "threads: intra-op 1, inter-op 1" in proc.stdout
+    assert attrs(out)["mlk_kind"] == "worker" and list(out.parent.iterdir()) == [out]

@@ -100,9 +100,14 @@ def train(args):
     import keras
     import tensorflow as tf
 
+    # Before any TensorFlow op: the pools are sized when TF's runtime starts. On Kubernetes --threads is the
+    # container's CPU limit (the manifests fill it from limits.cpu), so TF does not size its pools by the
+    # node's cores and get throttled by the limit.
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    print(f"threads: intra-op {tf.config.threading.get_intra_op_parallelism_threads()}, inter-op "
+          f"{tf.config.threading.get_inter_op_parallelism_threads()} (0 = TensorFlow's default)", flush=True)
     keras.utils.set_random_seed(args.seed)  # initial weights, shuffling and dropout
 
     # Model: the shared starting point of every worker in this round.
