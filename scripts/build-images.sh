@@ -14,6 +14,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/images.env"
 
 die() { echo "build-images: $*" >&2; exit 1; }
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    -*) echo "build-images: unknown option '$arg' (arguments are stage names; try --help)" >&2; exit 2 ;;
+    *) [[ " ${STAGES[*]} " == *" $arg "* ]] || { echo "build-images: unknown stage '$arg' (stages: ${STAGES[*]})" >&2; exit 2; } ;;
+  esac
+done
 
 engine="${CONTAINER_ENGINE:-}"
 if [[ -z "$engine" ]]; then
@@ -27,7 +35,6 @@ command -v "$engine" >/dev/null 2>&1 || die "CONTAINER_ENGINE=$engine not found"
 stages=("$@")
 if ((${#stages[@]} == 0)); then stages=("${STAGES[@]}"); fi
 for s in "${stages[@]}"; do
-  [[ " ${STAGES[*]} " == *" $s "* ]] || die "unknown stage '$s' (stages: ${STAGES[*]})"
   [[ -f "$root/$s/Dockerfile" ]] || die "$s/Dockerfile missing"
 done
 

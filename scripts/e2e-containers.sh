@@ -13,6 +13,14 @@
 #   E2E_SERVER=0                        stop after the accuracy test (debugging; exits 1, never a pass)
 set -euo pipefail
 
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    *) echo "e2e-containers.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 # shellcheck source=scripts/images.env disable=SC1091

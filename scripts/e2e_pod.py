@@ -178,8 +178,15 @@ def probe(opts):
     return [p.get("path", "/"), str(port)]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (program name first) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="e2e_pod.py", description=__doc__.splitlines()[0])
+    parser = Parser(prog="e2e_pod.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run-args")
     r.add_argument("file")

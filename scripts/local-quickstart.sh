@@ -15,6 +15,14 @@
 #   VENV [<repo>/.venv] the virtualenv (created/updated by scripts/bootstrap.sh)
 set -euo pipefail
 
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    *) echo "local-quickstart.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="local-quickstart"
 

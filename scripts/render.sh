@@ -16,6 +16,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/images.env"
 
 die() { printf '%s: %s\n' "$me" "$*" >&2; exit 2; }
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    -*) die "unknown option '$arg' (arguments are manifest files; try --help)" ;;
+  esac
+done
 
 (($# > 0)) || die "usage: scripts/render.sh FILE... (fills {{WORKER_NUMBER}} {{EPOCH}} {{BATCH}} {{INCREMENTAL_NUMBER}} {{NFS_CLUSTER_IP}} from the environment)"
 
@@ -33,7 +40,7 @@ first=1
 for file in "$@"; do
   [[ -f "$file" ]] || die "no such file: $file"
   expr=()
-  for name in WORKER_NUMBER EPOCH BATCH INCREMENTAL_NUMBER NFS_CLUSTER_IP; do
+  for name in WORKER_NUMBER EPOCH BATCH INCREMENTAL_NUMBER NFS_CLUSTER_IP STORAGE_CLASS; do
     grep -q "{{$name}}" "$file" || continue
     [[ -n "${!name:-}" ]] || die "$file needs $name (set it in the environment)"
     check_value "$name" "${!name}"

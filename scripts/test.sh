@@ -2,8 +2,17 @@
 # Run the whole test suite: unit tests, the local pipeline on real digits, the server in a real
 # browser, the manifest/Dockerfile/script checks, and (unless SKIP_E2E=1) the container end-to-end run.
 # Installs what it needs itself (Debian packages when run as root, the virtualenv always).
-# Extra arguments go to pytest, e.g. scripts/test.sh -k splitter
+# Extra arguments go to pytest, e.g. scripts/test.sh -k splitter (then the container run is left out);
+# -h/--help prints this (pytest's own: .venv/bin/python -m pytest --help).
+#   SKIP_E2E=1   leave out the container end-to-end run (scripts/e2e-containers.sh)
 set -euo pipefail
+
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+  esac
+done
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
