@@ -1,0 +1,124 @@
+"""Every script handles its arguments before doing anything: `--help` prints its usage (the header comment)
+to stdout and exits 0, an unknown argument exits 2 with one line on stderr — and neither touches the
+machine. Checked with stand-in tools first on PATH that record any call (so a script that would install,
+build or talk to a cluster is caught instead of doing it), and with VENV/WORK_DIR/CHECKOV_VENV pointing
+into a temp dir that must stay empty."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHELL_SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
+PY_SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.py") if "argparse" in p.read_text())
+FAKES = ("kubectl", "podman", "docker", "gcloud", "apt-get", "kind", "minikube", "go", "debootstrap", "helm",
+         "python3")
+ids = lambda p: p.name  # noqa: E731
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """(env, calls file, dir that must stay empty): fakes first on PATH, the scripts' state pointed at tmp."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    for name in FAKES:
+        fake = bin_dir / name
+        fake.write_text(f'#!/usr/bin/env bash\nprintf \'%s %s\\n\' {name} "$*" >>"{calls}"\nexit 0\n')
+        fake.chmod(0o755)
+    state = tmp_path / "state"
+    state.mkdir()
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=str(state / "venv"),
+               WORK_DIR=str(state / "work"), CHECKOV_VENV=str(state / "checkov"), PYTHON=str(bin_dir / "python3"),
+               CI="", SKIP_E2E="1")
+    return env, calls, state
+
+
+def run(cmd, env, timeout=60):
+    """Run in its own process group, killed whole on a timeout (a script that ignored --help may have
+    started children)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} still running after {timeout} s (it ignored its argument?)\n{out[-2000:]}\n{err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def header(script):
+    """The header comment (after the #! line, up to the first non-comment line), '# ' removed."""
+    lines = []
+    for line in script.read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return lines
+
+
+def untouched(calls, state):
+    called = calls.read_text() if calls.exists() else ""
+    assert called == "", f"called: {called}"
+    assert list(state.iterdir()) == []
+
+
+def test_every_script_is_covered():
+    names = {p.name for p in SHELL_SCRIPTS}
+    assert {"bootstrap.sh", "test.sh", "e2e-containers.sh", "render.sh", "quickstart.sh"} <= names
+    assert {"benchmark-pipeline.py", "e2e_pod.py", "make-samples.py"} <= {p.name for p in PY_SCRIPTS}
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=ids)
+def test_help_prints_the_header_and_does_nothing(script, flag, sandbox):
+    env, calls, state = sandbox
+    rc, out, err = run([str(script), flag], env)
+    assert rc == 0, err
+    first = next(line for line in header(script) if line.strip())
+    assert first.strip() in out, f"usage (the header comment) not on stdout:\n{out}"
+    assert err == ""
+    untouched(calls, state)
+
+
+# test.sh hands every argument but -h/--help to pytest (scripts/test.sh -k splitter), so it has no unknown ones.
+@pytest.mark.parametrize("script", [s for s in SHELL_SCRIPTS if s.name != "test.sh"], ids=ids)
+def test_unknown_argument_exits_2_with_one_line(script, sandbox):
+    env, calls, state = sandbox
+    rc, out, err = run([str(script), "--bogus"], env)
+    assert rc == 2, f"exit {rc}\n{out}\n{err}"
+    assert len(err.splitlines()) == 1 and err.strip(), f"stderr should be one line:\n{err}"
+    assert out == ""
+    untouched(calls, state)
+
+
+def test_build_images_refuses_an_unknown_stage_before_building(sandbox):
+    env, calls, state = sandbox
+    rc, out, err = run([str(REPO / "scripts/build-images.sh"), "splitter", "nosuchstage"], env)
+    assert rc == 2 and "unknown stage 'nosuchstage'" in err and len(err.splitlines()) == 1
+    untouched(calls, state)
+
+
+def test_render_takes_files_and_refuses_options(sandbox, tmp_path):
+    env, _, _ = sandbox
+    manifest = tmp_path / "cm.yaml"
+    manifest.write_text("kind: ConfigMap\n")
+    rc, out, _ = run([str(REPO / "scripts/render.sh"), str(manifest)], env)
+    assert rc == 0 and out == "kind: ConfigMap\n"
+    rc, out, err = run([str(REPO / "scripts/render.sh"), str(manifest), "-x"], env)
+    assert rc == 2 and out == "" and "unknown option '-x'" in err
+
+
+@pytest.mark.parametrize("script", PY_SCRIPTS, ids=ids)
+def test_python_scripts_help_and_unknown_argument(script, sandbox):
+    env, calls, state = sandbox
+    rc, out, err = run([sys.executable, str(script), "-h"], env)
+    assert rc == 0 and out.startswith("usage:"), err
+    rc, out, err = run([sys.executable, str(script), "--bogus"], env)
+    assert rc == 2 and out == "" and "error:" in err.splitlines()[-1]
+    untouched(calls, state)
