@@ -7,6 +7,7 @@ works with those exact args on a tiny synthetic dataset, /mnt mapped to a temp d
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,9 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
 RENDER = REPO / "scripts" / "render.sh"
 FILES = sorted(MANIFESTS.glob("*.yaml")) + sorted((MANIFESTS / "variants").glob("*.yaml"))
-VALUES = {"WORKER_NUMBER": "3", "EPOCH": "2", "BATCH": "100", "INCREMENTAL_NUMBER": "1", "NFS_CLUSTER_IP": "10.96.0.42"}
+VALUES = {"WORKER_NUMBER": "3", "EPOCH": "2", "BATCH": "100", "INCREMENTAL_NUMBER": "1", "NFS_CLUSTER_IP": "10.96.0.42",
+          "STORAGE_CLASS": "standard-rwx"}
 STAGE_IMAGE = re.compile(r"^localhost/mlk/(splitter|trainer|aggregator|server):0\.1\.0$")
-CLEAN_ENV = ("WORKER_NUMBER", "EPOCH", "BATCH", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "INIT_MODEL",
+CLEAN_ENV = ("WORKER_NUMBER", "EPOCH", "BATCH", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "STORAGE_CLASS", "INIT_MODEL",
              "IMAGE_REGISTRY", "IMAGE_TAG")
 
 # The original README's commands, per file (kubectl apply -f FILE for the rest), and the documented one
@@ -74,7 +76,8 @@ def test_the_manifests_are_the_originals_and_more():
     assert names == {"1-nfs-deployment.yaml", "2-nfs-service.yaml", "3-nfs-pv-pvc.yaml", "4-splitter.yaml",
                      "5-trainer.yaml", "5-trainer-indexed.yaml", "6-aggregator.yaml", "7-server.yaml",
                      "9999-busybox.yaml", "9999-accuracy-test.yaml"}
-    assert [f.name for f in (MANIFESTS / "variants").glob("*.yaml")] == ["1-nfs-deployment-pvc.yaml"]
+    assert sorted(f.name for f in (MANIFESTS / "variants").glob("*.yaml")) == ["1-nfs-deployment-pvc.yaml",
+                                                                                "3-rwx-pvc.yaml"]
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -115,8 +118,8 @@ def test_render_fills_values_rewrites_images_and_adds_init_model():
     c = docs[0]["spec"]["template"]["spec"]["containers"][0]
     assert docs[0]["metadata"]["name"] == "mnist-trainer-1"
     assert c["image"] == "reg.example.com:5000/me/trainer:2.0"
-    assert c["args"] == ["--data", "/mnt/data/1.npz", "--epoch", "2", "--batch", "100", "--savemodel",
-                         "/mnt/model/1-model.h5", "--init-model", "/mnt/aggregated-model.h5"]
+    assert c["args"] == ["--data", "/mnt/data/1.npz", "--epoch", "2", "--batch", "100", "--threads", "$(CPU_LIMIT)",
+                         "--savemodel", "/mnt/model/1-model.h5", "--init-model", "/mnt/aggregated-model.h5"]
     assert docs[1]["spec"]["nfs"]["server"] == "10.96.0.42"
     assert "{{" not in out.stdout
 
@@ -234,6 +237,124 @@ def test_every_stage_mounts_the_nfs_claim_at_mnt():
             assert any(m["mountPath"] == "/mnt" and m["name"] in claims for m in c["volumeMounts"]), path.name
 
 
+def jobs_by_name():
+    return {d["metadata"]["name"]: d for _, d in workloads() if d["kind"] == "Job"}
+
+
+def test_jobs_fail_at_once_on_bad_input_and_ignore_disruptions():
+    """podFailurePolicy: a pod disrupted by the cluster (eviction, preemption, drain) is replaced without
+    counting against the retry limit; exit code 2 of the stage's program (bad input) fails the Job at once,
+    or for the Indexed trainer only that index. Any other failure is retried up to the backoff limit."""
+    jobs = jobs_by_name()
+    for name, job in jobs.items():
+        spec = job["spec"]
+        main = pod_spec(job)["containers"][0]["name"]
+        indexed = spec.get("completionMode") == "Indexed"
+        assert pod_spec(job)["restartPolicy"] == "Never", name  # podFailurePolicy requires it
+        assert spec["podFailurePolicy"] == {"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "FailIndex" if indexed else "FailJob",
+             "onExitCodes": {"containerName": main, "operator": "In", "values": [2]}},
+        ]}, name
+        if indexed:  # FailIndex needs a per-index backoff limit
+            assert spec["backoffLimitPerIndex"] >= 1
+
+
+def test_jobs_have_deadlines_that_fit_their_work():
+    jobs = jobs_by_name()
+    deadlines = {name: job["spec"]["activeDeadlineSeconds"] for name, job in jobs.items()}
+    assert deadlines == {"mnist-splitter": 900, "mnist-trainer-1": 7200, "mnist-trainer": 7200,
+                         "mnist-aggregator": 4200, "mnist-accuracy-test": 900}
+    # The aggregator waits up to --timeout for the models (--expect): its deadline must outlast the wait.
+    by_name, configmaps = rendered_set(3)
+    _, program, args = argv_of(pod_spec(by_name["mnist-aggregator"])["containers"][0], configmaps)
+    parsed = load_parser(program).parse_args(args)
+    assert parsed.expect == 3 and deadlines["mnist-aggregator"] >= parsed.timeout + 300
+
+
+def test_every_container_that_opens_h5_files_disables_hdf5_file_locking():
+    """The models are .h5 files on the shared NFS/RWX volume, where HDF5's file locks (flock) fail or
+    linger after a killed pod; no two stages write one file (each writes a temp name, then renames)."""
+    seen = set()
+    for path, doc in workloads():
+        spec = pod_spec(doc)
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            stage = STAGE_IMAGE.match(c["image"])
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if stage and stage.group(1) in ("trainer", "aggregator", "server"):  # h5py/Keras read or write .h5
+                assert env.get("HDF5_USE_FILE_LOCKING") == "FALSE", f"{path.name}:{c['name']}"
+                seen.add(f"{doc['metadata']['name']}/{c['name']}")
+    assert seen == {"mnist-trainer-1/mnist-trainer-job", "mnist-trainer/mnist-trainer-job",
+                    "mnist-aggregator/mnist-aggregator", "mnist-accuracy-test/accuracy-test",
+                    "mnist-server/mnist-server"}
+
+
+def test_trainers_threads_are_their_cpu_limit():
+    jobs = jobs_by_name()
+    for name in ("mnist-trainer-1", "mnist-trainer"):
+        c = pod_spec(jobs[name])["containers"][0]
+        args = c["args"]
+        assert args[args.index("--threads") + 1] == "$(CPU_LIMIT)", name
+        env = {e["name"]: e for e in c["env"]}
+        assert env["CPU_LIMIT"]["valueFrom"] == {"resourceFieldRef": {
+            "containerName": c["name"], "resource": "limits.cpu", "divisor": "1"}}, name
+        assert container_env(c, {}, {})["CPU_LIMIT"] == "2"  # limits.cpu "2"
+    # the kubelet rounds a fractional limit up to whole CPUs (divisor "1")
+    c = {"name": "x", "resources": {"limits": {"cpu": "500m"}}}
+    assert resource_field(c, {"resource": "limits.cpu", "divisor": "1"}) == "1"
+    c["resources"]["limits"]["cpu"] = "2500m"
+    assert resource_field(c, {"containerName": "x", "resource": "limits.cpu", "divisor": "1"}) == "3"
+
+
+def test_nfs_pv_states_nfsv4_since_its_path_is_the_v4_root():
+    pv, pvc = docs_of(MANIFESTS / "3-nfs-pv-pvc.yaml")
+    assert pv["kind"] == "PersistentVolume" and pv["spec"]["nfs"]["path"] == "/"
+    assert pv["spec"]["mountOptions"] == ["nfsvers=4.1"]
+    text = (MANIFESTS / "3-nfs-pv-pvc.yaml").read_text()
+    assert "fsid=0" in text and "HDF5_USE_FILE_LOCKING" in text  # the reasons are next to the option
+
+
+def test_rwx_backend_is_one_readwritemany_claim_named_nfs_of_the_chosen_class():
+    path = MANIFESTS / "variants" / "3-rwx-pvc.yaml"
+    assert '"{{STORAGE_CLASS}}"' in path.read_text()  # quoted: the unrendered file is valid YAML too
+    [claim] = docs_of(path, STORAGE_CLASS="enterprise-rwx")
+    _, nfs_claim = docs_of(MANIFESTS / "3-nfs-pv-pvc.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"] == nfs_claim["metadata"]  # name nfs, labels
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "storageClassName": "enterprise-rwx",
+                             "resources": {"requests": {"storage": "10Gi"}}}
+    assert claim["spec"]["resources"] == nfs_claim["spec"]["resources"]
+    text = path.read_text()
+    assert "fsGroup" in text and "fsGroupPolicy" in text  # how uid 10001 gets write access is explained
+    out = render(path, STORAGE_CLASS="")
+    assert out.returncode == 2 and "needs STORAGE_CLASS" in out.stderr
+
+
+def test_the_stages_prepare_an_unprepared_volume_themselves(tmp_path):
+    """The rwx backend has no NFS-server init container making /mnt/data and /mnt/model: the splitter's
+    clear-models init container makes /mnt/model (the aggregator's --dir, which must exist), the splitter
+    its --savedir, the trainer its --savemodel's folder (tests/test_trainer.py), and the aggregator writes
+    into /mnt itself."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    rng = np.random.default_rng(0)
+    dataset = tmp_path / "mnist.npz"
+    np.savez(dataset, x_train=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y_train=np.arange(20, dtype=np.uint8) % 10,
+             x_test=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), y_test=np.arange(5, dtype=np.uint8) % 10)
+    by_name, configmaps = rendered_set(2)
+    splitter = pod_spec(by_name["mnist-splitter"])
+    env = {**os.environ, "MNIST_NPZ": str(dataset), "HOME": str(tmp_path / "home")}
+    _, _, inline = argv_of(splitter["initContainers"][0], configmaps)
+    subprocess.run([sys.executable, "-c", inline[1].replace("/mnt/", f"{mnt}/")], env=env, check=True, timeout=60)
+    _, program, args = argv_of(splitter["containers"][0], configmaps)
+    subprocess.run([sys.executable, str(program), *[a.replace("/mnt", str(mnt)) for a in args]], env=env, check=True,
+                   capture_output=True, timeout=120)
+    assert sorted(p.name for p in mnt.iterdir()) == ["data", "model"]
+    assert sorted(p.name for p in (mnt / "data").iterdir()) == ["0.npz", "1.npz", "test.npz"]
+    aggregator = pod_spec(by_name["mnist-aggregator"])["containers"][0]
+    _, _, args = argv_of(aggregator, configmaps)
+    assert Path(args[args.index("--savefile") + 1]).parent == Path("/mnt")  # the mount point: always there
+
+
 # --- contract: the programs accept, and work with, exactly what the manifests run ------------------
 
 def entrypoint(stage):
@@ -252,11 +373,28 @@ def expand(value, env):
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, value)
 
 
+def cpu_millis(quantity):
+    """A CPU quantity ("2", "500m", "1.5") in millicores."""
+    q = str(quantity)
+    return int(q[:-1]) if q.endswith("m") else round(float(q) * 1000)
+
+
+def resource_field(c, ref):
+    """The downward API's resourceFieldRef for a CPU limit, as the kubelet computes it: the limit divided
+    by the divisor, rounded up (a fractional limit becomes the next whole CPU with divisor "1")."""
+    assert ref.get("containerName", c["name"]) == c["name"], f"{c['name']}: refers to another container"
+    assert ref["resource"] == "limits.cpu", ref  # the only one the manifests use
+    limit = c["resources"]["limits"]["cpu"]  # no limit would mean the node's allocatable CPUs
+    return str(math.ceil(cpu_millis(limit) / cpu_millis(ref.get("divisor", "1"))))
+
+
 def container_env(c, configmaps, extra):
     env = dict(extra)
     for e in c.get("env", []):
         if "value" in e:
             env[e["name"]] = e["value"]
+        elif "resourceFieldRef" in e["valueFrom"]:
+            env[e["name"]] = resource_field(c, e["valueFrom"]["resourceFieldRef"])
         else:
             ref = e["valueFrom"]["configMapKeyRef"]
             env[e["name"]] = configmaps[ref["name"]][ref["key"]]
@@ -324,6 +462,8 @@ def test_every_stage_container_args_parse_with_the_programs_own_parser():
             checked.add(program.relative_to(REPO).as_posix())
             if name == "mnist-trainer":
                 assert parsed.data == "/mnt/data/2.npz" and parsed.savemodel == "/mnt/model/2-model.h5"
+            if program.name == "trainer.py":  # limits.cpu "2" -> CPU_LIMIT "2" -> --threads 2
+                assert parsed.threads == 2, name
             if name == "mnist-aggregator":
                 assert parsed.expect == 3
     assert checked == {"splitter/splitter.py", "trainer/trainer.py", "trainer/evaluate.py",
@@ -354,7 +494,8 @@ def test_the_pipeline_runs_with_the_manifests_args(tmp_path):
         stage, program, args = argv_of(container, configmaps, extra)
         argv = [sys.executable, *(["-c", args[1].replace("/mnt/", f"{mnt}/")] if program is None
                                   else [str(program), *to_tmp(args)])]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+        own = {k: v for k, v in container_env(container, configmaps, dict(extra)).items() if k != "HOME"}
+        proc = subprocess.run(argv, env={**env, **own}, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, f"{container['name']}: {argv}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         return proc
 
@@ -420,6 +561,8 @@ def test_policy_check_passes_and_catches_a_regression(tmp_path):
     """scripts/policy-check.sh (checkov, own venv; the first run installs it: about 2 minutes here,
     later runs about 8 s each) passes on the manifests, and fails when a container may escalate privileges."""
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MANIFESTS",)}
+    # policy-check.sh exports sample values for the other placeholders, not (yet) for variants/3-rwx-pvc.yaml's
+    env["STORAGE_CLASS"] = "standard-rwx"
     proc = subprocess.run(["bash", str(POLICY)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "Failed checks: 0" in proc.stdout
