@@ -263,7 +263,7 @@ def test_jobs_fail_at_once_on_bad_input_and_ignore_disruptions():
 def test_jobs_have_deadlines_that_fit_their_work():
     jobs = jobs_by_name()
     deadlines = {name: job["spec"]["activeDeadlineSeconds"] for name, job in jobs.items()}
-    assert deadlines == {"mnist-splitter": 900, "mnist-trainer-1": 7200, "mnist-trainer": 7200,
+    assert deadlines == {"mnist-splitter": 1800, "mnist-trainer-1": 7200, "mnist-trainer": 7200,
                          "mnist-aggregator": 4200, "mnist-accuracy-test": 900}
     # The aggregator waits up to --timeout for the models (--expect): its deadline must outlast the wait.
     by_name, configmaps = rendered_set(3)
