@@ -1,9 +1,9 @@
 """Turn a rendered Kubernetes manifest's pod template into a `podman run` command line.
 
 Used by scripts/e2e-containers.sh so each stage runs exactly as its manifest describes it:
-image, command (-> --entrypoint), args, env, the security context's user, read-only root
-filesystem, dropped capabilities, no-new-privileges, resource limits, emptyDir volumes (-> tmpfs)
-and the claim's mount (-> one shared podman volume).
+image, command (-> --entrypoint), args, env (values, ConfigMap keys, resourceFieldRef), the
+security context's user, read-only root filesystem, dropped capabilities, no-new-privileges,
+resource limits, emptyDir volumes (-> tmpfs) and the claim's mount (-> one shared podman volume).
 
   e2e_pod.py run-args FILE.yaml --volume VOL [--kind Job] [--init I] [--configmaps F.yaml ...]
                       [--add-volume SRC:DST[:ro]] [--add-env K=V] [--publish HOST_IP:HOST_PORT] [--no-limits]
@@ -19,6 +19,8 @@ and the claim's mount (-> one shared podman volume).
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 
@@ -82,6 +84,30 @@ def cpus(q):
     return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
 
 
+def resource_field(spec, c, ref):
+    """The downward API's resourceFieldRef: the container's limit or request of cpu or memory divided by
+    `divisor` (default 1) and rounded up, as the kubelet does; a limit the container does not set is
+    the node's allocatable, here this machine's CPUs or memory."""
+    if ref.get("containerName"):
+        named = [x for x in (spec.get("containers") or []) + (spec.get("initContainers") or [])
+                 if x.get("name") == ref["containerName"]]
+        if not named:
+            raise Refusal(f"resourceFieldRef names no container {ref['containerName']}")
+        c = named[0]
+    kind, _, resource = ref["resource"].partition(".")
+    if kind not in ("limits", "requests") or resource not in ("cpu", "memory"):
+        raise Refusal(f"resourceFieldRef {ref['resource']}: only limits/requests of cpu and memory are supported")
+    value = ((c.get("resources") or {}).get(kind) or {}).get(resource)
+    if resource == "cpu":
+        milli = round(cpus(value) * 1000) if value is not None else (os.cpu_count() or 1) * 1000
+        return str(math.ceil(milli / round(cpus(ref.get("divisor", "1")) * 1000)))
+    if value is not None:
+        size = memory_bytes(value)
+    else:
+        size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return str(math.ceil(size / memory_bytes(ref.get("divisor", "1"))))
+
+
 def run_args(opts):
     spec = pod_spec(opts.file, opts.kind)
     if opts.init is not None:
@@ -123,8 +149,11 @@ def run_args(opts):
             if ref["key"] not in maps.get(ref["name"], {}):
                 raise Refusal(f"env {e['name']}: ConfigMap {ref['name']} key {ref['key']} not found")
             env[e["name"]] = str(maps[ref["name"]][ref["key"]])
-        else:  # downward API, secrets: no stand-in here
-            raise Refusal(f"env {e['name']}: only value and configMapKeyRef are supported by this runner")
+        elif "resourceFieldRef" in (e.get("valueFrom") or {}):
+            env[e["name"]] = resource_field(spec, c, e["valueFrom"]["resourceFieldRef"])
+        else:  # the downward API's fieldRef, secrets: no stand-in here
+            raise Refusal(f"env {e['name']}: only value, configMapKeyRef and resourceFieldRef are supported "
+                          "by this runner")
     for name, value in env.items():
         out += ["--env", f"{name}={value}"]
 
