@@ -4,19 +4,34 @@
 # the NFS claim): splitter -> WORKER_NUMBER trainers in parallel (one killed mid-training and run
 # again, as a Job's retry would) -> aggregator -> accuracy test -> server, then checks the results.
 # Prints a summary table; the last line is the verdict. Exit status non-zero on any failed check.
+# It adapts to the machine (docs/e2e.md): as root it installs what is missing (podman, runc, curl;
+# debootstrap only if a stand-in base must be built), otherwise it says in one line what to install
+# and runs rootless podman.
+#   scripts/e2e-containers.sh [--print-containers-conf]   (the latter: print the podman settings
+#                                       this machine gets, then exit; nothing is run or installed)
 #   WORKER_NUMBER (3)  EPOCH (1)  BATCH (100)
-#   E2E_TRAIN (24000) E2E_TEST (2000)   samples of ../shared/datasets/mnist.npz used
+#   E2E_TRAIN (24000) E2E_TEST (2000)   samples of MNIST used: MNIST_NPZ, else ../shared/datasets/
+#                                       mnist.npz beside the repo, else the splitter's cached download
 #   E2E_MIN_ACCURACY (0.85)             accuracy the test must reach on that subset (measured
 #                                       0.8925 with the defaults: 1 epoch of 8000 digits per worker)
-#   CONTAINERS_CONF (.ci/containers.conf)  BASE_IMAGE (a debootstrap stand-in, built and cached)
+#   E2E_CONTAINERS_CONF (auto)          podman settings: auto = only those this machine needs (runc on
+#                                       cgroups v1/hybrid, ulimits a root container may not raise,
+#                                       cgroupfs + file events without systemd); always = all of
+#                                       .ci/containers.conf; never = podman's defaults.
+#                                       An explicit CONTAINERS_CONF is used as it is.
+#   BASE_IMAGE                          base of the stage images (default: the Dockerfiles' own
+#                                       when it exists or can be pulled, else a debootstrap stand-in,
+#                                       built once and cached: scripts/make-base-image.sh)
 #   E2E_SKIP_BUILD=1                    use the images already built
 #   E2E_SERVER=0                        stop after the accuracy test (debugging; exits 1, never a pass)
 set -euo pipefail
 
 usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
+print_conf=0
 for arg in "$@"; do
   case "$arg" in
     -h | --help) usage; exit 0 ;;
+    --print-containers-conf) print_conf=1 ;;
     *) echo "e2e-containers.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -32,10 +47,61 @@ batch="${BATCH:-100}"
 n_train="${E2E_TRAIN:-24000}"
 n_test="${E2E_TEST:-2000}"
 min_accuracy="${E2E_MIN_ACCURACY:-0.85}"
-dataset="$root/../shared/datasets/mnist.npz"
+conf_mode="${E2E_CONTAINERS_CONF:-auto}"
 py="$root/.venv/bin/python"
-export CONTAINERS_CONF="${CONTAINERS_CONF:-$root/.ci/containers.conf}"
 export TF_CPP_MIN_LOG_LEVEL=2
+case "$conf_mode" in
+  auto | always | never) ;;
+  *) echo "e2e-containers.sh: E2E_CONTAINERS_CONF must be auto, always or never, got '$conf_mode'" >&2; exit 2 ;;
+esac
+rootless=0
+[[ $(id -u) -eq 0 ]] || rootless=1
+cgroup_fs="$(stat -fc %T /sys/fs/cgroup 2>/dev/null || echo unknown)" # cgroup2fs: v2; tmpfs: v1 or hybrid
+
+# 1. podman settings for this machine, as containers.conf text (empty: podman's defaults suit it).
+#    Each setting that auto picks is one .ci/containers.conf holds; the comments say why.
+containers_conf() {
+  if [[ "$conf_mode" == always ]]; then
+    cat "$root/.ci/containers.conf"
+    return
+  fi
+  [[ "$conf_mode" == auto ]] || return 0
+  local ulimits=() engine=() hard pid_max
+  if [[ "$cgroup_fs" != cgroup2fs ]]; then
+    engine+=("# cgroups are v1/hybrid ($cgroup_fs), which crun refuses" 'runtime = "runc"')
+  fi
+  if ((!rootless)); then
+    # A root container asks for podman's default nofile/nproc of 1048576 (rootless ones keep the
+    # user's limits); where even root may not raise its hard limit that far, ask for the most it
+    # can give: the hard limit, and for nproc at most kernel.pid_max (podman lowers its own to that).
+    hard="$(ulimit -Hn)"
+    if [[ "$hard" != unlimited ]] && ! (ulimit -Hn 1048576) 2>/dev/null; then ulimits+=("\"nofile=$hard:$hard\""); fi
+    hard="$(ulimit -Hu)"
+    if [[ "$hard" != unlimited ]] && ! (ulimit -Hu 1048576) 2>/dev/null; then
+      pid_max="$(cat /proc/sys/kernel/pid_max 2>/dev/null || echo "$hard")"
+      ((pid_max >= hard)) || hard="$pid_max"
+      ulimits+=("\"nproc=$hard:$hard\"")
+    fi
+  fi
+  if [[ ! -d /run/systemd/system ]]; then
+    engine+=("# systemd is not running" 'cgroup_manager = "cgroupfs"' 'events_logger = "file"')
+  fi
+  ((${#ulimits[@]} + ${#engine[@]})) || return 0
+  echo "# podman settings this machine needs (scripts/e2e-containers.sh, E2E_CONTAINERS_CONF=auto)"
+  if ((${#ulimits[@]})); then
+    echo "[containers]"
+    echo "# the hard limits root may not raise past here"
+    echo "default_ulimits = [$(IFS=,; echo "${ulimits[*]}")]"
+  fi
+  if ((${#engine[@]})); then
+    echo "[engine]"
+    printf '%s\n' "${engine[@]}"
+  fi
+}
+if ((print_conf)); then
+  if [[ -n "${CONTAINERS_CONF:-}" ]]; then cat "$CONTAINERS_CONF"; else containers_conf; fi
+  exit 0
+fi
 
 t0=$SECONDS
 log() { printf '[e2e %s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$((SECONDS - t0))" "$*"; }
@@ -45,24 +111,6 @@ fail() {
   exit 1
 }
 
-# 1. What this needs: podman + runc (+ debootstrap for the stand-in base), the venv (PyYAML).
-need=()
-command -v podman >/dev/null 2>&1 || need+=(podman)
-command -v runc >/dev/null 2>&1 || need+=(runc)
-command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
-if ((${#need[@]})); then
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    log "installing ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    fail "missing ${need[*]}; install them (Debian: apt-get install ${need[*]})"
-  fi
-fi
-[[ -f "$dataset" ]] || fail "MNIST not found at $dataset (../shared/datasets/mnist.npz beside the repo)"
-"$root/scripts/bootstrap.sh" --dev
-[[ -f "$root/scripts/render.sh" ]] || fail "scripts/render.sh missing"
-
 run_id="mlk-e2e-$$"
 volume="$run_id-mnt"
 work="$(mktemp -d "${TMPDIR:-/tmp}/mlk-e2e.XXXXXX")"
@@ -70,34 +118,130 @@ chmod 755 "$work"
 containers=()
 cleanup() {
   local c
-  for c in "${containers[@]}"; do podman rm -f -t 0 "$c" >/dev/null 2>&1 || true; done
-  podman volume rm -f "$volume" >/dev/null 2>&1 || true
+  if command -v podman >/dev/null 2>&1; then
+    for c in "${containers[@]}"; do podman rm -f -t 0 "$c" >/dev/null 2>&1 || true; done
+    podman volume rm -f "$volume" >/dev/null 2>&1 || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
 
+if [[ -n "${CONTAINERS_CONF:-}" ]]; then
+  [[ -f "$CONTAINERS_CONF" ]] || fail "CONTAINERS_CONF=$CONTAINERS_CONF: no such file"
+  log "podman settings: CONTAINERS_CONF=$CONTAINERS_CONF (as given)"
+else
+  containers_conf >"$work/containers.conf"
+  if [[ -s "$work/containers.conf" ]]; then
+    export CONTAINERS_CONF="$work/containers.conf"
+    log "podman settings ($conf_mode): $(grep -v '^[#[]' "$CONTAINERS_CONF" | tr -s ' \n' ' ')"
+  else
+    log "podman settings ($conf_mode): podman's defaults"
+  fi
+fi
+
+# 2. What this needs: podman (+ runc when the settings name it, curl; rootless: uidmap, slirp4netns),
+#    the venv (PyYAML). debootstrap only if the stand-in base must be built (make-base-image.sh).
+need=()
+command -v podman >/dev/null 2>&1 || need+=(podman)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [[ -n "${CONTAINERS_CONF:-}" ]] && grep -Eq '^[[:space:]]*runtime[[:space:]]*=[[:space:]]*"runc"' "$CONTAINERS_CONF"; then
+  command -v runc >/dev/null 2>&1 || need+=(runc)
+fi
+if ((rootless)); then
+  command -v newuidmap >/dev/null 2>&1 || need+=(uidmap)
+  command -v slirp4netns >/dev/null 2>&1 || need+=(slirp4netns)
+fi
+if ((${#need[@]})); then
+  if ((!rootless)) && command -v apt-get >/dev/null 2>&1; then
+    log "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    fail "needs ${need[*]}: install them (Debian: apt-get install ${need[*]})"
+  fi
+fi
+pod_opts=()
+if ((rootless)); then
+  user="$(id -un)"
+  grep -q "^$user:" /etc/subuid 2>/dev/null ||
+    fail "rootless podman needs subordinate uids for $user (as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $user)"
+fi
+podman info >/dev/null 2>"$work/podman-info.err" ||
+  fail "podman does not work here: $(grep -m1 . "$work/podman-info.err" || echo 'podman info failed')"
+if ((rootless)); then
+  controllers="$(podman info --format '{{range .Host.CgroupControllers}}{{.}} {{end}}' 2>/dev/null || true)"
+  if [[ "$cgroup_fs" != cgroup2fs || " $controllers " != *" cpu "* || " $controllers " != *" memory "* ]]; then
+    pod_opts+=(--no-limits)
+    log "rootless podman cannot set cpu/memory limits here (controllers: ${controllers:-none}); the manifests' limits are left out"
+  fi
+  log "rootless podman as $user"
+fi
+"$root/scripts/bootstrap.sh" --dev
+[[ -f "$root/scripts/render.sh" ]] || fail "scripts/render.sh missing"
+
+# MNIST as the tests find it (tests/helpers.py's mnist_path(): MNIST_NPZ, else ../shared beside the
+# repository, else the splitter's checksum-verified download into the user cache).
+dataset="$("$py" - "$root/tests" 2>"$work/mnist.err" <<'PY'
+import contextlib, sys
+sys.path.insert(0, sys.argv[1])
+from helpers import MnistUnavailable, mnist_path
+try:
+    with contextlib.redirect_stdout(sys.stderr):  # the splitter's download progress
+        path = mnist_path()
+except MnistUnavailable as e:
+    sys.exit(str(e))
+print(path)
+PY
+)" || fail "MNIST: $(tail -n 1 "$work/mnist.err") (MNIST_NPZ names a local Keras mnist.npz)"
+[[ -f "$dataset" ]] || fail "MNIST_NPZ=$dataset: no such file"
+log "MNIST: $dataset"
+
 declare -A took=()
-timed() { # timed NAME CMD... : run, record wall seconds
+timed() { # timed NAME CMD... : run, record wall seconds (call it outside || lists, so set -e holds)
   local name="$1" start=$SECONDS
   shift
   "$@"
   took[$name]=$((SECONDS - start))
 }
 
-# 2. + 3. Base (stand-in, cached) and the stage images, with the script users run.
-build() {
-  if [[ -z "${BASE_IMAGE:-}" ]]; then
-    # (`|| return`: set -e does not apply inside a function called from an || list)
-    "$root/scripts/make-base-image.sh" || return 1
-    export BASE_IMAGE=localhost/mlk-base:bookworm
+# 3. Base: BASE_IMAGE if given; else the Dockerfiles' own base (ARG BASE_IMAGE) if podman has it or
+#    can pull it; else the debootstrap stand-in (built once, cached). Then the stage images, with the
+#    script users run.
+qualified() { # qualified IMAGE: a short name as podman pulls it from Docker Hub
+  local first="${1%%/*}"
+  if [[ "$1" == */* && ("$first" == *.* || "$first" == *:* || "$first" == localhost) ]]; then echo "$1"
+  elif [[ "$1" == */* ]]; then echo "docker.io/$1"
+  else echo "docker.io/library/$1"
   fi
+}
+pick_base() {
+  local defaults real
+  defaults="$(sed -n 's/^ARG BASE_IMAGE=//p' "${STAGES[@]/%//Dockerfile}" | sort -u)"
+  [[ -n "$defaults" && "$defaults" != *$'\n'* ]] || { log "the Dockerfiles' ARG BASE_IMAGE defaults differ or are missing: '${defaults//$'\n'/ }'"; return 1; }
+  real="$(qualified "$defaults")"
+  if podman image exists "$real"; then
+    log "base image: $real (the Dockerfiles' own, present)"
+  elif timeout 300 podman pull -q "$real" >/dev/null 2>"$work/pull.err"; then
+    log "base image: $real (the Dockerfiles' own, pulled)"
+  else
+    log "base image: cannot pull $real ($(grep -m1 . "$work/pull.err" | cut -c1-160 || true)); using the debootstrap stand-in"
+    "$root/scripts/make-base-image.sh" || return 1
+    real="${BASE_IMAGE_NAME:-localhost/mlk-base:bookworm}"
+  fi
+  export BASE_IMAGE="$real"
+}
+build() {
+  # (`|| return`: set -e does not apply inside a function called from an || list)
+  if [[ -n "${BASE_IMAGE:-}" ]]; then log "base image: $BASE_IMAGE (BASE_IMAGE)"; else pick_base || return 1; fi
   BUILD_ARGS="${BUILD_ARGS:---network=host}" "$root/scripts/build-images.sh" || return 1
 }
 if [[ "${E2E_SKIP_BUILD:-0}" == 1 ]]; then
   log "E2E_SKIP_BUILD=1: using the images already built"
 else
   log "building the base and the stage images"
-  timed build build || fail "image build"
+  build_started=$SECONDS
+  build || fail "image build"
+  took[build]=$((SECONDS - build_started))
 fi
 with_server="${E2E_SERVER:-1}"
 for s in "${STAGES[@]}"; do
@@ -143,7 +287,7 @@ pod_args() { # pod_args YAML [e2e_pod.py options...] -> array "args"
   shift
   args=()
   mapfile -d '' args < <("$py" "$root/scripts/e2e_pod.py" run-args "$yaml" --volume "$volume" \
-                          --configmaps "$work/4-splitter.yaml" "$@") || true
+                          --configmaps "$work/4-splitter.yaml" "${pod_opts[@]}" "$@") || true
   ((${#args[@]})) || fail "cannot turn $(basename "$yaml") into a container"
 }
 show_logs() { log "logs of $1:"; podman logs "$1" 2>&1 | tail -n 30 | sed 's/^/    /' >&2 || true; }

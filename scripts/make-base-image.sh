@@ -3,7 +3,9 @@
 # image cannot be pulled: Debian bookworm minbase + python3 + python3-venv + ca-certificates, made
 # with debootstrap and imported into podman. The Dockerfiles only use `python3 -m venv` + pip, so
 # they build unchanged on top of it (pass it with --build-arg BASE_IMAGE=...).
-# Cached: does nothing when the image already exists (FORCE=1 rebuilds).
+# Cached: does nothing when the image already exists (FORCE=1 rebuilds). scripts/e2e-containers.sh
+# runs it only where the Dockerfiles' own base can be neither found nor pulled. Needs root and
+# debootstrap (installed with apt when missing, as root) for the build; podman always.
 #   BASE_IMAGE_NAME  image to create (default localhost/mlk-base:bookworm)
 #   DEBIAN_MIRROR    mirror for debootstrap (default http://deb.debian.org/debian)
 # The host's CA bundle is copied in (so pip inside a build trusts what the host trusts), and the
@@ -29,24 +31,25 @@ if [[ "$engine" != podman ]]; then
   die "CONTAINER_ENGINE=$engine: this script imports into podman only"
 fi
 
-need=()
-command -v podman >/dev/null 2>&1 || need+=(podman)
-command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
-if ((${#need[@]})); then
+install() { # install PACKAGE...: as root with apt, else one line saying what is needed
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "make-base-image: installing ${need[*]}" >&2
+    echo "make-base-image: installing $*" >&2
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
   else
-    die "missing ${need[*]}; install them (Debian: apt-get install ${need[*]})"
+    die "needs $*: install them (Debian: apt-get install $*)"
   fi
-fi
+}
 
+command -v podman >/dev/null 2>&1 || install podman
 if [[ "${FORCE:-0}" != 1 ]] && podman image exists "$name"; then
   echo "make-base-image: $name exists (cached; FORCE=1 rebuilds)" >&2
   exit 0
 fi
-[[ $(id -u) -eq 0 ]] || die "debootstrap needs root"
+# Only now, with something to build: debootstrap, which needs root.
+[[ $(id -u) -eq 0 ]] ||
+  die "building the stand-in needs root (debootstrap); run this once as root, or set BASE_IMAGE to a python:3.11 bookworm image you can pull"
+command -v debootstrap >/dev/null 2>&1 || install debootstrap
 
 work="$(mktemp -d /var/tmp/mlk-base.XXXXXX)"
 trap 'rm -rf "$work"' EXIT

@@ -122,3 +122,56 @@ def test_python_scripts_help_and_unknown_argument(script, sandbox):
     rc, out, err = run([sys.executable, str(script), "--bogus"], env)
     assert rc == 2 and out == "" and "error:" in err.splitlines()[-1]
     untouched(calls, state)
+
+
+# --- scripts/e2e-containers.sh --print-containers-conf: the podman settings the machine gets ----------
+
+E2E = REPO / "scripts" / "e2e-containers.sh"
+
+
+def settings(text):
+    """{key: value} of a containers.conf's settings (comments, blank lines and [tables] left out)."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if line.strip() and line[0] not in "#[")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def cgroup_v2():
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    return any(m[1] == "/sys/fs/cgroup" and m[2] == "cgroup2" for m in mounts)
+
+
+@pytest.mark.parametrize("mode", ["auto", "always", "never"])
+def test_e2e_containers_conf_modes(mode, sandbox):
+    env, calls, state = sandbox
+    env.pop("CONTAINERS_CONF", None)
+    rc, out, err = run([str(E2E), "--print-containers-conf"], dict(env, E2E_CONTAINERS_CONF=mode))
+    assert rc == 0 and err == "", err
+    ci = (REPO / ".ci/containers.conf").read_text()
+    if mode == "always":
+        assert out == ci
+    elif mode == "never":
+        assert out == ""
+    else:  # only settings .ci/containers.conf holds, and runc exactly where the cgroups are not v2
+        got = settings(out)
+        assert set(got) <= set(settings(ci))
+        assert (got.get("runtime") == '"runc"') == (not cgroup_v2())
+        assert (got.get("cgroup_manager") == '"cgroupfs"') == (not Path("/run/systemd/system").is_dir())
+        if os.geteuid() != 0:
+            assert "default_ulimits" not in got  # rootless containers keep the user's limits
+    untouched(calls, state)
+
+
+def test_e2e_explicit_containers_conf_is_used_as_it_is(sandbox, tmp_path):
+    env, calls, state = sandbox
+    conf = tmp_path / "mine.conf"
+    conf.write_text('[engine]\nruntime = "crun"\n')
+    rc, out, _ = run([str(E2E), "--print-containers-conf"], dict(env, CONTAINERS_CONF=str(conf)))
+    assert rc == 0 and out == conf.read_text()
+    untouched(calls, state)
+
+
+def test_e2e_refuses_an_unknown_containers_conf_mode(sandbox):
+    env, calls, state = sandbox
+    rc, out, err = run([str(E2E), "--print-containers-conf"], dict(env, E2E_CONTAINERS_CONF="sometimes"))
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1 and "auto, always or never" in err
+    untouched(calls, state)
