@@ -1,25 +1,49 @@
 #!/usr/bin/env bash
-# The original's whole quickstart against the current kubectl context: NFS server and volume,
-# splitter, WORKER_NUMBER trainers per round, FedAvg aggregator, accuracy test, prediction server.
-# Every stage is waited for; a failed or timed-out stage prints its pods' logs and stops the run
-# with a non-zero exit naming it. Re-running is safe: each Job is deleted before it is re-applied.
+# The whole pipeline on the cluster of the current kubectl context: shared volume, splitter,
+# WORKER_NUMBER trainers per round, FedAvg aggregator, accuracy test, prediction server.
+# Every stage is waited for under one deadline, and the run stops at once (non-zero exit, the stage
+# named, the reason from the pods' status and events, their logs) on a state no wait can fix: an image
+# that cannot be pulled, a pod that cannot be scheduled or mount its volume, a refused pod, a claim
+# that does not bind, a failed Job. Re-running is safe: each Job is replaced.
+#
+#   scripts/quickstart.sh [-h|--help]
 #
 # Environment (defaults in brackets):
 #   WORKER_NUMBER [3]  trainers (= shards)       EPOCH [2]   epochs per trainer per round
 #   BATCH [100]        batch size                ROUNDS [3]  rounds; round r>1 starts from the aggregate
-#   NFS_BACKEND [gce]  gce: NFS on the GCE disk ml-kube-disk (manifests/1-nfs-deployment.yaml);
-#                      pvc: NFS on a PVC of the default StorageClass (manifests/variants/, kind, minikube)
-#   SERVE [1]          1: deploy the server and wait for its external IP; 0: stop after the accuracy test
-#   KUBECTL [kubectl]  the kubectl command, words allowed (e.g. "kubectl --context kind-mlk")
+#   NFS_BACKEND [pvc]  where the shared volume lives (docs/kubernetes.md, "Storage backends"):
+#                      pvc: an in-cluster NFS server on a PVC of the default StorageClass (any cluster
+#                           whose nodes mount NFS; privileged pod);
+#                      gce: the NFS server on the pre-created GCE disk ml-kube-disk (the original's way);
+#                      rwx: no NFS server: a ReadWriteMany claim of STORAGE_CLASS (GKE Filestore
+#                           standard-rwx, Azure Files, EFS, ...): no privileged pod, runs on GKE
+#                           Autopilot and under the restricted Pod Security level
+#   STORAGE_CLASS []   the ReadWriteMany StorageClass for NFS_BACKEND=rwx
+#   SERVE [1]          1: deploy the server and say how to reach it; 0: stop after the accuracy test
+#   SERVICE_TYPE [LoadBalancer]  the server's Service: LoadBalancer, NodePort or ClusterIP. Without
+#                      an external IP (kind, minikube, this project's local cluster) the run still
+#                      succeeds and prints the kubectl port-forward command
+#   KUBECTL [kubectl]  the kubectl command, words allowed (e.g. "kubectl --context kind-mlk -n mlk")
 #   IMAGE_REGISTRY, IMAGE_TAG  image names (scripts/images.env), applied by scripts/render.sh
-#   NFS_TIMEOUT [300] JOB_TIMEOUT [3600] SERVER_TIMEOUT [600] EXTERNAL_IP_TIMEOUT [600]  seconds
-#   POLL [5]           seconds between status checks
+#   Seconds: JOB_TIMEOUT [3600] per Job stage (all trainers of a round share it), NFS_TIMEOUT [300],
+#   SERVER_TIMEOUT [600], PVC_TIMEOUT [120] for a claim to bind, UNSCHEDULABLE_TIMEOUT [90] for a pod
+#   that no node fits (longer while a cluster autoscaler reports a scale-up), EXTERNAL_IP_TIMEOUT
+#   [600], LB_DETECT_TIMEOUT [60] to see any LoadBalancer controller act, POLL [5] between checks
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="quickstart"
 
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    *) echo "$me: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
 say() { printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*"; }
+warn() { printf '%s %s: warning: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*" >&2; }
 fail() { # fail STAGE MESSAGE...: one line naming the stage, exit 1
   local stage="$1"
   shift
@@ -32,119 +56,275 @@ WORKER_NUMBER="${WORKER_NUMBER:-3}"
 EPOCH="${EPOCH:-2}"
 BATCH="${BATCH:-100}"
 ROUNDS="${ROUNDS:-3}"
-NFS_BACKEND="${NFS_BACKEND:-gce}"
+NFS_BACKEND="${NFS_BACKEND:-pvc}"
+STORAGE_CLASS="${STORAGE_CLASS:-}"
 SERVE="${SERVE:-1}"
+SERVICE_TYPE="${SERVICE_TYPE:-LoadBalancer}"
 NFS_TIMEOUT="${NFS_TIMEOUT:-300}"
 JOB_TIMEOUT="${JOB_TIMEOUT:-3600}"
 SERVER_TIMEOUT="${SERVER_TIMEOUT:-600}"
+PVC_TIMEOUT="${PVC_TIMEOUT:-120}"
+UNSCHEDULABLE_TIMEOUT="${UNSCHEDULABLE_TIMEOUT:-90}"
 EXTERNAL_IP_TIMEOUT="${EXTERNAL_IP_TIMEOUT:-600}"
+LB_DETECT_TIMEOUT="${LB_DETECT_TIMEOUT:-60}"
 POLL="${POLL:-5}"
 read -ra kubectl_cmd <<<"${KUBECTL:-kubectl}"
 ((${#kubectl_cmd[@]})) || fail config "KUBECTL must not be empty"
 
-for name in WORKER_NUMBER EPOCH BATCH ROUNDS NFS_TIMEOUT JOB_TIMEOUT SERVER_TIMEOUT EXTERNAL_IP_TIMEOUT; do
+for name in WORKER_NUMBER EPOCH BATCH ROUNDS NFS_TIMEOUT JOB_TIMEOUT SERVER_TIMEOUT PVC_TIMEOUT \
+  UNSCHEDULABLE_TIMEOUT EXTERNAL_IP_TIMEOUT LB_DETECT_TIMEOUT; do
   [[ "${!name}" =~ ^[1-9][0-9]{0,8}$ ]] || fail config "$name must be a positive integer, got '${!name}'"
 done
 [[ "$POLL" =~ ^[0-9]{1,4}$ ]] || fail config "POLL must be a number of seconds, got '$POLL'"
 [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
+case "$SERVICE_TYPE" in
+  LoadBalancer | NodePort | ClusterIP) ;;
+  *) fail config "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
+esac
 case "$NFS_BACKEND" in
-  gce) nfs_manifest="$root/manifests/1-nfs-deployment.yaml" ;;
   pvc) nfs_manifest="$root/manifests/variants/1-nfs-deployment-pvc.yaml" ;;
-  *) fail config "NFS_BACKEND must be gce or pvc, got '$NFS_BACKEND'" ;;
+  gce) nfs_manifest="$root/manifests/1-nfs-deployment.yaml" ;;
+  rwx)
+    [[ -n "$STORAGE_CLASS" ]] || fail config "NFS_BACKEND=rwx needs STORAGE_CLASS, a ReadWriteMany StorageClass (kubectl get storageclass; GKE: standard-rwx)"
+    ;;
+  *) fail config "NFS_BACKEND must be pvc, gce or rwx, got '$NFS_BACKEND'" ;;
 esac
 command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
-export WORKER_NUMBER EPOCH BATCH
+export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE
 
 k() { "${kubectl_cmd[@]}" "$@"; }
 
 # apply STAGE FILE: render FILE (scripts/render.sh, environment as exported) and apply it
 apply() {
-  local stage="$1" file="$2" rendered
+  local stage="$1" file="$2" rendered out
   rendered="$("$root/scripts/render.sh" "$file")" || fail "$stage" "cannot render $file"
-  k apply -f - <<<"$rendered" || fail "$stage" "kubectl apply of $file was refused"
+  if ! out="$(k apply -f - <<<"$rendered" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    fail "$stage" "kubectl apply of ${file#"$root"/} was refused: $(grep -m1 -iE 'error|forbidden|denied|invalid' <<<"$out" || tail -n 1 <<<"$out")"
+  fi
 }
 
-# show_pods SELECTOR: the pods and their recent logs, for a failure report
-show_pods() {
+# --- watching a stage -------------------------------------------------------------------------
+# One line per object of the stage (jobs, replica sets, pods, claims):
+#   obj KIND NAME UID PHASE                         every object
+#   sched POD REASON MESSAGE                        a pod the scheduler could not place
+#   wait POD CONTAINER REASON MESSAGE               a container waiting (image pull, config, crash loop)
+#   term POD CONTAINER EXITCODE REASON MESSAGE      a container that ended
+objects_template='{{range .items}}{{$p := .metadata.name}}obj	{{.kind}}	{{$p}}	{{.metadata.uid}}	{{with .status}}{{with .phase}}{{.}}{{end}}{{end}}
+{{if eq .kind "Pod"}}{{range .status.conditions}}{{if and (eq .type "PodScheduled") (eq .status "False")}}sched	{{$p}}	{{.reason}}	{{.message}}
+{{end}}{{end}}{{range .status.initContainerStatuses}}{{if .state.waiting}}wait	{{$p}}	{{.name}}	{{.state.waiting.reason}}	{{.state.waiting.message}}
+{{end}}{{if .state.terminated}}term	{{$p}}	{{.name}}	{{.state.terminated.exitCode}}	{{.state.terminated.reason}}	{{.state.terminated.message}}
+{{end}}{{end}}{{range .status.containerStatuses}}{{if .state.waiting}}wait	{{$p}}	{{.name}}	{{.state.waiting.reason}}	{{.state.waiting.message}}
+{{end}}{{if .state.terminated}}term	{{$p}}	{{.name}}	{{.state.terminated.exitCode}}	{{.state.terminated.reason}}	{{.state.terminated.message}}
+{{end}}{{end}}{{end}}{{end}}'
+# Warning events: UID REASON MESSAGE
+events_template='{{range .items}}{{.involvedObject.uid}}	{{.reason}}	{{.message}}
+{{end}}'
+
+stage_objects() { # stage_objects SELECTOR
+  k get jobs,replicasets,pods,persistentvolumeclaims -l "$1" -o "go-template=$objects_template" 2>/dev/null |
+    sed 's/<no value>//g' || true
+}
+warning_events() { k get events --field-selector type=Warning -o "go-template=$events_template" 2>/dev/null || true; }
+
+declare -A unschedulable_since=()
+
+# report STAGE SELECTOR MESSAGE: print what the stage's pods say (status, events, logs), then fail
+report() {
+  local stage="$1" selector="$2" message="$3"
   {
-    echo "---- pods ($1) ----"
-    k get pods -l "$1" -o wide || true
-    echo "---- logs ($1) ----"
-    k logs -l "$1" --all-containers=true --prefix=true --tail=200 || true
+    echo "---- pods ($selector) ----"
+    k get pods -l "$selector" -o wide 2>&1 || true
+    echo "---- events ----"
+    local uids
+    uids="$(stage_objects "$selector" | awk -F'\t' '$1 == "obj" {print $4}')"
+    k get events -o "go-template={{range .items}}{{.involvedObject.uid}}	{{.involvedObject.kind}}/{{.involvedObject.name}}	{{.type}}	{{.reason}}	{{.message}}
+{{end}}" 2>/dev/null | awk -F'\t' -v uids="$uids" 'BEGIN {n = split(uids, u, "\n"); for (i = 1; i <= n; i++) want[u[i]] = 1}
+      ($1 in want) {print $2 ": " $3 " " $4 ": " $5}' || true
+    echo "---- logs ($selector) ----"
+    k logs -l "$selector" --all-containers=true --prefix=true --tail=200 2>&1 || true
     echo "----"
   } >&2
+  fail "$stage" "$message"
 }
 
-# delete_job NAME: remove a Job from an earlier run (and its pods) so it can be re-applied
-delete_job() { k delete job "$1" --ignore-not-found=true --cascade=foreground --wait=true >/dev/null; }
-
-# wait_job STAGE NAME: until the Job completes; on failure or timeout show its pods and fail
-wait_job() {
-  local stage="$1" job="$2" state deadline=$((SECONDS + JOB_TIMEOUT))
-  while :; do
-    state="$(k get job "$job" -o 'jsonpath={.status.conditions[?(@.status=="True")].type}')" || state=""
-    case " $state " in
-      *" Failed "*) show_pods "job-name=$job"; fail "$stage" "job $job failed (logs above)" ;;
-      *" Complete "*) return 0 ;;
+# check_stage STAGE SELECTOR: fail at once on a state that waiting cannot fix
+check_stage() {
+  local stage="$1" selector="$2" lines events line kind a b c d uids=" " pod
+  lines="$(stage_objects "$selector")"
+  while IFS=$'\t' read -r kind a b c d; do
+    case "$kind" in
+      obj) uids+="$c " ;;
+      wait)
+        case "$c" in
+          ErrImagePull | ImagePullBackOff | InvalidImageName | CreateContainerConfigError | CrashLoopBackOff)
+            report "$stage" "$selector" "pod $a: container $b: $c${d:+: $d}" ;;
+        esac
+        ;;
+      sched)
+        if [[ "$b" == Unschedulable ]]; then
+          : "${unschedulable_since[$a]:=$SECONDS}"
+          if ((SECONDS - unschedulable_since[$a] >= UNSCHEDULABLE_TIMEOUT)); then
+            report "$stage" "$selector" "pod $a: Unschedulable for ${UNSCHEDULABLE_TIMEOUT}s: $c"
+          fi
+        fi
+        ;;
     esac
+  done <<<"$lines"
+  events="$(warning_events)"
+  while IFS=$'\t' read -r a b c; do
+    [[ -n "$a" && "$uids" == *" $a "* ]] || continue
+    case "$b" in
+      FailedMount | FailedAttachVolume | FailedCreate)
+        report "$stage" "$selector" "$b: $c" ;;
+    esac
+  done <<<"$events"
+  # A cluster autoscaler that is adding a node: give the scheduler until the stage's deadline.
+  if ((${#unschedulable_since[@]})) && grep -q $'\tTriggeredScaleUp\t' <<<"$(k get events --field-selector reason=TriggeredScaleUp -o "go-template=$events_template" 2>/dev/null || true)"; then
+    for pod in "${!unschedulable_since[@]}"; do unschedulable_since[$pod]=$SECONDS; done
+  fi
+}
+
+# terminated_summary SELECTOR: "pod P: container C exited N (REASON): MESSAGE" for failed containers
+terminated_summary() {
+  stage_objects "$1" | awk -F'\t' '$1 == "term" && $4 != "0" {
+    printf "pod %s: container %s exited %s (%s)%s; ", $2, $3, $4, $5, ($6 == "" ? "" : ": " $6)}'
+}
+
+# wait_jobs STAGE SELECTOR JOB...: until every JOB is complete, under one JOB_TIMEOUT
+wait_jobs() {
+  local stage="$1" selector="$2" deadline=$((SECONDS + JOB_TIMEOUT)) job state pending
+  shift 2
+  unschedulable_since=()
+  while :; do
+    pending=0
+    for job in "$@"; do
+      state="$(k get job "$job" -o 'go-template={{range .status.conditions}}{{if eq .status "True"}}{{.type}}:{{.reason}}:{{.message}}{{"\n"}}{{end}}{{end}}' 2>/dev/null)" || state=""
+      if grep -q '^Failed:' <<<"$state"; then
+        report "$stage" "job-name=$job" "job $job failed: $(grep -m1 '^Failed:' <<<"$state" | cut -d: -f2-) $(terminated_summary "job-name=$job")"
+      fi
+      grep -q '^Complete:' <<<"$state" || pending=1
+    done
+    ((pending)) || return 0
+    check_stage "$stage" "$selector"
+    ((SECONDS < deadline)) || report "$stage" "$selector" "not complete within JOB_TIMEOUT=${JOB_TIMEOUT}s"
+    sleep "$POLL"
+  done
+}
+
+# wait_deployment STAGE NAME SELECTOR TIMEOUT: until the rollout is complete and a replica available
+wait_deployment() {
+  local stage="$1" name="$2" selector="$3" timeout="$4" deadline=$(($4 + SECONDS)) state
+  unschedulable_since=()
+  while :; do
+    state="$(k get deployment "$name" -o 'go-template={{if ge .status.observedGeneration .metadata.generation}}{{if eq (or .status.updatedReplicas 0) .spec.replicas}}{{if eq (or .status.availableReplicas 0) .spec.replicas}}ready{{end}}{{end}}{{end}}' 2>/dev/null)" || state=""
+    [[ "$state" != ready ]] || return 0
+    check_stage "$stage" "$selector"
+    ((SECONDS < deadline)) || report "$stage" "$selector" "deployment $name not available within ${timeout}s"
+    sleep "$POLL"
+  done
+}
+
+# wait_claim STAGE NAME: until the claim is Bound; a class that binds on first use is left to the pods
+wait_claim() {
+  local stage="$1" name="$2" deadline=$((SECONDS + PVC_TIMEOUT)) phase class mode uid
+  class="$(k get pvc "$name" -o 'jsonpath={.spec.storageClassName}' 2>/dev/null)" || class=""
+  if [[ -n "$class" ]]; then
+    mode="$(k get storageclass "$class" -o 'jsonpath={.volumeBindingMode}' 2>/dev/null)" || mode=""
+    if [[ "$mode" == WaitForFirstConsumer ]]; then
+      say "$stage: claim $name (class $class) binds when its first pod is scheduled"
+      return 0
+    fi
+  fi
+  while :; do
+    phase="$(k get pvc "$name" -o 'jsonpath={.status.phase}' 2>/dev/null)" || phase=""
+    [[ "$phase" != Bound ]] || return 0
     if ((SECONDS >= deadline)); then
-      show_pods "job-name=$job"
-      fail "$stage" "job $job did not complete within ${JOB_TIMEOUT}s (logs above)"
+      uid="$(k get pvc "$name" -o 'jsonpath={.metadata.uid}' 2>/dev/null)" || uid=""
+      {
+        echo "---- claim $name ----"
+        k get pvc "$name" -o wide 2>&1 || true
+        k get storageclass 2>&1 || true
+        echo "---- events ----"
+        k get events --field-selector "involvedObject.uid=$uid" 2>&1 || true
+        echo "----"
+      } >&2
+      fail "$stage" "claim $name is still ${phase:-absent} after PVC_TIMEOUT=${PVC_TIMEOUT}s (class '${class:-<none: the default StorageClass>}'; events above)"
     fi
     sleep "$POLL"
   done
 }
 
-run_job() { # run_job STAGE NAME FILE: fresh Job from FILE, waited for
-  delete_job "$2"
-  apply "$1" "$3"
-  wait_job "$1" "$2"
-}
+# run_jobs STAGE SELECTOR FILE [INCREMENTAL_NUMBER...]: replace the Job(s) made from FILE, wait for all
+delete_jobs() { k delete job "$@" --ignore-not-found=true --cascade=foreground --wait=true >/dev/null; }
 
-say "context $(k config current-context 2>/dev/null || echo '?'): WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS NFS_BACKEND=$NFS_BACKEND"
+context="$(k config current-context 2>/dev/null || echo '?')"
+say "context $context: WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS NFS_BACKEND=$NFS_BACKEND${STORAGE_CLASS:+ STORAGE_CLASS=$STORAGE_CLASS}"
+k get --raw=/readyz >/dev/null 2>&1 || k version >/dev/null 2>&1 || fail config "cannot reach the cluster of context '$context' with '${kubectl_cmd[*]}'"
 
-# --- 1-3: NFS server, its service, the volume ---------------------------------------------------
-say "== nfs: NFS server ($NFS_BACKEND) and its service"
-apply nfs "$nfs_manifest"
-apply nfs "$root/manifests/2-nfs-service.yaml"
-if ! k rollout status deployment/nfs-server --timeout="${NFS_TIMEOUT}s"; then
-  show_pods "role=nfs-server"
-  fail nfs "the NFS server did not become ready within ${NFS_TIMEOUT}s (logs above)"
+# --- 1-3: the shared volume ---------------------------------------------------------------------
+if [[ "$NFS_BACKEND" == rwx ]]; then
+  say "== volume: ReadWriteMany claim of StorageClass $STORAGE_CLASS"
+  k get storageclass "$STORAGE_CLASS" >/dev/null 2>&1 ||
+    fail volume "StorageClass '$STORAGE_CLASS' not found (kubectl get storageclass lists them)"
+  apply volume "$root/manifests/variants/3-rwx-pvc.yaml"
+  wait_claim volume nfs
+else
+  say "== nfs: NFS server ($NFS_BACKEND) and its service"
+  apply nfs "$nfs_manifest"
+  [[ "$NFS_BACKEND" != pvc ]] || wait_claim nfs nfs-server-disk
+  apply nfs "$root/manifests/2-nfs-service.yaml"
+  wait_deployment nfs nfs-server "app.kubernetes.io/component=nfs-server" "$NFS_TIMEOUT"
+  NFS_CLUSTER_IP="$(k get service nfs-server -o 'jsonpath={.spec.clusterIP}')" || NFS_CLUSTER_IP=""
+  [[ -n "$NFS_CLUSTER_IP" ]] || fail nfs "service nfs-server has no ClusterIP"
+  export NFS_CLUSTER_IP
+  say "nfs: server ready at $NFS_CLUSTER_IP"
+  # A PV's source cannot change: one left by a run whose NFS service had another address must go first.
+  old_ip="$(k get pv nfs -o 'jsonpath={.spec.nfs.server}' 2>/dev/null)" || old_ip=""
+  if [[ -n "$old_ip" && "$old_ip" != "$NFS_CLUSTER_IP" ]]; then
+    fail volume "PersistentVolume nfs points at $old_ip, the NFS service is now at $NFS_CLUSTER_IP: run scripts/teardown.sh (keeps the data) and start again"
+  fi
+  apply volume "$root/manifests/3-nfs-pv-pvc.yaml"
+  wait_claim volume nfs
 fi
-NFS_CLUSTER_IP="$(k get service nfs-server -o 'jsonpath={.spec.clusterIP}')" || NFS_CLUSTER_IP=""
-[[ -n "$NFS_CLUSTER_IP" ]] || fail nfs "service nfs-server has no ClusterIP"
-export NFS_CLUSTER_IP
-say "nfs: server ready at $NFS_CLUSTER_IP"
-apply volume "$root/manifests/3-nfs-pv-pvc.yaml"
+say "volume: claim nfs bound"
 
 # --- 4: split ---------------------------------------------------------------------------------
 say "== splitter: $WORKER_NUMBER shards"
-run_job splitter mnist-splitter "$root/manifests/4-splitter.yaml"
+delete_jobs mnist-splitter
+apply splitter "$root/manifests/4-splitter.yaml"
+wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
 say "splitter: done"
 
 # --- 5-6: rounds of trainers and aggregation ------------------------------------------------------
+trainers=()
+for ((i = 0; i < WORKER_NUMBER; i++)); do trainers+=("mnist-trainer-$i"); done
 for ((round = 1; round <= ROUNDS; round++)); do
   if ((round > 1)); then export INIT_MODEL=/mnt/aggregated-model.h5; else unset INIT_MODEL; fi
   say "== round $round/$ROUNDS: $WORKER_NUMBER trainers"
+  delete_jobs "${trainers[@]}"
   for ((i = 0; i < WORKER_NUMBER; i++)); do
-    delete_job "mnist-trainer-$i"
     INCREMENTAL_NUMBER="$i" apply "trainer $i (round $round)" "$root/manifests/5-trainer.yaml"
   done
-  for ((i = 0; i < WORKER_NUMBER; i++)); do
-    wait_job "trainer $i (round $round)" "mnist-trainer-$i"
-    say "round $round: trainer $i done"
-  done
-  say "== round $round/$ROUNDS: aggregator"
-  run_job "aggregator (round $round)" mnist-aggregator "$root/manifests/6-aggregator.yaml"
+  wait_jobs "trainers (round $round)" "app.kubernetes.io/component=trainer" "${trainers[@]}"
+  say "round $round: $WORKER_NUMBER trainers done"
+  delete_jobs mnist-aggregator
+  apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
+  wait_jobs "aggregator (round $round)" "app.kubernetes.io/component=aggregator" mnist-aggregator
   say "round $round: aggregated model written"
 done
 unset INIT_MODEL
 
 # --- accuracy test ----------------------------------------------------------------------------
 say "== accuracy test"
-run_job accuracy-test mnist-accuracy-test "$root/manifests/9999-accuracy-test.yaml"
-result="$(k logs job/mnist-accuracy-test --tail=1)" || fail accuracy-test "cannot read its log"
-say "accuracy test: $result"
+delete_jobs mnist-accuracy-test
+apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
+wait_jobs accuracy-test "app.kubernetes.io/component=accuracy-test" mnist-accuracy-test
+if result="$(k logs job/mnist-accuracy-test --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
+  say "accuracy test: $result"
+else
+  warn "accuracy test completed, but its log could not be read (kubectl logs job/mnist-accuracy-test)"
+fi
 
 if [[ "$SERVE" == 0 ]]; then
   say "done (SERVE=0: no server)"
@@ -152,26 +332,49 @@ if [[ "$SERVE" == 0 ]]; then
 fi
 
 # --- 7: server --------------------------------------------------------------------------------
-say "== server"
-existed="$(k get deployment mnist-server --ignore-not-found=true -o name)" || existed=""
+# A running server reloads the model when the file changes (server/README.md): no restart needed.
+say "== server (Service type $SERVICE_TYPE)"
 apply server "$root/manifests/7-server.yaml"
-if [[ -n "$existed" ]]; then # a running server keeps the model it loaded: restart it on the new one
-  k rollout restart deployment/mnist-server >/dev/null || fail server "cannot restart deployment/mnist-server"
-fi
-if ! k rollout status deployment/mnist-server --timeout="${SERVER_TIMEOUT}s"; then
-  show_pods "app=mnist-server"
-  fail server "the server did not become ready within ${SERVER_TIMEOUT}s (logs above)"
-fi
-say "server: ready; waiting for the external IP of service mnist-server-svc"
-deadline=$((SECONDS + EXTERNAL_IP_TIMEOUT))
-address=""
-while :; do
-  address="$(k get service mnist-server-svc -o 'jsonpath={.status.loadBalancer.ingress[0].ip}{.status.loadBalancer.ingress[0].hostname}')" || address=""
-  [[ -z "$address" ]] || break
-  if ((SECONDS >= deadline)); then
-    fail server "service mnist-server-svc got no external IP within ${EXTERNAL_IP_TIMEOUT}s (no LoadBalancer on" \
-      "this cluster? kind: cloud-provider-kind, minikube: minikube tunnel; or kubectl port-forward service/mnist-server-svc 8080:80)"
-  fi
-  sleep "$POLL"
-done
-say "server: http://$address/"
+wait_deployment server mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
+say "server: ready"
+
+forward_hint() {
+  say "server: reach it with: ${kubectl_cmd[*]} port-forward service/mnist-server-svc 8080:80   then open http://localhost:8080/"
+}
+case "$SERVICE_TYPE" in
+  ClusterIP) forward_hint ;;
+  NodePort)
+    port="$(k get service mnist-server-svc -o 'jsonpath={.spec.ports[0].nodePort}')" || port=""
+    node="$(k get nodes -o 'jsonpath={.items[0].status.addresses[?(@.type=="ExternalIP")].address}' 2>/dev/null)" || node=""
+    [[ -n "$node" ]] || node="$(k get nodes -o 'jsonpath={.items[0].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null)" || node=""
+    say "server: NodePort $port: http://${node:-<a node address>}:$port/ where the nodes are reachable; otherwise:"
+    forward_hint
+    ;;
+  LoadBalancer)
+    say "server: waiting for the external IP of service mnist-server-svc"
+    svc_uid="$(k get service mnist-server-svc -o 'jsonpath={.metadata.uid}')" || svc_uid=""
+    deadline=$((SECONDS + EXTERNAL_IP_TIMEOUT))
+    detect_deadline=$((SECONDS + LB_DETECT_TIMEOUT))
+    address=""
+    while :; do
+      address="$(k get service mnist-server-svc -o 'jsonpath={.status.loadBalancer.ingress[0].ip}{.status.loadBalancer.ingress[0].hostname}')" || address=""
+      [[ -z "$address" ]] || break
+      if ((SECONDS >= detect_deadline)); then
+        # A cloud's load-balancer controller leaves events on the Service; none means none will come.
+        acted="$(k get events --field-selector "involvedObject.uid=$svc_uid" -o 'jsonpath={.items[*].reason}' 2>/dev/null)" || acted=""
+        if [[ "$acted" != *LoadBalancer* ]]; then
+          say "server: no LoadBalancer controller acted on the Service within ${LB_DETECT_TIMEOUT}s (kind, minikube and bare clusters have none)"
+          forward_hint
+          exit 0
+        fi
+      fi
+      if ((SECONDS >= deadline)); then
+        warn "service mnist-server-svc got no external IP within ${EXTERNAL_IP_TIMEOUT}s"
+        forward_hint
+        exit 0
+      fi
+      sleep "$POLL"
+    done
+    say "server: http://$address/ (public: anyone who has the address can use it; docs/kubernetes.md, \"Exposure\")"
+    ;;
+esac

@@ -5,9 +5,10 @@
 #   scripts/render.sh FILE...
 #
 # Environment (a placeholder a file uses must be set, else this fails naming it):
-#   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP  fill {{NAME}}
+#   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP, STORAGE_CLASS  fill {{NAME}}
 #   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL (rounds after the first)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<stage>:0.1.0 -> $IMAGE_REGISTRY/<stage>:$IMAGE_TAG
+#   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
 set -euo pipefail
 
 me="render.sh"
@@ -24,7 +25,7 @@ for arg in "$@"; do
   esac
 done
 
-(($# > 0)) || die "usage: scripts/render.sh FILE... (fills {{WORKER_NUMBER}} {{EPOCH}} {{BATCH}} {{INCREMENTAL_NUMBER}} {{NFS_CLUSTER_IP}} from the environment)"
+(($# > 0)) || die "usage: scripts/render.sh FILE... (fills {{WORKER_NUMBER}} {{EPOCH}} {{BATCH}} {{INCREMENTAL_NUMBER}} {{NFS_CLUSTER_IP}} {{STORAGE_CLASS}} from the environment)"
 
 # Values go into sed replacements: allow only characters that cannot break them or the YAML.
 check_value() { # check_value NAME VALUE
@@ -35,6 +36,10 @@ sed_literal() { printf '%s' "$1" | sed -e 's/[][\\/.*^$|&]/\\&/g'; }
 check_value IMAGE_REGISTRY "$IMAGE_REGISTRY"
 check_value IMAGE_TAG "$IMAGE_TAG"
 [[ -z "${INIT_MODEL:-}" ]] || check_value INIT_MODEL "$INIT_MODEL"
+case "${SERVICE_TYPE:-}" in
+  "" | LoadBalancer | NodePort | ClusterIP) ;;
+  *) die "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
+esac
 
 first=1
 for file in "$@"; do
@@ -53,6 +58,7 @@ for file in "$@"; do
     # The trainer's args end with its --savemodel pair: append the model to start from.
     expr+=(-e "s|\\(\"--savemodel\", \"[^\"]*\"\\)\\]|\\1, \"--init-model\", \"$(sed_literal "$INIT_MODEL")\"]|")
   fi
+  [[ -z "${SERVICE_TYPE:-}" ]] || expr+=(-e "s/^\(  type: \)LoadBalancer\$/\1$SERVICE_TYPE/")
   ((first)) || printf -- '---\n'
   first=0
   sed "${expr[@]}" "$file"

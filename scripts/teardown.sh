@@ -1,14 +1,28 @@
 #!/usr/bin/env bash
-# Remove everything scripts/quickstart.sh (or the manual steps) created, users of the volume first,
-# then the volume, then the NFS server. The data on the disk is kept unless DELETE_DISK=1.
+# Remove what scripts/quickstart.sh (or the manual steps) created: everything labelled
+# app.kubernetes.io/name=mlk-mnist, users of the volume first, then the volume, then the NFS server.
+# The data is kept unless DELETE_DISK=1. Running it again, or on a cluster without the pipeline, is a
+# no-op that exits 0.
+#
+#   scripts/teardown.sh [-h|--help]
 #
 # Environment (defaults in brackets):
-#   KUBECTL [kubectl]   the kubectl command, words allowed (e.g. "kubectl --context kind-mlk")
-#   DELETE_DISK [0]     1: also delete the PVC behind the NFS server (NFS_BACKEND=pvc) and, when
-#                       GCE_DISK_ZONE is set, the GCE disk GCE_DISK [ml-kube-disk] with GCLOUD [gcloud]
+#   KUBECTL [kubectl]   the kubectl command, words allowed (e.g. "kubectl --context kind-mlk -n mlk")
+#   DELETE_DISK [0]     1: also delete the data: the NFS server's claim nfs-server-disk (NFS_BACKEND=pvc),
+#                       the ReadWriteMany claim nfs (NFS_BACKEND=rwx), and, when GCE_DISK_ZONE is set,
+#                       the GCE disk GCE_DISK [ml-kube-disk] (NFS_BACKEND=gce) with GCLOUD [gcloud],
+#                       once no VM uses it any more (up to DISK_DETACH_TIMEOUT [300] seconds)
 set -euo pipefail
 
 me="teardown"
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    *) echo "$me: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
 say() { printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*"; }
 die() { printf '%s: %s\n' "$me" "$*" >&2; exit 1; }
 
@@ -16,32 +30,69 @@ DELETE_DISK="${DELETE_DISK:-0}"
 GCE_DISK="${GCE_DISK:-ml-kube-disk}"
 GCE_DISK_ZONE="${GCE_DISK_ZONE:-}"
 GCLOUD="${GCLOUD:-gcloud}"
+DISK_DETACH_TIMEOUT="${DISK_DETACH_TIMEOUT:-300}"
 [[ "$DELETE_DISK" == 0 || "$DELETE_DISK" == 1 ]] || die "DELETE_DISK must be 0 or 1, got '$DELETE_DISK'"
+[[ "$DISK_DETACH_TIMEOUT" =~ ^[1-9][0-9]{0,5}$ ]] || die "DISK_DETACH_TIMEOUT must be a positive integer, got '$DISK_DETACH_TIMEOUT'"
 read -ra kubectl_cmd <<<"${KUBECTL:-kubectl}"
 ((${#kubectl_cmd[@]})) || die "KUBECTL must not be empty"
 command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || die "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
+k() { "${kubectl_cmd[@]}" "$@"; }
 
-remove() { # remove KIND NAME-or-selector...: delete and wait; absent is fine
-  say "deleting $*"
-  "${kubectl_cmd[@]}" delete "$@" --ignore-not-found=true --wait=true >/dev/null || die "could not delete $*"
+app="app.kubernetes.io/name=mlk-mnist"
+
+remove() { # remove WHAT KUBECTL-DELETE-ARGS...: delete and wait; nothing there is fine
+  local what="$1" out
+  shift
+  local err
+  err="$(mktemp)"
+  out="$(k delete "$@" --ignore-not-found=true --wait=true 2>"$err")" || { cat "$err" >&2; rm -f "$err"; die "could not delete $what"; }
+  rm -f "$err"
+  ! grep -q " deleted" <<<"$out" || say "deleted $what"
 }
 
-remove service mnist-server-svc
-remove deployment mnist-server
-remove jobs -l app.kubernetes.io/name=mlk-mnist --cascade=foreground
-remove deployment busybox
-remove configmap mnist-config
-remove persistentvolumeclaim nfs
-remove persistentvolume nfs
-remove service nfs-server
-remove deployment nfs-server
-if [[ "$DELETE_DISK" == 1 ]]; then
-  remove persistentvolumeclaim nfs-server-disk
-  if [[ -n "$GCE_DISK_ZONE" ]]; then
-    say "deleting GCE disk $GCE_DISK in $GCE_DISK_ZONE"
-    "$GCLOUD" compute disks delete "$GCE_DISK" --zone "$GCE_DISK_ZONE" --quiet || die "could not delete GCE disk $GCE_DISK"
+# The rwx backend's claim holds the data itself (no NFS server behind it): kept like a disk.
+rwx_claim=""
+if [[ "$(k get pvc nfs -o 'jsonpath={.spec.storageClassName}' --ignore-not-found=true 2>/dev/null || true)" != "" ]]; then
+  rwx_claim=1
+fi
+
+remove "the server" deployment,service -l "$app,app.kubernetes.io/component=server"
+remove "the Jobs" jobs -l "$app" --cascade=foreground
+remove "busybox" deployment -l "$app,app.kubernetes.io/component=busybox"
+remove "the config" configmap -l "$app"
+if [[ -z "$rwx_claim" ]]; then
+  remove "the volume" persistentvolumeclaim nfs
+  remove "the NFS PersistentVolume" persistentvolume nfs
+fi
+remove "the NFS server" service,deployment -l "$app,app.kubernetes.io/component=nfs-server" --cascade=foreground
+
+if [[ "$DELETE_DISK" == 0 ]]; then
+  if [[ -n "$rwx_claim" ]]; then
+    say "done; the data is kept in claim nfs (DELETE_DISK=1 removes it)"
+  else
+    say "done; the data disk is kept (claim nfs-server-disk, or the GCE disk $GCE_DISK; DELETE_DISK=1 removes it)"
   fi
-  say "done; the disk's data is deleted"
+  exit 0
+fi
+
+start=$SECONDS
+[[ -z "$rwx_claim" ]] || remove "the data claim nfs" persistentvolumeclaim nfs
+remove "the NFS server's data claim" persistentvolumeclaim nfs-server-disk
+if [[ -n "$GCE_DISK_ZONE" ]]; then
+  command -v "$GCLOUD" >/dev/null 2>&1 || die "'$GCLOUD' not found: the GCE disk $GCE_DISK was NOT deleted"
+  if ! "$GCLOUD" compute disks describe "$GCE_DISK" --zone "$GCE_DISK_ZONE" --format='value(name)' >/dev/null 2>&1; then
+    say "done; no GCE disk $GCE_DISK in $GCE_DISK_ZONE (nothing to delete)"
+    exit 0
+  fi
+  # The node detaches the disk some seconds after the NFS server's pod is gone.
+  deadline=$((SECONDS + DISK_DETACH_TIMEOUT))
+  while users="$("$GCLOUD" compute disks describe "$GCE_DISK" --zone "$GCE_DISK_ZONE" --format='value(users)')" && [[ -n "$users" ]]; do
+    ((SECONDS < deadline)) || die "GCE disk $GCE_DISK is still attached to $users after ${DISK_DETACH_TIMEOUT}s: NOT deleted"
+    sleep 5
+  done
+  "$GCLOUD" compute disks delete "$GCE_DISK" --zone "$GCE_DISK_ZONE" --quiet ||
+    die "could not delete GCE disk $GCE_DISK: it is NOT deleted"
+  say "done; the data is deleted, GCE disk $GCE_DISK included ($((SECONDS - start)) s)"
 else
-  say "done; the data disk is kept (PVC nfs-server-disk or GCE disk $GCE_DISK; DELETE_DISK=1 removes it)"
+  say "done; the cluster's data claims are deleted ($((SECONDS - start)) s). A GCE disk $GCE_DISK, if you made one, is NOT deleted: set GCE_DISK_ZONE to delete it too"
 fi
