@@ -110,6 +110,7 @@ apply() {
 #   sched POD REASON MESSAGE                        a pod the scheduler could not place
 #   wait POD CONTAINER REASON MESSAGE               a container waiting (image pull, config, crash loop)
 #   term POD CONTAINER EXITCODE REASON MESSAGE      a container that ended
+# shellcheck disable=SC2016  # a Go template: its $p is not the shell's
 objects_template='{{range .items}}{{$p := .metadata.name}}obj	{{.kind}}	{{$p}}	{{.metadata.uid}}	{{with .status}}{{with .phase}}{{.}}{{end}}{{end}}
 {{if eq .kind "Pod"}}{{range .status.conditions}}{{if and (eq .type "PodScheduled") (eq .status "False")}}sched	{{$p}}	{{.reason}}	{{.message}}
 {{end}}{{end}}{{range .status.initContainerStatuses}}{{if .state.waiting}}wait	{{$p}}	{{.name}}	{{.state.waiting.reason}}	{{.state.waiting.message}}
@@ -150,7 +151,7 @@ report() {
 
 # check_stage STAGE SELECTOR: fail at once on a state that waiting cannot fix
 check_stage() {
-  local stage="$1" selector="$2" lines events line kind a b c d uids=" " pod
+  local stage="$1" selector="$2" lines events kind a b c d uids=" " pod
   lines="$(stage_objects "$selector")"
   while IFS=$'\t' read -r kind a b c d; do
     case "$kind" in

@@ -1,0 +1,349 @@
+"""The manifests and scripts against a real Kubernetes control plane (scripts/local-cluster.sh: the
+real kube-apiserver with admission and PodSecurity, etcd, kube-controller-manager with the Job, PV and
+garbage-collection controllers, kube-scheduler; kwok nodes that give pods a status without running
+containers). What each test proves is in its docstring; docs/kubernetes.md says what this cannot prove.
+
+Each test works in a namespace of its own and tears down what it made."""
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+MANIFESTS = REPO / "manifests"
+FILES = sorted(MANIFESTS.glob("*.yaml")) + sorted((MANIFESTS / "variants").glob("*.yaml"))
+KUBECTL = REPO / ".venv" / "bin" / "kubectl"
+APP = "app.kubernetes.io/name=mlk-mnist"
+# Every kind the quickstart creates (teardown must leave none of them labelled as ours).
+KINDS = "deployments,replicasets,pods,services,jobs,configmaps,persistentvolumeclaims,persistentvolumes"
+CLEAN_ENV = ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "INIT_MODEL",
+             "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND", "STORAGE_CLASS", "SERVICE_TYPE",
+             "DELETE_DISK", "GCE_DISK_ZONE", "KUBECONFIG")
+FAIL_FAST_LIMIT = 180  # seconds: "within 3 minutes, not JOB_TIMEOUT"
+
+
+@pytest.fixture(scope="session")
+def kubeconfig():
+    """Bring the local cluster up (built once into the cache; reused when already running, and then
+    left running afterwards; a cluster this session started is stopped at its end)."""
+    script = str(SCRIPTS / "local-cluster.sh")
+    proc = subprocess.run([script, "up"], capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    running = "already running" in proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("KUBECONFIG=/"), proc.stdout
+    yield last.split("=", 1)[1]
+    if not running:
+        subprocess.run([script, "down"], capture_output=True, text=True, timeout=300)
+
+
+def kubectl(kubeconfig, *args, namespace=None, input=None, check=True):
+    cmd = [str(KUBECTL), "--kubeconfig", kubeconfig] + (["-n", namespace] if namespace else []) + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=300)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
+    return proc
+
+
+def get_json(kubeconfig, *args, namespace=None):
+    return json.loads(kubectl(kubeconfig, "get", *args, "-o", "json", namespace=namespace).stdout)
+
+
+@pytest.fixture
+def ns(kubeconfig):
+    """A fresh namespace; afterwards teardown runs in it and it is deleted."""
+    name = f"mlk-{uuid.uuid4().hex[:8]}"
+    kubectl(kubeconfig, "create", "namespace", name)
+    yield name
+    run_script(kubeconfig, "teardown.sh", name, DELETE_DISK="1")
+    kubectl(kubeconfig, "delete", "namespace", name, "--wait=false")
+
+
+def script_env(kubeconfig, namespace, **env):
+    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    base.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {namespace}", POLL="1")
+    base.update(env)
+    return base
+
+
+def run_script(kubeconfig, script, namespace, timeout=900, **env):
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPTS / script)], env=script_env(kubeconfig, namespace, **env),
+                          capture_output=True, text=True, timeout=timeout)
+    proc.seconds = time.monotonic() - start
+    return proc
+
+
+def quickstart(kubeconfig, namespace, **env):
+    settings = dict(WORKER_NUMBER="2", ROUNDS="1", SERVE="0", NFS_BACKEND="pvc")
+    settings.update(env)
+    return run_script(kubeconfig, "quickstart.sh", namespace, **settings)
+
+
+def job_conditions(kubeconfig, namespace, name):
+    job = get_json(kubeconfig, "job", name, namespace=namespace)
+    return {c["type"] for c in job["status"].get("conditions", []) if c["status"] == "True"}
+
+
+def labelled_leftovers(kubeconfig, namespace):
+    """Our labelled objects still in the namespace, plus our cluster-scoped PersistentVolumes."""
+    items = get_json(kubeconfig, KINDS, "-l", APP, namespace=namespace)["items"]
+    return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in items
+                  if i["metadata"].get("namespace") in (namespace, None))
+
+
+def render(*files, **env):
+    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    base.update(WORKER_NUMBER="3", EPOCH="2", BATCH="100", INCREMENTAL_NUMBER="1", NFS_CLUSTER_IP="10.96.0.42",
+                STORAGE_CLASS="kwok-volume")
+    base.update(env)
+    proc = subprocess.run(["bash", str(SCRIPTS / "render.sh"), *map(str, files)], env=base, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# --- 1. every manifest is accepted ------------------------------------------------------------------
+
+ORIGINAL_SED = {  # the original README's commands (docs/kubernetes.md, "By hand")
+    "3-nfs-pv-pvc.yaml": "s/{{NFS_CLUSTER_IP}}/10.96.0.42/g",
+    "4-splitter.yaml": "s/{{WORKER_NUMBER}}/3/g",
+    "5-trainer.yaml": "s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g; s/{{INCREMENTAL_NUMBER}}/0/g;",
+    "5-trainer-indexed.yaml": "s/{{WORKER_NUMBER}}/3/g; s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g;",
+    "3-rwx-pvc.yaml": "s/{{STORAGE_CLASS}}/kwok-volume/g",
+}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_every_manifest_passes_server_dry_run_without_warning(kubeconfig, ns, path):
+    """The real apiserver's decoding, defaulting, validation and admission accept each manifest, as
+    render.sh makes it (with --init-model, other images, every Service type) and as the original's sed
+    recipe makes it, and print no warning (deprecated fields or APIs, PodSecurity warn level)."""
+    variants = {"render.sh": render(path),
+                "render.sh, round 2, own registry": render(path, INIT_MODEL="/mnt/aggregated-model.h5",
+                                                           IMAGE_REGISTRY="registry.example.com/me", IMAGE_TAG="2.0")}
+    for service_type in ("NodePort", "ClusterIP"):
+        variants[f"render.sh SERVICE_TYPE={service_type}"] = render(path, SERVICE_TYPE=service_type)
+    expr = ORIGINAL_SED.get(path.name)
+    variants["original sed"] = (subprocess.run(["sed", expr, str(path)], capture_output=True, text=True,
+                                               check=True).stdout if expr else path.read_text())
+    for how, text in variants.items():
+        proc = kubectl(kubeconfig, "apply", "--dry-run=server", "-f", "-", namespace=ns, input=text, check=False)
+        assert proc.returncode == 0, f"{how}: {proc.stderr}"
+        assert "Warning" not in proc.stderr, f"{how}: {proc.stderr}"
+        assert "(server dry run)" in proc.stdout, f"{how}: {proc.stdout}"
+
+
+def test_server_dry_run_would_catch_an_invalid_manifest(kubeconfig, ns):
+    """The same check refuses what the schema allows but the API does not (an invalid value)."""
+    text = render(MANIFESTS / "6-aggregator.yaml").replace("backoffLimit:", "backoffLimit: -1 #")
+    proc = kubectl(kubeconfig, "apply", "--dry-run=server", "-f", "-", namespace=ns, input=text, check=False)
+    assert proc.returncode != 0 and "backoffLimit" in proc.stderr
+
+
+# --- 2 and 4. the whole quickstart, a re-run, teardown ------------------------------------------------
+
+def test_quickstart_runs_reruns_and_tears_down_clean(kubeconfig, ns):
+    """quickstart.sh NFS_BACKEND=pvc WORKER_NUMBER=4 ROUNDS=2 SERVE=1 exits 0 and the API shows each
+    stage's result; no LoadBalancer IP comes, and it says how to reach the server instead of failing;
+    a second run on the same cluster succeeds; teardown leaves nothing labelled; a second teardown
+    is a no-op that exits 0."""
+    proc = quickstart(kubeconfig, ns, NFS_BACKEND="pvc", WORKER_NUMBER="4", ROUNDS="2", SERVE="1",
+                      LB_DETECT_TIMEOUT="5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    assert job_conditions(kubeconfig, ns, "mnist-splitter") >= {"Complete"}
+    for i in range(4):  # the last round's trainers
+        assert job_conditions(kubeconfig, ns, f"mnist-trainer-{i}") >= {"Complete"}
+    assert job_conditions(kubeconfig, ns, "mnist-aggregator") >= {"Complete"}
+    assert job_conditions(kubeconfig, ns, "mnist-accuracy-test") >= {"Complete"}
+    deployment = get_json(kubeconfig, "deployment", "mnist-server", namespace=ns)
+    assert {c["type"] for c in deployment["status"]["conditions"] if c["status"] == "True"} >= {"Available"}
+    assert deployment["status"]["availableReplicas"] == 1
+    cluster_ip = get_json(kubeconfig, "service", "nfs-server", namespace=ns)["spec"]["clusterIP"]
+    pv = get_json(kubeconfig, "pv", "nfs")
+    assert pv["status"]["phase"] == "Bound"
+    assert pv["spec"]["nfs"]["server"] == cluster_ip
+    assert pv["spec"]["claimRef"]["namespace"] == ns
+    assert get_json(kubeconfig, "pvc", "nfs-server-disk", namespace=ns)["status"]["phase"] == "Bound"
+    assert proc.stdout.count("round 2: aggregated model written") == 1
+    assert "port-forward service/mnist-server-svc 8080:80" in proc.stdout
+    assert "external IP" not in proc.stderr
+
+    again = quickstart(kubeconfig, ns, NFS_BACKEND="pvc", WORKER_NUMBER="4", ROUNDS="1", SERVE="1",
+                       LB_DETECT_TIMEOUT="5")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    down = run_script(kubeconfig, "teardown.sh", ns)
+    assert down.returncode == 0, down.stderr
+    assert labelled_leftovers(kubeconfig, ns) == ["PersistentVolumeClaim/nfs-server-disk"]  # data kept
+    assert get_json(kubeconfig, "pv", "-l", APP)["items"] == []
+
+    down = run_script(kubeconfig, "teardown.sh", ns, DELETE_DISK="1")
+    assert down.returncode == 0, down.stderr
+    assert labelled_leftovers(kubeconfig, ns) == []
+    assert "NOT deleted: set GCE_DISK_ZONE" in down.stdout  # says the truth about a GCE disk
+
+    noop = run_script(kubeconfig, "teardown.sh", ns, DELETE_DISK="1")
+    assert noop.returncode == 0, noop.stderr
+    assert "deleted the" not in noop.stdout
+
+
+@pytest.mark.parametrize("service_type", ["NodePort", "ClusterIP"])
+def test_service_types_end_with_how_to_reach_the_server(kubeconfig, ns, service_type):
+    """SERVICE_TYPE=NodePort or ClusterIP: the Service has that type and the run ends 0 with the way in."""
+    proc = quickstart(kubeconfig, ns, SERVE="1", SERVICE_TYPE=service_type)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    service = get_json(kubeconfig, "service", "mnist-server-svc", namespace=ns)
+    assert service["spec"]["type"] == service_type
+    if service_type == "NodePort":
+        assert f"NodePort {service['spec']['ports'][0]['nodePort']}" in proc.stdout
+    assert "port-forward service/mnist-server-svc 8080:80" in proc.stdout
+
+
+# --- 3. fail fast -----------------------------------------------------------------------------------
+
+def test_unschedulable_pods_fail_fast(kubeconfig, ns):
+    """Every node tainted: the first pod can never schedule; the run stops well before any timeout,
+    names the stage and gives the scheduler's reason."""
+    kubectl(kubeconfig, "taint", "nodes", "--all", "mlk-test=blocked:NoSchedule")
+    try:
+        proc = quickstart(kubeconfig, ns)
+    finally:
+        kubectl(kubeconfig, "taint", "nodes", "--all", "mlk-test=blocked:NoSchedule-")
+    assert proc.returncode == 1
+    assert proc.seconds < FAIL_FAST_LIMIT
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stage nfs failed" in last and "Unschedulable" in last and "untolerated taint" in last, proc.stderr
+    assert "FailedScheduling" in proc.stderr  # the events are printed
+
+
+def test_claim_that_cannot_bind_fails_fast(kubeconfig, ns):
+    """A ReadWriteMany class whose provisioner does not exist: the claim stays Pending; the run stops
+    after PVC_TIMEOUT (default) naming the claim and printing its events."""
+    sc = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": f"nowhere-{ns}"},
+          "provisioner": "example.com/nowhere", "volumeBindingMode": "Immediate"}
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(sc))
+    try:
+        proc = quickstart(kubeconfig, ns, NFS_BACKEND="rwx", STORAGE_CLASS=f"nowhere-{ns}")
+    finally:
+        kubectl(kubeconfig, "delete", "storageclass", f"nowhere-{ns}")
+    assert proc.returncode == 1
+    assert proc.seconds < FAIL_FAST_LIMIT
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stage volume failed: claim nfs is still Pending after PVC_TIMEOUT=120s" in last, proc.stderr
+    assert "ExternalProvisioning" in proc.stderr or "example.com/nowhere" in proc.stderr
+
+
+def kwok_stage(name, selector_cel, status):
+    """A kwok Stage that outweighs the default ones for the pods it selects."""
+    return {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Stage", "metadata": {"name": name},
+            "spec": {"resourceRef": {"apiGroup": "v1", "kind": "Pod"}, "weight": 1000,
+                     "selector": {"matchExpressions": [{"cel": {"expression": e}} for e in selector_cel]},
+                     "next": {"statusTemplate": status}}}
+
+
+def test_failing_trainer_fails_fast_with_its_exit_code(kubeconfig, ns):
+    """Trainer pods of this namespace end with exit code 1 (a kwok stage): the Job retries them as its
+    backoffLimit says, then fails; the run stops at once naming the trainers' stage and the exit code."""
+    stage = kwok_stage(f"fail-trainer-{ns}", [
+        f"self.metadata.namespace == '{ns}'",
+        "self.metadata.labels['app.kubernetes.io/component'] == 'trainer'",
+        "self.status.phase == 'Running'",
+        "!has(self.metadata.deletionTimestamp)"],
+        """{{ $now := Now }}
+containerStatuses:
+{{ range .spec.containers }}
+- name: {{ .name | Quote }}
+  image: {{ .image | Quote }}
+  ready: false
+  restartCount: 0
+  state:
+    terminated: {exitCode: 1, reason: Error, message: "simulated crash", startedAt: {{ $now | Quote }}, finishedAt: {{ $now | Quote }}}
+{{ end }}
+phase: Failed""")
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
+    try:
+        proc = quickstart(kubeconfig, ns)
+    finally:
+        kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
+    assert proc.returncode == 1
+    assert proc.seconds < FAIL_FAST_LIMIT
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stage trainers (round 1) failed: job mnist-trainer-" in last, proc.stderr
+    assert "exited 1 (Error)" in last and "simulated crash" in last
+
+
+def test_image_that_cannot_be_pulled_fails_fast(kubeconfig, ns):
+    """Pods whose image tag does not exist get ErrImagePull (as a kubelet reports it, here from a kwok
+    stage): the run stops at once with the reason instead of waiting for NFS_TIMEOUT."""
+    stage = kwok_stage(f"no-image-{ns}", [
+        f"self.metadata.namespace == '{ns}'",
+        "self.spec.initContainers.exists(c, c.image == 'docker.io/library/busybox:1.37.0')",
+        "self.status.phase == 'Pending'",
+        "!has(self.metadata.deletionTimestamp)"],
+        """initContainerStatuses:
+{{ range .spec.initContainers }}
+- name: {{ .name | Quote }}
+  image: {{ .image | Quote }}
+  ready: false
+  restartCount: 0
+  state:
+    waiting: {reason: ErrImagePull, message: "failed to pull and unpack image: not found"}
+{{ end }}
+phase: Pending""")
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
+    try:
+        proc = quickstart(kubeconfig, ns, NFS_TIMEOUT="3000")
+    finally:
+        kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
+    assert proc.returncode == 1
+    assert proc.seconds < 60
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stage nfs failed" in last and "ErrImagePull" in last and "not found" in last, proc.stderr
+
+
+# --- 5. restricted Pod Security ---------------------------------------------------------------------
+
+def restricted(kubeconfig, ns):
+    kubectl(kubeconfig, "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted",
+            "pod-security.kubernetes.io/enforce-version=latest")
+
+
+def test_restricted_namespace_admits_every_stage_with_the_rwx_backend(kubeconfig, ns):
+    """Under enforce=restricted every stage's pod is admitted (rwx: no NFS server), the whole run
+    passes, and a dry run of every stage manifest draws no PodSecurity warning."""
+    restricted(kubeconfig, ns)
+    stage_files = [p for p in FILES if any(d and d["kind"] in ("Job", "Deployment") for d in yaml.safe_load_all(
+        render(p))) and "nfs" not in p.name]  # the NFS server: next test
+    assert len(stage_files) == 7  # splitter, trainer, Indexed trainer, aggregator, server, accuracy test, busybox
+    for path in stage_files:
+        proc = kubectl(kubeconfig, "apply", "--dry-run=server", "-f", "-", namespace=ns, input=render(path),
+                       check=False)
+        assert proc.returncode == 0 and "PodSecurity" not in proc.stderr, f"{path.name}: {proc.stderr}"
+    proc = quickstart(kubeconfig, ns, NFS_BACKEND="rwx", STORAGE_CLASS="kwok-volume", SERVE="1",
+                      SERVICE_TYPE="ClusterIP")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pods = get_json(kubeconfig, "pods", "-l", APP, namespace=ns)["items"]
+    components = {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods}
+    assert components >= {"splitter", "trainer", "aggregator", "accuracy-test", "server"}
+
+
+def test_restricted_namespace_refuses_the_privileged_nfs_server_clearly(kubeconfig, ns):
+    """The in-cluster NFS server is privileged: in a restricted namespace its pods are refused, and
+    the quickstart stops at once saying so (stage nfs, PodSecurity, privileged)."""
+    restricted(kubeconfig, ns)
+    proc = quickstart(kubeconfig, ns, NFS_BACKEND="pvc")
+    assert proc.returncode == 1
+    assert proc.seconds < FAIL_FAST_LIMIT
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stage nfs failed" in last and "PodSecurity" in last and "privileged" in last, proc.stderr
