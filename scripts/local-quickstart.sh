@@ -12,6 +12,7 @@
 #   WORK_DIR [./work]   data/, model/, logs/, aggregated-model.h5
 #   SERVE [1]           1: start server/server.py on the result; 0: stop after the accuracy test
 #   PORT [5000]         the server's port
+#   SERVER_HOST [127.0.0.1]  the address it listens on (0.0.0.0: reachable from other machines too)
 #   VENV [<repo>/.venv] the virtualenv (created/updated by scripts/bootstrap.sh)
 set -euo pipefail
 
@@ -43,6 +44,7 @@ MNIST_NPZ="${MNIST_NPZ:-}"
 WORK_DIR="${WORK_DIR:-./work}"
 SERVE="${SERVE:-1}"
 PORT="${PORT:-5000}"
+SERVER_HOST="${SERVER_HOST:-127.0.0.1}"
 VENV="${VENV:-$root/.venv}"
 
 for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT; do
@@ -190,10 +192,10 @@ echo "   model: $work/aggregated-model.h5"
 # --- serve ------------------------------------------------------------------------------------
 if [[ "$SERVE" == 1 ]]; then
   if [[ -f "$root/server/server.py" ]]; then
-    say "serving the model at http://localhost:$PORT/ (Ctrl-C to stop)"
+    say "serving the model at http://$SERVER_HOST:$PORT/ (Ctrl-C to stop; again later without training: .venv/bin/python server/server.py --model $work/aggregated-model.h5 --host $SERVER_HOST --port $PORT)"
     trap - EXIT INT TERM
     set +m
-    exec "$py" "$root/server/server.py" --model "$work/aggregated-model.h5" --port "$PORT"
+    exec "$py" "$root/server/server.py" --model "$work/aggregated-model.h5" --host "$SERVER_HOST" --port "$PORT"
   fi
   say "the prediction server (server/server.py) is not available yet; stopping after the accuracy test"
 fi
