@@ -32,7 +32,7 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 # Sample values: the policies do not depend on them.
-export WORKER_NUMBER=3 EPOCH=2 BATCH=100 INCREMENTAL_NUMBER=0 NFS_CLUSTER_IP=10.96.0.10
+export WORKER_NUMBER=3 EPOCH=2 BATCH=100 INCREMENTAL_NUMBER=0 NFS_CLUSTER_IP=10.96.0.10 STORAGE_CLASS=standard-rwx
 shopt -s nullglob
 files=("$manifests"/*.yaml "$manifests"/variants/*.yaml)
 ((${#files[@]})) || { echo "$me: no manifests under $manifests" >&2; exit 1; }

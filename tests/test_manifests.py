@@ -561,8 +561,6 @@ def test_policy_check_passes_and_catches_a_regression(tmp_path):
     """scripts/policy-check.sh (checkov, own venv; the first run installs it: about 2 minutes here,
     later runs about 8 s each) passes on the manifests, and fails when a container may escalate privileges."""
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MANIFESTS",)}
-    # policy-check.sh exports sample values for the other placeholders, not (yet) for variants/3-rwx-pvc.yaml's
-    env["STORAGE_CLASS"] = "standard-rwx"
     proc = subprocess.run(["bash", str(POLICY)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "Failed checks: 0" in proc.stdout
