@@ -61,7 +61,8 @@ go_do() {
   log="$cache/logs/build-${what// /-}.log"
   mkdir -p "$cache/logs"
   if ! "$@" >"$log" 2>&1; then
-    die "building $what failed: $(grep -m1 -E 'go: |error|cannot|refused|not found' "$log" || tail -n 1 "$log") (full log: $log)"
+    # the reason: go's last line usually (the module proxy's answer, the compile error), not its progress
+    die "building $what failed: $(grep -v -E '^go: (downloading|finding|extracting) ' "$log" | tail -n 1 | sed 's/^[[:space:]]*//') (full log: $log)"
   fi
 }
 

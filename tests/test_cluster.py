@@ -252,10 +252,13 @@ def kwok_stage(name, selector_cel, status):
                      "next": {"statusTemplate": status}}}
 
 
-def test_failing_trainer_fails_fast_with_its_exit_code(kubeconfig, ns):
-    """Trainer pods of this namespace end with exit code 1 (a kwok stage): the Job retries them as its
-    backoffLimit says, then fails; the run stops at once naming the trainers' stage and the exit code."""
-    stage = kwok_stage(f"fail-trainer-{ns}", [
+@pytest.mark.parametrize("exit_code, reason, retried", [(1, "BackoffLimitExceeded", True),
+                                                       (2, "PodFailurePolicy", False)])
+def test_failing_trainer_fails_fast_with_its_exit_code(kubeconfig, ns, exit_code, reason, retried):
+    """Trainer pods of this namespace end with an exit code (a kwok stage). Exit 1: the Job retries the
+    pod as its backoffLimit says, then fails. Exit 2 (bad input): the Job's podFailurePolicy fails it at
+    once, no retry. Either way the run stops naming the trainers' stage, the Job's reason and the code."""
+    stage = kwok_stage(f"fail-trainer-{exit_code}-{ns}", [
         f"self.metadata.namespace == '{ns}'",
         "self.metadata.labels['app.kubernetes.io/component'] == 'trainer'",
         "self.status.phase == 'Running'",
@@ -268,9 +271,9 @@ containerStatuses:
   ready: false
   restartCount: 0
   state:
-    terminated: {exitCode: 1, reason: Error, message: "simulated crash", startedAt: {{ $now | Quote }}, finishedAt: {{ $now | Quote }}}
+    terminated: {exitCode: EXIT_CODE, reason: Error, message: "simulated crash", startedAt: {{ $now | Quote }}, finishedAt: {{ $now | Quote }}}
 {{ end }}
-phase: Failed""")
+phase: Failed""".replace("EXIT_CODE", str(exit_code)))
     kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
     try:
         proc = quickstart(kubeconfig, ns)
@@ -280,7 +283,26 @@ phase: Failed""")
     assert proc.seconds < FAIL_FAST_LIMIT
     last = proc.stderr.strip().splitlines()[-1]
     assert "stage trainers (round 1) failed: job mnist-trainer-" in last, proc.stderr
-    assert "exited 1 (Error)" in last and "simulated crash" in last
+    assert reason in last and f"exited {exit_code} (Error)" in last and "simulated crash" in last
+    failed_job = last.split("job ")[1].split()[0].rstrip(":")
+    pods = get_json(kubeconfig, "pods", "-l", f"job-name={failed_job}", namespace=ns)["items"]
+    assert (len(pods) > 1) == retried, [p["metadata"]["name"] for p in pods]
+
+
+def test_local_cluster_says_in_one_line_what_the_machine_lacks(tmp_path):
+    """No Go toolchain, or a module proxy that refuses: one line naming it, exit 1 (no traceback of logs)."""
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_CLUSTER_CACHE"}
+    env["LOCAL_CLUSTER_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.run([str(SCRIPTS / "local-cluster.sh"), "build"], env=dict(env, GO="no-such-go"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "local-cluster: no Go toolchain ('no-such-go' not on PATH): install Go 1.26 or newer, or set GO"]
+    proc = subprocess.run([str(SCRIPTS / "local-cluster.sh"), "build"], env=dict(env, GOPROXY="off"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("local-cluster: building etcd modules failed: ") and "GOPROXY=off" in last, proc.stderr
 
 
 def test_image_that_cannot_be_pulled_fails_fast(kubeconfig, ns):
