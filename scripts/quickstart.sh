@@ -19,6 +19,9 @@
 #                           standard-rwx, Azure Files, EFS, ...): no privileged pod, runs on GKE
 #                           Autopilot and under the restricted Pod Security level
 #   STORAGE_CLASS []   the ReadWriteMany StorageClass for NFS_BACKEND=rwx
+#   MNIST_NPZ []       a local mnist.npz (Keras layout) to put on the volume for the splitter, through a
+#                      short-lived pod (manifests/9999-dataset-upload.yaml): for clusters without
+#                      internet access. Unset: the splitter downloads MNIST (checksum-verified)
 #   SERVE [1]          1: deploy the server and say how to reach it; 0: stop after the accuracy test
 #   SERVICE_TYPE [LoadBalancer]  the server's Service: LoadBalancer, NodePort or ClusterIP. Without
 #                      an external IP (kind, minikube, this project's local cluster) the run still
@@ -58,6 +61,7 @@ BATCH="${BATCH:-100}"
 ROUNDS="${ROUNDS:-3}"
 NFS_BACKEND="${NFS_BACKEND:-pvc}"
 STORAGE_CLASS="${STORAGE_CLASS:-}"
+MNIST_NPZ="${MNIST_NPZ:-}"
 SERVE="${SERVE:-1}"
 SERVICE_TYPE="${SERVICE_TYPE:-LoadBalancer}"
 NFS_TIMEOUT="${NFS_TIMEOUT:-300}"
@@ -89,6 +93,7 @@ case "$NFS_BACKEND" in
     ;;
   *) fail config "NFS_BACKEND must be pvc, gce or rwx, got '$NFS_BACKEND'" ;;
 esac
+[[ -z "$MNIST_NPZ" || (-f "$MNIST_NPZ" && -r "$MNIST_NPZ") ]] || fail config "MNIST_NPZ=$MNIST_NPZ is not a readable file"
 command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
 export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE
 
@@ -289,6 +294,41 @@ else
   wait_claim volume nfs
 fi
 say "volume: claim nfs bound"
+
+# wait_pod STAGE NAME SELECTOR TIMEOUT: until the pod is Ready
+wait_pod() {
+  local stage="$1" name="$2" selector="$3" timeout="$4" deadline=$(($4 + SECONDS)) ready
+  unschedulable_since=()
+  while :; do
+    ready="$(k get pod "$name" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" || ready=""
+    [[ "$ready" != True ]] || return 0
+    check_stage "$stage" "$selector"
+    ((SECONDS < deadline)) || report "$stage" "$selector" "pod $name not ready within ${timeout}s"
+    sleep "$POLL"
+  done
+}
+
+# --- offline data -------------------------------------------------------------------------------
+if [[ -n "$MNIST_NPZ" ]]; then
+  say "== dataset: $MNIST_NPZ onto the volume as /mnt/mnist.npz"
+  k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
+  apply dataset "$root/manifests/9999-dataset-upload.yaml"
+  wait_pod dataset mnist-dataset-upload "app.kubernetes.io/component=dataset-upload" "$NFS_TIMEOUT"
+  # Streamed through exec (no tar needed in the image), written to a temporary name, then renamed.
+  copied="$(k exec -i mnist-dataset-upload -- python -c 'import os, shutil, sys
+tmp = "/mnt/.mnist.npz.tmp"
+with open(tmp, "wb") as f:
+    shutil.copyfileobj(sys.stdin.buffer, f)
+    f.flush()
+    os.fsync(f.fileno())
+os.replace(tmp, "/mnt/mnist.npz")
+print(os.path.getsize("/mnt/mnist.npz"))' <"$MNIST_NPZ")" || fail dataset "could not copy $MNIST_NPZ into pod mnist-dataset-upload"
+  size="$(wc -c <"$MNIST_NPZ")"
+  [[ "$copied" == "$size" ]] || fail dataset "copied ${copied:-nothing} of $size bytes"
+  k delete pod mnist-dataset-upload --wait=false >/dev/null || true
+  export DATASET=/mnt/mnist.npz
+  say "dataset: $size bytes on the volume; the splitter reads it instead of downloading"
+fi
 
 # --- 4: split ---------------------------------------------------------------------------------
 say "== splitter: $WORKER_NUMBER shards"

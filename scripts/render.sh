@@ -7,6 +7,7 @@
 # Environment (a placeholder a file uses must be set, else this fails naming it):
 #   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP, STORAGE_CLASS  fill {{NAME}}
 #   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL (rounds after the first)
+#   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<stage>:0.1.0 -> $IMAGE_REGISTRY/<stage>:$IMAGE_TAG
 #   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
 set -euo pipefail
@@ -36,6 +37,7 @@ sed_literal() { printf '%s' "$1" | sed -e 's/[][\\/.*^$|&]/\\&/g'; }
 check_value IMAGE_REGISTRY "$IMAGE_REGISTRY"
 check_value IMAGE_TAG "$IMAGE_TAG"
 [[ -z "${INIT_MODEL:-}" ]] || check_value INIT_MODEL "$INIT_MODEL"
+[[ -z "${DATASET:-}" ]] || check_value DATASET "$DATASET"
 case "${SERVICE_TYPE:-}" in
   "" | LoadBalancer | NodePort | ClusterIP) ;;
   *) die "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
@@ -57,6 +59,10 @@ for file in "$@"; do
   if [[ -n "${INIT_MODEL:-}" ]]; then
     # The trainer's args end with its --savemodel pair: append the model to start from.
     expr+=(-e "s|\\(\"--savemodel\", \"[^\"]*\"\\)\\]|\\1, \"--init-model\", \"$(sed_literal "$INIT_MODEL")\"]|")
+  fi
+  if [[ -n "${DATASET:-}" ]]; then
+    # The splitter's args end with its --savedir pair: read MNIST from the volume instead of downloading.
+    expr+=(-e "s|\(\"--savedir\", \"[^\"]*\"\)\]|\1, \"--dataset\", \"$(sed_literal "$DATASET")\"]|")
   fi
   [[ -z "${SERVICE_TYPE:-}" ]] || expr+=(-e "s/^\(  type: \)LoadBalancer\$/\1$SERVICE_TYPE/")
   ((first)) || printf -- '---\n'

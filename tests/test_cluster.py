@@ -345,9 +345,9 @@ def test_restricted_namespace_admits_every_stage_with_the_rwx_backend(kubeconfig
     """Under enforce=restricted every stage's pod is admitted (rwx: no NFS server), the whole run
     passes, and a dry run of every stage manifest draws no PodSecurity warning."""
     restricted(kubeconfig, ns)
-    stage_files = [p for p in FILES if any(d and d["kind"] in ("Job", "Deployment") for d in yaml.safe_load_all(
+    stage_files = [p for p in FILES if any(d and d["kind"] in ("Job", "Deployment", "Pod") for d in yaml.safe_load_all(
         render(p))) and "nfs" not in p.name]  # the NFS server: next test
-    assert len(stage_files) == 7  # splitter, trainer, Indexed trainer, aggregator, server, accuracy test, busybox
+    assert len(stage_files) == 8  # splitter, trainers (2 ways), aggregator, server, accuracy test, busybox, upload
     for path in stage_files:
         proc = kubectl(kubeconfig, "apply", "--dry-run=server", "-f", "-", namespace=ns, input=render(path),
                        check=False)

@@ -58,6 +58,8 @@ def docs_of(path, **env):
 
 
 def pod_spec(doc):
+    if doc["kind"] == "Pod":
+        return doc["spec"]
     return doc["spec"]["template"]["spec"] if doc["kind"] in ("Deployment", "Job") else None
 
 
@@ -75,7 +77,7 @@ def test_the_manifests_are_the_originals_and_more():
     names = {f.name for f in MANIFESTS.glob("*.yaml")}
     assert names == {"1-nfs-deployment.yaml", "2-nfs-service.yaml", "3-nfs-pv-pvc.yaml", "4-splitter.yaml",
                      "5-trainer.yaml", "5-trainer-indexed.yaml", "6-aggregator.yaml", "7-server.yaml",
-                     "9999-busybox.yaml", "9999-accuracy-test.yaml"}
+                     "9999-busybox.yaml", "9999-accuracy-test.yaml", "9999-dataset-upload.yaml"}
     assert sorted(f.name for f in (MANIFESTS / "variants").glob("*.yaml")) == ["1-nfs-deployment-pvc.yaml",
                                                                                 "3-rwx-pvc.yaml"]
 
@@ -177,7 +179,7 @@ def test_hardening_resources_and_images():
             assert sc["allowPrivilegeEscalation"] is False, cname
             assert sc["capabilities"]["drop"] == ["ALL"], cname
             assert sc["readOnlyRootFilesystem"] is True, cname
-            if STAGE_IMAGE.match(c["image"]) and c["name"] != "clear-models":
+            if STAGE_IMAGE.match(c["image"]) and c["name"] not in ("clear-models", "upload"):  # no Python libraries
                 # TensorFlow/Keras and the MNIST cache need a writable HOME: /tmp, an emptyDir
                 env = {e["name"]: e.get("value") for e in c.get("env", [])}
                 assert env.get("HOME") == "/tmp", cname

@@ -60,6 +60,10 @@ elif args[:3] == ["get", "service", "nfs-server"]:
     out("" if env("FAKE_NO_IP") else "10.96.0.42")
 elif args[:3] == ["get", "service", "mnist-server-svc"]:
     out("203.0.113.7" if "loadBalancer" in template else "uid-svc")
+elif args[:2] == ["exec", "-i"]:  # the dataset upload: what arrived on stdin, counted
+    print(len(sys.stdin.buffer.read()))
+elif args[:3] == ["get", "pod", "mnist-dataset-upload"]:
+    out("True")
 elif args[:2] == ["logs", "job/mnist-accuracy-test"]:
     print('{"loss": 0.0412, "accuracy": 0.9861}')
 elif args[:2] == ["logs", "-l"]:
@@ -84,7 +88,7 @@ def fake(tmp_path):
         env = {k: v for k, v in os.environ.items()
                if k not in ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP",
                             "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND",
-                            "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE")}
+                            "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET")}
         env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied),
                    POLL="0", **env_overrides)
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -174,6 +178,23 @@ def test_quickstart_rwx_backend_needs_no_nfs_server(fake):
     assert "port-forward service/mnist-server-svc 8080:80" in proc.stdout
 
 
+def test_quickstart_mnist_npz_goes_onto_the_volume_and_the_splitter_reads_it(fake, tmp_path):
+    dataset = tmp_path / "mnist.npz"
+    dataset.write_bytes(b"x" * 12345)
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", MNIST_NPZ=str(dataset))
+    assert proc.returncode == 0, proc.stderr
+    names = [n for docs in kinds_names(proc.applied) for _, n in docs]
+    assert names.index("mnist-dataset-upload") < names.index("mnist-splitter")
+    upload = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-dataset-upload"][0]
+    assert upload["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "nfs"
+    exec_call = [c for c in proc.calls if c[:2] == ["exec", "-i"]][0]
+    assert exec_call[2] == "mnist-dataset-upload" and '"/mnt/mnist.npz"' in exec_call[-1]
+    splitter = [docs for docs in proc.applied if docs[-1]["metadata"]["name"] == "mnist-splitter"][0][-1]
+    assert container_args(splitter) == ["--n_container", "2", "--savedir", "/mnt/data", "--dataset", "/mnt/mnist.npz"]
+    assert "dataset: 12345 bytes on the volume" in proc.stdout
+    assert ["delete", "pod", "mnist-dataset-upload", "--wait=false"] in proc.calls
+
+
 def test_quickstart_failed_trainer_prints_its_logs_and_names_the_stage(fake):
     proc = fake(QUICKSTART, WORKER_NUMBER="3", ROUNDS="2", FAKE_FAIL_JOB="mnist-trainer-1")
     assert proc.returncode == 1
@@ -206,6 +227,7 @@ def test_quickstart_refused_apply_names_the_stage_and_the_reason(fake):
     ({"NFS_BACKEND": "rwx"}, "NFS_BACKEND=rwx needs STORAGE_CLASS"),
     ({"NFS_BACKEND": "rwx", "STORAGE_CLASS": "nope"}, "StorageClass 'nope' not found"),
     ({"SERVICE_TYPE": "Ingress"}, "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP"),
+    ({"MNIST_NPZ": "/no/such/mnist.npz"}, "MNIST_NPZ=/no/such/mnist.npz is not a readable file"),
     ({"KUBECTL": "no-such-kubectl-here"}, "'no-such-kubectl-here' not found"),
     ({"IMAGE_REGISTRY": "bad registry"}, "IMAGE_REGISTRY='bad registry' has characters"),
 ])
