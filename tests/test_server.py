@@ -1,4 +1,5 @@
-"""server/server.py through Flask's test client: every route, every kind of bad input, hot reload."""
+"""The prediction server (server/app.py, model.py, server.py) through Flask's test client: every route,
+every kind of bad input, hot reload, the command line, the batcher, the prediction JSON."""
 
 import hashlib
 import io
@@ -17,6 +18,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "server"))
+import app as server_app  # noqa: E402
+import model as server_model  # noqa: E402
 import server  # noqa: E402
 
 SAMPLES = ROOT / "samples"
@@ -43,7 +46,7 @@ def bomb_png():
 
 @pytest.fixture(scope="module")
 def app(mnist_model):
-    application = server.create_app(str(mnist_model))
+    application = server_app.create_app(str(mnist_model))
     application.testing = True
     return application
 
@@ -250,7 +253,7 @@ def replace(src, dst):
 
 def test_missing_model_then_appears(tmp_path, mnist_model):
     path = tmp_path / "aggregated-model.h5"
-    app = server.create_app(str(path), check_interval=0)
+    app = server_app.create_app(str(path), check_interval=0)
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
     not_ready = client.get("/readyz")
@@ -267,7 +270,7 @@ def test_hot_reload_swaps_model_without_failing_requests(tmp_path, mnist_model):
     path = tmp_path / "aggregated-model.h5"
     shutil.copyfile(mnist_model, path)
     always_three = constant_model(mnist_model, tmp_path / "three.h5", 3)
-    app = server.create_app(str(path), check_interval=0)
+    app = server_app.create_app(str(path), check_interval=0)
     six = (SAMPLES / "6.png").read_bytes()
     first = post_files(app.test_client(), "/api/predict", six).get_json()
     assert first["digit"] == 6
@@ -306,7 +309,7 @@ def test_hot_reload_swaps_model_without_failing_requests(tmp_path, mnist_model):
 def test_corrupt_replacement_keeps_serving_the_old_model(tmp_path, mnist_model):
     path = tmp_path / "aggregated-model.h5"
     shutil.copyfile(mnist_model, path)
-    app = server.create_app(str(path), check_interval=0)
+    app = server_app.create_app(str(path), check_interval=0)
     client = app.test_client()
     sha = client.get("/api/model").get_json()["sha256"]
     tmp = tmp_path / ".x"
@@ -347,7 +350,7 @@ def test_batcher_merges_concurrent_calls_and_returns_each_its_own_rows():
             time.sleep(0.02)  # long enough for the other threads to queue up
             return images.reshape(len(images), -1)[:, :10] * 2
 
-    model, batcher = Recorder(), server.Batcher()
+    model, batcher = Recorder(), server_model.Batcher()
     results, errors = {}, []
 
     def call(i):
@@ -375,3 +378,43 @@ def test_batcher_merges_concurrent_calls_and_returns_each_its_own_rows():
     with pytest.raises(RuntimeError, match="boom"):
         batcher.predict(Broken(), np.zeros((1, 28, 28), np.float32))
     assert batcher.predict(model, np.ones((1, 28, 28), np.float32)).shape == (1, 10)  # still usable
+
+
+# ------------------------------------------------------------------------- prediction JSON
+
+
+def test_prediction_json_is_digit_rounded_probabilities_and_model_id():
+    probabilities = np.array([0.01, 0.02, 0.03, 0.9, 0.01, 0.01, 0.0, 0.0, 0.0, 0.02 + 1e-9], np.float32)
+    sha = "0123456789abcdef" * 4
+    out = server_app.prediction_json(probabilities, sha)
+    assert out == {"digit": 3, "probabilities": [round(float(p), 6) for p in probabilities], "model": "0123456789ab"}
+    assert set(out) == {"digit", "probabilities", "model"}
+    assert type(out["digit"]) is int and all(type(p) is float for p in out["probabilities"])
+    assert out["probabilities"][9] == 0.02  # 6 decimals
+    assert server_app.prediction_json([0.5, 0.5] + [0.0] * 8, sha)["digit"] == 0  # a tie: the first class
+    assert server_app.prediction_json(np.eye(10)[7].astype(np.float64), sha)["digit"] == 7
+    assert server_app.prediction_json(probabilities, sha) == out  # pure: same input, same output
+    import json
+
+    assert json.loads(json.dumps(out)) == out  # plain JSON types
+
+
+def test_every_prediction_route_uses_prediction_json(client, monkeypatch):
+    calls = []
+    real = server_app.prediction_json
+
+    def spy(probabilities, model_sha256):
+        calls.append(model_sha256)
+        return real(probabilities, model_sha256)
+
+    monkeypatch.setattr(server_app, "prediction_json", spy)
+    six = (SAMPLES / "6.png").read_bytes()
+    single = post_files(client, "/api/predict", six).get_json()
+    several = post_files(client, "/api/predict", six, six).get_json()
+    raw = client.post("/api/predict", data=six, content_type="image/png").get_json()
+    page = post_files(client, "/upload", six)
+    assert len(calls) == 5 and page.status_code == 200
+    sha = client.get("/api/model").get_json()["sha256"]
+    assert set(calls) == {sha}
+    assert single == raw == several["predictions"][0] == several["predictions"][1]
+    assert single["model"] == client.get("/readyz").get_json()["model"] == sha[:12]

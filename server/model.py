@@ -1,0 +1,231 @@
+"""Model side of the prediction server: loading, hot reload and batching.
+
+`LoadedModel` is one loaded .h5 behind a compiled tf.function; `ModelHolder` keeps the current one and
+swaps in a new one when the file is replaced (a missing file is picked up when it appears; a file that
+fails to load is logged and the old model kept); `Batcher` runs the predictions of concurrent requests
+of one worker as one model call. TensorFlow is imported only when a model is loaded. The model file's
+format is in docs/CONTRACTS.md.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+
+CHECK_INTERVAL = 1.0  # seconds between cheap stat() checks of the model file
+
+log = logging.getLogger("mlk.server")
+
+
+def _file_signature(path):
+    """(inode, size, mtime_ns) or None when missing: changes whenever the file is replaced."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_attrs(path):
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        for key, value in f.attrs.items():
+            if not key.startswith("mlk_"):
+                continue
+            if isinstance(value, bytes):
+                value = value.decode()
+            elif hasattr(value, "item"):
+                value = value.item()
+            if key == "mlk_inputs" and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            out[key] = value
+    return out
+
+
+class LoadedModel:
+    """One loaded model: a compiled predict function plus what /api/model reports."""
+
+    def __init__(self, path, signature):
+        import keras
+        import numpy as np
+        import tensorflow as tf
+
+        started = time.perf_counter()
+        with open(path, "rb") as f:
+            self.sha256 = hashlib.sha256(f.read()).hexdigest()
+        model = keras.models.load_model(path, compile=False)
+        if tuple(model.input_shape[1:]) != (28, 28, 1) or tuple(model.output_shape[1:]) != (10,):
+            raise ValueError(f"model has input {model.input_shape} / output {model.output_shape}, "
+                             "expected (None, 28, 28, 1) -> (None, 10)")
+        self.attrs = _read_attrs(path)
+        self._model = model
+
+        def forward(x):
+            return model(x, training=False)
+
+        # One compiled graph for any batch size, called as a concrete function (the least per-call
+        # overhead: about 1 ms here, against ~30 ms for model.predict). XLA when it compiles the model.
+        spec = [tf.TensorSpec([None, 28, 28, 1], tf.float32)]
+        self._np, self._tf = np, tf
+        try:
+            self._predict = tf.function(forward, input_signature=spec, jit_compile=True).get_concrete_function()
+            self.predict(np.zeros((1, 28, 28), np.float32))  # compile now, not on the first request
+        except Exception:  # noqa: BLE001 - an op XLA cannot compile: plain graph mode
+            self._predict = tf.function(forward, input_signature=spec).get_concrete_function()
+            self.predict(np.zeros((1, 28, 28), np.float32))
+        self.path = path
+        self.signature = signature
+        self.loaded_at = time.time()
+        self.load_seconds = time.perf_counter() - started
+
+    def predict(self, images):
+        """float32 (n, 28, 28) in [0, 1] -> float64 (n, 10) probabilities."""
+        x = self._tf.constant(self._np.asarray(images, dtype=self._np.float32)[..., None])
+        return self._predict(x).numpy().astype(self._np.float64)
+
+    def info(self):
+        attrs = self.attrs
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "load_seconds": round(self.load_seconds, 3),
+            "kind": attrs.get("mlk_kind"),
+            "workers": attrs.get("mlk_workers"),
+            "round": attrs.get("mlk_round"),
+            "samples": attrs.get("mlk_samples"),
+            "epochs": attrs.get("mlk_epochs"),
+            "attributes": attrs,
+        }
+
+
+class ModelHolder:
+    """Holds the current model; swaps in a new one when the file changes, without blocking requests.
+
+    At most once per CHECK_INTERVAL a request stat()s the file. If it changed, that request loads the
+    new model (others keep using the old one meanwhile) and then replaces the reference in one
+    assignment; requests already holding the old model finish with it.
+    """
+
+    def __init__(self, path, check_interval=CHECK_INTERVAL):
+        self.path = path
+        self.check_interval = check_interval
+        self.current = None
+        self.last_error = None
+        self._failed_signature = None
+        self._next_check = 0.0
+        self._loading = threading.Lock()
+
+    def get(self):
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self.check_interval
+            self.refresh()
+        return self.current
+
+    def refresh(self):
+        """Load the file if it differs from the current model (non-blocking if a load is running)."""
+        if not self._loading.acquire(blocking=False):
+            return
+        try:
+            signature = _file_signature(self.path)
+            current = self.current
+            if signature is None:
+                if current is None:
+                    self.last_error = f"model file {self.path} does not exist (yet)"
+                return  # keep serving the old model if the file is briefly gone
+            if (current is not None and current.signature == signature) or signature == self._failed_signature:
+                return
+            try:
+                loaded = LoadedModel(self.path, signature)
+            except Exception as err:  # a bad or half-copied file must not take the server down
+                self._failed_signature = signature
+                self.last_error = f"cannot load {self.path}: {type(err).__name__}: {err}"
+                log.error("%s", self.last_error)
+                return
+            if _file_signature(self.path) != signature:
+                return  # replaced while loading: the next check loads the newer one
+            self.current = loaded  # atomic swap
+            self.last_error = None
+            log.warning("model loaded: %s sha256 %s in %.2fs", self.path, loaded.sha256[:12], loaded.load_seconds)
+        finally:
+            self._loading.release()
+
+
+class _Job:
+    __slots__ = ("model", "images", "done", "lead", "probabilities", "error")
+
+    def __init__(self, model, images):
+        self.model, self.images = model, images
+        self.done = threading.Event()
+        self.lead = False
+        self.probabilities = self.error = None
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.probabilities
+
+
+class Batcher:
+    """Runs the predictions of concurrent requests (threads of one worker) as one model call.
+
+    No extra thread and no waiting when idle: the first request runs the model at once with whatever
+    is queued; requests arriving meanwhile queue, and when the call ends the oldest of them runs the
+    next batch. The model's per-call overhead (~1 ms) is then shared by the whole batch.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending = []
+        self._busy = False
+
+    def predict(self, model, images):
+        job = _Job(model, images)
+        with self._lock:
+            self._pending.append(job)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            job.done.wait()
+            if not job.lead:
+                return job.result()
+        with self._lock:
+            batch, self._pending = self._pending, []
+        try:
+            self._run(batch)
+        finally:
+            with self._lock:
+                if self._pending:
+                    self._pending[0].lead = True
+                    self._pending[0].done.set()  # hand the next batch to the oldest waiting request
+                else:
+                    self._busy = False
+        return job.result()
+
+    @staticmethod
+    def _run(batch):
+        import numpy as np
+
+        by_model = {}
+        for job in batch:
+            by_model.setdefault(id(job.model), []).append(job)  # a hot reload may mix two models
+        for jobs in by_model.values():
+            try:
+                probabilities = jobs[0].model.predict(np.concatenate([job.images for job in jobs]))
+                start = 0
+                for job in jobs:
+                    job.probabilities = probabilities[start:start + len(job.images)]
+                    start += len(job.images)
+            except Exception as err:  # noqa: BLE001 - handed to each waiting request
+                for job in jobs:
+                    job.error = err
+            for job in jobs:
+                job.done.set()
