@@ -7,18 +7,16 @@ The output is a copy of the first input with every weight replaced by the weight
 and mlk_ attributes describing the inputs (see docs/CONTRACTS.md).
 """
 
-import argparse
-import hashlib
-import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from mlkcommon import (Parser, atomic_path, attr_value, error, parse_args, read_mlk_attrs, sha256_file,
+                       write_mlk_attrs)
 
 PROG = "aggregator"
 POLL_SECONDS = 2.0
@@ -30,7 +28,7 @@ class AggregateError(Exception):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="aggregator.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="aggregator.py", description=__doc__.splitlines()[0])
     p.add_argument("--dir", required=True, help="directory holding the workers' *.h5 models")
     p.add_argument("--savefile", required=True, help="where to write the averaged model (.h5)")
     p.add_argument("--expect", type=int, default=None,
@@ -75,10 +73,6 @@ def wait_for_models(directory, expect, timeout, exclude=None):
         time.sleep(min(POLL_SECONDS, max(0.05, deadline - time.monotonic())))
 
 
-def attr_text(value):
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def weight_datasets(f):
     """{path: dataset} for every weight array under model_weights, in file order."""
     if "model_weights" not in f:
@@ -93,19 +87,19 @@ def read_model(path):
     """Read one model: {'config', 'samples', 'fingerprint', 'round', 'epochs', 'weights'}."""
     try:
         with h5py.File(path, "r") as f:
-            attrs = f.attrs
+            attrs = read_mlk_attrs(f)
             if "mlk_samples" not in attrs:
                 raise AggregateError(f"{path}: no mlk_samples attribute (not written by the trainer?)")
             samples = int(attrs["mlk_samples"])
             if samples < 1:
                 raise AggregateError(f"{path}: mlk_samples is {samples}, expected >= 1")
-            if "model_config" not in attrs:
+            if "model_config" not in f.attrs:
                 raise AggregateError(f"{path}: no model_config attribute (not a Keras .h5 model)")
             weights = {name: ds[()] for name, ds in weight_datasets(f).items()}
             model = {
-                "config": attr_text(attrs["model_config"]),
+                "config": str(attr_value(f.attrs["model_config"])),
                 "samples": samples,
-                "fingerprint": attr_text(attrs.get("mlk_init_fingerprint", "")),
+                "fingerprint": str(attrs.get("mlk_init_fingerprint", "")),
                 "round": int(attrs.get("mlk_round", 1)),
                 "epochs": int(attrs.get("mlk_epochs", 0)),
                 "weights": weights,
@@ -159,44 +153,30 @@ def fedavg(models):
     return out
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_aggregate(savefile, template, averaged, models, paths):
-    savefile = Path(savefile)
-    fd, tmp = tempfile.mkstemp(dir=savefile.parent, prefix=f".{savefile.stem}-", suffix=".h5.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(savefile) as tmp:
         shutil.copyfile(template, tmp)
         with h5py.File(tmp, "r+") as f:
             for name, ds in weight_datasets(f).items():
                 ds[...] = averaged[name]
             if "optimizer_weights" in f:  # the first worker's optimizer state means nothing here
                 del f["optimizer_weights"]
-            for key in [k for k in f.attrs if k.startswith("mlk_")]:
-                del f.attrs[key]
-            f.attrs["mlk_kind"] = "aggregated"
-            f.attrs["mlk_samples"] = sum(m["samples"] for m in models)
-            f.attrs["mlk_init_fingerprint"] = models[0]["fingerprint"]
-            f.attrs["mlk_round"] = max(m["round"] for m in models)
-            f.attrs["mlk_epochs"] = max(m["epochs"] for m in models)
-            f.attrs["mlk_workers"] = len(models)
-            f.attrs["mlk_inputs"] = json.dumps(
-                [{"file": p.name, "sha256": sha256_of(p), "samples": m["samples"]}
-                 for m, p in zip(models, paths)])
-        os.replace(tmp, savefile)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            write_mlk_attrs(f, {
+                "mlk_kind": "aggregated",
+                "mlk_samples": sum(m["samples"] for m in models),
+                "mlk_init_fingerprint": models[0]["fingerprint"],
+                "mlk_round": max(m["round"] for m in models),
+                "mlk_epochs": max(m["epochs"] for m in models),
+                "mlk_workers": len(models),
+                "mlk_inputs": [{"file": p.name, "sha256": sha256_file(p), "samples": m["samples"]}
+                               for m, p in zip(models, paths)],
+            }, replace=True)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
+        return args
     try:
         directory = Path(args.dir)
         if not directory.is_dir():
@@ -224,8 +204,7 @@ def main(argv=None):
         averaged = fedavg(models)
         write_aggregate(savefile, paths[0], averaged, models, paths)
     except AggregateError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return error(PROG, e)
     total = sum(m["samples"] for m in models)
     print(f"{PROG}: wrote {savefile}: average of {len(models)} models, {total} samples, "
           f"round {max(m['round'] for m in models)}", flush=True)

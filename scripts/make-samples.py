@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the sample images of the demo page from MNIST test digits (true digit in each file name).
 
-    .venv/bin/python scripts/make-samples.py [--dataset mnist.npz] [--out samples]
+    .venv/bin/python scripts/make-samples.py --out samples [--dataset mnist.npz] [--seed 7]
 
 Without --dataset: $MNIST_NPZ, else ../shared/datasets/mnist.npz, else the splitter's cached download.
 
@@ -9,12 +9,13 @@ MNIST-style: 4.png, 6.png (white digit on black, 28x28, like the original's samp
 Photo-like: photo-<digit>.jpg (dark ink on uneven light paper, off-centre, scaled up, noisy JPEG).
 The same files are copied to server/static/samples/ so the page (whose image holds server/ only)
 can link them. `photo_like()` is also used by scripts/benchmark-server.py.
+
+The command line (argparse through mlkcommon's Parser: a usage error is one line, exit 2) and the
+atomic writes come from common/mlkcommon.py, imported from there (this script is in no image).
 """
 
-import argparse
 import importlib.util
 import io
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,24 +24,22 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "common"))
+from mlkcommon import Parser, error, int_at_least, parse_args, write_bytes_atomic  # noqa: E402
+
 PROG = "make-samples.py"
 MNIST_STYLE = (4, 6)
 PHOTO_DIGITS = (2, 3, 7)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
     parser = Parser(prog=PROG, description="Write MNIST-style and photo-like sample digits.")
+    parser.add_argument("--out", required=True, help="output folder (the repository's: samples)")
     parser.add_argument("--dataset", help="mnist.npz with x_test, y_test (default: $MNIST_NPZ, else "
                         "../shared/datasets/mnist.npz, else the splitter's cached download)")
-    parser.add_argument("--out", default=str(ROOT / "samples"), help="output folder (default samples/)")
     parser.add_argument("--static", default=str(ROOT / "server/static/samples"),
                         help="copy the samples here too ('' to skip; default server/static/samples)")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int_at_least(0), default=7, help="seed of the photo-like noise (default 7)")
     return parser
 
 
@@ -54,8 +53,7 @@ def mnist_path():
     try:
         return str(helpers.mnist_path())
     except helpers.MnistUnavailable as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error(PROG, e))
 
 
 def photo_like(digit, rng):
@@ -79,36 +77,31 @@ def photo_like(digit, rng):
     return out.getvalue()
 
 
+class SampleError(Exception):
+    """Bad input: one line on stderr, exit code 2."""
+
+
 def load_test(dataset):
     try:
         with np.load(dataset, allow_pickle=False) as npz:
             return npz["x_test"], npz["y_test"]
     except (OSError, KeyError, ValueError) as err:
-        raise SystemExit(f"{PROG}: error: cannot read {dataset}: {err}") from None
+        raise SampleError(f"cannot read {dataset}: {err}") from None
 
 
 def first_index(y, digit, skip=0):
     return int(np.flatnonzero(y == digit)[skip])
 
 
-def write_atomically(path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
+        return args
     dataset = args.dataset or mnist_path()
     try:
         x, y = load_test(dataset)
-    except SystemExit as err:
-        print(err, file=sys.stderr)
-        return 2
+    except SampleError as err:
+        return error(PROG, err)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -120,7 +113,7 @@ def main(argv=None) -> int:
     for digit in PHOTO_DIGITS:
         written.append((out / f"photo-{digit}.jpg", photo_like(x[first_index(y, digit, 1)], rng)))
     for path, data in written:
-        write_atomically(path, data)
+        write_bytes_atomic(path, data)
         print(f"wrote {path} ({len(data)} bytes)")
     if args.static:
         static = Path(args.static)

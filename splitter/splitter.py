@@ -7,17 +7,16 @@ Shard sizes differ by at most one; together they hold every training sample exac
 Needs numpy only.
 """
 
-import argparse
-import hashlib
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from mlkcommon import Parser, atomic_path, error, int_at_least, parse_args, sha256_file
 
 PROG = "splitter"
 MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -40,20 +39,13 @@ class DownloadError(SplitError):
     exit_code = 1
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (program name first) and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
     p = Parser(prog="splitter.py", description=__doc__.splitlines()[0])
     p.add_argument("--n_container", type=int, required=True, help="number of shards (workers)")
     p.add_argument("--savedir", required=True, help="directory for 0.npz ... and test.npz")
     p.add_argument("--dataset", default=None,
                    help="Keras-layout mnist.npz (default: env MNIST_NPZ, else download)")
-    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    p.add_argument("--shuffle-seed", type=int_at_least(0), default=0, help="seed of the shuffle (default 0)")
     p.add_argument("--strategy", choices=("iid", "label-skew"), default="iid",
                    help="iid: random shards; label-skew: each shard dominated by a few digits")
     return p
@@ -68,12 +60,7 @@ def fetch(url, dest):
             f.write(chunk)
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_of = sha256_file  # the name the tests and tests/helpers.py use
 
 
 def download_mnist(cache_dir, url=None, sha256=None):
@@ -86,22 +73,16 @@ def download_mnist(cache_dir, url=None, sha256=None):
     if path.exists() and sha256_of(path) == sha256:
         return path
     print(f"{PROG}: downloading {url}", flush=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".mnist-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # renamed into place only once the checksum matches
         try:
             fetch(url, tmp)
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise DownloadError(f"could not download {url} ({e}); without network, pass "
                                 "--dataset PATH or set MNIST_NPZ to a local Keras mnist.npz") from None
-        got = sha256_of(tmp)
+        got = sha256_file(tmp)
         if got != sha256:
             raise DownloadError(f"downloaded {url} has sha256 {got}, expected {sha256}; "
                                 "pass --dataset PATH to use a local copy")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -149,16 +130,8 @@ def shard_indices(labels, n, strategy="iid", seed=0):
 
 
 def save_npz_atomic(path, **arrays):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        np.savez(f, **arrays)
 
 
 def remove_stale_shards(savedir, n):
@@ -169,10 +142,9 @@ def remove_stale_shards(savedir, n):
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # usage error (exit 2, one line) or --help (exit 0)
-        return int(exit_.code or 0)
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
+        return args
     try:
         n = args.n_container
         if n < 1 or n > MAX_SHARDS:
@@ -192,8 +164,7 @@ def main(argv=None) -> int:
         except OSError as e:  # a parent is a file, permissions, read-only volume
             raise SplitError(f"cannot create --savedir {savedir}: {e}") from None
     except SplitError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return error(PROG, e, e.exit_code)
 
     shards = shard_indices(y_train, n, args.strategy, args.shuffle_seed)
     try:
@@ -206,8 +177,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: test set {savedir / 'test.npz'}: {len(x_test)} samples", flush=True)
         remove_stale_shards(savedir, n)
     except OSError as e:  # disk full, read-only volume, permissions
-        print(f"{PROG}: error: cannot write to {savedir}: {e}", file=sys.stderr)
-        return 2
+        return error(PROG, f"cannot write to {savedir}: {e}")
     print(f"{PROG}: done: {len(x_train)} training samples in {n} shards ({args.strategy}, "
           f"seed {args.shuffle_seed})", flush=True)
     return 0

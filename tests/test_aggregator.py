@@ -93,7 +93,7 @@ def test_attributes(workdir, tmp_path, capsys):
         inputs = json.loads(a["mlk_inputs"])
     assert [i["file"] for i in inputs] == ["0-model.h5", "1-model.h5", "2-model.h5"]
     assert [i["samples"] for i in inputs] == [100, 200, 700]
-    assert inputs[0]["sha256"] == aggregator.sha256_of(workdir / "0-model.h5")
+    assert inputs[0]["sha256"] == aggregator.sha256_file(workdir / "0-model.h5")
     assert not list(tmp_path.glob(".*tmp"))
 
 

@@ -6,6 +6,7 @@ ARG BASE_IMAGE, runs as a non-root user, has an ENTRYPOINT running its program, 
 that exist, and the TensorFlow-free stages install no requirement file that names TensorFlow.
 """
 
+import fnmatch
 import json
 import re
 import shutil
@@ -115,8 +116,24 @@ def test_copied_files_exist_in_the_build_context(stage):
 
 def test_trainer_image_also_holds_the_accuracy_test():
     copies = " ".join(a for w, a in instructions(ROOT / "trainer" / "Dockerfile") if w == "COPY")
-    for f in ("trainer.py", "evaluate.py", "mlk.py"):
+    for f in ("trainer.py", "evaluate.py", "mlk.py", "mlkcommon.py"):
         assert f in copies
+
+
+def test_image_holds_mlkcommon_when_its_programs_import_it(stage):
+    """<stage>/mlkcommon.py (the copy of common/mlkcommon.py, tests/test_common.py) goes into the image of
+    every stage whose programs import it: COPYed by name, or by `COPY .` and not in .dockerignore."""
+    folder = ROOT / stage
+    if not any(re.search(r"^\s*(from mlkcommon import|import mlkcommon)", p.read_text(), re.M)
+               for p in folder.glob("*.py") if p.name != "mlkcommon.py"):
+        pytest.skip(f"no program in {stage}/ imports mlkcommon")
+    assert (folder / "mlkcommon.py").is_file()
+    sources = [src for w, a in instructions(folder / "Dockerfile") if w == "COPY" and not a.startswith("--from=")
+               for src in a.split()[:-1]]
+    assert "mlkcommon.py" in sources or "." in sources, f"{stage}/Dockerfile does not COPY mlkcommon.py"
+    ignored = [line.strip() for line in (folder / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert not [pat for pat in ignored if fnmatch.fnmatch("mlkcommon.py", pat.lstrip("/"))], ignored
 
 
 def test_server_image_serves_the_model_on_port_5000():

@@ -6,7 +6,8 @@ Prints the loss and accuracy, then a last stdout line of JSON {"loss": ..., "acc
 import json
 import sys
 
-from mlk import InputError, Parser, load_checked_model, load_shard, to_model_input
+from mlk import InputError, load_checked_model, load_shard, to_model_input
+from mlkcommon import Parser, error, parse_args
 
 DEFAULT_DATA = "/mnt/data/test.npz"  # the test shard on the shared volume (docs/CONTRACTS.md)
 
@@ -34,15 +35,13 @@ def evaluate(args):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
+        return args
     try:
         evaluate(args)
     except InputError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return error(parser.prog, err)
     return 0
 
 

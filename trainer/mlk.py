@@ -1,10 +1,11 @@
 """Pieces shared by trainer.py and evaluate.py: input checks, the model, the weight fingerprint.
+(What every stage shares, the command-line parser, atomic writes and the mlk_* attributes, is in
+mlkcommon.py, the copy of common/mlkcommon.py.)
 
 Kept free of TensorFlow imports at module level so argument and data errors are reported
 before the (slow) TensorFlow start-up.
 """
 
-import argparse
 import hashlib
 import os
 import zipfile
@@ -17,13 +18,6 @@ NUM_CLASSES = 10
 
 class InputError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is a single line (program name first) and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def load_shard(path):
@@ -70,23 +64,6 @@ def fingerprint(weights):
         digest.update(("x".join(str(d) for d in array.shape) + ";").encode())
         digest.update(array.astype("<f4").tobytes())
     return digest.hexdigest()
-
-
-def read_attrs(path):
-    """The file's root mlk_* attributes as plain Python values ({} if it has none)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        attrs = {}
-        for key, value in f.attrs.items():
-            if not key.startswith("mlk_"):
-                continue
-            if isinstance(value, bytes):
-                value = value.decode()
-            elif isinstance(value, np.generic):
-                value = value.item()
-            attrs[key] = value
-        return attrs
 
 
 def load_checked_model(path):

@@ -6,12 +6,11 @@ See docs/CONTRACTS.md for the file formats and the attributes written into the .
 """
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 
-from mlk import InputError, Parser, fingerprint, load_checked_model, load_shard, read_attrs, to_model_input
+from mlk import InputError, fingerprint, load_checked_model, load_shard, to_model_input
+from mlkcommon import Parser, atomic_path, error, int_at_least, parse_args, read_mlk_attrs, write_mlk_attrs
 
 # Model / training constants (chosen for accuracy per CPU-second; see README's benchmark).
 DEFAULT_SEED = 2019
@@ -26,7 +25,7 @@ def build_parser():
     parser.add_argument("--epoch", type=int, required=True, help="epochs over the shard (>= 1)")
     parser.add_argument("--batch", type=int, required=True, help="batch size (>= 1)")
     parser.add_argument("--savemodel", "--savefile", dest="savemodel", required=True, help="output .h5 path")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the initial weights (default {DEFAULT_SEED})")
+    parser.add_argument("--seed", type=int_at_least(0), default=DEFAULT_SEED, help=f"seed for the initial weights (default {DEFAULT_SEED})")
     parser.add_argument("--init-model", help="start from this .h5 model (e.g. the previous round's aggregate)")
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads (0 = TF default)")
     return parser
@@ -65,20 +64,12 @@ def epoch_logger(keras, epochs, samples):
 
 
 def save_atomically(model, path, attrs):
-    """model.save into a private temp dir beside `path`, add the mlk_* attributes, then os.replace."""
-    import h5py
-
-    target_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(target_dir, exist_ok=True)
-    temp_dir = tempfile.mkdtemp(prefix=".trainer-", dir=target_dir)  # not matched by a reader's *.h5 glob
-    try:
-        temp_path = os.path.join(temp_dir, "model.h5")
-        model.save(temp_path)
-        with h5py.File(temp_path, "a") as f:
-            f.attrs.update(attrs)
-        os.replace(temp_path, path)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """model.save to a hidden temporary .h5 beside `path` (the aggregator skips dot files), add the mlk_*
+    attributes, then rename it into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, suffix=".h5") as temp_path:  # .h5: Keras picks the format by the extension
+        model.save(str(temp_path))
+        write_mlk_attrs(temp_path, attrs)
 
 
 def train(args):
@@ -113,7 +104,7 @@ def train(args):
     # Model: the shared starting point of every worker in this round.
     if args.init_model:
         model = load_checked_model(args.init_model)
-        training_round = int(read_attrs(args.init_model).get("mlk_round", 0)) + 1
+        training_round = int(read_mlk_attrs(args.init_model).get("mlk_round", 0)) + 1
     else:
         model = build_model(keras)
         training_round = 1
@@ -145,15 +136,13 @@ def train(args):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
+        return args
     try:
         train(args)
     except InputError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return error(parser.prog, err)
     return 0
 
 

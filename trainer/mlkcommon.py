@@ -1,0 +1,164 @@
+# GENERATED from common/mlkcommon.py by scripts/sync-common.sh: edit that file, then run the script.
+"""Code the stage programs share: the command line, atomic writes, sha256 of a file, mlk_* attributes.
+
+The one source is common/mlkcommon.py. Every stage folder is its own image build context and imports
+nothing from another folder (docs/CONTRACTS.md), so scripts/sync-common.sh copies this file into each
+stage folder that uses it as <stage>/mlkcommon.py, and the programs `from mlkcommon import ...` their
+local copy; tests/test_common.py fails when a copy differs from this file.
+
+Standard library only at import time: the aggregator's image has no TensorFlow, the splitter's no h5py,
+and a usage error is reported before anything slow is imported. h5py is imported inside the functions
+that open .h5 files.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+MLK_PREFIX = "mlk_"
+JSON_ATTRS = ("mlk_inputs",)  # mlk_* attributes stored as JSON text (docs/CONTRACTS.md)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line on stderr, `PROG: error: ...`, and exit code 2
+    (a retry would fail the same way); -h/--help still prints the full usage and exits 0."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv); a usage error or -h/--help returns its exit code (an int: 2 or 0)
+    instead of raising SystemExit, so `main(argv) -> int` can return it:
+
+        args = parse_args(build_parser(), argv)
+        if isinstance(args, int):
+            return args
+    """
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+
+
+def int_at_least(minimum):
+    """argparse type: an integer >= minimum, else the usage error `argument --x: must be >= ...`."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def one_line(message):
+    """message with its lines joined: what a program prints on stderr is always a single line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def error(prog, message, code=2):
+    """Print `prog: error: message` as one line on stderr and return code (`return error(...)`)."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    return code
+
+
+# --- files -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=".tmp"):
+    """Yield a temporary path beside `path` for the caller to write (with any writer: open, np.savez,
+    h5py, Keras' model.save, a download); when the block ends without an exception the file is renamed
+    onto `path` in one step (os.replace), else removed. Readers therefore see the old file or the new
+    one, never half of one. The name is hidden and fresh, `.NAME-RANDOM` + suffix (readers skip dot
+    files and *.tmp); pass suffix=".h5" for a writer that goes by the extension (Keras)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}-{secrets.token_hex(6)}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(path, data):
+    """Write bytes to path through atomic_path (temporary name in the same folder, then rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
+            f.write(data)
+
+
+def sha256_file(path):
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- mlk_* attributes of the .h5 models (docs/CONTRACTS.md) --------------------------------------
+
+def attr_value(value):
+    """An HDF5 attribute as a plain Python value: bytes decoded, numpy scalars to int/float/str."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+        return value.decode() if isinstance(value, bytes) else value
+    return value
+
+
+@contextlib.contextmanager
+def _h5(source, mode):
+    """An open h5py File/Group as it is, or a path opened in mode (and closed afterwards)."""
+    if hasattr(source, "attrs"):
+        yield source
+        return
+    import h5py
+
+    with h5py.File(source, mode) as f:
+        yield f
+
+
+def read_mlk_attrs(source):
+    """The root mlk_* attributes of an .h5 file (a path or an open h5py File) as plain Python values;
+    JSON ones (mlk_inputs) decoded, left as text if they do not parse. {} when there are none."""
+    with _h5(source, "r") as f:
+        out = {}
+        for key, value in f.attrs.items():
+            if not key.startswith(MLK_PREFIX):
+                continue
+            value = attr_value(value)
+            if key in JSON_ATTRS and isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    value = json.loads(value)
+            out[key] = value
+        return out
+
+
+def write_mlk_attrs(target, attrs, replace=False):
+    """Set root mlk_* attributes of an .h5 file (a path, opened r+, or an open h5py File); lists and
+    dicts are stored as JSON text. replace=True first deletes every mlk_* attribute already there."""
+    bad = [key for key in attrs if not key.startswith(MLK_PREFIX)]
+    if bad:
+        raise ValueError(f"not mlk_* attributes: {', '.join(bad)}")
+    with _h5(target, "r+") as f:
+        if replace:
+            for key in [k for k in f.attrs if k.startswith(MLK_PREFIX)]:
+                del f.attrs[key]
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
