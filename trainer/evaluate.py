@@ -6,8 +6,8 @@ Prints the loss and accuracy, then a last stdout line of JSON {"loss": ..., "acc
 import json
 import sys
 
-from mlk import InputError, load_checked_model, load_shard, to_model_input
-from mlkcommon import Parser, error, parse_args
+from mlk import InputError, load_checked_model, load_shard, run, to_model_input
+from mlkcommon import Parser
 
 DEFAULT_DATA = "/mnt/data/test.npz"  # the test shard on the shared volume (docs/CONTRACTS.md)
 
@@ -34,15 +34,7 @@ def evaluate(args):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
-        return args
-    try:
-        evaluate(args)
-    except InputError as err:
-        return error(parser.prog, err)
-    return 0
+    return run(build_parser(), evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,27 @@ import zipfile
 
 import numpy as np
 
+from mlkcommon import error, parse_args
+
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 
 
 class InputError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+def run(parser, action, argv=None):
+    """The main() of trainer.py and evaluate.py: parse argv with parser (usage error: one line, exit 2;
+    --help: exit 0), then action(args); an InputError is one line `PROG: error: ...` and exit 2."""
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        action(args)
+    except InputError as err:
+        return error(parser.prog, err)
+    return 0
 
 
 def load_shard(path):

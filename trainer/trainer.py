@@ -9,8 +9,8 @@ import os
 import sys
 import time
 
-from mlk import InputError, fingerprint, load_checked_model, load_shard, to_model_input
-from mlkcommon import Parser, atomic_path, error, int_at_least, parse_args, read_mlk_attrs, write_mlk_attrs
+from mlk import InputError, fingerprint, load_checked_model, load_shard, run, to_model_input
+from mlkcommon import Parser, atomic_path, int_at_least, read_mlk_attrs, write_mlk_attrs
 
 # Model / training constants (chosen for accuracy per CPU-second; see README's benchmark).
 DEFAULT_SEED = 2019
@@ -135,15 +135,7 @@ def train(args):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
-        return args
-    try:
-        train(args)
-    except InputError as err:
-        return error(parser.prog, err)
-    return 0
+    return run(build_parser(), train, argv)
 
 
 if __name__ == "__main__":
