@@ -7,12 +7,12 @@ of one worker as one model call. TensorFlow is imported only when a model is loa
 format is in docs/CONTRACTS.md.
 """
 
-import hashlib
-import json
 import logging
 import os
 import threading
 import time
+
+from mlkcommon import read_mlk_attrs, sha256_file
 
 CHECK_INTERVAL = 1.0  # seconds between cheap stat() checks of the model file
 
@@ -28,27 +28,6 @@ def _file_signature(path):
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _read_attrs(path):
-    import h5py
-
-    out = {}
-    with h5py.File(path, "r") as f:
-        for key, value in f.attrs.items():
-            if not key.startswith("mlk_"):
-                continue
-            if isinstance(value, bytes):
-                value = value.decode()
-            elif hasattr(value, "item"):
-                value = value.item()
-            if key == "mlk_inputs" and isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    pass
-            out[key] = value
-    return out
-
-
 class LoadedModel:
     """One loaded model: a compiled predict function plus what /api/model reports."""
 
@@ -58,13 +37,12 @@ class LoadedModel:
         import tensorflow as tf
 
         started = time.perf_counter()
-        with open(path, "rb") as f:
-            self.sha256 = hashlib.sha256(f.read()).hexdigest()
+        self.sha256 = sha256_file(path)
         model = keras.models.load_model(path, compile=False)
         if tuple(model.input_shape[1:]) != (28, 28, 1) or tuple(model.output_shape[1:]) != (10,):
             raise ValueError(f"model has input {model.input_shape} / output {model.output_shape}, "
                              "expected (None, 28, 28, 1) -> (None, 10)")
-        self.attrs = _read_attrs(path)
+        self.attrs = read_mlk_attrs(path)
         self._model = model
 
         def forward(x):

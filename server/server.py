@@ -9,7 +9,6 @@ a missing model is picked up when it appears (/readyz says 503 until then). Tens
 only in the workers, never here.
 """
 
-import argparse
 import gc
 import logging
 import os
@@ -18,14 +17,10 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mlkcommon import Parser  # noqa: E402  (the local copy, after the path)
 
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 4
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():

@@ -33,13 +33,7 @@ OWN_COPIES = {
     "sha256 of a file": re.compile(r"def \w*sha256\w*\(|hashlib\.sha256\(\w+\.read\(|hashlib\.file_digest\("),
     "mlk_* attribute reader": re.compile(r"""startswith\(["']mlk_["']\)"""),
 }
-# Files that still keep their own copy: expected failures, listed in the test summary. The server (split
-# into model.py, app.py, server.py by issue 10 part 2) switches to `from mlkcommon import ...` next;
-# server/mlkcommon.py is there already. Remove an entry once the file imports mlkcommon.
-PENDING = {
-    "server/server.py": "its own Parser class: to be imported from mlkcommon (issue 10)",
-    "server/model.py": "its own mlk_* attribute reader and file sha256: to be imported from mlkcommon (issue 10)",
-}
+PENDING = {}  # files still keeping their own copy of a shared helper: none
 
 
 def checked_files():
