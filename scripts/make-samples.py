@@ -8,7 +8,7 @@ Without --dataset: $MNIST_NPZ, else ../shared/datasets/mnist.npz, else the split
 MNIST-style: 4.png, 6.png (white digit on black, 28x28, like the original's samples).
 Photo-like: photo-<digit>.jpg (dark ink on uneven light paper, off-centre, scaled up, noisy JPEG).
 The same files are copied to server/static/samples/ so the page (whose image holds server/ only)
-can link them. `photo_like()` is also used by scripts/benchmark-server.py.
+can link them. `photo_like()` is also used by benchmarks/benchmark-server.py.
 
 The command line (argparse through mlkcommon's Parser: a usage error is one line, exit 2) and the
 atomic writes come from common/mlkcommon.py, imported from there (this script is in no image).

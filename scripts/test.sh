@@ -4,7 +4,7 @@
 # Installs what it needs itself (Debian packages when run as root, the virtualenv always).
 # Extra arguments go to pytest, e.g. scripts/test.sh -k splitter (then the container run is left out);
 # -h/--help prints this (pytest's own: .venv/bin/python -m pytest --help).
-#   SKIP_E2E=1   leave out the container end-to-end run (scripts/e2e-containers.sh)
+#   SKIP_E2E=1   leave out the container end-to-end run (tests/e2e/e2e-containers.sh)
 set -euo pipefail
 
 usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
@@ -38,5 +38,5 @@ export TF_CPP_MIN_LOG_LEVEL=2
 "$root/.venv/bin/python" -m pytest "$@"
 
 if [[ "${SKIP_E2E:-0}" != "1" && $# -eq 0 ]]; then
-  "$root/scripts/e2e-containers.sh"
+  "$root/tests/e2e/e2e-containers.sh"
 fi

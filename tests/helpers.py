@@ -1,7 +1,7 @@
 """Small helpers several test files share (import as `from helpers import ...`; pytest puts tests/ on sys.path).
 
 `mnist_path()` is the one definition of where real MNIST comes from, for the tests and the development
-scripts (scripts/e2e-containers.sh, scripts/benchmark-*.py, scripts/make-samples.py load this file too)."""
+scripts (tests/e2e/e2e-containers.sh, benchmarks/benchmark-*.py, scripts/make-samples.py load this file too)."""
 
 import os
 import socket

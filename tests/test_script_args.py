@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHELL_SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
-PY_SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.py") if "argparse" in p.read_text())
+# What users run (scripts/), the test harnesses (tests/policy-check.sh, tests/e2e/) and the benchmarks.
+SHELL_SCRIPTS = sorted((REPO / "scripts").glob("*.sh")) + sorted(REPO.glob("tests/**/*.sh"))
+PY_SCRIPTS = sorted(p for folder in ("scripts", "benchmarks", "tests/e2e") for p in (REPO / folder).glob("*.py")
+                    if "argparse" in p.read_text())
 FAKES = ("kubectl", "podman", "docker", "gcloud", "apt-get", "kind", "minikube", "go", "debootstrap", "helm",
          "python3")
-ids = lambda p: p.name  # noqa: E731
+ids = lambda p: p.relative_to(REPO).as_posix()  # noqa: E731
 
 
 @pytest.fixture
@@ -69,9 +71,11 @@ def untouched(calls, state):
 
 
 def test_every_script_is_covered():
-    names = {p.name for p in SHELL_SCRIPTS}
-    assert {"bootstrap.sh", "test.sh", "e2e-containers.sh", "render.sh", "quickstart.sh"} <= names
-    assert {"benchmark-pipeline.py", "e2e_pod.py", "make-samples.py"} <= {p.name for p in PY_SCRIPTS}
+    shell = {ids(p) for p in SHELL_SCRIPTS}
+    assert {"scripts/bootstrap.sh", "scripts/test.sh", "scripts/render.sh", "scripts/quickstart.sh",
+            "tests/policy-check.sh", "tests/e2e/e2e-containers.sh", "tests/e2e/make-base-image.sh"} <= shell
+    assert {"benchmarks/benchmark-pipeline.py", "benchmarks/benchmark-server.py", "benchmarks/original_method.py",
+            "tests/e2e/e2e_pod.py", "scripts/make-samples.py"} <= {ids(p) for p in PY_SCRIPTS}
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -124,9 +128,9 @@ def test_python_scripts_help_and_unknown_argument(script, sandbox):
     untouched(calls, state)
 
 
-# --- scripts/e2e-containers.sh --print-containers-conf: the podman settings the machine gets ----------
+# --- tests/e2e/e2e-containers.sh --print-containers-conf: the podman settings the machine gets ----------
 
-E2E = REPO / "scripts" / "e2e-containers.sh"
+E2E = REPO / "tests" / "e2e" / "e2e-containers.sh"
 
 
 def settings(text):

@@ -1,4 +1,5 @@
-"""Every shell script (scripts/*.sh and the CI entry point .ci/run) is clean under shellcheck, following
+"""Every shell script (scripts/*.sh, the test harnesses tests/**/*.sh and the CI entry point .ci/run) is clean
+under shellcheck, following
 sourced files (scripts/images.env) as CI sees them from the repo root."""
 
 import shutil
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted((REPO / "scripts").glob("*.sh")) + [REPO / ".ci" / "run"]
+SCRIPTS = sorted((REPO / "scripts").glob("*.sh")) + sorted(REPO.glob("tests/**/*.sh")) + [REPO / ".ci" / "run"]
 
 
 def shellcheck():
@@ -19,8 +20,9 @@ def shellcheck():
 
 
 def test_there_are_scripts_to_check():
-    names = {p.name for p in SCRIPTS}
-    assert {"quickstart.sh", "teardown.sh", "render.sh", "policy-check.sh", "run"} <= names
+    paths = {p.relative_to(REPO).as_posix() for p in SCRIPTS}
+    assert {"scripts/quickstart.sh", "scripts/teardown.sh", "scripts/render.sh", "tests/policy-check.sh",
+            "tests/e2e/e2e-containers.sh", "tests/e2e/make-base-image.sh", ".ci/run"} <= paths
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(REPO).as_posix())

@@ -15,7 +15,7 @@ for arg in "$@"; do
 done
 
 me="policy-check.sh"
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" # this file is tests/policy-check.sh
 venv="${CHECKOV_VENV:-$root/.venv-checkov}"
 checkov_version="3.3.30"
 python="${PYTHON:-python3}"

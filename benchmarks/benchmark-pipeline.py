@@ -1,10 +1,10 @@
 """Benchmark: the local pipeline vs the 2019 method on real MNIST, same shards, same parallelism.
 
 Runs scripts/local-quickstart.sh (WORKER_NUMBER=3 EPOCH=2 BATCH=100 SERVE=0, ROUNDS from env or its
-default) in a temp WORK_DIR, then scripts/original_method.py on that run's shards, and prints a table
+default) in a temp WORK_DIR, then benchmarks/original_method.py on that run's shards, and prints a table
 (method, wall time, test accuracy) and a verdict on the >= 0.985 target. If local-quickstart.sh does
 not exist yet, it runs the same stages itself (split, parallel trainers, aggregate, evaluate).
-Usage: [MNIST_NPZ=mnist.npz] [ROUNDS=2] .venv/bin/python scripts/benchmark-pipeline.py
+Usage: [MNIST_NPZ=mnist.npz] [ROUNDS=2] .venv/bin/python benchmarks/benchmark-pipeline.py
 MNIST: $MNIST_NPZ, else ../shared/datasets/mnist.npz beside the repository, else the splitter's
 checksum-verified download into the user cache (tests/helpers.py's mnist_path(), as for the tests).
 """
@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent  # benchmarks/
+REPO = HERE.parent
 TARGET = 0.985
 WORKERS, EPOCH, BATCH = 3, 2, 100
 PY = sys.executable
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         ours = json.loads(accuracy_lines[-1]) if accuracy_lines else None
 
         started = time.perf_counter()
-        original = last_json(run([PY, REPO / "scripts/original_method.py", "--data-dir", work / "data",
+        original = last_json(run([PY, HERE / "original_method.py", "--data-dir", work / "data",
                                   "--workers", str(WORKERS), "--epoch", str(EPOCH), "--batch", str(BATCH)]))
         original_seconds = time.perf_counter() - started
 

@@ -7,7 +7,7 @@
 # It adapts to the machine (docs/e2e.md): as root it installs what is missing (podman, runc, curl;
 # debootstrap only if a stand-in base must be built), otherwise it says in one line what to install
 # and runs rootless podman.
-#   scripts/e2e-containers.sh [--print-containers-conf]   (the latter: print the podman settings
+#   tests/e2e/e2e-containers.sh [--print-containers-conf]   (the latter: print the podman settings
 #                                       this machine gets, then exit; nothing is run or installed)
 #   WORKER_NUMBER (3)  EPOCH (1)  BATCH (100)
 #   E2E_TRAIN (24000) E2E_TEST (2000)   samples of MNIST used: MNIST_NPZ, else ../shared/datasets/
@@ -21,7 +21,7 @@
 #                                       An explicit CONTAINERS_CONF is used as it is.
 #   BASE_IMAGE                          base of the stage images (default: the Dockerfiles' own
 #                                       when it exists or can be pulled, else a debootstrap stand-in,
-#                                       built once and cached: scripts/make-base-image.sh)
+#                                       built once and cached: tests/e2e/make-base-image.sh)
 #   E2E_SKIP_BUILD=1                    use the images already built
 #   E2E_SERVER=0                        stop after the accuracy test (debugging; exits 1, never a pass)
 set -euo pipefail
@@ -36,7 +36,8 @@ for arg in "$@"; do
   esac
 done
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"  # tests/e2e: this harness and its helpers
+root="$(cd "$here/../.." && pwd)"
 cd "$root"
 # shellcheck source=scripts/images.env disable=SC1091
 source "$root/scripts/images.env"
@@ -87,7 +88,7 @@ containers_conf() {
     engine+=("# systemd is not running" 'cgroup_manager = "cgroupfs"' 'events_logger = "file"')
   fi
   ((${#ulimits[@]} + ${#engine[@]})) || return 0
-  echo "# podman settings this machine needs (scripts/e2e-containers.sh, E2E_CONTAINERS_CONF=auto)"
+  echo "# podman settings this machine needs (tests/e2e/e2e-containers.sh, E2E_CONTAINERS_CONF=auto)"
   if ((${#ulimits[@]})); then
     echo "[containers]"
     echo "# the hard limits root may not raise past here"
@@ -225,7 +226,7 @@ pick_base() {
     log "base image: $real (the Dockerfiles' own, pulled)"
   else
     log "base image: cannot pull $real ($(grep -m1 . "$work/pull.err" | cut -c1-160 || true)); using the debootstrap stand-in"
-    "$root/scripts/make-base-image.sh" || return 1
+    "$here/make-base-image.sh" || return 1
     real="${BASE_IMAGE_NAME:-localhost/mlk-base:bookworm}"
   fi
   export BASE_IMAGE="$real"
@@ -286,14 +287,14 @@ pod_args() { # pod_args YAML [e2e_pod.py options...] -> array "args"
   local yaml="$1"
   shift
   args=()
-  mapfile -d '' args < <("$py" "$root/scripts/e2e_pod.py" run-args "$yaml" --volume "$volume" \
+  mapfile -d '' args < <("$py" "$here/e2e_pod.py" run-args "$yaml" --volume "$volume" \
                           --configmaps "$work/4-splitter.yaml" "${pod_opts[@]}" "$@") || true
   ((${#args[@]})) || fail "cannot turn $(basename "$yaml") into a container"
 }
 show_logs() { log "logs of $1:"; podman logs "$1" 2>&1 | tail -n 30 | sed 's/^/    /' >&2 || true; }
 run_inits() { # run_inits NAME YAML: the pod's init containers, in order, each to completion
   local n i
-  n="$("$py" "$root/scripts/e2e_pod.py" inits "$2")" || fail "reading $(basename "$2")"
+  n="$("$py" "$here/e2e_pod.py" inits "$2")" || fail "reading $(basename "$2")"
   for ((i = 0; i < n; i++)); do
     pod_args "$2" --init "$i"
     containers+=("$run_id-$1-init-$i")
@@ -403,7 +404,7 @@ fi
 server() {
   local name="$run_id-server" port ready path probe_port waited=0
   port="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-  read -r path probe_port < <("$py" "$root/scripts/e2e_pod.py" probe "$work/7-server.yaml" readinessProbe --kind Deployment) \
+  read -r path probe_port < <("$py" "$here/e2e_pod.py" probe "$work/7-server.yaml" readinessProbe --kind Deployment) \
     || fail "7-server.yaml has no httpGet readinessProbe"
   pod_args "$work/7-server.yaml" --kind Deployment --publish "127.0.0.1:$port"
   containers+=("$name")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the production prediction server (server/server.py under gunicorn) on this machine.
 
-    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python scripts/benchmark-server.py [--model M.h5]
+    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/benchmark-server.py [--model M.h5]
 
 1. Throughput/latency: POST /api/predict of one 28x28 PNG from 8 concurrent keep-alive clients for
    10 s (targets: >= 400 requests/s, p99 <= 50 ms, zero errors), then from 1 client (p50 reported).

@@ -1,6 +1,6 @@
 """Turn a rendered Kubernetes manifest's pod template into a `podman run` command line.
 
-Used by scripts/e2e-containers.sh so each stage runs exactly as its manifest describes it:
+Used by tests/e2e/e2e-containers.sh so each stage runs exactly as its manifest describes it:
 image, command (-> --entrypoint), args, env (values, ConfigMap keys, resourceFieldRef), the
 security context's user, read-only root filesystem, dropped capabilities, no-new-privileges,
 resource limits, emptyDir volumes (-> tmpfs) and the claim's mount (-> one shared podman volume).
