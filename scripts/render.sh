@@ -6,6 +6,7 @@
 #
 # Environment (a placeholder a file uses must be set, else this fails naming it):
 #   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP, STORAGE_CLASS  fill {{NAME}}
+#                   (the list is PLACEHOLDERS in scripts/images.env)
 #   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL (rounds after the first)
 #   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<stage>:0.1.0 -> $IMAGE_REGISTRY/<stage>:$IMAGE_TAG
@@ -26,7 +27,8 @@ for arg in "$@"; do
   esac
 done
 
-(($# > 0)) || die "usage: scripts/render.sh FILE... (fills {{WORKER_NUMBER}} {{EPOCH}} {{BATCH}} {{INCREMENTAL_NUMBER}} {{NFS_CLUSTER_IP}} {{STORAGE_CLASS}} from the environment)"
+names=("${PLACEHOLDERS[@]%%=*}") # images.env: NAME=sample value
+(($# > 0)) || die "usage: scripts/render.sh FILE... (fills $(printf '{{%s}} ' "${names[@]}")from the environment)"
 
 # Values go into sed replacements: allow only characters that cannot break them or the YAML.
 check_value() { # check_value NAME VALUE
@@ -47,7 +49,7 @@ first=1
 for file in "$@"; do
   [[ -f "$file" ]] || die "no such file: $file"
   expr=()
-  for name in WORKER_NUMBER EPOCH BATCH INCREMENTAL_NUMBER NFS_CLUSTER_IP STORAGE_CLASS; do
+  for name in "${names[@]}"; do
     grep -q "{{$name}}" "$file" || continue
     [[ -n "${!name:-}" ]] || die "$file needs $name (set it in the environment)"
     check_value "$name" "${!name}"

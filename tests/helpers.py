@@ -49,6 +49,17 @@ def mnist_path():
         raise MnistUnavailable(str(e)) from None
 
 
+def placeholder_samples():
+    """{NAME: sample value} of the manifests' {{NAME}} placeholders: the one list, PLACEHOLDERS in
+    scripts/images.env (render.sh, tests/policy-check.sh and the container end-to-end run source it)."""
+    text = (ROOT / "scripts" / "images.env").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("PLACEHOLDERS=(") and line.endswith(")")]
+    assert len(lines) == 1, "scripts/images.env: expected one line PLACEHOLDERS=(NAME=VALUE ...)"
+    pairs = [item.split("=", 1) for item in lines[0][len("PLACEHOLDERS=("):-1].split()]
+    assert all(len(p) == 2 and p[0] and p[1] for p in pairs), f"not NAME=VALUE: {lines[0]}"
+    return dict(pairs)
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

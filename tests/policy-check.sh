@@ -31,8 +31,10 @@ fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-# Sample values: the policies do not depend on them.
-export WORKER_NUMBER=3 EPOCH=2 BATCH=100 INCREMENTAL_NUMBER=0 NFS_CLUSTER_IP=10.96.0.10 STORAGE_CLASS=standard-rwx
+# The placeholders' sample values (scripts/images.env): the policies do not depend on them.
+# shellcheck source=scripts/images.env disable=SC1091
+source "$root/scripts/images.env"
+export "${PLACEHOLDERS[@]}"
 shopt -s nullglob
 files=("$manifests"/*.yaml "$manifests"/variants/*.yaml)
 ((${#files[@]})) || { echo "$me: no manifests under $manifests" >&2; exit 1; }

@@ -22,17 +22,16 @@ from kubernetes_validate import utils as kv_utils
 
 import kubernetes_validate
 
-from helpers import free_port
+from helpers import free_port, placeholder_samples
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
 RENDER = REPO / "scripts" / "render.sh"
 FILES = sorted(MANIFESTS.glob("*.yaml")) + sorted((MANIFESTS / "variants").glob("*.yaml"))
-VALUES = {"WORKER_NUMBER": "3", "EPOCH": "2", "BATCH": "100", "INCREMENTAL_NUMBER": "1", "NFS_CLUSTER_IP": "10.96.0.42",
-          "STORAGE_CLASS": "standard-rwx"}
+PLACEHOLDERS = placeholder_samples()  # scripts/images.env: the one list of {{NAME}}s, with sample values
+VALUES = {**PLACEHOLDERS, "INCREMENTAL_NUMBER": "1"}  # the tests below look at trainer 1
 STAGE_IMAGE = re.compile(r"^localhost/mlk/(splitter|trainer|aggregator|server):0\.1\.0$")
-CLEAN_ENV = ("WORKER_NUMBER", "EPOCH", "BATCH", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "STORAGE_CLASS", "INIT_MODEL",
-             "IMAGE_REGISTRY", "IMAGE_TAG")
+CLEAN_ENV = (*PLACEHOLDERS, "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG")
 
 # The original README's commands, per file (kubectl apply -f FILE for the rest), and the documented one
 # for the new Indexed alternative.
@@ -142,6 +141,19 @@ def test_render_refuses_missing_or_unsafe_values(env, message):
     out = render(MANIFESTS / "5-trainer.yaml", **env)
     assert out.returncode == 2 and out.stdout == ""
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_placeholder_list_is_exactly_what_the_manifests_use():
+    """scripts/images.env's PLACEHOLDERS names every {{NAME}} in manifests/ and nothing else, and render.sh's
+    usage line and header name them all (render.sh fills only the listed names, so one missing from the
+    list would be left in the output)."""
+    used = {name for f in FILES for name in re.findall(r"{{(\w+)}}", f.read_text())}
+    assert used == set(PLACEHOLDERS), f"in the manifests, not listed: {used - set(PLACEHOLDERS)}; " \
+        f"listed, not in the manifests: {set(PLACEHOLDERS) - used}"
+    usage = render().stderr
+    header = RENDER.read_text().split("\nset -euo pipefail")[0]
+    for name in PLACEHOLDERS:
+        assert "{{%s}}" % name in usage and name in header, name
 
 
 def test_render_refuses_missing_file_and_no_arguments(tmp_path):

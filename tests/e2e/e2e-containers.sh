@@ -254,8 +254,9 @@ done
 render() { # render OUT FILE [VAR=VALUE...]
   local out="$1" file="$2"
   shift 2
-  env WORKER_NUMBER="$workers" EPOCH="$epoch" BATCH="$batch" INCREMENTAL_NUMBER=0 \
-      NFS_CLUSTER_IP=10.96.0.10 "$@" "$root/scripts/render.sh" "$root/manifests/$file" >"$out" \
+  # the placeholders' samples (scripts/images.env), then this run's values
+  env "${PLACEHOLDERS[@]}" WORKER_NUMBER="$workers" EPOCH="$epoch" BATCH="$batch" INCREMENTAL_NUMBER=0 \
+      "$@" "$root/scripts/render.sh" "$root/manifests/$file" >"$out" \
     || fail "rendering manifests/$file"
 }
 render "$work/4-splitter.yaml" 4-splitter.yaml
