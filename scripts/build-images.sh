@@ -13,8 +13,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/images.env disable=SC1091
 source "$root/scripts/images.env"
 
-die() { echo "build-images: $*" >&2; exit 1; }
-usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
+me="build-images"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 for arg in "$@"; do
   case "$arg" in
     -h | --help) usage; exit 0 ;;

@@ -25,16 +25,16 @@ KWOK_VERSION="v0.8.0"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="local-cluster"
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
-say() { printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*" >&2; }
-die() { printf '%s: %s\n' "$me" "$*" >&2; exit 1; }
+SAY_TO_STDERR=1 # stdout's last line is KUBECONFIG=...
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 
 verb=""
 for arg in "$@"; do
   case "$arg" in
     -h | --help) usage; exit 0 ;;
     up | down | build | env) [[ -z "$verb" ]] || { echo "$me: one verb only (up, down, build, env)" >&2; exit 2; }; verb="$arg" ;;
-    *) echo "$me: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+    *) unknown_argument "$arg" ;;
   esac
 done
 [[ -n "$verb" ]] || { echo "$me: say up, down, build or env (try --help)" >&2; exit 2; }

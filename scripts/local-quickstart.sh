@@ -16,18 +16,12 @@
 #   VENV [<repo>/.venv] the virtualenv (created/updated by scripts/bootstrap.sh)
 set -euo pipefail
 
-usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
-for arg in "$@"; do
-  case "$arg" in
-    -h | --help) usage; exit 0 ;;
-    *) echo "local-quickstart.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
-  esac
-done
-
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="local-quickstart"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
+no_arguments "$@"
 
-say() { printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*"; }
 fail() { # fail STAGE MESSAGE...: one clear line naming the stage, then exit 1
   local stage="$1"
   shift
@@ -49,7 +43,7 @@ VENV="${VENV:-$root/.venv}"
 
 for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT; do
   value="${!name}"
-  if [[ ! "$value" =~ ^[1-9][0-9]{0,8}$ ]]; then
+  if ! positive_int "$value"; then
     fail config "$name must be a positive integer, got '$value'"
   fi
 done

@@ -36,17 +36,10 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="quickstart"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
+no_arguments "$@"
 
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
-for arg in "$@"; do
-  case "$arg" in
-    -h | --help) usage; exit 0 ;;
-    *) echo "$me: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
-  esac
-done
-
-say() { printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*"; }
-warn() { printf '%s %s: warning: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*" >&2; }
 fail() { # fail STAGE MESSAGE...: one line naming the stage, exit 1
   local stage="$1"
   shift
@@ -77,7 +70,7 @@ read -ra kubectl_cmd <<<"${KUBECTL:-kubectl}"
 
 for name in WORKER_NUMBER EPOCH BATCH ROUNDS NFS_TIMEOUT JOB_TIMEOUT SERVER_TIMEOUT PVC_TIMEOUT \
   UNSCHEDULABLE_TIMEOUT EXTERNAL_IP_TIMEOUT LB_DETECT_TIMEOUT; do
-  [[ "${!name}" =~ ^[1-9][0-9]{0,8}$ ]] || fail config "$name must be a positive integer, got '${!name}'"
+  positive_int "${!name}" || fail config "$name must be a positive integer, got '${!name}'"
 done
 [[ "$POLL" =~ ^[0-9]{1,4}$ ]] || fail config "POLL must be a number of seconds, got '$POLL'"
 [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"

@@ -18,8 +18,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=scripts/images.env
 source "$here/images.env"
 
-die() { printf '%s: %s\n' "$me" "$*" >&2; exit 2; }
-usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
+DIE_CODE=2
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
 for arg in "$@"; do
   case "$arg" in
     -h | --help) usage; exit 0 ;;

@@ -11,13 +11,14 @@
 set -euo pipefail
 
 me="sync-common"
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 check=0
 for arg in "$@"; do
   case "$arg" in
     -h | --help) usage; exit 0 ;;
     --check) check=1 ;;
-    *) echo "$me: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+    *) unknown_argument "$arg" ;;
   esac
 done
 

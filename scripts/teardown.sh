@@ -15,16 +15,9 @@
 set -euo pipefail
 
 me="teardown"
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
-for arg in "$@"; do
-  case "$arg" in
-    -h | --help) usage; exit 0 ;;
-    *) echo "$me: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
-  esac
-done
-
-say() { printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*"; }
-die() { printf '%s: %s\n' "$me" "$*" >&2; exit 1; }
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+no_arguments "$@"
 
 DELETE_DISK="${DELETE_DISK:-0}"
 GCE_DISK="${GCE_DISK:-ml-kube-disk}"
@@ -32,7 +25,7 @@ GCE_DISK_ZONE="${GCE_DISK_ZONE:-}"
 GCLOUD="${GCLOUD:-gcloud}"
 DISK_DETACH_TIMEOUT="${DISK_DETACH_TIMEOUT:-300}"
 [[ "$DELETE_DISK" == 0 || "$DELETE_DISK" == 1 ]] || die "DELETE_DISK must be 0 or 1, got '$DELETE_DISK'"
-[[ "$DISK_DETACH_TIMEOUT" =~ ^[1-9][0-9]{0,5}$ ]] || die "DISK_DETACH_TIMEOUT must be a positive integer, got '$DISK_DETACH_TIMEOUT'"
+positive_int "$DISK_DETACH_TIMEOUT" || die "DISK_DETACH_TIMEOUT must be a positive integer, got '$DISK_DETACH_TIMEOUT'"
 read -ra kubectl_cmd <<<"${KUBECTL:-kubectl}"
 ((${#kubectl_cmd[@]})) || die "KUBECTL must not be empty"
 command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || die "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"

@@ -14,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # What users run (scripts/), the test harnesses (tests/policy-check.sh, tests/e2e/) and the benchmarks.
-SHELL_SCRIPTS = sorted((REPO / "scripts").glob("*.sh")) + sorted(REPO.glob("tests/**/*.sh"))
+LIBRARY = REPO / "scripts" / "lib.sh"  # sourced by the scripts (their --help and unknown arguments), not run
+SHELL_SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if p != LIBRARY) + sorted(REPO.glob("tests/**/*.sh"))
 PY_SCRIPTS = sorted(p for folder in ("scripts", "benchmarks", "tests/e2e") for p in (REPO / folder).glob("*.py")
                     if "argparse" in p.read_text())
 FAKES = ("kubectl", "podman", "docker", "gcloud", "apt-get", "kind", "minikube", "go", "debootstrap", "helm",

@@ -1,0 +1,31 @@
+# shellcheck shell=bash
+# What the project's shell scripts share, sourced after each sets `me` (its name in messages):
+#   usage           print the calling script's header comment (line 2 to the first non-comment line)
+#   no_arguments "$@"   -h/--help: usage, exit 0; anything else: one line, exit 2
+#   unknown_argument ARG  one line naming ARG, exit 2
+#   say MESSAGE     "HH:MM:SS me: MESSAGE" on stdout (on stderr when SAY_TO_STDERR=1)
+#   warn MESSAGE    "HH:MM:SS me: warning: MESSAGE" on stderr
+#   die MESSAGE     "me: MESSAGE" on stderr, exit DIE_CODE (default 1)
+#   positive_int VALUE  true for 1..999999999
+: "${me:?set me before sourcing scripts/lib.sh}"
+usage() { sed -n '2,/^[^#]/{/^[^#]/d;s/^# \{0,1\}//;p}' "$0"; }
+unknown_argument() { echo "$me: unknown argument '$1' (try --help)" >&2; exit 2; }
+no_arguments() {
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      -h | --help) usage; exit 0 ;;
+      *) unknown_argument "$arg" ;;
+    esac
+  done
+}
+say() {
+  if [[ "${SAY_TO_STDERR:-0}" == 1 ]]; then
+    printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*" >&2
+  else
+    printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*"
+  fi
+}
+warn() { printf '%s %s: warning: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*" >&2; }
+die() { printf '%s: %s\n' "$me" "$*" >&2; exit "${DIE_CODE:-1}"; }
+positive_int() { [[ "$1" =~ ^[1-9][0-9]{0,8}$ ]]; }
