@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the whole test suite: unit tests, the local pipeline on real digits, the server in a real
-# browser, the manifest/Dockerfile/script checks, and (unless SKIP_E2E=1) the container end-to-end run.
+# Run the whole test suite: (unless SKIP_E2E=1) the container end-to-end run, then the pytest suite:
+# unit tests, the local pipeline on real digits, the server in a real browser, the manifest/Dockerfile/
+# script checks, the local Kubernetes control plane and the real node.
 # Installs what it needs itself (Debian packages when run as root, the virtualenv always).
 # Extra arguments go to pytest, e.g. scripts/test.sh -k splitter (then the container run is left out);
 # -h/--help prints this (pytest's own: .venv/bin/python -m pytest --help).
@@ -35,8 +36,8 @@ fi
 
 "$root/scripts/bootstrap.sh" --dev
 export TF_CPP_MIN_LOG_LEVEL=2
-"$root/.venv/bin/python" -m pytest "$@"
-
+# The container run first: it builds the stage images, which the real-node tests then run under a kubelet.
 if [[ "${SKIP_E2E:-0}" != "1" && $# -eq 0 ]]; then
   "$root/tests/e2e/e2e-containers.sh"
 fi
+"$root/.venv/bin/python" -m pytest "$@"
