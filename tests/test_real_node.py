@@ -1,0 +1,422 @@
+"""A real node (scripts/real-node.sh: the kubelet and containerd 2.x on this machine) in a local control
+plane of its own (LOCAL_CLUSTER_NAME=mlk-real scripts/local-cluster.sh), probed in the order in which
+each step needs the one before: the node registers and is Ready; a pod of our own image runs; pod
+networking (host to pod, pod to pod); volumes (a ReadWriteMany claim of local-rwx shared by two pods,
+fsGroup 10001, emptyDir, read-only root filesystem); kubectl logs, exec and port-forward through the
+apiserver to the kubelet; then the quickstart's whole run (rwx backend) on the node.
+
+The cluster and the node are started once for the session and stopped at its end, unless they were
+already running. REAL_NODE_KUBECONFIG=<file> uses that cluster instead of starting mlk-real. A cluster
+whose kwok-controller manages every node, or whose apiserver reaches kubelets by host name, cannot
+carry a real node (docs/real-node.md): the tests are skipped then, naming the setting."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+KUBECTL = REPO / ".venv" / "bin" / "kubectl"
+CLUSTER = "mlk-real"
+NODE = os.environ.get("REAL_NODE_NAME", "real-node")
+CLASS = "local-rwx"
+SPLITTER = "localhost/mlk/splitter:0.1.0"
+SERVER = "localhost/mlk/server:0.1.0"
+# The settings a cluster needs for a real node: real-node.sh refuses without them, with these words.
+UNPREPARED = ("manages every node", "reaches kubelets by host name")
+CLEAN_ENV = ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "INIT_MODEL",
+             "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND", "STORAGE_CLASS", "SERVICE_TYPE",
+             "DELETE_DISK", "GCE_DISK_ZONE", "KUBECONFIG")
+
+
+MISSING_IMAGES = set()  # stages real-node.sh up found no image of in podman (scripts/build-images.sh)
+
+
+def need_image(stage):
+    if stage in MISSING_IMAGES:
+        pytest.skip(f"no image of {stage} in podman to import (build it: scripts/build-images.sh {stage})")
+
+
+def run(cmd, timeout=600, **env):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **env), stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def kubeconfig():
+    """The cluster with the real node up (built once into the cache: the first run takes minutes)."""
+    started_cluster = False
+    given = os.environ.get("REAL_NODE_KUBECONFIG")
+    if given:
+        config = given
+    else:
+        proc = run([SCRIPTS / "local-cluster.sh", "up"], timeout=3600, LOCAL_CLUSTER_NAME=CLUSTER)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        started_cluster = "already running" not in proc.stderr
+        config = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+
+    def cluster_down():
+        if started_cluster:
+            run([SCRIPTS / "local-cluster.sh", "down"], timeout=300, LOCAL_CLUSTER_NAME=CLUSTER)
+
+    start = time.monotonic()
+    proc = run([SCRIPTS / "real-node.sh", "up", "--exclusive", config], timeout=3600)
+    if proc.returncode != 0 and any(words in proc.stderr for words in UNPREPARED):
+        cluster_down()
+        pytest.skip(f"the cluster cannot carry a real node yet: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    node_was_running = "kubelet already running" in proc.stderr
+    missing = re.search(r"not in podman: ([a-z ]+);", proc.stdout)
+    MISSING_IMAGES.update(missing.group(1).split() if missing else ())
+    print(f"\nreal-node.sh up: {time.monotonic() - start:.0f} s\n{proc.stderr}{proc.stdout}")
+    yield config
+    if not node_was_running:
+        down = run([SCRIPTS / "real-node.sh", "down"], timeout=600)
+        assert down.returncode == 0, down.stderr
+    cluster_down()
+
+
+def kubectl(kubeconfig, *args, namespace=None, input=None, check=True, timeout=300):
+    cmd = [str(KUBECTL), "--kubeconfig", kubeconfig] + (["-n", namespace] if namespace else []) + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
+    return proc
+
+
+def get_json(kubeconfig, *args, namespace=None):
+    return json.loads(kubectl(kubeconfig, "get", *args, "-o", "json", namespace=namespace).stdout)
+
+
+@pytest.fixture
+def ns(kubeconfig):
+    """A fresh namespace enforcing the restricted Pod Security level, deleted afterwards."""
+    name = f"rn-{uuid.uuid4().hex[:8]}"
+    kubectl(kubeconfig, "create", "namespace", name)
+    kubectl(kubeconfig, "label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+    yield name
+    kubectl(kubeconfig, "delete", "namespace", name, "--timeout=120s", check=False)
+
+
+def pod(name, image, command=None, *, args=None, volumes=(), mounts=(), ports=(), probe=None, restart="Never"):
+    """A pod of the restricted level, as our manifests run them: uid/gid 10001, fsGroup 10001, no
+    capabilities, read-only root filesystem."""
+    container = {
+        "name": "main", "image": image, "imagePullPolicy": "IfNotPresent",
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": list(mounts), "ports": list(ports),
+    }
+    if command:
+        container["command"] = command
+    if args:
+        container["args"] = args
+    if probe:
+        container["startupProbe"] = probe
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"test": name}},
+        "spec": {
+            "restartPolicy": restart, "automountServiceAccountToken": False,
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [container], "volumes": list(volumes),
+        },
+    })
+
+
+def wait_pod(kubeconfig, namespace, name, phase=("Succeeded",), timeout=180):
+    """Wait for a pod phase (or Ready when phase is 'Ready'); on a timeout or failure, fail with its
+    status and events."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        obj = get_json(kubeconfig, "pod", name, namespace=namespace)
+        status = obj["status"]
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+        if status.get("phase") in phase or ("Ready" in phase and ready):
+            return obj
+        if status.get("phase") == "Failed" and "Failed" not in phase:
+            break
+        time.sleep(1)
+    events = kubectl(kubeconfig, "get", "events", "--field-selector", f"involvedObject.name={name}",
+                     namespace=namespace, check=False).stdout
+    logs = kubectl(kubeconfig, "logs", name, namespace=namespace, check=False)
+    pytest.fail(f"pod {name}: {json.dumps(obj['status'])[:2000]}\nevents:\n{events}\nlogs:\n{logs.stdout}{logs.stderr}")
+
+
+# --- 1. the node ------------------------------------------------------------------------------------
+
+def test_node_registers_and_is_ready(kubeconfig):
+    """The kubelet registered the node itself (its version, containerd 2.x, the labels the kubelet
+    sets) and keeps it Ready; the simulated kwok nodes are tainted so that workloads come here."""
+    node = get_json(kubeconfig, "node", NODE)
+    info = node["status"]["nodeInfo"]
+    assert info["kubeletVersion"] == "v1.36.3"
+    assert re.match(r"containerd://2\.", info["containerRuntimeVersion"]), info
+    labels = node["metadata"]["labels"]
+    assert labels["kubernetes.io/os"] == "linux" and labels["kubernetes.io/arch"] == "amd64"
+    assert labels["kubernetes.io/hostname"] == NODE
+    assert "kwok.x-k8s.io/node" not in node["metadata"].get("annotations", {})
+    ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+    assert ready and ready[0]["status"] == "True" and ready[0]["reason"] == "KubeletReady", ready
+    assert not node["spec"].get("taints"), node["spec"]
+    for other in get_json(kubeconfig, "nodes")["items"]:
+        if other["metadata"].get("annotations", {}).get("kwok.x-k8s.io/node") == "fake":
+            assert any(t["key"] == "mlk.local/simulated" for t in other["spec"].get("taints", [])), other["metadata"]["name"]
+
+
+# --- 2. a pod of our image runs ---------------------------------------------------------------------
+
+def test_pod_of_our_image_runs_and_logs(kubeconfig, ns):
+    """A pod of the splitter image really runs Python on this machine (uid 10001, read-only root), and
+    kubectl logs reaches its output through the apiserver and the kubelet."""
+    need_image("splitter")
+    code = "import os, sys; print('uid', os.getuid(), 'gid', os.getgid(), 'python', sys.version.split()[0])"
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=pod("hello", SPLITTER, ["python", "-c", code]))
+    obj = wait_pod(kubeconfig, ns, "hello")
+    assert obj["spec"]["nodeName"] == NODE
+    state = obj["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert state["exitCode"] == 0 and state["containerID"].startswith("containerd://")
+    logs = kubectl(kubeconfig, "logs", "hello", namespace=ns).stdout
+    assert re.search(r"uid 10001 gid 10001 python 3\.\d+", logs), logs
+
+
+# --- 3. pod networking ------------------------------------------------------------------------------
+
+def test_pod_network_host_to_pod_and_pod_to_pod(kubeconfig, ns):
+    """A pod's IP (the node's bridge, REAL_NODE_POD_CIDR) answers from this machine and from another
+    pod; kubectl exec runs in a pod."""
+    need_image("splitter")
+    serve = ["python", "-m", "http.server", "8080", "--directory", "/etc"]
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns,
+            input=pod("web", SPLITTER, serve, ports=[{"containerPort": 8080}], restart="Always"))
+    web = wait_pod(kubeconfig, ns, "web", phase=("Running",), timeout=120)
+    ip = web["status"]["podIP"]
+    assert ip.startswith("10.85.") or os.environ.get("REAL_NODE_POD_CIDR"), ip
+    body = None
+    for _ in range(30):  # the server may take a moment to listen
+        try:
+            body = urllib.request.urlopen(f"http://{ip}:8080/hostname", timeout=5).read()
+            break
+        except OSError:
+            time.sleep(1)
+    assert body == b"web\n"
+    fetch = f"import urllib.request; print(urllib.request.urlopen('http://{ip}:8080/hostname', timeout=10).read())"
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=pod("client", SPLITTER, ["python", "-c", fetch]))
+    obj = wait_pod(kubeconfig, ns, "client")
+    assert obj["status"]["podIP"] != ip
+    assert "b'web\\n'" in kubectl(kubeconfig, "logs", "client", namespace=ns).stdout
+    out = kubectl(kubeconfig, "exec", "web", "--", "python", "-c", "import socket; print(socket.gethostname())",
+                  namespace=ns).stdout
+    assert out.strip() == "web"
+
+
+# --- 4. volumes -------------------------------------------------------------------------------------
+
+def claim(name):
+    return json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": CLASS,
+                 "resources": {"requests": {"storage": "10Gi"}}},
+    })
+
+
+def test_rwx_claim_fsgroup_emptydir_readonly_root(kubeconfig, ns):
+    """A ReadWriteMany claim of local-rwx binds on first use to a volume on this machine, which the
+    kubelet hands to fsGroup 10001 (group-owned, setgid); uid 10001 writes there and in an emptyDir but
+    not on the read-only root; a second pod reads the first one's file from the same claim."""
+    need_image("splitter")
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=claim("shared"))
+    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": "shared"}}, {"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "data", "mountPath": "/mnt"}, {"name": "tmp", "mountPath": "/tmp"}]
+    write = """
+import os, stat
+for d in ("/mnt", "/tmp"):
+    st = os.stat(d)
+    print(d, "gid", st.st_gid, "setgid", bool(st.st_mode & stat.S_ISGID))
+os.makedirs("/mnt/model", exist_ok=True)
+open("/mnt/model/written-by-writer", "w").write("hello")
+open("/tmp/scratch", "w").write("x")
+try:
+    open("/in-root", "w")
+    print("root writable")
+except OSError as e:
+    print("root read-only:", e.strerror)
+"""
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns,
+            input=pod("writer", SPLITTER, ["python", "-c", write], volumes=volumes, mounts=mounts))
+    wait_pod(kubeconfig, ns, "writer")
+    logs = kubectl(kubeconfig, "logs", "writer", namespace=ns).stdout
+    assert "/mnt gid 10001 setgid True" in logs, logs
+    assert "/tmp gid 10001 setgid True" in logs, logs
+    assert "root read-only: Read-only file system" in logs, logs
+    pvc = get_json(kubeconfig, "pvc", "shared", namespace=ns)
+    assert pvc["status"]["phase"] == "Bound" and "ReadWriteMany" in pvc["status"]["accessModes"]
+    pv = get_json(kubeconfig, "pv", pvc["spec"]["volumeName"])
+    path = Path(pv["spec"]["local"]["path"])
+    assert (path / "model" / "written-by-writer").read_text() == "hello"
+    assert (path / "model").stat().st_uid == 10001
+    read = "print(open('/mnt/model/written-by-writer').read())"
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns,
+            input=pod("reader", SPLITTER, ["python", "-c", read], volumes=volumes[:1], mounts=mounts[:1]))
+    wait_pod(kubeconfig, ns, "reader")
+    assert kubectl(kubeconfig, "logs", "reader", namespace=ns).stdout.strip() == "hello"
+
+
+def test_released_volume_is_emptied_by_the_next_up(kubeconfig, ns):
+    """A volume whose claim is gone is Released; real-node.sh up empties it and makes it Available."""
+    need_image("splitter")
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=claim("once"))
+    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": "once"}}]
+    mounts = [{"name": "data", "mountPath": "/mnt"}]
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns,
+            input=pod("once", SPLITTER, ["python", "-c", "open('/mnt/left-over', 'w').write('x')"], volumes=volumes,
+                  mounts=mounts))
+    wait_pod(kubeconfig, ns, "once")
+    pv_name = get_json(kubeconfig, "pvc", "once", namespace=ns)["spec"]["volumeName"]
+    kubectl(kubeconfig, "delete", "pod", "once", namespace=ns)
+    kubectl(kubeconfig, "delete", "pvc", "once", namespace=ns)
+    for _ in range(60):
+        if get_json(kubeconfig, "pv", pv_name)["status"]["phase"] == "Released":
+            break
+        time.sleep(1)
+    path = Path(get_json(kubeconfig, "pv", pv_name)["spec"]["local"]["path"])
+    assert (path / "left-over").exists()
+    proc = run([SCRIPTS / "real-node.sh", "up", "--exclusive", kubeconfig], timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"emptying released volume {pv_name}" in proc.stderr
+    assert get_json(kubeconfig, "pv", pv_name)["status"]["phase"] == "Available"
+    assert list(path.iterdir()) == []
+
+
+# --- 5. port-forward ----------------------------------------------------------------------------------
+
+def port_forward(kubeconfig, namespace, target, remote):
+    """Start kubectl port-forward on a free local port; return (process, local port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        local = s.getsockname()[1]
+    proc = subprocess.Popen([str(KUBECTL), "--kubeconfig", kubeconfig, "-n", namespace, "port-forward",
+                             "--address", "127.0.0.1", target, f"{local}:{remote}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "Forwarding from" not in line:
+        proc.kill()
+        pytest.fail(f"port-forward did not start: {line}{proc.stderr.read()}")
+    return proc, local
+
+
+def get(url, timeout=10):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_port_forward_reaches_the_server(kubeconfig, ns):
+    """The server image starts (its startup probe on /healthz passes through the kubelet), and
+    kubectl port-forward reaches it: /healthz answers ok, /readyz says no model yet."""
+    need_image("server")
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 2, "failureThreshold": 150}
+    spec = json.loads(pod("server", SERVER, args=["--model", "/tmp/model.h5"],
+                          volumes=[{"name": "tmp", "emptyDir": {}}], mounts=[{"name": "tmp", "mountPath": "/tmp"}],
+                          ports=[{"name": "http", "containerPort": 5000}], probe=probe, restart="Always"))
+    spec["spec"]["containers"][0]["env"] = [{"name": "HOME", "value": "/tmp"}]
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=json.dumps(spec))
+    wait_pod(kubeconfig, ns, "server", phase=("Ready",), timeout=300)
+    proc, local = port_forward(kubeconfig, ns, "pod/server", 5000)
+    try:
+        status, body = get(f"http://127.0.0.1:{local}/healthz")
+        assert status == 200 and json.loads(body) == {"status": "ok"}
+        status, body = get(f"http://127.0.0.1:{local}/readyz")
+        assert status == 503 and "does not exist" in json.loads(body)["error"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- 6. the quickstart on the node ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, ns, mnist_npz):
+    """The quickstart with NFS_BACKEND=rwx STORAGE_CLASS=local-rwx, 2 workers x 1 epoch x 2 rounds and
+    the server, every pod really running here: it ends with the server answering through
+    port-forward. The splitter would download MNIST, which this machine cannot: a mutating admission
+    policy of this test gives its container MNIST_NPZ=/mnt/mnist.npz, copied onto the volumes first."""
+    for stage in ("splitter", "trainer", "aggregator", "server"):
+        need_image(stage)
+    for pv in get_json(kubeconfig, "pv", "-l", "mlk.local/real-node=true")["items"]:
+        if pv["status"]["phase"] == "Available":
+            shutil.copyfile(mnist_npz, Path(pv["spec"]["local"]["path"]) / "mnist.npz")
+    policy = f"""
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingAdmissionPolicy
+metadata: {{name: {ns}-mnist-npz}}
+spec:
+  matchConstraints:
+    resourceRules:
+      - {{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}}
+  matchConditions:
+    - name: splitter
+      expression: "has(object.metadata.labels) && object.metadata.labels.exists(k, k == 'app.kubernetes.io/component') && object.metadata.labels['app.kubernetes.io/component'] == 'splitter'"
+  failurePolicy: Fail
+  reinvocationPolicy: Never
+  mutations:
+    - patchType: ApplyConfiguration
+      applyConfiguration:
+        expression: >
+          Object{{spec: Object.spec{{containers: [Object.spec.containers{{name: "mnist-splitter",
+          env: [Object.spec.containers.env{{name: "MNIST_NPZ", value: "/mnt/mnist.npz"}}]}}]}}}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingAdmissionPolicyBinding
+metadata: {{name: {ns}-mnist-npz}}
+spec:
+  policyName: {ns}-mnist-npz
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+"""
+    kubectl(kubeconfig, "apply", "-f", "-", input=policy)
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {ns}", POLL="2", NFS_BACKEND="rwx",
+               STORAGE_CLASS=CLASS, WORKER_NUMBER="2", EPOCH="1", ROUNDS="2", SERVE="1", SERVICE_TYPE="ClusterIP")
+    try:
+        time.sleep(2)  # the policy is served from an informer: give it a moment
+        start = time.monotonic()
+        proc = subprocess.run(["bash", str(SCRIPTS / "quickstart.sh")], env=env, capture_output=True, text=True,
+                              timeout=2400)
+        seconds = time.monotonic() - start
+        print(f"\nquickstart on the real node: {seconds:.0f} s\n{proc.stdout[-3000:]}")
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        pods = get_json(kubeconfig, "pods", namespace=ns)["items"]
+        assert pods and {p["spec"]["nodeName"] for p in pods} == {NODE}
+        splitter = kubectl(kubeconfig, "logs", "-l", "app.kubernetes.io/component=splitter", "--tail=-1",
+                           namespace=ns).stdout
+        assert "downloading" not in splitter, splitter
+        pf, local = port_forward(kubeconfig, ns, "svc/mnist-server-svc", 80)
+        try:
+            status, body = get(f"http://127.0.0.1:{local}/readyz")
+            assert status == 200, body
+        finally:
+            pf.kill()
+            pf.wait()
+    finally:
+        kubectl(kubeconfig, "delete", "mutatingadmissionpolicybinding,mutatingadmissionpolicy", f"{ns}-mnist-npz",
+                "--ignore-not-found", check=False)
+        teardown = dict(env, DELETE_DISK="1")
+        subprocess.run(["bash", str(SCRIPTS / "teardown.sh")], env=teardown, capture_output=True, text=True,
+                       timeout=600)
