@@ -5,7 +5,10 @@
 # downloaded at run time; the first `up` builds the binaries once into the cache folder.
 #
 #   scripts/local-cluster.sh up       build (first time), start, print KUBECONFIG=<path> as the last line
-#   scripts/local-cluster.sh down     stop the cluster and remove its state (the build cache is kept)
+#   scripts/local-cluster.sh up --node real   the same plus this machine as a real node (kubelet and
+#                                     containerd: scripts/real-node.sh, docs/real-node.md) that takes the
+#                                     workloads, so the project's images really run
+#   scripts/local-cluster.sh down     stop the cluster (and a real node) and remove its state (the build cache is kept)
 #   scripts/local-cluster.sh build    only build the binaries
 #   scripts/local-cluster.sh env      print KUBECONFIG=<path> of the running cluster
 #
@@ -29,14 +32,22 @@ SAY_TO_STDERR=1 # stdout's last line is KUBECONFIG=...
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
 
-verb=""
+verb="" node=kwok expect_node=0
 for arg in "$@"; do
+  if ((expect_node)); then
+    node="$arg" expect_node=0
+    continue
+  fi
   case "$arg" in
     -h | --help) usage; exit 0 ;;
     up | down | build | env) [[ -z "$verb" ]] || { echo "$me: one verb only (up, down, build, env)" >&2; exit 2; }; verb="$arg" ;;
+    --node) expect_node=1 ;;
+    --node=*) node="${arg#--node=}" ;;
     *) unknown_argument "$arg" ;;
   esac
 done
+((expect_node == 0)) || { echo "$me: --node needs a value: kwok or real" >&2; exit 2; }
+[[ "$node" == kwok || "$node" == real ]] || { echo "$me: --node must be kwok or real, got '$node'" >&2; exit 2; }
 [[ -n "$verb" ]] || { echo "$me: say up, down, build or env (try --help)" >&2; exit 2; }
 
 cache="${LOCAL_CLUSTER_CACHE:-$root/.cache/local-cluster}"
@@ -139,6 +150,7 @@ build() {
   build_etcd
   build_kwok
   build_kubernetes kube-apiserver kube-controller-manager kube-scheduler
+  [[ "$node" != real ]] || build_kubernetes kubelet
   say "binaries ready in $bin ($((SECONDS - start)) s)"
 }
 
@@ -184,11 +196,19 @@ up() {
     die "could not apply scripts/local-cluster/nodes.yaml"
   "$k" --kubeconfig "$kubeconfig" wait --for=condition=Ready node --all --timeout=60s >/dev/null ||
     die "the kwok nodes did not become Ready"
-  say "cluster $name up in $((SECONDS - start)) s: 3 nodes, default StorageClass kwok-volume"
+  say "cluster $name up in $((SECONDS - start)) s: 3 kwok nodes, default StorageClass kwok-volume"
+  if [[ "$node" == real ]]; then
+    # Its summary to stderr too: KUBECONFIG=... stays the last line on stdout.
+    "$root/scripts/real-node.sh" up --exclusive "$kubeconfig" >&2 || die "the real node did not come up (above)"
+  fi
   echo "KUBECONFIG=$kubeconfig"
 }
 
 down() {
+  # The machine's real node, when it belongs to this cluster (real-node.sh keeps a copy of its kubeconfig).
+  if [[ -f "$cache/real-node/kubelet.pid" && -f "$kubeconfig" ]] && cmp -s "$cache/real-node/kubeconfig" "$kubeconfig"; then
+    "$root/scripts/real-node.sh" down >&2 || die "could not stop the real node (above)"
+  fi
   if [[ -x "$bin/kwokctl" && -d "$KWOK_WORKDIR/clusters/$name" ]]; then
     "$bin/kwokctl" delete cluster --name "$name" >/dev/null 2>&1 || die "kwokctl could not delete cluster $name"
     say "cluster $name deleted"
