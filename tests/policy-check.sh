@@ -6,16 +6,11 @@
 # (created on first use; CHECKOV_VENV overrides the place). MANIFESTS [manifests/]: the folder to scan.
 set -euo pipefail
 
-usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
-for arg in "$@"; do
-  case "$arg" in
-    -h | --help) usage; exit 0 ;;
-    *) echo "policy-check.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
-  esac
-done
-
 me="policy-check.sh"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" # this file is tests/policy-check.sh
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
+no_arguments "$@"
 venv="${CHECKOV_VENV:-$root/.venv-checkov}"
 checkov_version="3.3.30"
 python="${PYTHON:-python3}"

@@ -13,19 +13,15 @@
 # the stand-in so pip in the builds reaches the same index the host does.
 set -euo pipefail
 
-usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; } # the header comment above
-for arg in "$@"; do
-  case "$arg" in
-    -h | --help) usage; exit 0 ;;
-    *) echo "make-base-image.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
-  esac
-done
+me="make-base-image"
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
+no_arguments "$@"
 
 name="${BASE_IMAGE_NAME:-localhost/mlk-base:bookworm}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 engine="${CONTAINER_ENGINE:-podman}"
 
-die() { echo "make-base-image: $*" >&2; exit 1; }
 
 if [[ "$engine" != podman ]]; then
   die "CONTAINER_ENGINE=$engine: this script imports into podman only"
