@@ -254,7 +254,7 @@ wait_claim() {
   done
 }
 
-# run_jobs STAGE SELECTOR FILE [INCREMENTAL_NUMBER...]: replace the Job(s) made from FILE, wait for all
+# delete_jobs NAME...: remove Jobs of an earlier run (and their pods) so they can be applied again
 delete_jobs() { k delete job "$@" --ignore-not-found=true --cascade=foreground --wait=true >/dev/null; }
 
 context="$(k config current-context 2>/dev/null || echo '?')"
