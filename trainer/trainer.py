@@ -100,6 +100,8 @@ def train(args):
     print(f"threads: intra-op {tf.config.threading.get_intra_op_parallelism_threads()}, inter-op "
           f"{tf.config.threading.get_inter_op_parallelism_threads()} (0 = TensorFlow's default)", flush=True)
     keras.utils.set_random_seed(args.seed)  # initial weights, shuffling and dropout
+    # Same seed, same init, same shard -> bit-identical weights (a resumed round equals the original run).
+    tf.config.experimental.enable_op_determinism()
 
     # Model: the shared starting point of every worker in this round.
     if args.init_model:
@@ -117,6 +119,7 @@ def train(args):
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     on_terminal = sys.stdout.isatty()
+    train_started = time.time()
     model.fit(x, y, batch_size=args.batch, epochs=args.epoch, verbose=1 if on_terminal else 0,
               callbacks=[] if on_terminal else [epoch_logger(keras, args.epoch, len(x))])
 
@@ -130,6 +133,8 @@ def train(args):
         "mlk_batch": args.batch,
         "mlk_seed": args.seed,
         "mlk_data": os.path.basename(args.data),
+        "mlk_train_started": round(train_started, 3),  # unix time; the ledger's round timings use it
+        "mlk_train_seconds": round(time.time() - train_started, 3),
     })
     print(f"saved: {args.savemodel}", flush=True)
 
