@@ -130,6 +130,10 @@ class ModelHolder:
                 return
             if _file_signature(self.path) != signature:
                 return  # replaced while loading: the next check loads the newer one
+            gate = getattr(self, "gate", None)  # gate.py's Gate, set by create_app with --gate-data
+            if gate is not None and not gate.admit(loaded, current):
+                self._failed_signature = signature  # rejected: not loaded again until the file changes
+                return
             self.current = loaded  # atomic swap
             self.last_error = None
             log.warning("model loaded: %s sha256 %s in %.2fs", self.path, loaded.sha256[:12], loaded.load_seconds)
