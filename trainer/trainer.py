@@ -28,6 +28,8 @@ def build_parser():
     parser.add_argument("--seed", type=int_at_least(0), default=DEFAULT_SEED, help=f"seed for the initial weights (default {DEFAULT_SEED})")
     parser.add_argument("--init-model", help="start from this .h5 model (e.g. the previous round's aggregate)")
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads (0 = TF default)")
+    parser.add_argument("--save-init", help="also save the starting weights here (.h5), unless the file exists "
+                        "(the round ledger's rounds/r0.h5)")
     return parser
 
 
@@ -82,6 +84,8 @@ def train(args):
         raise InputError(f"--threads must be >= 0, got {args.threads}")
     if not args.savemodel.endswith(".h5"):
         raise InputError(f"--savemodel must end in .h5, got {args.savemodel}")
+    if args.save_init is not None and not args.save_init.endswith(".h5"):
+        raise InputError(f"--save-init must end in .h5, got {args.save_init}")
     if args.init_model is not None and not os.path.isfile(args.init_model):
         raise InputError(f"--init-model {args.init_model}: no such file")
     x, y = load_shard(args.data)
@@ -112,6 +116,10 @@ def train(args):
         training_round = 1
     init_fingerprint = fingerprint(model.get_weights())
     print(f"model: round {training_round}, {model.count_params()} parameters, init {init_fingerprint[:12]}", flush=True)
+    if args.save_init and not os.path.exists(args.save_init):  # every worker's init is the same: a race is harmless
+        save_atomically(model, args.save_init, {"mlk_kind": "init", "mlk_round": training_round - 1,
+                                                "mlk_init_fingerprint": init_fingerprint, "mlk_seed": args.seed})
+        print(f"saved the starting weights: {args.save_init}", flush=True)
 
     # Train: Adam with a cosine-decayed learning rate that ends low.
     steps = args.epoch * -(-len(x) // args.batch)
