@@ -1,26 +1,46 @@
-"""Command line and launcher of the prediction server: parses the flags, then runs the app under gunicorn.
+"""Command line and launcher of the prediction server: nginx in front, the app under gunicorn behind it.
 
     python server.py --model /mnt/aggregated-model.h5 [--host 0.0.0.0] [--port 5000] [--workers N] [--threads T]
+                     [--header-timeout S] [--body-timeout S] [--keepalive-timeout S]
 
-Never Flask's development server. Bad flags: a one-line message on stderr and exit code 2. Each
-gunicorn worker builds its own app with `app.create_app` (routes and metrics; the HTTP API is in
-docs/CONTRACTS.md), which loads the model through `model.py` and reloads it when the file is replaced;
-a missing model is picked up when it appears (/readyz says 503 until then). TensorFlow is imported
-only in the workers, never here.
+nginx (Debian's `nginx-light`) listens on --host:--port and reads every request whole -- headers
+within --header-timeout, then the body (at most 2 MB, in memory) -- before it hands it to gunicorn
+over a unix socket in a private run directory, so slow or stalled clients hold only a cheap nginx
+connection, never one of gunicorn's threads (docs/serving.md). This process writes nginx's config
+from nginx.conf beside it, starts nginx, runs the gunicorn master, and stops nginx when gunicorn
+stops (and gunicorn when nginx dies). Never Flask's development server. Bad flags: a one-line
+message on stderr and exit code 2; nginx missing: one line naming the package, exit 1. Each gunicorn
+worker builds its own app with `app.create_app` (routes and metrics; the HTTP API is in
+docs/CONTRACTS.md), which loads the model through `model.py` and reloads it when the file is
+replaced; a missing model is picked up when it appears (/readyz says 503 until then). TensorFlow is
+imported only in the workers, never here.
 """
 
 import gc
 import logging
 import os
+import pwd
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mlkcommon import Parser  # noqa: E402  (the local copy, after the path)
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 4
+HEADER_TIMEOUT = 10  # s: the request line and all headers, from the first byte
+BODY_TIMEOUT = 10  # s: the longest pause between two reads of the body
+KEEPALIVE_TIMEOUT = 15  # s: an idle keep-alive connection
+UPSTREAM_KEEPALIVE = 20  # s: nginx closes its idle connections to gunicorn first ...
+GUNICORN_KEEPALIVE = 30  # s: ... so gunicorn never closes one nginx is about to reuse
+NGINX_PACKAGE = "nginx-light"
 
 
 def build_parser():
@@ -32,13 +52,117 @@ def build_parser():
                         help=f"gunicorn worker processes, one model each (default {DEFAULT_WORKERS})")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help=f"request threads per worker (default {DEFAULT_THREADS})")
+    parser.add_argument("--header-timeout", type=int, default=HEADER_TIMEOUT,
+                        help=f"seconds a client has to send the request line and headers (default {HEADER_TIMEOUT})")
+    parser.add_argument("--body-timeout", type=int, default=BODY_TIMEOUT,
+                        help=f"longest pause in seconds while a client sends the body (default {BODY_TIMEOUT})")
+    parser.add_argument("--keepalive-timeout", type=int, default=KEEPALIVE_TIMEOUT,
+                        help=f"seconds an idle keep-alive connection stays open (default {KEEPALIVE_TIMEOUT})")
     return parser
+
+
+# ------------------------------------------------------------------------------------------- nginx
+
+
+def find_nginx():
+    """Path of the nginx binary ($MLK_NGINX, else PATH, else Debian's /usr/sbin) or None."""
+    explicit = os.environ.get("MLK_NGINX")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
+    return shutil.which("nginx", path=search)
+
+
+def listen_address(host, port):
+    return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def nginx_config(args, run_dir, socket_path):
+    """nginx.conf (the template beside this file) with this run's values filled in."""
+    with open(os.path.join(HERE, "nginx.conf")) as f:
+        text = f.read()
+    user = ""
+    if os.geteuid() == 0:  # nginx's workers would drop to `nobody` and lose the 0700 run directory
+        user = f"user {pwd.getpwuid(0).pw_name};"
+    values = {
+        "USER": user,
+        "RUN_DIR": run_dir,
+        "SOCKET": socket_path,
+        "LISTEN": listen_address(args.host, args.port),
+        "HEADER_TIMEOUT": args.header_timeout,
+        "BODY_TIMEOUT": args.body_timeout,
+        "KEEPALIVE_TIMEOUT": args.keepalive_timeout,
+        "UPSTREAM_KEEPALIVE": UPSTREAM_KEEPALIVE,
+    }
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    left = re.findall(r"\{\{[A-Z_]+\}\}", text)
+    if left:
+        raise RuntimeError(f"nginx.conf has placeholders server.py does not fill: {left}")
+    return text
+
+
+class Nginx:
+    """nginx as a child process: started, watched, stopped. Its stderr is passed on line by line."""
+
+    def __init__(self, binary, run_dir, config):
+        self.run_dir = run_dir
+        self.conf = os.path.join(run_dir, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(config)
+        self.binary = binary
+        self.proc = None
+        self.last_error = ""
+        self.stopping = False
+
+    def start(self, timeout=10.0):
+        """Start nginx and wait until it listens (its pid file appears). Returns an error line or None."""
+        pid_file = os.path.join(self.run_dir, "nginx.pid")
+        self.proc = subprocess.Popen([self.binary, "-p", self.run_dir, "-c", self.conf, "-e", "stderr"],
+                                     stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     errors="replace")
+        threading.Thread(target=self._forward_stderr, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                time.sleep(0.1)  # let the forwarder catch nginx's last line
+                return f"nginx exited with {self.proc.returncode}: {self.last_error or 'no message'}"
+            if os.path.exists(pid_file):
+                return None
+            time.sleep(0.02)
+        return f"nginx did not start within {timeout:.0f} s"
+
+    def _forward_stderr(self):
+        for line in self.proc.stderr:
+            line = line.rstrip()
+            if line:
+                self.last_error = line.split("] ", 1)[-1] if "[emerg]" in line or "[alert]" in line else line
+                print(f"nginx: {line}", file=sys.stderr, flush=True)
+
+    def watch(self, on_death):
+        """Call on_death() (once, from a thread) if nginx exits while we are not stopping it."""
+        def wait():
+            self.proc.wait()
+            if not self.stopping:
+                on_death(self.proc.returncode)
+        threading.Thread(target=wait, daemon=True).start()
+
+    def stop(self, grace=5.0):
+        self.stopping = True
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)  # graceful: finish the requests in flight
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------- gunicorn
 
 
-def serve(args):
+def serve(args, socket_path):
     from gunicorn.app.base import BaseApplication
 
     model_path = os.path.abspath(args.model)
@@ -46,11 +170,11 @@ def serve(args):
     class Server(BaseApplication):
         def load_config(self):
             settings = {
-                "bind": f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}",
+                "bind": f"unix:{socket_path}",
                 "workers": args.workers,
                 "worker_class": "gthread",
                 "threads": args.threads,
-                "keepalive": 5,
+                "keepalive": GUNICORN_KEEPALIVE,
                 "timeout": 120,  # first model load + TensorFlow start-up
                 "graceful_timeout": 10,
                 "accesslog": None,
@@ -99,25 +223,55 @@ def main(argv=None) -> int:
         problems.append(f"--workers must be >= 1, got {args.workers}")
     if args.threads < 1:
         problems.append(f"--threads must be >= 1, got {args.threads}")
+    for flag in ("header_timeout", "body_timeout", "keepalive_timeout"):
+        if not 1 <= getattr(args, flag) <= 3600:
+            problems.append(f"--{flag.replace('_', '-')} must be 1-3600 seconds, got {getattr(args, flag)}")
     if os.path.isdir(args.model):
         problems.append(f"--model {args.model} is a directory, expected the .h5 file")
     if problems:
         print(f"{parser.prog}: error: {problems[0]}", file=sys.stderr)
         return 2
-    # Metrics from every worker: prometheus_client's multiprocess mode, in a fresh private directory.
-    metrics_dir = None
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics_dir = tempfile.mkdtemp(prefix="mlk-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    binary = find_nginx()
+    if binary is None:
+        print(f"{parser.prog}: error: nginx not found (the buffering proxy in front of gunicorn); install it "
+              f"(Debian: apt-get install {NGINX_PACKAGE})", file=sys.stderr)
+        return 1
     if not os.path.exists(args.model):
         print(f"{parser.prog}: {args.model} does not exist yet; serving /readyz 503 until it appears",
               file=sys.stderr, flush=True)
+    # One private directory for everything written at run time: nginx's config, pid and temp dirs,
+    # gunicorn's socket, the metrics of every worker (prometheus_client's multiprocess mode).
+    run_dir = tempfile.mkdtemp(prefix="mlk-server-")
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.makedirs(os.path.join(run_dir, "metrics"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(run_dir, "metrics")
+    socket_path = os.path.join(run_dir, "gunicorn.sock")
+    nginx = Nginx(binary, run_dir, nginx_config(args, run_dir, socket_path))
+    died, master = [], os.getpid()
     try:
-        serve(args)
+        problem = nginx.start()
+        if problem:
+            print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+            return 1
+
+        def nginx_died(code):
+            died.append(code)
+            print(f"{parser.prog}: nginx exited with {code}; stopping", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)  # the gunicorn master stops gracefully
+
+        nginx.watch(nginx_died)
+        try:
+            serve(args, socket_path)
+        except SystemExit as exit_:  # gunicorn exits this way when a worker cannot boot
+            if exit_.code not in (0, None):
+                return exit_.code if isinstance(exit_.code, int) else 1
     finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+        # gunicorn's workers are forks of this process and leave through here too: only the
+        # process that started nginx stops it and removes the run directory.
+        if os.getpid() == master:
+            nginx.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return 1 if died else 0
 
 
 if __name__ == "__main__":
