@@ -7,17 +7,20 @@ command line and the gunicorn launcher in server.py. Tests use `create_app` with
 """
 
 import io
+import json
 import logging
 import os
 import sys
 import time
 
-from flask import Flask, Request, jsonify, render_template, request
+from flask import Flask, Request, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import CHECK_INTERVAL, Batcher, ModelHolder  # noqa: E402
 from preprocess import ImageError, preprocess  # noqa: E402
+import gate as gate_module  # noqa: E402
+import v2  # noqa: E402
 
 MAX_BODY = 2 * 1024 * 1024  # bytes; larger requests get 413
 MAX_FILES = 32  # image files per request (multipart `file` parts)
@@ -64,6 +67,105 @@ def _metrics():
     return registry, requests_total, latency, predictions, reloads
 
 
+def _gate_metrics(registry):
+    """Gauges of the promotion gate (gate.py). Every worker decides by itself and they all decide the
+    same, so across workers the counts are the max (not the sum) and the accuracy the most recent."""
+    from prometheus_client import Gauge
+
+    multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    target = None if multiproc else registry
+
+    def gauge(name, doc, mode):
+        return Gauge(name, doc, registry=target, **({"multiprocess_mode": mode} if multiproc else {}))
+
+    return (gauge("mlk_gate_promotions", "Replaced model files the gate promoted", "max"),
+            gauge("mlk_gate_rejections", "Replaced model files the gate rejected (the current model kept)", "max"),
+            gauge("mlk_gate_candidate_accuracy", "Evaluation-set accuracy of the last candidate model", "mostrecent"),
+            gauge("mlk_gate_served_accuracy", "Evaluation-set accuracy of the model being served", "mostrecent"))
+
+
+# ------------------------------------------------------------------------------------- round ledger
+
+
+def _file_signature(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Ledger:
+    """The training history beside the model (the aggregator's ROOT/rounds/ledger.json and the plot
+    ROOT/rounds/history.png, docs/CONTRACTS.md "Round ledger"), read only. Absent: nothing shown; malformed:
+    logged once (per file version) and nothing shown; never an error for the server."""
+
+    FORMAT = "mlk-ledger/1"
+
+    def __init__(self, model_path):
+        rounds_dir = os.path.join(os.path.dirname(os.path.abspath(model_path)), "rounds")
+        self.path = os.path.join(rounds_dir, "ledger.json")
+        self.plot_path = os.path.join(rounds_dir, "history.png")
+        self._cached = (None, [])  # (file signature, rounds)
+
+    def rounds(self):
+        """The ledger's rounds (dicts with an int "round"), [] when absent or malformed."""
+        signature = _file_signature(self.path)
+        if signature is None:
+            return []
+        cached = self._cached
+        if cached[0] == signature:
+            return cached[1]
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read())
+            if not isinstance(data, dict) or data.get("format") != self.FORMAT:
+                raise ValueError(f"not a {self.FORMAT} ledger")
+            rounds = data.get("rounds")
+            if not isinstance(rounds, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("round"), int) for r in rounds):
+                raise ValueError("\"rounds\" must be a list of objects with an integer \"round\"")
+        except (OSError, ValueError) as err:
+            log.error("ignoring the round ledger %s: %s", self.path, err)
+            rounds = []
+        self._cached = (signature, rounds)
+        return rounds
+
+    def entry_for(self, sha256):
+        """The round whose aggregate has this sha256 (the served file is a copy of rounds/r{n}.h5), or None."""
+        for entry in reversed(self.rounds()):
+            aggregate = entry.get("aggregate")
+            if isinstance(aggregate, dict) and aggregate.get("sha256") == sha256:
+                return entry
+        return None
+
+    def has_plot(self):
+        return os.path.isfile(self.plot_path)
+
+
+def _number(value, fmt):
+    return fmt % value if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+
+def history_rows(rounds, served_sha256):
+    """The ledger's rounds as the page's table rows: only strings, whatever the ledger holds."""
+    rows = []
+    for entry in rounds:
+        workers = entry.get("workers") if isinstance(entry.get("workers"), list) else []
+        kept = [w for w in workers if isinstance(w, dict) and not w.get("dropped")]
+        aggregate = entry.get("aggregate") if isinstance(entry.get("aggregate"), dict) else {}
+        expected = entry.get("expected_workers")
+        rows.append({
+            "round": str(entry["round"]),
+            "workers": f"{len(kept)}" + (f" of {expected}" if isinstance(expected, int) else ""),
+            "samples": _number(entry.get("samples"), "%d"),
+            "accuracy": _number(entry.get("test_accuracy"), "%.4f"),
+            "seconds": _number(entry.get("round_seconds"), "%.1f"),
+            "served": bool(served_sha256) and aggregate.get("sha256") == served_sha256,
+        })
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- app
 
 
@@ -74,8 +176,10 @@ class InMemoryRequest(Request):
         return io.BytesIO()  # bounded by MAX_CONTENT_LENGTH (2 MB)
 
 
-def create_app(model_path, check_interval=CHECK_INTERVAL):
-    """The Flask app. Loads the model now if it exists; otherwise when it appears."""
+def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_epsilon=gate_module.DEFAULT_EPSILON):
+    """The Flask app. Loads the model now if it exists; otherwise when it appears.
+
+    gate_data: the evaluation set of the promotion gate (gate.py); None: every replaced file is served."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = Flask(__name__, template_folder="templates", static_folder="static")
@@ -88,6 +192,23 @@ def create_app(model_path, check_interval=CHECK_INTERVAL):
     app.extensions["mlk_model"] = holder
     registry, requests_total, latency, predictions, loads = _metrics()
     seen_models = set()
+    ledger = Ledger(model_path)
+    gate = None
+    if gate_data:
+        promotions, rejections, candidate_accuracy, served_accuracy = _gate_metrics(registry)
+
+        def on_decision(decision):
+            promotions.set(gate.promotions)
+            rejections.set(gate.rejections)
+            if decision["candidate"]["accuracy"] is not None:
+                candidate_accuracy.set(decision["candidate"]["accuracy"])
+            kept = decision["candidate"] if decision["decision"] != "rejected" else decision["current"]
+            if kept and kept["accuracy"] is not None:
+                served_accuracy.set(kept["accuracy"])
+
+        gate = gate_module.Gate(gate_data, gate_epsilon, on_decision)
+        holder.gate = gate
+    app.extensions["mlk_gate"] = gate
 
     def current_model():
         model = holder.get()
@@ -114,9 +235,17 @@ def create_app(model_path, check_interval=CHECK_INTERVAL):
     def wants_html():
         return request.path == "/upload"
 
+    def page(**values):
+        model = values.get("model")
+        rounds = ledger.rounds()
+        values.update(history=history_rows(rounds, model.sha256 if model else None),
+                      history_plot=bool(rounds) and ledger.has_plot(),
+                      served_round=ledger.entry_for(model.sha256) if model else None)
+        return render_template("index.html", **values)
+
     def error(status, message):
         if wants_html():
-            return render_template("index.html", error=message, result=None, model=None), status
+            return page(error=message, result=None, model=None), status
         return jsonify(error=message), status
 
     @app.errorhandler(HTTPException)
@@ -168,7 +297,7 @@ def create_app(model_path, check_interval=CHECK_INTERVAL):
 
     @app.get("/")
     def index():
-        return render_template("index.html", result=None, error=None, model=current_model())
+        return page(result=None, error=None, model=current_model())
 
     @app.post("/upload")
     def upload():
@@ -178,7 +307,7 @@ def create_app(model_path, check_interval=CHECK_INTERVAL):
             return error(400, str(err))
         if results is None:
             return error(503, not_ready())
-        return render_template("index.html", result=results[0], error=None, model=model)
+        return page(result=results[0], error=None, model=model)
 
     @app.post("/api/predict")
     def api_predict():
@@ -209,10 +338,42 @@ def create_app(model_path, check_interval=CHECK_INTERVAL):
         model = current_model()
         if model is None:
             return jsonify(error=not_ready(), path=holder.path), 503
-        return jsonify(model.info())
+        info = model.info()
+        rounds = ledger.rounds()
+        entry = ledger.entry_for(model.sha256)
+        info["ledger"] = {"round": entry["round"] if entry else None, "entry": entry,
+                          "history": "/api/history" if rounds else None,
+                          "plot": "/history.png" if rounds and ledger.has_plot() else None}
+        info["gate"] = gate.info(model) if gate is not None else None
+        return jsonify(info)
+
+    @app.get("/api/history")
+    def api_history():
+        rounds = ledger.rounds()
+        if not rounds:
+            return error(404, f"no training history ({ledger.path} absent, empty or unreadable)")
+        return jsonify({"format": Ledger.FORMAT, "rounds": rounds})
+
+    @app.get("/history.png")
+    def history_png():
+        if not ledger.has_plot():
+            return error(404, f"no history plot ({ledger.plot_path} absent)")
+        with open(ledger.plot_path, "rb") as f:  # read whole: the aggregator may replace it meanwhile
+            return send_file(io.BytesIO(f.read()), mimetype="image/png", max_age=0)
 
     @app.get("/metrics")
     def metrics():
         return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+    def run_model(model, images):
+        return batcher.predict(model, images)
+
+    def count_digits(digits):
+        for digit in digits:
+            predictions.labels(str(digit)).inc()
+
+    app.register_blueprint(v2.create_blueprint(
+        current_model, run_model, preprocess, ImageError, model_id, not_ready,
+        max_items=MAX_FILES, max_body=MAX_BODY, on_digits=count_digits))
 
     return app

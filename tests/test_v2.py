@@ -1,0 +1,294 @@
+"""The Open Inference Protocol (v2) endpoints (server/v2.py): through a real v2 client library
+(tritonclient.http, against the app served on a local port) for both input forms, batches, JSON and
+binary tensor data and compression; through Flask's test client for every kind of bad input."""
+
+import base64
+import gzip
+import io
+import json
+import struct
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "server"))
+import app as server_app  # noqa: E402
+
+SAMPLES = ROOT / "server" / "static" / "samples"
+URL = "/v2/models/mnist/infer"
+
+
+@pytest.fixture(scope="module")
+def app(mnist_model):
+    application = server_app.create_app(str(mnist_model))
+    application.testing = True
+    return application
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def triton(app):
+    """A tritonclient.http client talking to the app over a real local HTTP socket."""
+    import tritonclient.http as httpclient
+    from werkzeug.serving import make_server
+
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", connection_timeout=30, network_timeout=60)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test):
+    """8 MNIST test digits (uint8 (8, 28, 28)) and their labels."""
+    x, y = mnist_test
+    return x[:8], y[:8]
+
+
+def infer_input(name, array, datatype, binary=True):
+    import tritonclient.http as httpclient
+
+    tensor = httpclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
+
+
+def outputs(binary=True, names=("probabilities", "digit")):
+    import tritonclient.http as httpclient
+
+    return [httpclient.InferRequestedOutput(name, binary_data=binary) for name in names]
+
+
+# --------------------------------------------------------------------------- through tritonclient
+
+
+def test_health_and_metadata_through_the_client(triton):
+    assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready("mnist")
+    assert not triton.is_model_ready("other")
+    server = triton.get_server_metadata()
+    assert server["name"] == "mlk-mnist" and "binary_tensor_data" in server["extensions"]
+    model = triton.get_model_metadata("mnist")
+    assert model["name"] == "mnist"
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in model["inputs"]} == {
+        "input": ("FP32", [-1, 28, 28]), "image": ("BYTES", [-1])}
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in model["outputs"]} == {
+        "probabilities": ("FP32", [-1, 10]), "digit": ("INT64", [-1])}
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("datatype,shape", [("FP32", (28, 28)), ("UINT8", (784,))])
+def test_infer_a_batch_of_mnist_arrays(triton, digits, datatype, shape, binary):
+    x, y = digits
+    array = (x.astype(np.float32) / 255.0 if datatype == "FP32" else x).reshape((len(x),) + shape)
+    result = triton.infer("mnist", [infer_input("input", array, datatype, binary)], outputs=outputs(binary),
+                          request_id="batch-1")
+    probabilities = result.as_numpy("probabilities")
+    predicted = result.as_numpy("digit")
+    assert probabilities.dtype == np.float32 and probabilities.shape == (8, 10)
+    assert predicted.dtype == np.int64 and predicted.shape == (8,)
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    assert (predicted == probabilities.argmax(axis=1)).all()
+    assert (predicted == y).sum() >= 7, (predicted, y)
+    response = result.get_response()
+    assert response["id"] == "batch-1" and response["model_name"] == "mnist"
+    assert len(response["parameters"]["model"]) == 12
+
+
+def test_fp32_and_uint8_forms_give_the_same_probabilities(triton, digits):
+    x, _ = digits
+    as_float = triton.infer("mnist", [infer_input("input", x.astype(np.float32) / 255.0, "FP32")])
+    as_bytes = triton.infer("mnist", [infer_input("input", x.reshape(8, 784), "UINT8")])
+    assert np.allclose(as_float.as_numpy("probabilities"), as_bytes.as_numpy("probabilities"), atol=1e-6)
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
+def test_infer_encoded_images_same_as_the_upload_api(triton, client, compression):
+    names = ["4.png", "6.png", "photo-3.jpg", "photo-7.jpg"]
+    blobs = np.array([(SAMPLES / n).read_bytes() for n in names], dtype=np.object_)
+    result = triton.infer("mnist", [infer_input("image", blobs, "BYTES")], outputs=outputs(),
+                          request_compression_algorithm=compression)
+    assert result.as_numpy("digit").tolist() == [4, 6, 3, 7]
+    data = {"file": [(io.BytesIO(b), n) for b, n in zip(blobs, names)]}
+    uploaded = client.post("/api/predict", data=data, content_type="multipart/form-data").get_json()["predictions"]
+    assert np.allclose(result.as_numpy("probabilities"), [p["probabilities"] for p in uploaded], atol=2e-6)
+
+
+def test_only_the_requested_output_and_json_bytes_as_base64(client):
+    png = (SAMPLES / "6.png").read_bytes()
+    body = {"id": "x1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                    "data": [base64.b64encode(png).decode()]}], "outputs": [{"name": "digit"}]}
+    response = client.post(URL, json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    answer = response.get_json()
+    assert answer["id"] == "x1"
+    assert answer["outputs"] == [{"name": "digit", "datatype": "INT64", "shape": [1], "data": [6]}]
+
+
+def test_nested_json_data_is_accepted(client, digits):
+    x, y = digits
+    body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [2, 28, 28], "data": x[:2].tolist()}]}
+    answer = client.post(URL, json=body).get_json()
+    assert answer["outputs"][1]["data"] == y[:2].tolist()
+
+
+def test_protocol_error_through_the_client(triton):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as raised:
+        triton.infer("mnist", [infer_input("input", np.zeros((1, 28, 27), np.float32), "FP32")])
+    assert raised.value.status() == "400" and "shape" in raised.value.message()
+    with pytest.raises(InferenceServerException) as raised:
+        triton.infer("digits", [infer_input("input", np.zeros((1, 28, 28), np.float32), "FP32")])
+    assert raised.value.status() == "404" and "unknown model" in raised.value.message()
+
+
+def test_v2_predictions_are_counted_in_metrics(client):
+    def count():
+        lines = client.get("/metrics").get_data(as_text=True).splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith("mlk_predictions_total{"))
+
+    before = count()
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 784], "data": [0.0] * (3 * 784)}]}
+    assert client.post(URL, json=body).status_code == 200
+    assert count() == before + 3
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def fp32(shape, value=0.0, **extra):
+    n = int(np.prod(shape))
+    return {"inputs": [dict({"name": "input", "datatype": "FP32", "shape": list(shape), "data": [value] * n}, **extra)]}
+
+
+def image_tensor(*blobs):
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(blobs)],
+                        "data": [base64.b64encode(b).decode() for b in blobs]}]}
+
+
+def bomb_png():
+    out = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(out, "PNG")
+    return out.getvalue()
+
+
+def binary_request(header, tail):
+    head = json.dumps(header).encode()
+    return head + tail, {"Inference-Header-Content-Length": str(len(head))}
+
+
+BAD_REQUESTS = {
+    # name: (body (dict -> JSON, bytes -> raw), extra headers, status, text in the error)
+    "not json": (b"{nope", {}, 400, "not valid JSON"),
+    "json array": ([1, 2], {}, 400, "JSON object"),
+    "no inputs": ({"outputs": [{"name": "digit"}]}, {}, 400, "exactly one"),
+    "two inputs": ({"inputs": fp32((1, 784))["inputs"] * 2}, {}, 400, "exactly one"),
+    "unknown input": ({"inputs": [dict(fp32((1, 784))["inputs"][0], name="x")]}, {}, 400, "unknown input 'x'"),
+    "int32 datatype": ({"inputs": [dict(fp32((1, 784))["inputs"][0], datatype="INT32")]}, {}, 400, "FP32 or UINT8"),
+    "bytes on input": ({"inputs": [dict(fp32((1, 784))["inputs"][0], datatype="BYTES")]}, {}, 400, "FP32 or UINT8"),
+    "fp32 on image": ({"inputs": [dict(image_tensor(b"x")["inputs"][0], datatype="FP32")]}, {}, 400, "BYTES"),
+    "shape 28x27": (fp32((1, 28, 27)), {}, 400, "[n, 28, 28] or [n, 784]"),
+    "shape without batch": (fp32((784,)), {}, 400, "[n, 28, 28] or [n, 784]"),
+    "negative shape": (fp32((1, 784)) | {"inputs": [dict(fp32((1, 784))["inputs"][0], shape=[-1, 784])]}, {}, 400,
+                       "non-negative"),
+    "empty batch": ({"inputs": [dict(fp32((1, 784))["inputs"][0], shape=[0, 784], data=[])]}, {}, 400, "empty"),
+    "33 images": (fp32((33, 784)), {}, 400, "too many images in one request (33; limit 32)"),
+    "33 encoded images": (image_tensor(*[b"x"] * 33), {}, 400, "too many images"),
+    "too few values": ({"inputs": [dict(fp32((2, 784))["inputs"][0], data=[0.0] * 784)]}, {}, 400,
+                       "784 values for shape [2, 784]"),
+    "no data": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784]}]}, {}, 400, "no \"data\""),
+    "string values": (fp32((1, 784), "a"), {}, 400, "must be numbers"),
+    "boolean values": (fp32((1, 784), True), {}, 400, "must be numbers"),
+    "fp32 above 1": (fp32((1, 784), 255.0), {}, 400, "in [0, 1]"),
+    "fp32 negative": (fp32((1, 784), -0.5), {}, 400, "in [0, 1]"),
+    "fp32 nan": (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": ['
+                 + b", ".join([b"NaN"] * 784) + b"]}]}", {}, 400, "finite"),
+    "uint8 256": ({"inputs": [dict(fp32((1, 784), 256)["inputs"][0], datatype="UINT8")]}, {}, 400, "0-255"),
+    "uint8 fraction": ({"inputs": [dict(fp32((1, 784), 1.5)["inputs"][0], datatype="UINT8")]}, {}, 400, "0-255"),
+    "id not a string": (fp32((1, 784)) | {"id": 5}, {}, 400, "\"id\" must be a string"),
+    "unknown output": (fp32((1, 784)) | {"outputs": [{"name": "logits"}]}, {}, 400, "unknown output 'logits'"),
+    "bad base64": ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}, {}, 400,
+                   "not valid base64"),
+    "bytes element not a string": ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [3]}]},
+                                   {}, 400, "base64 string"),
+    "bytes count mismatch": ({"inputs": [dict(image_tensor(b"x")["inputs"][0], shape=[2])]}, {}, 400,
+                             "1 elements for shape [2]"),
+    "not an image": (image_tensor(b"hello, world"), {}, 400, "element 1: not an image"),
+    "second image corrupt": (image_tensor((SAMPLES / "6.png").read_bytes(), b"\x89PNG\r\n\x1a\nxx"), {}, 400,
+                             "element 2:"),
+    "decompression bomb": (image_tensor(bomb_png()), {}, 400, "12000x12000 pixels (limit 40 megapixels)"),
+    "binary size mismatch": (binary_request(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "parameters": {"binary_data_size": 100}}]},
+        b"\0" * 100), None, 400, "binary_data_size must be 3136"),
+    "binary data short": (binary_request(
+        {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 784], "parameters": {"binary_data_size": 784}}]},
+        b"\0" * 700), None, 400, "ends after 700 of 784 bytes"),
+    "binary data left over": (binary_request(
+        {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 784], "parameters": {"binary_data_size": 784}}]},
+        b"\0" * 790), None, 400, "6 bytes of binary data after"),
+    "binary bytes element truncated": (binary_request(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 8}}]},
+        struct.pack("<I", 100) + b"abcd"), None, 400, "longer than the binary data"),
+    "header length not a number": (fp32((1, 784)), {"Inference-Header-Content-Length": "x"}, 400,
+                                   "Inference-Header-Content-Length"),
+    "header length past the body": (fp32((1, 784)), {"Inference-Header-Content-Length": "99999999"}, 400,
+                                    "Inference-Header-Content-Length"),
+    "unsupported encoding": (fp32((1, 784)), {"Content-Encoding": "br"}, 415, "Content-Encoding"),
+    "corrupt gzip": (b"not gzip", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
+    "gzip bomb": (gzip.compress(b" " * (3 * 1024 * 1024)), {"Content-Encoding": "gzip"}, 413, "too large"),
+    "body over 2 MB": (b" " * (2 * 1024 * 1024 + 10), {}, 413, "request body too large (limit 2 MB)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_REQUESTS))
+def test_bad_request_gets_a_protocol_error(client, kind):
+    body, headers, status, text = BAD_REQUESTS[kind]
+    if isinstance(body, tuple):  # binary_request(...)
+        body, headers = body
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = client.post(URL, data=data, headers=headers, content_type="application/json")
+    assert response.status_code == status, (kind, response.status_code, response.get_data(as_text=True))
+    assert response.is_json and set(response.get_json()) == {"error"}
+    assert text in response.get_json()["error"], response.get_json()["error"]
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("post", "/v2/models/digits/infer", 404), ("get", "/v2/models/digits", 404), ("get", "/v2/models/digits/ready", 404),
+    ("post", "/v2/models/mnist/versions/1/infer", 404), ("get", "/v2/models/mnist/versions/1", 404),
+    ("get", URL, 405), ("post", "/v2/health/live", 405)])
+def test_unknown_model_version_and_method(client, method, path, status):
+    response = getattr(client, method)(path, json=fp32((1, 784)))
+    assert response.status_code == status and isinstance(response.get_json()["error"], str)
+
+
+def test_no_model_yet_is_503_not_ready(tmp_path):
+    app = server_app.create_app(str(tmp_path / "missing.h5"))
+    client = app.test_client()
+    assert client.get("/v2/health/live").get_json() == {"live": True}
+    ready = client.get("/v2/health/ready")
+    assert ready.status_code == 503 and ready.get_json() == {"ready": False}
+    model_ready = client.get("/v2/models/mnist/ready")
+    assert model_ready.status_code == 503 and model_ready.get_json() == {"name": "mnist", "ready": False}
+    assert client.get("/v2/models/mnist").status_code == 200  # metadata does not need the model
+    response = client.post(URL, json=fp32((1, 784)))
+    assert response.status_code == 503 and "does not exist" in response.get_json()["error"]
+    bad = client.post(URL, json=fp32((1, 28, 27)))  # input checked before the model, as /api/predict does
+    assert bad.status_code == 400
