@@ -5,12 +5,17 @@
 # named, the reason from the pods' status and events, their logs) on a state no wait can fix: an image
 # that cannot be pulled, a pod that cannot be scheduled or mount its volume, a refused pod, a claim
 # that does not bind, a failed Job. Re-running is safe: each Job is replaced.
-#
 #   scripts/quickstart.sh [-h|--help]
-#
 # Environment (defaults in brackets):
 #   WORKER_NUMBER [3]  trainers (= shards)       EPOCH [2]   epochs per trainer per round
 #   BATCH [100]        batch size                ROUNDS [3]  rounds; round r>1 starts from the aggregate
+#   MIN_WORKERS [WORKER_NUMBER]  fewest models a round may average (a count, or a fraction of WORKER_NUMBER,
+#                      rounded up). Fewer than all: the aggregator runs beside the trainers and averages
+#                      once all are in or ROUND_DEADLINE has passed with MIN_WORKERS; a failed trainer Job
+#                      is reported, not fatal, while enough can still finish
+#   ROUND_DEADLINE [3600]  seconds the aggregator waits for a round's models
+#   RESUME [0]         1: continue from the last complete round of the volume's round ledger, checked
+#                      against every recorded sha256 first (manifests/9999-ledger-restore.yaml)
 #   NFS_BACKEND [pvc]  where the shared volume lives (docs/kubernetes.md, "Storage backends"):
 #                      pvc: an in-cluster NFS server on a PVC of the default StorageClass (any cluster
 #                           whose nodes mount NFS; privileged pod);
@@ -52,6 +57,9 @@ WORKER_NUMBER="${WORKER_NUMBER:-3}"
 EPOCH="${EPOCH:-2}"
 BATCH="${BATCH:-100}"
 ROUNDS="${ROUNDS:-3}"
+MIN_WORKERS="${MIN_WORKERS:-$WORKER_NUMBER}"
+ROUND_DEADLINE="${ROUND_DEADLINE:-3600}"
+RESUME="${RESUME:-0}"
 NFS_BACKEND="${NFS_BACKEND:-pvc}"
 STORAGE_CLASS="${STORAGE_CLASS:-}"
 MNIST_NPZ="${MNIST_NPZ:-}"
@@ -68,10 +76,20 @@ POLL="${POLL:-5}"
 read -ra kubectl_cmd <<<"${KUBECTL:-kubectl}"
 ((${#kubectl_cmd[@]})) || fail config "KUBECTL must not be empty"
 
-for name in WORKER_NUMBER EPOCH BATCH ROUNDS NFS_TIMEOUT JOB_TIMEOUT SERVER_TIMEOUT PVC_TIMEOUT \
+for name in WORKER_NUMBER EPOCH BATCH ROUNDS ROUND_DEADLINE NFS_TIMEOUT JOB_TIMEOUT SERVER_TIMEOUT PVC_TIMEOUT \
   UNSCHEDULABLE_TIMEOUT EXTERNAL_IP_TIMEOUT LB_DETECT_TIMEOUT; do
   positive_int "${!name}" || fail config "$name must be a positive integer, got '${!name}'"
 done
+# MIN_WORKERS: a count, or a fraction of WORKER_NUMBER rounded up (as the aggregator rounds it)
+if [[ "$MIN_WORKERS" =~ ^0?\.0*[1-9][0-9]{0,8}$ ]]; then
+  min_workers="$(awk -v f="$MIN_WORKERS" -v n="$WORKER_NUMBER" 'BEGIN { k = f * n; c = int(k); if (c < k) c++; print c }')"
+elif positive_int "$MIN_WORKERS"; then
+  min_workers="$MIN_WORKERS"
+else
+  fail config "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1 (e.g. 0.67), got '$MIN_WORKERS'"
+fi
+((min_workers <= WORKER_NUMBER)) || fail config "MIN_WORKERS=$MIN_WORKERS is more than WORKER_NUMBER=$WORKER_NUMBER"
+[[ "$RESUME" == 0 || "$RESUME" == 1 ]] || fail config "RESUME must be 0 or 1, got '$RESUME'"
 [[ "$POLL" =~ ^[0-9]{1,4}$ ]] || fail config "POLL must be a number of seconds, got '$POLL'"
 [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
 case "$SERVICE_TYPE" in
@@ -88,14 +106,17 @@ case "$NFS_BACKEND" in
 esac
 [[ -z "$MNIST_NPZ" || (-f "$MNIST_NPZ" && -r "$MNIST_NPZ") ]] || fail config "MNIST_NPZ=$MNIST_NPZ is not a readable file"
 command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
-export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE
+export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE ROUND_DEADLINE
+export MIN_WORKERS="$min_workers" # render.sh: the aggregator's --min-workers and --deadline
 
 k() { "${kubectl_cmd[@]}" "$@"; }
 
-# apply STAGE FILE: render FILE (scripts/render.sh, environment as exported) and apply it
+# apply STAGE FILE [FILTER]: render FILE (scripts/render.sh, environment as exported) and apply it;
+# FILTER (a command reading the rendered text) picks what of it is applied
 apply() {
   local stage="$1" file="$2" rendered out
   rendered="$("$root/scripts/render.sh" "$file")" || fail "$stage" "cannot render $file"
+  if (($# > 2)); then rendered="$("${@:3}" <<<"$rendered")"; fi
   if ! out="$(k apply -f - <<<"$rendered" 2>&1)"; then
     printf '%s\n' "$out" >&2
     fail "$stage" "kubectl apply of ${file#"$root"/} was refused: $(grep -m1 -iE 'error|forbidden|denied|invalid' <<<"$out" || tail -n 1 <<<"$out")"
@@ -190,6 +211,23 @@ terminated_summary() {
     printf "pod %s: container %s exited %s (%s)%s; ", $2, $3, $4, $5, ($6 == "" ? "" : ": " $6)}'
 }
 
+# job_state JOB: its true conditions, one "TYPE:REASON:MESSAGE" line each (Complete:..., Failed:...)
+job_state() {
+  k get job "$1" -o 'go-template={{range .status.conditions}}{{if eq .status "True"}}{{.type}}:{{.reason}}:{{.message}}{{"\n"}}{{end}}{{end}}' 2>/dev/null || true
+}
+
+# job_failure JOB STATE: why a failed JOB failed, in one line
+job_failure() {
+  local job="$1" state="$2" line
+  if [[ "$job" == mnist-ledger-restore ]] && grep -q '^Failed:PodFailurePolicy:' <<<"$state"; then
+    # ledger.py's exit code 2: a recorded file is missing or its sha256 changed; its last line names it
+    line="$(k logs "job/$job" --tail=1 2>/dev/null)" || line=""
+    echo "the round ledger on the volume does not match its files: ${line:-(no log line)}. RESUME=1 continues only from an intact ledger: put that file back as it was, or run without RESUME=1 to start a new run"
+    return
+  fi
+  echo "job $job failed: $(grep -m1 '^Failed:' <<<"$state" | cut -d: -f2-) $(terminated_summary "job-name=$job")"
+}
+
 # wait_jobs STAGE SELECTOR JOB...: until every JOB is complete, under one JOB_TIMEOUT
 wait_jobs() {
   local stage="$1" selector="$2" deadline=$((SECONDS + JOB_TIMEOUT)) job state pending
@@ -198,9 +236,9 @@ wait_jobs() {
   while :; do
     pending=0
     for job in "$@"; do
-      state="$(k get job "$job" -o 'go-template={{range .status.conditions}}{{if eq .status "True"}}{{.type}}:{{.reason}}:{{.message}}{{"\n"}}{{end}}{{end}}' 2>/dev/null)" || state=""
+      state="$(job_state "$job")"
       if grep -q '^Failed:' <<<"$state"; then
-        report "$stage" "job-name=$job" "job $job failed: $(grep -m1 '^Failed:' <<<"$state" | cut -d: -f2-) $(terminated_summary "job-name=$job")"
+        report "$stage" "job-name=$job" "$(job_failure "$job" "$state")"
       fi
       grep -q '^Complete:' <<<"$state" || pending=1
     done
@@ -301,8 +339,28 @@ wait_pod() {
   done
 }
 
+# --- resume: the round ledger on the volume ------------------------------------------------------
+done_rounds=0
+if [[ "$RESUME" == 1 ]]; then
+  say "== resume: checking the round ledger on the volume against its files"
+  delete_jobs mnist-ledger-restore
+  apply resume "$root/manifests/9999-ledger-restore.yaml"
+  wait_jobs resume "app.kubernetes.io/component=ledger-restore" mnist-ledger-restore
+  result="$(k logs job/mnist-ledger-restore --tail=1 2>/dev/null)" || result=""
+  done_rounds="$(sed -n 's/^{"last_round": *\([0-9][0-9]*\),.*/\1/p' <<<"$result")"
+  [[ -n "$done_rounds" ]] ||
+    fail resume "cannot read the last complete round from job mnist-ledger-restore's log: its last line is '${result:-nothing}', not {\"last_round\": n, ...}"
+  if ((done_rounds == 0)); then
+    say "resume: the ledger has no complete round; starting at round 1"
+  else
+    sha="$(sed -n 's/.*"sha256": *"\([0-9a-f]\{12\}\).*/\1/p' <<<"$result")"
+    say "resume: round $done_rounds is the last complete one (rounds/r$done_rounds.h5 ${sha:-?}..., now /mnt/aggregated-model.h5); the shards are on the volume"
+    ((done_rounds < ROUNDS)) || say "resume: all ROUNDS=$ROUNDS rounds are done; on to the accuracy test"
+  fi
+fi
+
 # --- offline data -------------------------------------------------------------------------------
-if [[ -n "$MNIST_NPZ" ]]; then
+if [[ -n "$MNIST_NPZ" ]] && ((done_rounds == 0)); then
   say "== dataset: $MNIST_NPZ onto the volume as /mnt/mnist.npz"
   k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
   apply dataset "$root/manifests/9999-dataset-upload.yaml"
@@ -324,17 +382,83 @@ print(os.path.getsize("/mnt/mnist.npz"))' <"$MNIST_NPZ")" || fail dataset "could
 fi
 
 # --- 4: split ---------------------------------------------------------------------------------
-say "== splitter: $WORKER_NUMBER shards"
-delete_jobs mnist-splitter
-apply splitter "$root/manifests/4-splitter.yaml"
-wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
-say "splitter: done"
+if ((done_rounds == 0)); then
+  say "== splitter: $WORKER_NUMBER shards"
+  delete_jobs mnist-splitter
+  apply splitter "$root/manifests/4-splitter.yaml"
+  wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
+  say "splitter: done"
+else # resuming: the shards are there; only the ConfigMap (the aggregator's worker count) is applied
+  configmap_only() { awk '/^---$/ { if (cm) printf "%s", doc; doc = ""; cm = 0; next }
+    { doc = doc $0 "\n" } /^kind: ConfigMap$/ { cm = 1 } END { if (cm) printf "%s", doc }'; }
+  apply config "$root/manifests/4-splitter.yaml" configmap_only
+fi
 
 # --- 5-6: rounds of trainers and aggregation ------------------------------------------------------
 trainers=()
 for ((i = 0; i < WORKER_NUMBER; i++)); do trainers+=("mnist-trainer-$i"); done
-for ((round = 1; round <= ROUNDS; round++)); do
+
+# wait_round ROUND: MIN_WORKERS < WORKER_NUMBER: the trainers and the aggregator run together and the
+# aggregator closes the round (every model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A
+# failed trainer Job is reported; the run stops when more fail than WORKER_NUMBER - MIN_WORKERS.
+wait_round() {
+  local round="$1" limit=$JOB_TIMEOUT deadline job state failed=() late=()
+  local -A reported=()
+  ((ROUND_DEADLINE + 600 <= limit)) || limit=$((ROUND_DEADLINE + 600))
+  deadline=$((SECONDS + limit))
+  unschedulable_since=()
+  while :; do
+    for job in "${trainers[@]}"; do
+      [[ -z "${reported[$job]:-}" ]] || continue
+      state="$(job_state "$job")"
+      grep -q '^Failed:' <<<"$state" || continue
+      reported[$job]=1
+      failed+=("$job")
+      warn "round $round: $(job_failure "$job" "$state")"
+      if ((${#failed[@]} > WORKER_NUMBER - min_workers)); then
+        report "trainers (round $round)" "app.kubernetes.io/component=trainer" \
+          "${#failed[@]} of $WORKER_NUMBER trainer Jobs failed (${failed[*]}): fewer than MIN_WORKERS=$min_workers can finish"
+      fi
+      warn "round $round: going on without $job ($((WORKER_NUMBER - ${#failed[@]})) trainers left, MIN_WORKERS=$min_workers)"
+    done
+    state="$(job_state mnist-aggregator)"
+    if grep -q '^Failed:' <<<"$state"; then
+      report "aggregator (round $round)" "job-name=mnist-aggregator" "$(job_failure mnist-aggregator "$state")"
+    fi
+    grep -q '^Complete:' <<<"$state" && break
+    check_stage "trainers (round $round)" "app.kubernetes.io/component=trainer"
+    check_stage "aggregator (round $round)" "app.kubernetes.io/component=aggregator"
+    ((SECONDS < deadline)) || report "round $round" "app.kubernetes.io/component in (trainer,aggregator)" "not complete within ${limit}s"
+    sleep "$POLL"
+  done
+  for job in "${trainers[@]}"; do # closed without them: stop those still running
+    [[ -z "${reported[$job]:-}" ]] || continue
+    grep -q '^Complete:' <<<"$(job_state "$job")" || late+=("$job")
+  done
+  if ((${#late[@]})); then
+    say "round $round: closed without ${late[*]} (still running at the deadline): stopping them"
+    delete_jobs "${late[@]}"
+  fi
+  local missing=("${failed[@]}" "${late[@]}")
+  if ((${#missing[@]})); then
+    say "round $round: aggregated model written without ${missing[*]} (the ledger records them missing)"
+  else
+    say "round $round: aggregated model written"
+  fi
+}
+
+for ((round = done_rounds + 1; round <= ROUNDS; round++)); do
   if ((round > 1)); then export INIT_MODEL=/mnt/aggregated-model.h5; else unset INIT_MODEL; fi
+  if ((min_workers < WORKER_NUMBER)); then
+    say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator (at least $min_workers models, ROUND_DEADLINE=${ROUND_DEADLINE}s)"
+    delete_jobs "${trainers[@]}" mnist-aggregator
+    for ((i = 0; i < WORKER_NUMBER; i++)); do
+      INCREMENTAL_NUMBER="$i" apply "trainer $i (round $round)" "$root/manifests/5-trainer.yaml"
+    done
+    apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
+    wait_round "$round"
+    continue
+  fi
   say "== round $round/$ROUNDS: $WORKER_NUMBER trainers"
   delete_jobs "${trainers[@]}"
   for ((i = 0; i < WORKER_NUMBER; i++)); do
@@ -356,6 +480,7 @@ apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
 wait_jobs accuracy-test "app.kubernetes.io/component=accuracy-test" mnist-accuracy-test
 if result="$(k logs job/mnist-accuracy-test --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
   say "accuracy test: $result"
+  say "history: every round's accuracy, its workers' and its timings in /mnt/rounds/ledger.json, plotted in /mnt/rounds/history.png (docs/kubernetes.md, \"Round ledger\")"
 else
   warn "accuracy test completed, but its log could not be read (kubectl logs job/mnist-accuracy-test)"
 fi

@@ -7,7 +7,13 @@
 # Environment (a placeholder a file uses must be set, else this fails naming it):
 #   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP, STORAGE_CLASS  fill {{NAME}}
 #                   (the list is PLACEHOLDERS in scripts/images.env)
-#   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL (rounds after the first)
+#   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL (rounds after the first) in
+#                   place of round 1's "--save-init /mnt/rounds/r0.h5" (the round ledger's start weights)
+#   MIN_WORKERS     if set, aggregator args get "--min-workers" MIN_WORKERS (a count >= 1, or a
+#                   fraction 0 < f < 1 of the workers): average as soon as the round deadline passes
+#                   with that many models, instead of needing every worker's
+#   ROUND_DEADLINE  if set, aggregator args get "--deadline" ROUND_DEADLINE (seconds, >= 1; the
+#                   aggregator Job's activeDeadlineSeconds grows with it past 3600)
 #   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<stage>:0.1.0 -> $IMAGE_REGISTRY/<stage>:$IMAGE_TAG
 #   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
@@ -41,6 +47,20 @@ check_value IMAGE_REGISTRY "$IMAGE_REGISTRY"
 check_value IMAGE_TAG "$IMAGE_TAG"
 [[ -z "${INIT_MODEL:-}" ]] || check_value INIT_MODEL "$INIT_MODEL"
 [[ -z "${DATASET:-}" ]] || check_value DATASET "$DATASET"
+if [[ -n "${MIN_WORKERS:-}" ]] && ! [[ "$MIN_WORKERS" =~ ^([1-9][0-9]{0,8}|0?\.0*[1-9][0-9]{0,8})$ ]]; then
+  die "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1 (e.g. 0.67), got '$MIN_WORKERS'"
+fi
+if [[ -n "${ROUND_DEADLINE:-}" ]] && ! positive_int "$ROUND_DEADLINE"; then
+  die "ROUND_DEADLINE must be a whole number of seconds >= 1, got '$ROUND_DEADLINE'"
+fi
+# The aggregator waits up to the longer of --timeout (3600 s) and --deadline; its Job's deadline (that
+# wait + 600 s) grows with a longer round deadline.
+aggregator_extra=""
+[[ -z "${MIN_WORKERS:-}" ]] || aggregator_extra+=", \"--min-workers\", \"$MIN_WORKERS\""
+if [[ -n "${ROUND_DEADLINE:-}" ]]; then
+  aggregator_extra+=", \"--deadline\", \"$ROUND_DEADLINE\""
+  ((ROUND_DEADLINE <= 3600)) || aggregator_deadline=$((ROUND_DEADLINE + 600))
+fi
 case "${SERVICE_TYPE:-}" in
   "" | LoadBalancer | NodePort | ClusterIP) ;;
   *) die "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
@@ -60,8 +80,15 @@ for file in "$@"; do
     expr+=(-e "s|$(sed_literal "$DEFAULT_IMAGE_REGISTRY/$stage:$DEFAULT_IMAGE_TAG")|$(sed_literal "$IMAGE_REGISTRY/$stage:$IMAGE_TAG")|g")
   done
   if [[ -n "${INIT_MODEL:-}" ]]; then
-    # The trainer's args end with its --savemodel pair: append the model to start from.
-    expr+=(-e "s|\\(\"--savemodel\", \"[^\"]*\"\\)\\]|\\1, \"--init-model\", \"$(sed_literal "$INIT_MODEL")\"]|")
+    # The trainer's args end with round 1's --save-init pair: start from the model instead.
+    expr+=(-e "s|\"--save-init\", \"[^\"]*\"\\]|\"--init-model\", \"$(sed_literal "$INIT_MODEL")\"]|")
+  fi
+  if [[ -n "$aggregator_extra" ]]; then
+    # The aggregator's args end with its --expect pair.
+    expr+=(-e "s|\\(\"--expect\", \"\\\$(WORKER_NUMBER)\"\\)\\]|\\1$aggregator_extra]|")
+    if [[ -n "${aggregator_deadline:-}" ]] && grep -q '^  name: mnist-aggregator$' "$file"; then
+      expr+=(-e "s/^\\(  activeDeadlineSeconds: \\)[0-9]*/\\1$aggregator_deadline/")
+    fi
   fi
   if [[ -n "${DATASET:-}" ]]; then
     # The splitter's args end with its --savedir pair: read MNIST from the volume instead of downloading.

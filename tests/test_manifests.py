@@ -31,7 +31,8 @@ FILES = sorted(MANIFESTS.glob("*.yaml")) + sorted((MANIFESTS / "variants").glob(
 PLACEHOLDERS = placeholder_samples()  # scripts/images.env: the one list of {{NAME}}s, with sample values
 VALUES = {**PLACEHOLDERS, "INCREMENTAL_NUMBER": "1"}  # the tests below look at trainer 1
 STAGE_IMAGE = re.compile(r"^localhost/mlk/(splitter|trainer|aggregator|server):0\.1\.0$")
-CLEAN_ENV = (*PLACEHOLDERS, "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG")
+CLEAN_ENV = (*PLACEHOLDERS, "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "MIN_WORKERS", "ROUND_DEADLINE", "DATASET",
+             "SERVICE_TYPE")
 
 # The original README's commands, per file (kubectl apply -f FILE for the rest), and the documented one
 # for the new Indexed alternative.
@@ -76,7 +77,8 @@ def test_the_manifests_are_the_originals_and_more():
     names = {f.name for f in MANIFESTS.glob("*.yaml")}
     assert names == {"1-nfs-deployment.yaml", "2-nfs-service.yaml", "3-nfs-pv-pvc.yaml", "4-splitter.yaml",
                      "5-trainer.yaml", "5-trainer-indexed.yaml", "6-aggregator.yaml", "7-server.yaml",
-                     "9999-busybox.yaml", "9999-accuracy-test.yaml", "9999-dataset-upload.yaml"}
+                     "9999-busybox.yaml", "9999-accuracy-test.yaml", "9999-dataset-upload.yaml",
+                     "9999-ledger-restore.yaml"}
     assert sorted(f.name for f in (MANIFESTS / "variants").glob("*.yaml")) == ["1-nfs-deployment-pvc.yaml",
                                                                                 "3-rwx-pvc.yaml"]
 
@@ -123,6 +125,72 @@ def test_render_fills_values_rewrites_images_and_adds_init_model():
                          "--savemodel", "/mnt/model/1-model.h5", "--init-model", "/mnt/aggregated-model.h5"]
     assert docs[1]["spec"]["nfs"]["server"] == "10.96.0.42"
     assert "{{" not in out.stdout
+
+
+def test_round_one_trainers_record_the_start_weights_and_later_rounds_start_from_the_aggregate():
+    """Round 1 (no INIT_MODEL): --save-init /mnt/rounds/r0.h5, the round ledger's start weights; with
+    INIT_MODEL render.sh puts --init-model in its place (a later round has its start in rounds/r{n-1}.h5)."""
+    for path in (MANIFESTS / "5-trainer.yaml", MANIFESTS / "5-trainer-indexed.yaml"):
+        [job] = docs_of(path)
+        args = pod_spec(job)["containers"][0]["args"]
+        assert args[-4:-2] == ["--savemodel", args[args.index("--savemodel") + 1]] and args[-2:] == [
+            "--save-init", "/mnt/rounds/r0.h5"], path.name
+        [job] = docs_of(path, INIT_MODEL="/mnt/aggregated-model.h5")
+        args = pod_spec(job)["containers"][0]["args"]
+        assert "--save-init" not in args and args[-2:] == ["--init-model", "/mnt/aggregated-model.h5"], path.name
+
+
+def test_render_adds_the_round_deadline_and_minimum_workers_to_the_aggregator():
+    [job] = docs_of(MANIFESTS / "6-aggregator.yaml")
+    plain = pod_spec(job)["containers"][0]["args"]
+    assert plain == ["--dir", "/mnt/model", "--savefile", "/mnt/aggregated-model.h5", "--expect", "$(WORKER_NUMBER)"]
+    [job] = docs_of(MANIFESTS / "6-aggregator.yaml", MIN_WORKERS="2", ROUND_DEADLINE="900")
+    assert pod_spec(job)["containers"][0]["args"] == plain + ["--min-workers", "2", "--deadline", "900"]
+    assert job["spec"]["activeDeadlineSeconds"] == 4200
+    [job] = docs_of(MANIFESTS / "6-aggregator.yaml", MIN_WORKERS="0.67")
+    assert pod_spec(job)["containers"][0]["args"] == plain + ["--min-workers", "0.67"]
+    # A deadline past the aggregator's default wait (3600 s; it waits the longer of the two) lengthens the
+    # Job's deadline.
+    [job] = docs_of(MANIFESTS / "6-aggregator.yaml", ROUND_DEADLINE="7200")
+    assert pod_spec(job)["containers"][0]["args"] == plain + ["--deadline", "7200"]
+    assert job["spec"]["activeDeadlineSeconds"] == 7800
+    _, program, args = argv_of(pod_spec(job)["containers"][0], {"mnist-config": {"WORKER_NUMBER": "3"}})
+    parsed = load_parser(program).parse_args(args)
+    assert job["spec"]["activeDeadlineSeconds"] >= max(parsed.timeout, parsed.deadline) + 300
+    # ... of the aggregator only
+    for path in (MANIFESTS / "5-trainer.yaml", MANIFESTS / "4-splitter.yaml", MANIFESTS / "9999-accuracy-test.yaml"):
+        assert render(path, MIN_WORKERS="2", ROUND_DEADLINE="7200").stdout == render(path).stdout, path.name
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MIN_WORKERS": "0"}, "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1"),
+    ({"MIN_WORKERS": "1.5"}, "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1"),
+    ({"MIN_WORKERS": "two"}, "got 'two'"),
+    ({"ROUND_DEADLINE": "0"}, "ROUND_DEADLINE must be a whole number of seconds >= 1, got '0'"),
+    ({"ROUND_DEADLINE": "1h"}, "ROUND_DEADLINE must be a whole number of seconds >= 1, got '1h'"),
+])
+def test_render_refuses_a_bad_minimum_or_deadline(env, message):
+    out = render(MANIFESTS / "6-aggregator.yaml", **env)
+    assert out.returncode == 2 and out.stdout == ""
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_accuracy_test_fills_the_ledger_and_the_restore_job_reads_it():
+    """The accuracy test scores every round of the ledger (its history and plot go to the volume); the
+    RESUME restore Job runs ledger.py from the aggregator image on the volume's root."""
+    [job] = docs_of(MANIFESTS / "9999-accuracy-test.yaml")
+    args = pod_spec(job)["containers"][0]["args"]
+    assert args[args.index("--ledger") + 1] == "/mnt/rounds/ledger.json"
+    [job] = docs_of(MANIFESTS / "9999-ledger-restore.yaml")
+    c = pod_spec(job)["containers"][0]
+    assert c["image"] == "localhost/mlk/aggregator:0.1.0"
+    assert c["command"] == ["python", "/app/ledger.py"] and c["args"] == ["restore", "--dir", "/mnt"]
+    # the aggregator writes its --savefile's ROOT/rounds/: the restore's --dir is that ROOT
+    by_name, configmaps = rendered_set(3)
+    _, _, args = argv_of(pod_spec(by_name["mnist-aggregator"])["containers"][0], configmaps)
+    assert str(Path(args[args.index("--savefile") + 1]).parent) == c["args"][2]
+    assert re.search(r"^COPY\b.*\bledger\.py\b.*/app/$", (REPO / "aggregator" / "Dockerfile").read_text(), re.M), \
+        "the aggregator image does not contain /app/ledger.py"
 
 
 def test_render_default_images_unchanged_and_files_separated():
@@ -213,7 +281,8 @@ def test_nfs_privilege_is_explained_and_only_there():
 
 def test_jobs_retry_and_trainers_spread_preferably():
     jobs = {d["metadata"]["name"]: d for _, d in workloads() if d["kind"] == "Job"}
-    assert set(jobs) == {"mnist-splitter", "mnist-trainer-1", "mnist-trainer", "mnist-aggregator", "mnist-accuracy-test"}
+    assert set(jobs) == {"mnist-splitter", "mnist-trainer-1", "mnist-trainer", "mnist-aggregator", "mnist-accuracy-test",
+                         "mnist-ledger-restore"}
     for name, job in jobs.items():
         assert job["spec"].get("backoffLimit", 0) >= 1 or job["spec"].get("backoffLimitPerIndex", 0) >= 1, name
         assert pod_spec(job)["restartPolicy"] == "Never"
@@ -278,7 +347,7 @@ def test_jobs_have_deadlines_that_fit_their_work():
     jobs = jobs_by_name()
     deadlines = {name: job["spec"]["activeDeadlineSeconds"] for name, job in jobs.items()}
     assert deadlines == {"mnist-splitter": 1800, "mnist-trainer-1": 7200, "mnist-trainer": 7200,
-                         "mnist-aggregator": 4200, "mnist-accuracy-test": 900}
+                         "mnist-aggregator": 4200, "mnist-accuracy-test": 900, "mnist-ledger-restore": 600}
     # The aggregator waits up to --timeout for the models (--expect): its deadline must outlast the wait.
     by_name, configmaps = rendered_set(3)
     _, program, args = argv_of(pod_spec(by_name["mnist-aggregator"])["containers"][0], configmaps)
@@ -300,7 +369,7 @@ def test_every_container_that_opens_h5_files_disables_hdf5_file_locking():
                 seen.add(f"{doc['metadata']['name']}/{c['name']}")
     assert seen == {"mnist-trainer-1/mnist-trainer-job", "mnist-trainer/mnist-trainer-job",
                     "mnist-aggregator/mnist-aggregator", "mnist-accuracy-test/accuracy-test",
-                    "mnist-server/mnist-server"}
+                    "mnist-server/mnist-server", "mnist-ledger-restore/ledger-restore"}
 
 
 def test_trainers_threads_are_their_cpu_limit():
@@ -441,9 +510,9 @@ def load_parser(program):
     return module.build_parser()
 
 
-def rendered_set(workers, init_model=None):
+def rendered_set(workers, init_model=None, **more):
     """Every stage container of one run, rendered as the quickstart does, with the ConfigMaps."""
-    env = {"WORKER_NUMBER": str(workers), "EPOCH": "1", "BATCH": "32"}
+    env = {"WORKER_NUMBER": str(workers), "EPOCH": "1", "BATCH": "32", **more}
     if init_model:
         env["INIT_MODEL"] = init_model
     docs = docs_of(MANIFESTS / "4-splitter.yaml", **env)
@@ -451,7 +520,8 @@ def rendered_set(workers, init_model=None):
     by_name = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
     for i in range(workers):
         by_name[f"mnist-trainer-{i}"] = docs_of(MANIFESTS / "5-trainer.yaml", INCREMENTAL_NUMBER=str(i), **env)[0]
-    for f in ("6-aggregator.yaml", "9999-accuracy-test.yaml", "5-trainer-indexed.yaml", "7-server.yaml"):
+    for f in ("6-aggregator.yaml", "9999-accuracy-test.yaml", "5-trainer-indexed.yaml", "7-server.yaml",
+              "9999-ledger-restore.yaml"):
         for d in docs_of(MANIFESTS / f, **env):
             if pod_spec(d):
                 by_name[d["metadata"]["name"]] = d
@@ -459,7 +529,7 @@ def rendered_set(workers, init_model=None):
 
 
 def test_every_stage_container_args_parse_with_the_programs_own_parser():
-    by_name, configmaps = rendered_set(3, init_model="/mnt/aggregated-model.h5")
+    by_name, configmaps = rendered_set(3, init_model="/mnt/aggregated-model.h5", MIN_WORKERS="2", ROUND_DEADLINE="600")
     checked = set()
     for name, doc in by_name.items():
         spec = pod_spec(doc)
@@ -479,9 +549,9 @@ def test_every_stage_container_args_parse_with_the_programs_own_parser():
             if program.name == "trainer.py":  # limits.cpu "2" -> CPU_LIMIT "2" -> --threads 2
                 assert parsed.threads == 2, name
             if name == "mnist-aggregator":
-                assert parsed.expect == 3
+                assert parsed.expect == 3 and parsed.min_workers == 2 and parsed.deadline == 600
     assert checked == {"splitter/splitter.py", "trainer/trainer.py", "trainer/evaluate.py",
-                       "aggregator/aggregator.py", "server/server.py"}
+                       "aggregator/aggregator.py", "aggregator/ledger.py", "server/server.py"}
 
 
 @pytest.mark.slow

@@ -40,12 +40,18 @@ if args[:3] == ["apply", "-f", "-"]:
     sys.exit(int(env("FAKE_APPLY_RC", "0")))
 what = " ".join(a for a in args if not a.startswith(("-o", "jsonpath=", "go-template=")))
 template = next((a for a in args if a.startswith(("jsonpath=", "go-template="))), "")
+failing = [j for j in env("FAKE_FAIL_JOB", "").split(",") if j]  # Jobs that fail (FAKE_FAIL_REASON)
 if args[:2] == ["get", "job"]:
-    out(f"Failed:BackoffLimitExceeded:Job has reached the specified backoff limit\n" if args[2] == env("FAKE_FAIL_JOB")
-        else "SuccessCriteriaMet:CompletionsReached:\nComplete:CompletionsReached:\n")
+    if args[2] in failing:
+        reason = env("FAKE_FAIL_REASON", "BackoffLimitExceeded:Job has reached the specified backoff limit")
+        out(f"Failed:{reason}\n")
+    elif args[2] not in env("FAKE_RUNNING_JOB", "").split(","):  # those never finish
+        out("SuccessCriteriaMet:CompletionsReached:\nComplete:CompletionsReached:\n")
 elif args[:2] == ["get", "jobs,replicasets,pods,persistentvolumeclaims"]:
-    if env("FAKE_FAIL_JOB") and env("FAKE_FAIL_JOB") in args[3]:
-        out(f"obj\tPod\t{env('FAKE_FAIL_JOB')}-x1\tuid-1\tFailed\nterm\t{env('FAKE_FAIL_JOB')}-x1\tmnist-trainer-job\t1\tError\t\n")
+    for job in failing:
+        if job in args[3]:
+            code = 2 if "PodFailurePolicy" in env("FAKE_FAIL_REASON", "") else 1
+            out(f"obj\tPod\t{job}-x1\tuid-1\tFailed\nterm\t{job}-x1\tmnist-trainer-job\t{code}\tError\t\n")
     if env("FAKE_WAITING") and "component=nfs-server" in args[3]:
         out(f"obj\tPod\tnfs-server-abc\tuid-2\tPending\nwait\tnfs-server-abc\tnfs-server\t{env('FAKE_WAITING')}\tpull access denied\n")
 elif args[:3] == ["get", "deployment", "nfs-server"] or args[:3] == ["get", "deployment", "mnist-server"]:
@@ -66,6 +72,8 @@ elif args[:3] == ["get", "pod", "mnist-dataset-upload"]:
     out("True")
 elif args[:2] == ["logs", "job/mnist-accuracy-test"]:
     print('{"loss": 0.0412, "accuracy": 0.9861}')
+elif args[:2] == ["logs", "job/mnist-ledger-restore"]:
+    print(env("FAKE_LEDGER", '{"last_round": 0, "sha256": null}'))
 elif args[:2] == ["logs", "-l"]:
     print(f"[pod/{args[2]}] Traceback: fake trainer crash")
 elif args[:2] == ["config", "current-context"]:
@@ -88,7 +96,8 @@ def fake(tmp_path):
         env = {k: v for k, v in os.environ.items()
                if k not in ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP",
                             "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND",
-                            "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET")}
+                            "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET",
+                            "MIN_WORKERS", "ROUND_DEADLINE", "RESUME")}
         env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied),
                    POLL="0", **env_overrides)
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -131,9 +140,14 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
             args = container_args(proc.applied[first + i][0])
             expect = ["--data", f"/mnt/data/{i}.npz", "--epoch", "2", "--batch", "64",
                       "--threads", "$(CPU_LIMIT)", "--savemodel", f"/mnt/model/{i}-model.h5"]
-            if r == 2:
-                expect += ["--init-model", "/mnt/aggregated-model.h5"]
+            # round 1 records the common start weights for the ledger; later rounds start from the aggregate
+            expect += ["--save-init", "/mnt/rounds/r0.h5"] if r == 1 else ["--init-model", "/mnt/aggregated-model.h5"]
             assert args == expect
+        # every worker's model needed (MIN_WORKERS defaults to WORKER_NUMBER), today's wait
+        assert container_args(proc.applied[first + 3][0]) == [
+            "--dir", "/mnt/model", "--savefile", "/mnt/aggregated-model.h5", "--expect", "$(WORKER_NUMBER)",
+            "--min-workers", "3", "--deadline", "3600"]
+    assert container_args(proc.applied[12][0])[-2:] == ["--ledger", "/mnt/rounds/ledger.json"]
     images = {c["image"] for docs in proc.applied for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])}
     assert images == {"registry.k8s.io/volume-nfs:0.8", "registry.example.com/me/splitter:1.2",
@@ -150,6 +164,7 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
 
     out = proc.stdout
     assert '{"loss": 0.0412, "accuracy": 0.9861}' in out
+    assert "/mnt/rounds/ledger.json" in out and "/mnt/rounds/history.png" in out
     assert "server: http://203.0.113.7/" in out
     assert all(line[:2].isdigit() and line[2] == ":" for line in out.splitlines()), out  # timestamped
 
@@ -205,6 +220,134 @@ def test_quickstart_failed_trainer_prints_its_logs_and_names_the_stage(fake):
     assert not [c for c in proc.calls if "mnist-aggregator" in c and c[0] == "apply"]
 
 
+def applied_names(proc):
+    return [n for docs in kinds_names(proc.applied) for _, n in docs]
+
+
+def test_quickstart_min_workers_goes_on_without_a_failed_trainer(fake):
+    """MIN_WORKERS=2 of 3: each round's aggregator is applied with its trainers (it closes the round), a
+    trainer Job that fails is reported, and the run goes on to the accuracy test and the server."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="3", ROUNDS="2", MIN_WORKERS="2", ROUND_DEADLINE="900",
+                FAKE_FAIL_JOB="mnist-trainer-1")
+    assert proc.returncode == 0, proc.stderr
+    names = applied_names(proc)
+    round_objects = ["mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2", "mnist-aggregator"]
+    start = names.index("mnist-splitter") + 1
+    assert names[start:start + 8] == round_objects * 2
+    assert names[start + 8:] == ["mnist-accuracy-test", "mnist-server", "mnist-server-svc"]
+    aggregator = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator"][0]
+    assert container_args(aggregator)[-4:] == ["--min-workers", "2", "--deadline", "900"]
+    # both rounds: the trainer Jobs and the aggregator are replaced together before being applied again
+    deletes = [c[2:6] for c in proc.calls if c[:2] == ["delete", "job"] and "mnist-aggregator" in c]
+    assert deletes == [round_objects] * 2
+    for r in (1, 2):
+        assert f"round {r}: job mnist-trainer-1 failed: BackoffLimitExceeded" in proc.stderr
+        assert f"round {r}: going on without mnist-trainer-1 (2 trainers left, MIN_WORKERS=2)" in proc.stderr
+        assert f"round {r}: aggregated model written without mnist-trainer-1 (the ledger records them missing)" \
+            in proc.stdout
+    assert '{"loss": 0.0412, "accuracy": 0.9861}' in proc.stdout
+    assert "stage" not in proc.stderr  # reported, not failed
+
+
+def test_quickstart_min_workers_stops_when_too_few_trainers_can_finish(fake):
+    proc = fake(QUICKSTART, WORKER_NUMBER="3", ROUNDS="2", MIN_WORKERS="2",
+                FAKE_FAIL_JOB="mnist-trainer-0,mnist-trainer-2")
+    assert proc.returncode == 1
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert "stage trainers (round 1) failed: 2 of 3 trainer Jobs failed (mnist-trainer-0 mnist-trainer-2): " \
+           "fewer than MIN_WORKERS=2 can finish" in last
+    assert "mnist-accuracy-test" not in applied_names(proc)
+
+
+def test_quickstart_min_workers_as_a_fraction_and_a_round_closed_without_a_slow_trainer(fake):
+    """MIN_WORKERS=0.5 of 4 is 2 (rounded up, as the aggregator does). A trainer Job still running when the
+    aggregator has closed the round is stopped, and the round says so."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="4", ROUNDS="1", MIN_WORKERS="0.5", SERVE="0",
+                FAKE_RUNNING_JOB="mnist-trainer-3")
+    assert proc.returncode == 0, proc.stderr
+    aggregator = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator"][0]
+    assert container_args(aggregator)[-4:] == ["--min-workers", "2", "--deadline", "3600"]
+    assert "round 1: closed without mnist-trainer-3 (still running at the deadline): stopping them" in proc.stdout
+    assert "round 1: aggregated model written without mnist-trainer-3" in proc.stdout
+    accuracy = [i for i, c in enumerate(proc.calls) if c[:3] == ["delete", "job", "mnist-accuracy-test"]][0]
+    stop = [i for i, c in enumerate(proc.calls) if c[:2] == ["delete", "job"] and "mnist-trainer-3" in c]
+    assert len(stop) == 2 and stop[1] < accuracy  # replaced at the round's start, stopped at its end
+
+
+def test_quickstart_default_min_workers_still_fails_fast_on_a_failed_trainer(fake):
+    proc = fake(QUICKSTART, WORKER_NUMBER="3", ROUNDS="1", MIN_WORKERS="3", FAKE_FAIL_JOB="mnist-trainer-2")
+    assert proc.returncode == 1
+    assert "stage trainers (round 1) failed: job mnist-trainer-2 failed" in proc.stderr.rstrip().splitlines()[-1]
+    assert "mnist-aggregator" not in applied_names(proc)
+
+
+def test_quickstart_resume_continues_after_the_last_complete_round(fake):
+    """RESUME=1: the restore Job checks the ledger and puts round 1's aggregate back; the run goes on with
+    rounds 2 and 3 (both from the aggregate), without splitting again; the ConfigMap is applied alone."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="3", RESUME="1", SERVE="0",
+                FAKE_LEDGER='{"last_round": 1, "sha256": "0123456789abcdef0123"}')
+    assert proc.returncode == 0, proc.stderr
+    names = applied_names(proc)
+    assert names[names.index("nfs") + 2:] == (
+        ["mnist-ledger-restore", "mnist-config"]
+        + ["mnist-trainer-0", "mnist-trainer-1", "mnist-aggregator"] * 2 + ["mnist-accuracy-test"])
+    restore = [docs for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-ledger-restore"][0][0]
+    assert restore["spec"]["template"]["spec"]["containers"][0]["args"] == ["restore", "--dir", "/mnt"]
+    configmap = [docs for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-config"][0]
+    assert [d["kind"] for d in configmap] == ["ConfigMap"] and configmap[0]["data"] == {"WORKER_NUMBER": "2"}
+    for docs in proc.applied:
+        if docs[0]["metadata"]["name"].startswith("mnist-trainer-"):
+            assert container_args(docs[0])[-2:] == ["--init-model", "/mnt/aggregated-model.h5"]
+    assert "resume: round 1 is the last complete one (rounds/r1.h5 0123456789ab..." in proc.stdout
+    assert "round 1" not in proc.stdout.replace("resume: round 1", "")
+    assert "== round 2/3" in proc.stdout and "round 3: aggregated model written" in proc.stdout
+
+
+def test_quickstart_resume_with_every_round_done_only_tests_and_serves(fake):
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", RESUME="1",
+                FAKE_LEDGER='{"last_round": 2, "sha256": "fedcba9876543210fedc"}')
+    assert proc.returncode == 0, proc.stderr
+    names = applied_names(proc)
+    assert names[names.index("mnist-ledger-restore"):] == ["mnist-ledger-restore", "mnist-config",
+                                                           "mnist-accuracy-test", "mnist-server", "mnist-server-svc"]
+    assert "resume: all ROUNDS=2 rounds are done; on to the accuracy test" in proc.stdout
+
+
+def test_quickstart_resume_of_an_empty_ledger_is_a_whole_run(fake, tmp_path):
+    dataset = tmp_path / "mnist.npz"
+    dataset.write_bytes(b"x" * 10)
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", RESUME="1", SERVE="0", MNIST_NPZ=str(dataset))
+    assert proc.returncode == 0, proc.stderr
+    names = applied_names(proc)
+    assert names.index("mnist-ledger-restore") < names.index("mnist-dataset-upload") < names.index("mnist-splitter")
+    trainer = [d for docs in proc.applied for d in docs if d["metadata"]["name"] == "mnist-trainer-0"][0]
+    assert container_args(trainer)[-2:] == ["--save-init", "/mnt/rounds/r0.h5"]
+    assert "resume: the ledger has no complete round; starting at round 1" in proc.stdout
+
+
+def test_quickstart_resume_refuses_a_ledger_whose_files_changed(fake):
+    """ledger.py exits 2 naming the file; the Job's podFailurePolicy fails it at once; the run stops with
+    that line and what to do, before any trainer."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="3", RESUME="1", FAKE_FAIL_JOB="mnist-ledger-restore",
+                FAKE_FAIL_REASON="PodFailurePolicy:Container ledger-restore for pod default/x failed with exit code 2",
+                FAKE_LEDGER="ledger.py: error: rounds/r2.h5: sha256 0a1b... recorded, the file has 9f8e...")
+    assert proc.returncode == 1
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.endswith("quickstart: stage resume failed: the round ledger on the volume does not match its files: "
+                         "ledger.py: error: rounds/r2.h5: sha256 0a1b... recorded, the file has 9f8e.... RESUME=1 "
+                         "continues only from an intact ledger: put that file back as it was, or run without "
+                         "RESUME=1 to start a new run"), last
+    names = applied_names(proc)
+    assert names[-1] == "mnist-ledger-restore"
+
+
+def test_quickstart_resume_needs_the_restore_result(fake):
+    proc = fake(QUICKSTART, RESUME="1", FAKE_LEDGER="Traceback (most recent call last):")
+    assert proc.returncode == 1
+    assert "stage resume failed: cannot read the last complete round from job mnist-ledger-restore's log: its " \
+           "last line is 'Traceback (most recent call last):'" in proc.stderr
+
+
 def test_quickstart_image_pull_error_stops_at_once(fake):
     proc = fake(QUICKSTART, FAKE_WAITING="ImagePullBackOff", NFS_TIMEOUT="9999")
     assert proc.returncode == 1
@@ -229,6 +372,11 @@ def test_quickstart_refused_apply_names_the_stage_and_the_reason(fake):
     ({"SERVICE_TYPE": "Ingress"}, "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP"),
     ({"MNIST_NPZ": "/no/such/mnist.npz"}, "MNIST_NPZ=/no/such/mnist.npz is not a readable file"),
     ({"KUBECTL": "no-such-kubectl-here"}, "'no-such-kubectl-here' not found"),
+    ({"MIN_WORKERS": "4"}, "MIN_WORKERS=4 is more than WORKER_NUMBER=3"),
+    ({"MIN_WORKERS": "0"}, "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1"),
+    ({"MIN_WORKERS": "most"}, "got 'most'"),
+    ({"ROUND_DEADLINE": "-5"}, "ROUND_DEADLINE must be a positive integer"),
+    ({"RESUME": "yes"}, "RESUME must be 0 or 1"),
     ({"IMAGE_REGISTRY": "bad registry"}, "IMAGE_REGISTRY='bad registry' has characters"),
 ])
 def test_quickstart_refuses_bad_configuration(fake, env, message):
