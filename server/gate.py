@@ -138,7 +138,7 @@ class Gate:
                     decision.update(decision="initial", reason="first model: nothing to compare with")
                 else:
                     cur = decision["current"]["accuracy"]
-                    promote = cand >= cur - self.epsilon
+                    promote = cand >= cur - self.epsilon - 1e-9  # accuracies are k/n: no float rounding verdicts
                     decision.update(decision="promoted" if promote else "rejected",
                                     reason=f"{cand:.4f} {'>=' if promote else '<'} {cur:.4f} - {self.epsilon:g}")
             decision["seconds"] = round(time.perf_counter() - started, 3)

@@ -31,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mlkcommon import Parser  # noqa: E402  (the local copy, after the path)
+from gate import DEFAULT_EPSILON  # noqa: E402  (stdlib only at import)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKERS = 2
@@ -58,6 +59,10 @@ def build_parser():
                         help=f"longest pause in seconds while a client sends the body (default {BODY_TIMEOUT})")
     parser.add_argument("--keepalive-timeout", type=int, default=KEEPALIVE_TIMEOUT,
                         help=f"seconds an idle keep-alive connection stays open (default {KEEPALIVE_TIMEOUT})")
+    parser.add_argument("--gate-data", help="promotion gate: a replaced model is served only if its accuracy on this "
+                        "shard .npz (e.g. /mnt/data/test.npz) is >= the current one's - epsilon (gate.py)")
+    parser.add_argument("--gate-epsilon", type=float, default=DEFAULT_EPSILON,
+                        help=f"the gate's tolerance, an accuracy 0-1 (default {DEFAULT_EPSILON})")
     return parser
 
 
@@ -166,6 +171,7 @@ def serve(args, socket_path):
     from gunicorn.app.base import BaseApplication
 
     model_path = os.path.abspath(args.model)
+    gate_data = os.path.abspath(args.gate_data) if args.gate_data else None
 
     class Server(BaseApplication):
         def load_config(self):
@@ -195,7 +201,7 @@ def serve(args, socket_path):
             tf.config.threading.set_inter_op_parallelism_threads(1)
             from app import create_app
 
-            app = create_app(model_path)
+            app = create_app(model_path, gate_data=gate_data, gate_epsilon=args.gate_epsilon)
             # TensorFlow and Keras leave ~10^6 long-lived objects: keep them out of the cyclic
             # garbage collector's scans, which otherwise show up as latency spikes.
             gc.collect()
@@ -228,6 +234,10 @@ def main(argv=None) -> int:
             problems.append(f"--{flag.replace('_', '-')} must be 1-3600 seconds, got {getattr(args, flag)}")
     if os.path.isdir(args.model):
         problems.append(f"--model {args.model} is a directory, expected the .h5 file")
+    if not 0 <= args.gate_epsilon <= 1:
+        problems.append(f"--gate-epsilon must be between 0 and 1, got {args.gate_epsilon}")
+    if args.gate_data and os.path.isdir(args.gate_data):
+        problems.append(f"--gate-data {args.gate_data} is a directory, expected the test set .npz")
     if problems:
         print(f"{parser.prog}: error: {problems[0]}", file=sys.stderr)
         return 2

@@ -1,0 +1,215 @@
+"""The promotion gate (server/gate.py, hooked into model.py's hot reload, flags in server.py): a worse
+model dropped onto the served path is rejected (label-shuffled: ~0.1 accuracy), a better one promoted;
+decisions, accuracies and sha256s in /api/model and /metrics; a rejected file is not retried until it
+changes; without --gate-data every file is served as before."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "server"))
+import app as server_app  # noqa: E402
+import gate as gate_module  # noqa: E402
+import server  # noqa: E402
+
+GATE_IMAGES = 2000  # of the MNIST test set: enough to tell 0.1 from 0.9, and fast
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, mnist_npz):
+    """{"weak": trained on 300 digits (1 epoch), "shuffled": trained on 3000 digits with shuffled labels}."""
+    work = tmp_path_factory.mktemp("gate-models")
+    with np.load(mnist_npz) as npz:
+        x, y = npz["x_train"], npz["y_train"]
+    np.savez(work / "weak.npz", x=x[20000:20300], y=y[20000:20300])
+    np.savez(work / "shuffled.npz", x=x[30000:33000], y=np.random.default_rng(1).permutation(y[30000:33000]))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "trainer/trainer.py"), "--data", str(work / f"{name}.npz"),
+                                     "--epoch", "1", "--batch", "32", "--threads", "1",
+                                     "--savemodel", str(work / f"{name}.h5")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+             for name in ("weak", "shuffled")}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"training {name}: {out.decode()[-2000:]}"
+    return {name: work / f"{name}.h5" for name in procs}
+
+
+@pytest.fixture(scope="module")
+def gate_data(tmp_path_factory, mnist_test):
+    x, y = mnist_test
+    path = tmp_path_factory.mktemp("gate-data") / "test.npz"
+    np.savez(path, x=x[:GATE_IMAGES], y=y[:GATE_IMAGES])
+    return path
+
+
+def drop(src, dst):
+    """Replace dst by a copy of src the way the aggregator does (temp file, then rename)."""
+    tmp = Path(str(dst) + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def metric(client, name):
+    for line in client.get("/metrics").get_data(as_text=True).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_shuffled_model_rejected_better_model_promoted(tmp_path, models, mnist_model, gate_data):
+    served = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(models["weak"], served)
+    app = server_app.create_app(str(served), check_interval=0, gate_data=str(gate_data))
+    client = app.test_client()
+
+    info = client.get("/api/model").get_json()
+    assert info["sha256"] == sha256(models["weak"])
+    gate = info["gate"]
+    assert gate["epsilon"] == gate_module.DEFAULT_EPSILON and gate["data"] == str(gate_data)
+    assert gate["last_decision"]["decision"] == "initial" and gate["promotions"] == 0 and gate["rejections"] == 0
+    weak_accuracy = gate["served_accuracy"]
+    assert 0.15 < weak_accuracy < 0.95
+
+    # a label-shuffled model: scores ~0.1, rejected; the weak model keeps serving, ready all along
+    drop(models["shuffled"], served)
+    info = client.get("/api/model").get_json()
+    assert info["sha256"] == sha256(models["weak"])
+    decision = info["gate"]["last_decision"]
+    assert decision["decision"] == "rejected"
+    assert decision["candidate"]["sha256"] == sha256(models["shuffled"]) and decision["candidate"]["accuracy"] < 0.2
+    assert decision["current"] == {"sha256": sha256(models["weak"]), "accuracy": weak_accuracy}
+    assert info["gate"]["rejections"] == 1 and info["gate"]["promotions"] == 0
+    assert client.get("/readyz").status_code == 200 and client.get("/v2/health/ready").status_code == 200
+    assert metric(client, "mlk_gate_rejections") == 1 and metric(client, "mlk_gate_promotions") == 0
+    assert metric(client, "mlk_gate_candidate_accuracy") == decision["candidate"]["accuracy"]
+    assert metric(client, "mlk_gate_served_accuracy") == weak_accuracy
+    predicted = client.post("/api/predict", data=(ROOT / "server/static/samples/6.png").read_bytes(),
+                            content_type="image/png").get_json()
+    assert predicted["model"] == sha256(models["weak"])[:12]
+
+    # not retried while the file stays the same ...
+    for _ in range(3):
+        assert client.get("/api/model").get_json()["gate"]["rejections"] == 1
+    # ... and judged again once it changes (even to the same bytes: a new file)
+    drop(models["shuffled"], served)
+    assert client.get("/api/model").get_json()["gate"]["rejections"] == 2
+
+    # a better model: promoted
+    drop(mnist_model, served)
+    info = client.get("/api/model").get_json()
+    assert info["sha256"] == sha256(mnist_model)
+    decision = info["gate"]["last_decision"]
+    assert decision["decision"] == "promoted" and decision["candidate"]["accuracy"] > 0.9
+    assert decision["current"]["sha256"] == sha256(models["weak"])
+    assert info["gate"]["promotions"] == 1 and info["gate"]["served_accuracy"] == decision["candidate"]["accuracy"]
+    assert metric(client, "mlk_gate_promotions") == 1 and metric(client, "mlk_gate_rejections") == 2
+
+
+def test_epsilon_decides(tmp_path, models, gate_data):
+    served = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(models["weak"], served)
+    client = server_app.create_app(str(served), check_interval=0, gate_data=str(gate_data), gate_epsilon=1.0).test_client()
+    client.get("/api/model")
+    drop(models["shuffled"], served)
+    info = client.get("/api/model").get_json()
+    assert info["sha256"] == sha256(models["shuffled"]) and info["gate"]["last_decision"]["decision"] == "promoted"
+
+
+def test_without_gate_data_every_file_is_served(tmp_path, models):
+    served = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(models["weak"], served)
+    client = server_app.create_app(str(served), check_interval=0).test_client()
+    assert client.get("/api/model").get_json()["gate"] is None
+    drop(models["shuffled"], served)
+    assert client.get("/api/model").get_json()["sha256"] == sha256(models["shuffled"])
+    assert metric(client, "mlk_gate_rejections") is None
+
+
+def test_missing_gate_data_promotes_ungated_and_says_so(tmp_path, models):
+    served = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(models["weak"], served)
+    client = server_app.create_app(str(served), check_interval=0, gate_data=str(tmp_path / "none.npz")).test_client()
+    first = client.get("/api/model").get_json()["gate"]["last_decision"]
+    assert first["decision"] == "initial" and "ungated" in first["reason"] and first["candidate"]["accuracy"] is None
+    drop(models["shuffled"], served)
+    info = client.get("/api/model").get_json()
+    assert info["sha256"] == sha256(models["shuffled"])
+    assert info["gate"]["last_decision"]["decision"] == "promoted" and "does not exist" in info["gate"]["last_decision"]["reason"]
+
+
+# ------------------------------------------------------------------------------- gate.py alone
+
+
+class FakeModel:
+    """Predicts the label for the first `right` images of the evaluation set, a wrong class after."""
+
+    def __init__(self, name, right, labels):
+        self.sha256 = name
+        self._right, self._labels, self._seen = right, labels, 0
+
+    def predict(self, images):
+        labels = self._labels[self._seen:self._seen + len(images)]
+        out = np.zeros((len(images), 10))
+        for i, label in enumerate(labels):
+            out[i, label if self._seen + i < self._right else (label + 1) % 10] = 1
+        self._seen = (self._seen + len(images)) % len(self._labels)
+        return out
+
+
+def test_decision_boundary_is_candidate_at_least_current_minus_epsilon(tmp_path):
+    labels = np.arange(2000) % 10
+    np.savez(tmp_path / "eval.npz", x=np.zeros((2000, 28, 28), np.uint8), y=labels.astype(np.uint8))
+    gate = gate_module.Gate(str(tmp_path / "eval.npz"), epsilon=0.01)
+    current = FakeModel("current", 1800, labels)  # 0.90
+    assert gate.admit(current, None) and gate.last_decision["decision"] == "initial"
+    assert gate.admit(FakeModel("equal-minus-epsilon", 1780, labels), current)  # 0.89 >= 0.90 - 0.01
+    assert not gate.admit(FakeModel("below", 1778, labels), current)  # 0.889 < 0.89
+    assert gate.last_decision["candidate"] == {"sha256": "below", "accuracy": 0.889}
+    assert gate.last_decision["current"] == {"sha256": "current", "accuracy": 0.9}
+    assert (gate.promotions, gate.rejections) == (1, 1)
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"x": np.zeros((5, 28, 28), np.uint8)}, "expected keys x and y"),
+    ({"x": np.zeros((5, 28, 27), np.uint8), "y": np.zeros(5, np.uint8)}, "expected (n>0, 28, 28)"),
+    ({"x": np.zeros((5, 28, 28), np.float32), "y": np.zeros(5, np.uint8)}, "expected uint8"),
+    ({"x": np.zeros((5, 28, 28), np.uint8), "y": np.zeros(4, np.uint8)}, "expected (5,)"),
+    ({"x": np.zeros((5, 28, 28), np.uint8), "y": np.full(5, 12, np.uint8)}, "labels 0-9"),
+    (b"not a zip", "cannot read"),
+])
+def test_bad_evaluation_set_is_a_gate_data_error(tmp_path, content, message):
+    path = tmp_path / "eval.npz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.savez(path, **content)
+    with pytest.raises(gate_module.GateDataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        gate_module.load_eval_set(str(path))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "m.h5", "--gate-epsilon", "-0.1"], "--gate-epsilon must be between 0 and 1"),
+    (["--model", "m.h5", "--gate-epsilon", "x"], "--gate-epsilon"),
+    (["--model", "m.h5", "--gate-data", "/"], "--gate-data / is a directory"),
+])
+def test_cli_gate_flags_bad_values_exit_2(argv, message, capsys):
+    assert server.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_cli_gate_defaults():
+    args = server.build_parser().parse_args(["--model", "m.h5"])
+    assert args.gate_data is None and args.gate_epsilon == gate_module.DEFAULT_EPSILON
