@@ -1,12 +1,19 @@
 """Average the workers' Keras .h5 models into one (FedAvg, weighted by training samples).
 
     python aggregator.py --dir /mnt/model --savefile /mnt/aggregated-model.h5 [--expect N]
+        [--min-workers K --deadline S] [--drop-outliers]
 
 Reads and writes the weights with h5py + numpy only (no TensorFlow), so it starts fast.
 The output is a copy of the first input with every weight replaced by the weighted average
-and mlk_ attributes describing the inputs (see docs/CONTRACTS.md).
+and mlk_ attributes describing the inputs (see docs/CONTRACTS.md). Each round is also kept in the
+round ledger next to --savefile: rounds/r{n}.h5, copies of its inputs in rounds/r{n}/, and an entry in
+rounds/ledger.json with a per-worker report (update norm, cosine to the other workers, outlier flag).
 """
 
+import argparse
+import hashlib
+import math
+import re
 import shutil
 import sys
 import time
@@ -15,16 +22,41 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+import ledger as ledger_mod
 from mlkcommon import (Parser, atomic_path, attr_value, error, parse_args, read_mlk_attrs, sha256_file,
                        write_mlk_attrs)
 
 PROG = "aggregator"
 POLL_SECONDS = 2.0
 DEFAULT_TIMEOUT = 3600.0
+WORKER_FILE = re.compile(r"^(\d+)-model\.h5$")  # the trainers' {i}-model.h5 (docs/CONTRACTS.md)
+
+# The outlier rule (docs/CONTRACTS.md, "Round ledger"), measured on real MNIST shards (iid and label-skew,
+# 3 workers, one trained on shuffled labels): see OUTLIER_RULE for the sentence the ledger records.
+OUTLIER_MIN_WORKERS = 3
+OUTLIER_MAX_COSINE = 0.0
+OUTLIER_NORM_RATIO = 3.0
+OUTLIER_RULE = (f"with at least {OUTLIER_MIN_WORKERS} workers, a worker is an outlier when the cosine similarity "
+                f"of its update (its weights minus the round's starting weights) to the sample-weighted mean "
+                f"update of the other workers is at most {OUTLIER_MAX_COSINE:g}, or its update norm is more than "
+                f"{OUTLIER_NORM_RATIO:g} times the median of the workers' update norms")
 
 
 class AggregateError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
+
+
+def min_workers_value(text):
+    """--min-workers: an integer >= 1, or a fraction 0 < f < 1 of --expect (rounded up)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: an integer >= 1 or a fraction 0 < f < 1") from None
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1 or a fraction 0 < f < 1, got {text}")
 
 
 def build_parser():
@@ -34,7 +66,17 @@ def build_parser():
     p.add_argument("--expect", type=int, default=None,
                    help="wait until this many models are present before averaging")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds to wait for --expect models (default {DEFAULT_TIMEOUT:.0f})")
+                   help=f"seconds to wait for --expect models (default {DEFAULT_TIMEOUT:.0f}); "
+                        "fewer than --min-workers by then is an error")
+    p.add_argument("--min-workers", type=min_workers_value, default=None, metavar="K",
+                   help="with --expect N: average as few as K models (an integer, or a fraction of N rounded up) "
+                        "once --deadline has passed (default N: wait for all)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="the round deadline: after it, average the models present if there are at least "
+                        "--min-workers (default: --timeout)")
+    p.add_argument("--drop-outliers", action="store_true",
+                   help="leave workers the per-worker report flags as outliers out of the average "
+                        "(default: report only)")
     p.add_argument("--allow-mixed-init", action="store_true",
                    help="average models even if they started from different initial weights")
     return p
@@ -54,23 +96,78 @@ def model_files(directory, exclude=None):
     return found
 
 
-def wait_for_models(directory, expect, timeout, exclude=None):
-    deadline = time.monotonic() + timeout
+class StaleFilter:
+    """With --min-workers < --expect, a lost worker's model of an older round can still lie in --dir: it is
+    ignored, not averaged. Stale: a model whose mlk_round is below the newest one present, or whose bytes the
+    ledger already records as an input of an earlier round. Results are cached by (size, mtime)."""
+
+    def __init__(self, recorded_inputs):
+        self.recorded = set(recorded_inputs)
+        self.cache = {}
+        self.reported = set()
+
+    def info(self, path):
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self.cache:
+            try:
+                rnd = int(read_mlk_attrs(path).get("mlk_round", 1))
+            except (OSError, ValueError, TypeError):
+                rnd = None  # unreadable: counted as present, and read_model names the problem
+            self.cache[key] = (rnd, sha256_file(path))
+        return self.cache[key]
+
+    def split(self, files):
+        infos = {p: self.info(p) for p in files}
+        rounds = [r for r, _ in infos.values() if r is not None]
+        newest = max(rounds) if rounds else None
+        fresh, stale = [], []
+        for p, (rnd, digest) in infos.items():
+            old = digest in self.recorded or (rnd is not None and newest is not None and rnd < newest)
+            (stale if old else fresh).append(p)
+        for p in stale:
+            if p.name not in self.reported:
+                self.reported.add(p.name)
+                print(f"{PROG}: ignoring {p.name}: a model of an earlier round (stale)", flush=True)
+        return fresh
+
+
+def wait_for_models(directory, expect, timeout, exclude=None, min_workers=None, deadline=None, stale=None):
+    """Wait until `expect` models are present, or, once `deadline` seconds have passed, at least `min_workers`
+    (default: expect). Fewer than min_workers when max(timeout, deadline) has passed: AggregateError."""
+    min_workers = expect if min_workers is None else min_workers
+    deadline = timeout if deadline is None else deadline
+    started = time.monotonic()
+    give_up = started + max(timeout, deadline)
+    round_deadline = started + deadline
     last = None
     while True:
         files = model_files(directory, exclude)
+        if stale is not None:
+            files = stale.split(files)
+        now = time.monotonic()
         if len(files) >= expect:
             print(f"{PROG}: {len(files)}/{expect} models present", flush=True)
+            return files
+        if len(files) >= min_workers and now >= round_deadline:
+            print(f"{PROG}: round deadline ({deadline:g}s) passed with {len(files)}/{expect} models present "
+                  f"(at least {min_workers} needed): averaging those", flush=True)
             return files
         if len(files) != last:
             print(f"{PROG}: waiting for models: {len(files)}/{expect} present in {directory}",
                   flush=True)
             last = len(files)
-        if time.monotonic() >= deadline:
+        if now >= give_up:
             have = ", ".join(p.name for p in files) or "none"
-            raise AggregateError(f"timed out after {timeout:g}s waiting for {expect} models in "
+            waited = max(timeout, deadline)
+            if min_workers < expect:
+                raise AggregateError(f"timed out after {waited:g}s: {len(files)} of {expect} models in {directory}, "
+                                     f"fewer than --min-workers {min_workers}: {expect - len(files)} missing "
+                                     f"(present: {have})")
+            raise AggregateError(f"timed out after {waited:g}s waiting for {expect} models in "
                                  f"{directory}: {expect - len(files)} missing (present: {have})")
-        time.sleep(min(POLL_SECONDS, max(0.05, deadline - time.monotonic())))
+        next_event = give_up if now >= round_deadline else min(round_deadline, give_up)
+        time.sleep(min(POLL_SECONDS, max(0.05, next_event - now)))
 
 
 def weight_datasets(f):
@@ -83,8 +180,33 @@ def weight_datasets(f):
     return found
 
 
+def keras_order(f, names):
+    """The weight dataset paths (keys of weight_datasets) in Keras' get_weights() order: model_weights'
+    layer_names, then each layer's weight_names. Falls back to file order when those attributes are absent."""
+    try:
+        ordered = []
+        for layer in f["model_weights"].attrs["layer_names"]:
+            layer = attr_value(layer)
+            for weight in f["model_weights"][layer].attrs["weight_names"]:
+                ordered.append(f"{layer}/{attr_value(weight)}")
+    except (KeyError, TypeError, ValueError):
+        return list(names)
+    return ordered if sorted(ordered) == sorted(names) else list(names)
+
+
+def fingerprint(weights, order):
+    """The trainer's init fingerprint (docs/CONTRACTS.md): sha256 over each array's shape text and float32
+    little-endian bytes, in Keras' get_weights() order."""
+    digest = hashlib.sha256()
+    for name in order:
+        array = np.asarray(weights[name])
+        digest.update(("x".join(str(d) for d in array.shape) + ";").encode())
+        digest.update(array.astype("<f4").tobytes())
+    return digest.hexdigest()
+
+
 def read_model(path):
-    """Read one model: {'config', 'samples', 'fingerprint', 'round', 'epochs', 'weights'}."""
+    """Read one model: {'config', 'samples', 'fingerprint', 'round', 'epochs', 'weights', 'order', 'attrs'}."""
     try:
         with h5py.File(path, "r") as f:
             attrs = read_mlk_attrs(f)
@@ -103,6 +225,8 @@ def read_model(path):
                 "round": int(attrs.get("mlk_round", 1)),
                 "epochs": int(attrs.get("mlk_epochs", 0)),
                 "weights": weights,
+                "order": keras_order(f, weights),
+                "attrs": attrs,
             }
     except AggregateError:
         raise
@@ -138,6 +262,68 @@ def check_compatible(models, paths, allow_mixed_init):
                 "from the same weights (use --allow-mixed-init to average anyway)")
 
 
+def read_start(path, models):
+    """The round's starting weights (rounds/r{n-1}.h5) if that file exists, matches the models' shapes and
+    its weights have the workers' init fingerprint; else None (the report then has no update figures)."""
+    if not path.is_file():
+        print(f"{PROG}: no starting weights {path}: the per-worker report has no update figures", flush=True)
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            weights = {name: ds[()] for name, ds in weight_datasets(f).items()}
+    except (OSError, KeyError, ValueError, TypeError):
+        print(f"{PROG}: {path} is not a readable model: the per-worker report has no update figures", flush=True)
+        return None
+    ref = models[0]
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in ref["weights"].items()}:
+        print(f"{PROG}: {path} has other weight shapes: the per-worker report has no update figures", flush=True)
+        return None
+    if fingerprint(weights, ref["order"]) != ref["fingerprint"]:
+        print(f"{PROG}: {path} is not these workers' starting point (init fingerprint differs): the per-worker "
+              "report has no update figures", flush=True)
+        return None
+    return weights
+
+
+# --- the per-worker report -----------------------------------------------------------------------
+
+def worker_report(models, start):
+    """Per worker: update_norm (L2 norm of its weights minus the start), cosine_to_others (cosine similarity of
+    its update to the sample-weighted mean update of the OTHER workers) and outlier (OUTLIER_RULE).
+    Without start weights every figure is None and nobody is flagged."""
+    if start is None:
+        return [{"update_norm": None, "cosine_to_others": None, "outlier": False} for _ in models]
+    names = sorted(start)
+    updates = [np.concatenate([(m["weights"][k].astype(np.float64) - start[k].astype(np.float64)).ravel()
+                               for k in names]) for m in models]
+    samples = np.array([m["samples"] for m in models], dtype=np.float64)
+    norms = np.array([float(np.linalg.norm(u)) for u in updates])
+    median = float(np.median(norms))
+    report = []
+    for i, u in enumerate(updates):
+        others = [j for j in range(len(models)) if j != i]
+        cosine = None
+        if others:
+            mean = sum(updates[j] * samples[j] for j in others) / samples[others].sum()
+            denom = norms[i] * float(np.linalg.norm(mean))
+            cosine = float(u @ mean / denom) if denom > 0 else 0.0
+        outlier = bool(len(models) >= OUTLIER_MIN_WORKERS and (
+            cosine <= OUTLIER_MAX_COSINE or (median > 0 and norms[i] > OUTLIER_NORM_RATIO * median)))
+        report.append({"update_norm": round(float(norms[i]), 6),
+                       "cosine_to_others": None if cosine is None else round(cosine, 6), "outlier": outlier})
+    return report
+
+
+def print_report(names, report, dropped):
+    print(f"{PROG}: per-worker report ({OUTLIER_RULE})", flush=True)
+    print(f"  {'worker':<16} {'samples':>8} {'update norm':>12} {'cosine':>8}  flag", flush=True)
+    for name, (samples, r) in zip(names, report):
+        norm = "-" if r["update_norm"] is None else f"{r['update_norm']:.4f}"
+        cos = "-" if r["cosine_to_others"] is None else f"{r['cosine_to_others']:+.3f}"
+        flag = ("OUTLIER, dropped" if name in dropped else "OUTLIER") if r["outlier"] else ""
+        print(f"  {name:<16} {samples:>8} {norm:>12} {cos:>8}  {flag}", flush=True)
+
+
 # --- averaging ---------------------------------------------------------------------------------
 
 def fedavg(models):
@@ -153,7 +339,7 @@ def fedavg(models):
     return out
 
 
-def write_aggregate(savefile, template, averaged, models, paths):
+def write_aggregate(savefile, template, averaged, models, paths, extra=None):
     with atomic_path(savefile) as tmp:
         shutil.copyfile(template, tmp)
         with h5py.File(tmp, "r+") as f:
@@ -170,7 +356,78 @@ def write_aggregate(savefile, template, averaged, models, paths):
                 "mlk_workers": len(models),
                 "mlk_inputs": [{"file": p.name, "sha256": sha256_file(p), "samples": m["samples"]}
                                for m, p in zip(models, paths)],
+                **(extra or {}),
             }, replace=True)
+
+
+def copy_atomic(source, target):
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def missing_names(paths, expect):
+    """The {i}-model.h5 names of 0..expect-1 that did not arrive (when the inputs follow that naming)."""
+    indexes = [WORKER_FILE.match(p.name) for p in paths]
+    if expect is None or not all(indexes):
+        return []
+    present = {int(m.group(1)) for m in indexes}
+    return [f"{i}-model.h5" for i in range(expect) if i not in present]
+
+
+def record_round(root, n, paths, models, digests, report, used, start_path, start_digest, expect, min_workers,
+                 missing, savefile, agg_started):
+    """Keep round n (rounds/r{n}.h5 = the aggregate, rounds/r{n}/ = its inputs) and write its ledger entry,
+    which replaces any entry of round n or later (a re-run). The ledger is written last: an entry means every
+    file it names is complete."""
+    rounds_dir = root / ledger_mod.ROUNDS_DIR
+    kept_dir = rounds_dir / f"r{n}"
+    kept_dir.mkdir(parents=True, exist_ok=True)
+    for old in kept_dir.glob("*.h5"):  # a previous attempt at this round
+        if old.name not in {p.name for p in paths}:
+            old.unlink()
+    for p in paths:
+        copy_atomic(p, kept_dir / p.name)
+    round_path = root / ledger_mod.round_file(n)
+    copy_atomic(savefile, round_path)
+    aggregated_at = time.time()
+    starts = [m["attrs"].get("mlk_train_started") for m in models]
+    starts = [float(t) for t in starts if isinstance(t, (int, float))]
+    started = min(starts) if starts else None
+    book = ledger_mod.load(root)
+    book["rounds"] = [e for e in book["rounds"] if isinstance(e, dict) and e.get("round", 0) < n]
+    dropped = [p.name for p, u in zip(paths, used) if not u]
+    book["rounds"].append({
+        "round": n,
+        "aggregate": {"file": ledger_mod.round_file(n), "sha256": sha256_file(round_path)},
+        "start": {"file": ledger_mod.round_file(n - 1), "sha256": start_digest} if start_digest else None,
+        "expected_workers": expect if expect is not None else len(paths),
+        "min_workers": min_workers,
+        "missing": (expect - len(paths)) if expect is not None else 0,
+        "missing_workers": missing,
+        "workers": [{
+            "file": p.name,
+            "kept": f"{ledger_mod.ROUNDS_DIR}/r{n}/{p.name}",
+            "sha256": digest,
+            "samples": m["samples"],
+            "data": m["attrs"].get("mlk_data"),
+            "train_seconds": m["attrs"].get("mlk_train_seconds"),
+            **r,
+            "dropped": not u,
+            "accuracy": None,
+        } for p, m, digest, r, u in zip(paths, models, digests, report, used)],
+        "dropped": dropped,
+        "outlier_rule": OUTLIER_RULE,
+        "samples": sum(m["samples"] for m, u in zip(models, used) if u),
+        "started_at": ledger_mod.iso(started),
+        "aggregated_at": ledger_mod.iso(aggregated_at),
+        "round_seconds": None if started is None else round(aggregated_at - started, 3),
+        "aggregate_seconds": round(time.monotonic() - agg_started, 3),
+        "test_accuracy": None,
+        "test_loss": None,
+        "evaluated_at": None,
+    })
+    ledger_mod.save(root, book)
+    return round_path
 
 
 def main(argv=None):
@@ -184,30 +441,72 @@ def main(argv=None):
         savefile = Path(args.savefile)
         if not savefile.parent.is_dir():
             raise AggregateError(f"--savefile directory {savefile.parent} does not exist")
+        root = savefile.parent
         exclude = savefile.resolve()
+        min_workers = None
+        if args.expect is None and (args.min_workers is not None or args.deadline is not None):
+            raise AggregateError("--min-workers and --deadline need --expect N (how many workers the round has)")
+        book = ledger_mod.load(root)  # a damaged ledger is refused before anything is written
         if args.expect is not None:
             if args.expect < 1:
                 raise AggregateError(f"--expect must be >= 1, got {args.expect}")
             if args.timeout < 0:
                 raise AggregateError(f"--timeout must be >= 0, got {args.timeout:g}")
-            paths = wait_for_models(directory, args.expect, args.timeout, exclude)
+            if args.deadline is not None and args.deadline < 0:
+                raise AggregateError(f"--deadline must be >= 0, got {args.deadline:g}")
+            min_workers = args.expect if args.min_workers is None else args.min_workers
+            if isinstance(min_workers, float):
+                min_workers = max(1, math.ceil(min_workers * args.expect))
+            if min_workers > args.expect:
+                raise AggregateError(f"--min-workers {min_workers} is more than --expect {args.expect}")
+            stale = None
+            if min_workers < args.expect:
+                recorded = {w.get("sha256") for e in book["rounds"] if isinstance(e, dict)
+                            for w in e.get("workers") or []}
+                stale = StaleFilter(recorded)
+            paths = wait_for_models(directory, args.expect, args.timeout, exclude, min_workers, args.deadline, stale)
         else:
             paths = model_files(directory, exclude)
         if not paths:
             raise AggregateError(f"no *.h5 models in {directory}")
-        models = []
+        agg_started = time.monotonic()
+        models, digests = [], []
         for p in paths:
             models.append(read_model(p))
+            digests.append(sha256_file(p))
             print(f"{PROG}: read {p} ({models[-1]['samples']} samples, round {models[-1]['round']})",
                   flush=True)
         check_compatible(models, paths, args.allow_mixed_init)
-        averaged = fedavg(models)
-        write_aggregate(savefile, paths[0], averaged, models, paths)
-    except AggregateError as e:
+        n = max(m["round"] for m in models)
+        start_path = root / ledger_mod.round_file(n - 1)
+        start = read_start(start_path, models)
+        report = worker_report(models, start)
+        used = [not (args.drop_outliers and r["outlier"]) for r in report]
+        dropped = [p.name for p, u in zip(paths, used) if not u]
+        print_report([p.name for p in paths], [(m["samples"], r) for m, r in zip(models, report)], dropped)
+        floor = min_workers if args.min_workers is not None else 1  # K given: the average needs K models
+        if sum(used) < floor:
+            raise AggregateError(f"--drop-outliers would leave {sum(used)} of {len(paths)} models, fewer than "
+                                 f"{floor} (outliers: {', '.join(dropped)})")
+        kept_models = [m for m, u in zip(models, used) if u]
+        kept_paths = [p for p, u in zip(paths, used) if u]
+        missing = missing_names(paths, args.expect)
+        averaged = fedavg(kept_models)
+        shortfall = args.expect - len(paths) if args.expect is not None else 0
+        extra = {"mlk_expected_workers": args.expect if args.expect is not None else len(paths),
+                 "mlk_missing": ",".join(missing) if missing else f"{shortfall} unnamed" if shortfall else "",
+                 "mlk_dropped": ",".join(dropped)}
+        write_aggregate(savefile, kept_paths[0], averaged, kept_models, kept_paths, extra)
+        record_round(root, n, paths, models, digests, report, used, start_path,
+                     sha256_file(start_path) if start is not None else None, args.expect, min_workers,
+                     missing, savefile, agg_started)
+    except (AggregateError, ledger_mod.LedgerError) as e:
         return error(PROG, e)
-    total = sum(m["samples"] for m in models)
-    print(f"{PROG}: wrote {savefile}: average of {len(models)} models, {total} samples, "
-          f"round {max(m['round'] for m in models)}", flush=True)
+    total = sum(m["samples"] for m in kept_models)
+    print(f"{PROG}: wrote {savefile}: average of {len(kept_models)} models, {total} samples, "
+          f"round {n}" + (f", {len(paths) - len(kept_models)} outlier(s) dropped" if dropped else "")
+          + (f", missing: {', '.join(missing)}" if missing else ""), flush=True)
+    print(f"{PROG}: kept as {root / ledger_mod.round_file(n)}; ledger {ledger_mod.ledger_path(root)}", flush=True)
     return 0
 
 
