@@ -28,7 +28,7 @@ APP = "app.kubernetes.io/name=mlk-mnist"
 KINDS = "deployments,replicasets,pods,services,jobs,configmaps,persistentvolumeclaims,persistentvolumes"
 CLEAN_ENV = ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "INIT_MODEL",
              "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND", "STORAGE_CLASS", "SERVICE_TYPE",
-             "DELETE_DISK", "GCE_DISK_ZONE", "KUBECONFIG")
+             "DELETE_DISK", "GCE_DISK_ZONE", "KUBECONFIG", "MIN_WORKERS", "ROUND_DEADLINE", "RESUME")
 FAIL_FAST_LIMIT = 180  # seconds: "within 3 minutes, not JOB_TIMEOUT"
 
 
@@ -119,7 +119,8 @@ def test_every_manifest_passes_server_dry_run_without_warning(kubeconfig, ns, pa
     recipe makes it, and print no warning (deprecated fields or APIs, PodSecurity warn level)."""
     variants = {"render.sh": render(path),
                 "render.sh, round 2, own registry": render(path, INIT_MODEL="/mnt/aggregated-model.h5",
-                                                           IMAGE_REGISTRY="registry.example.com/me", IMAGE_TAG="2.0")}
+                                                           IMAGE_REGISTRY="registry.example.com/me", IMAGE_TAG="2.0"),
+                "render.sh MIN_WORKERS ROUND_DEADLINE": render(path, MIN_WORKERS="0.5", ROUND_DEADLINE="7200")}
     for service_type in ("NodePort", "ClusterIP"):
         variants[f"render.sh SERVICE_TYPE={service_type}"] = render(path, SERVICE_TYPE=service_type)
     expr = ORIGINAL_SED.get(path.name)
@@ -278,6 +279,74 @@ phase: Failed""".replace("EXIT_CODE", str(exit_code)))
     assert (len(pods) > 1) == retried, [p["metadata"]["name"] for p in pods]
 
 
+SUCCEEDED = """{{ $now := Now }}
+containerStatuses:
+{{ range .spec.containers }}
+- name: {{ .name | Quote }}
+  image: {{ .image | Quote }}
+  ready: false
+  restartCount: 0
+  state:
+    terminated: {exitCode: 0, reason: Completed, startedAt: {{ $now | Quote }}, finishedAt: {{ $now | Quote }}}
+{{ end }}
+phase: Succeeded"""
+FAILED_WITH = SUCCEEDED.replace("exitCode: 0, reason: Completed", 'exitCode: EXIT_CODE, reason: Error, message: "MESSAGE"') \
+    .replace("phase: Succeeded", "phase: Failed")
+
+
+def test_min_workers_run_goes_on_without_a_failed_trainer_job(kubeconfig, ns):
+    """MIN_WORKERS=2 of 3: the pods of trainer Job mnist-trainer-1 end with exit code 2 (a kwok stage), so its
+    podFailurePolicy fails that Job at once; the aggregator Job, applied with the trainers, completes 20 s
+    later (another stage). The run reports the lost Job and completes: accuracy test done, exit 0."""
+    running = ["self.status.phase == 'Running'", "!has(self.metadata.deletionTimestamp)",
+               f"self.metadata.namespace == '{ns}'"]
+    fail_one = kwok_stage(f"lose-trainer-{ns}", running + ["self.metadata.labels['job-name'] == 'mnist-trainer-1'"],
+                          FAILED_WITH.replace("EXIT_CODE", "2").replace("MESSAGE", "simulated loss"))
+    slow_aggregator = kwok_stage(f"slow-aggregator-{ns}",
+                                 running + ["self.metadata.labels['app.kubernetes.io/component'] == 'aggregator'"],
+                                 SUCCEEDED)
+    slow_aggregator["spec"]["delay"] = {"durationMilliseconds": 20000}
+    for stage in (fail_one, slow_aggregator):
+        kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
+    try:
+        proc = quickstart(kubeconfig, ns, WORKER_NUMBER="3", MIN_WORKERS="2", ROUND_DEADLINE="600")
+    finally:
+        for stage in (fail_one, slow_aggregator):
+            kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert job_conditions(kubeconfig, ns, "mnist-trainer-1") >= {"Failed"}
+    assert "round 1: job mnist-trainer-1 failed: PodFailurePolicy" in proc.stderr and "exited 2" in proc.stderr
+    assert "round 1: going on without mnist-trainer-1 (2 trainers left, MIN_WORKERS=2)" in proc.stderr
+    assert "round 1: aggregated model written without mnist-trainer-1" in proc.stdout
+    assert job_conditions(kubeconfig, ns, "mnist-accuracy-test") >= {"Complete"}
+    aggregator = get_json(kubeconfig, "job", "mnist-aggregator", namespace=ns)
+    args = aggregator["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-4:] == ["--min-workers", "2", "--deadline", "600"]
+
+
+def test_resume_refuses_a_ledger_the_restore_job_rejects(kubeconfig, ns):
+    """RESUME=1: the restore Job's pod exits 2 (a kwok stage, as ledger.py does for a changed file): the real
+    Job controller fails it by its podFailurePolicy, and the run stops at once saying the ledger does not
+    match its files, before any trainer Job exists."""
+    stage = kwok_stage(f"bad-ledger-{ns}", [
+        f"self.metadata.namespace == '{ns}'",
+        "self.metadata.labels['app.kubernetes.io/component'] == 'ledger-restore'",
+        "self.status.phase == 'Running'", "!has(self.metadata.deletionTimestamp)"],
+        FAILED_WITH.replace("EXIT_CODE", "2").replace("MESSAGE", "sha256 differs"))
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
+    try:
+        proc = quickstart(kubeconfig, ns, RESUME="1")
+    finally:
+        kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
+    assert proc.returncode == 1
+    assert proc.seconds < FAIL_FAST_LIMIT
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stage resume failed: the round ledger on the volume does not match its files" in last, proc.stderr
+    assert "run without RESUME=1 to start a new run" in last
+    assert job_conditions(kubeconfig, ns, "mnist-ledger-restore") >= {"Failed"}
+    assert get_json(kubeconfig, "jobs", "-l", "app.kubernetes.io/component=trainer", namespace=ns)["items"] == []
+
+
 def test_local_cluster_says_in_one_line_what_the_machine_lacks(tmp_path):
     """No Go toolchain, or a module proxy that refuses: one line naming it, exit 1 (no traceback of logs)."""
     env = {k: v for k, v in os.environ.items() if k != "LOCAL_CLUSTER_CACHE"}
@@ -336,7 +405,8 @@ def test_restricted_namespace_admits_every_stage_with_the_rwx_backend(kubeconfig
     restricted(kubeconfig, ns)
     stage_files = [p for p in FILES if any(d and d["kind"] in ("Job", "Deployment", "Pod") for d in yaml.safe_load_all(
         render(p))) and "nfs" not in p.name]  # the NFS server: next test
-    assert len(stage_files) == 8  # splitter, trainers (2 ways), aggregator, server, accuracy test, busybox, upload
+    assert len(stage_files) == 9  # splitter, trainers (2 ways), aggregator, server, accuracy test, busybox, upload,
+    # ledger restore
     for path in stage_files:
         proc = kubectl(kubeconfig, "apply", "--dry-run=server", "-f", "-", namespace=ns, input=render(path),
                        check=False)
