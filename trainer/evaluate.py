@@ -1,36 +1,159 @@
 """The accuracy test: evaluate a .h5 model on the MNIST test shard.
 
 Prints the loss and accuracy, then a last stdout line of JSON {"loss": ..., "accuracy": ...}.
+With --ledger ROOT/rounds/ledger.json it also fills in the round ledger (docs/CONTRACTS.md, "Round ledger"):
+the test accuracy of every round's aggregate and each worker's accuracy before averaging, where missing,
+and draws the training history, ROOT/rounds/history.png.
 """
 
 import json
 import sys
+import time
+from pathlib import Path
 
 from mlk import InputError, load_checked_model, load_shard, run, to_model_input
-from mlkcommon import Parser
+from mlkcommon import Parser, atomic_path, sha256_file, write_bytes_atomic
 
 DEFAULT_DATA = "/mnt/data/test.npz"  # the test shard on the shared volume (docs/CONTRACTS.md)
+LEDGER_FORMAT = "mlk-ledger/1"
+HISTORY_PLOT = "history.png"
 
 
 def build_parser():
     parser = Parser(prog="evaluate.py", description="Test a .h5 MNIST model; last stdout line is JSON loss/accuracy.")
-    parser.add_argument("--modelpath", required=True, help="model .h5 to test")
+    parser.add_argument("--modelpath", help="model .h5 to test (required unless --ledger is given)")
     parser.add_argument("--data", default=DEFAULT_DATA, help=f"test .npz with keys x, y (default {DEFAULT_DATA})")
     parser.add_argument("--batch", type=int, default=100, help="batch size (default 100)")
+    parser.add_argument("--ledger", help="ROOT/rounds/ledger.json: fill in every round's test accuracy and each "
+                                         "worker's, and draw ROOT/rounds/history.png")
     return parser
+
+
+def score(path, x, y, batch):
+    model = load_checked_model(str(path))
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss, accuracy = model.evaluate(x, y, batch_size=batch, verbose=0)
+    return float(loss), float(accuracy)
+
+
+def read_ledger(path):
+    try:
+        ledger = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"--ledger {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"--ledger {path}: not a readable JSON ledger ({str(err).splitlines()[0]})") from None
+    if not isinstance(ledger, dict) or ledger.get("format") != LEDGER_FORMAT or not isinstance(ledger.get("rounds"), list):
+        raise InputError(f"--ledger {path}: not a round ledger (format {LEDGER_FORMAT})")
+    return ledger
+
+
+def checked(root, name, digest):
+    """ROOT/name, after checking its sha256 is the ledger's (an accuracy for a replaced file would be a lie)."""
+    path = root / name
+    if not path.is_file():
+        raise InputError(f"{path}: recorded in the ledger but missing")
+    if digest and sha256_file(path) != digest:
+        raise InputError(f"{path}: sha256 differs from the ledger's (the file was changed or replaced)")
+    return path
+
+
+def fill_ledger(ledger_path, x, y, batch):
+    """Evaluate every aggregate and kept worker model the ledger lacks an accuracy for; write it back atomically
+    after each round (an interrupted accuracy test keeps what it measured). Returns the ledger."""
+    ledger_path = Path(ledger_path)
+    root = ledger_path.parent.parent  # ROOT/rounds/ledger.json
+    ledger = read_ledger(ledger_path)
+    for entry in ledger["rounds"]:
+        changed = False
+        if entry.get("test_accuracy") is None and entry.get("aggregate"):
+            path = checked(root, entry["aggregate"]["file"], entry["aggregate"].get("sha256"))
+            entry["test_loss"], entry["test_accuracy"] = score(path, x, y, batch)
+            entry["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            changed = True
+            print(f"round {entry['round']}: test accuracy {entry['test_accuracy']:.4f} ({path})", flush=True)
+        for worker in entry.get("workers") or []:
+            if worker.get("accuracy") is None and worker.get("kept"):
+                path = checked(root, worker["kept"], worker.get("sha256"))
+                worker["accuracy"] = score(path, x, y, batch)[1]
+                changed = True
+                print(f"round {entry['round']}: worker {worker.get('file')}: accuracy {worker['accuracy']:.4f}"
+                      f"{' (outlier)' if worker.get('outlier') else ''}", flush=True)
+        if changed:
+            write_bytes_atomic(ledger_path, (json.dumps(ledger, indent=1) + "\n").encode())
+    return ledger
+
+
+def plot_history(ledger, out):
+    """The training history: aggregate accuracy per round with each worker's before averaging (top), and each
+    round's wall time (bottom). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [e for e in ledger["rounds"] if e.get("test_accuracy") is not None]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    xs = [e["round"] for e in rounds]
+    top.plot(xs, [e["test_accuracy"] for e in rounds], "o-", color="black", linewidth=2,
+             label="aggregate (after averaging)", zorder=3)
+    names = sorted({w["file"] for e in rounds for w in e.get("workers") or []})
+    for k, name in enumerate(names):
+        points = [(e["round"], w) for e in rounds for w in e.get("workers") or []
+                  if w["file"] == name and w.get("accuracy") is not None]
+        if not points:
+            continue
+        offset = (k - (len(names) - 1) / 2) * 0.06
+        top.plot([r + offset for r, _ in points], [w["accuracy"] for _, w in points], "s", alpha=0.8,
+                 label=f"worker {name.removesuffix('-model.h5')} (before averaging)")
+        flagged = [(r + offset, w["accuracy"]) for r, w in points if w.get("outlier")]
+        if flagged:
+            top.plot(*zip(*flagged), "x", color="red", markersize=12, label=None if k else "flagged outlier")
+    top.set_ylabel("test accuracy")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8, loc="lower right")
+    top.set_title("Training history (rounds/ledger.json)")
+    seconds = [e.get("round_seconds") or 0 for e in rounds]
+    bottom.bar(xs, seconds, color="tab:gray", width=0.5)
+    for r, s in zip(xs, seconds):
+        bottom.annotate(f"{s:.0f} s", (r, s), ha="center", va="bottom", fontsize=8)
+    bottom.set_ylabel("round wall time (s)")
+    bottom.set_xlabel("round")
+    bottom.set_xticks(xs)
+    bottom.set_ylim(0, max(seconds + [1]) * 1.25)
+    fig.tight_layout()
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def evaluate(args):
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1, got {args.batch}")
+    if args.modelpath is None and args.ledger is None:
+        raise InputError("the following arguments are required: --modelpath (or --ledger)")
+    if args.ledger is not None:
+        read_ledger(args.ledger)  # a bad ledger is reported before TensorFlow starts
     x, y = load_shard(args.data)
-    model = load_checked_model(args.modelpath)
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    loss, accuracy = model.evaluate(to_model_input(x), y, batch_size=args.batch, verbose=0)
+    x = to_model_input(x)
+    result = None
+    if args.ledger is not None:
+        ledger = fill_ledger(args.ledger, x, y, args.batch)
+        out = Path(args.ledger).parent / HISTORY_PLOT
+        plot_history(ledger, out)
+        print(f"history: {args.ledger}, plot {out}", flush=True)
+        done = [e for e in ledger["rounds"] if e.get("test_accuracy") is not None]
+        if args.modelpath is None and done:
+            result = (done[-1]["test_loss"], done[-1]["test_accuracy"])
+    if args.modelpath is not None:
+        result = score(args.modelpath, x, y, args.batch)
+    if result is None:
+        raise InputError(f"--ledger {args.ledger}: no rounds recorded yet")
+    loss, accuracy = result
     print(f"Test samples: {len(x)}")
     print(f"Test loss: {loss:.4f}")
     print(f"Test accuracy: {accuracy:.4f}")
-    print(json.dumps({"loss": float(loss), "accuracy": float(accuracy)}), flush=True)
+    print(json.dumps({"loss": loss, "accuracy": accuracy}), flush=True)
 
 
 def main(argv=None) -> int:
