@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "benchmark-slow-clients.py"
 TARGET_SUCCESS, TARGET_P99_MS = 0.99, 100.0
+PROBE_LIMIT = 40.0  # seconds a timeout probe waits for the server to close its connection
 BOUNDARY = "mlkslowclientboundary"
 
 
@@ -189,20 +190,27 @@ def multipart_png(dataset):
 # ------------------------------------------------------------------------------ the timeouts, probed
 
 
-def seconds_until_closed(host, port, first_bytes, limit=120.0):
-    """Open a connection, send first_bytes (then nothing), return the seconds until the server closes it."""
+def seconds_until_closed(host, port, first_bytes, limit):
+    """Open a connection, send first_bytes (then nothing): seconds until the server closes it, None after limit."""
     with socket.create_connection((host, port), timeout=limit) as s:
         began = time.monotonic()
         s.sendall(first_bytes)
-        try:
-            while s.recv(65536):
-                pass
-        except OSError:
-            pass
-        return time.monotonic() - began
+        return _wait_closed(s, began, limit)
 
 
-def idle_keepalive_seconds(host, port, limit=120.0):
+def _wait_closed(s, began, limit):
+    try:
+        while s.recv(65536):
+            if time.monotonic() - began > limit:
+                return None
+    except socket.timeout:
+        return None
+    except OSError:
+        pass
+    return time.monotonic() - began
+
+
+def idle_keepalive_seconds(host, port, limit):
     """One complete GET /healthz on a keep-alive connection, then idle: seconds until the server closes it."""
     with socket.create_connection((host, port), timeout=limit) as s:
         s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
@@ -212,13 +220,7 @@ def idle_keepalive_seconds(host, port, limit=120.0):
             if not chunk:
                 return 0.0
             got += chunk
-        began = time.monotonic()
-        try:
-            while s.recv(65536):
-                pass
-        except OSError:
-            pass
-        return time.monotonic() - began
+        return _wait_closed(s, time.monotonic(), limit)
 
 
 # --------------------------------------------------------------------------------------- memory
@@ -308,12 +310,6 @@ def run(args, host, port, pid, body):
     time.sleep(1.0)
     watch.stop.set()
     rss_after = tree_rss_mb(pid)
-    print("measuring the timeouts (a stalled body, an idle keep-alive connection) ...", flush=True)
-    stalled = seconds_until_closed(host, port, (
-        f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode())
-    header = seconds_until_closed(host, port, f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode())
-    idle = idle_keepalive_seconds(host, port)
 
     ms = np.array(latencies) * 1000
     ok = 1 - len(failures) / max(len(latencies), 1)
@@ -340,13 +336,31 @@ def run(args, host, port, pid, body):
               f"after {rss_after or 0:.0f} MB")
     else:
         print("server memory: unknown (give --pid with --url)")
-    print(f"timeouts seen: headers unfinished -> closed after {header:.1f} s; body stalled -> closed after "
-          f"{stalled:.1f} s; idle keep-alive -> closed after {idle:.1f} s")
+    print(f"measuring the timeouts (unfinished headers, a stalled body, an idle keep-alive connection; "
+          f"at most {PROBE_LIMIT:.0f} s) ...", flush=True)
+    probes = {
+        "headers unfinished": lambda: seconds_until_closed(
+            host, port, f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode(), PROBE_LIMIT),
+        "body stalled": lambda: seconds_until_closed(host, port, (
+            f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode(), PROBE_LIMIT),
+        "idle keep-alive": lambda: idle_keepalive_seconds(host, port, PROBE_LIMIT),
+    }
+    seen = {}
+    threads = [threading.Thread(target=lambda k=k, f=f: seen.__setitem__(k, f())) for k, f in probes.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("timeouts seen: " + "; ".join(
+        f"{k} -> " + (f"still open after {PROBE_LIMIT:.0f} s" if seen.get(k) is None else f"closed after {seen[k]:.1f} s")
+        for k in probes))
     missed = []
     if ok < TARGET_SUCCESS:
         missed.append(f"success {ok * 100:.2f} % < {TARGET_SUCCESS * 100:.0f} %")
     if p99 > TARGET_P99_MS:
         missed.append(f"p99 {p99:.1f} > {TARGET_P99_MS:.0f} ms")
+    missed += [f"{k}: not closed within {PROBE_LIMIT:.0f} s" for k in probes if seen.get(k) is None]
     print("targets: " + ("all met" if not missed else "MISSED: " + "; ".join(missed)))
     return 1 if missed else 0
 
