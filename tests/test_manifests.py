@@ -557,7 +557,8 @@ def test_every_stage_container_args_parse_with_the_programs_own_parser():
 @pytest.mark.slow
 def test_the_pipeline_runs_with_the_manifests_args(tmp_path):
     """splitter (+ its clear-models init container) -> 2 trainers -> aggregator -> 1 trainer of round 2
-    -> accuracy test -> the server's probe paths, each with its container's exact args, /mnt -> tmp."""
+    -> accuracy test (filling the round ledger) -> ledger restore -> the server's probe paths, each with its
+    container's exact args, /mnt -> tmp."""
     mnt = tmp_path / "mnt"
     (mnt / "model").mkdir(parents=True)
     stale = mnt / "model" / "7-model.h5"
@@ -605,6 +606,20 @@ def test_the_pipeline_runs_with_the_manifests_args(tmp_path):
     result = run(pod_spec(by_name["mnist-accuracy-test"])["containers"][0], configmaps)
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(last) >= {"loss", "accuracy"} and 0.0 <= last["accuracy"] <= 1.0
+    # The round ledger: round 1's start weights from --save-init, its entry scored by the accuracy test.
+    ledger = json.loads((mnt / "rounds" / "ledger.json").read_text())
+    [entry] = ledger["rounds"]
+    assert entry["start"]["file"] == "rounds/r0.h5" and (mnt / "rounds" / "r0.h5").is_file()
+    assert sorted(w["file"] for w in entry["workers"]) == ["0-model.h5", "1-model.h5"]
+    assert entry["test_accuracy"] is not None and all(w["accuracy"] is not None for w in entry["workers"])
+    assert (mnt / "rounds" / "history.png").read_bytes()[:4] == b"\x89PNG"
+    # RESUME's restore Job: round 1 intact, put back as the model round 2 starts from.
+    (mnt / "aggregated-model.h5").unlink()
+    result = run(pod_spec(by_name["mnist-ledger-restore"])["containers"][0], configmaps)
+    import hashlib
+    digest = hashlib.sha256((mnt / "rounds" / "r1.h5").read_bytes()).hexdigest()
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"last_round": 1, "sha256": digest}
+    assert hashlib.sha256(aggregated.read_bytes()).hexdigest() == digest
 
     # The server with its container's args (+ a local port): both probe paths answer 200.
     import requests
