@@ -415,6 +415,7 @@ wait_round() {
       reported[$job]=1
       failed+=("$job")
       warn "round $round: $(job_failure "$job" "$state")"
+      k logs -l "job-name=$job" --all-containers=true --prefix=true --tail=20 2>&1 | sed 's/^/    /' >&2 || true
       if ((${#failed[@]} > WORKER_NUMBER - min_workers)); then
         report "trainers (round $round)" "app.kubernetes.io/component=trainer" \
           "${#failed[@]} of $WORKER_NUMBER trainer Jobs failed (${failed[*]}): fewer than MIN_WORKERS=$min_workers can finish"

@@ -245,6 +245,7 @@ def test_quickstart_min_workers_goes_on_without_a_failed_trainer(fake):
         assert f"round {r}: going on without mnist-trainer-1 (2 trainers left, MIN_WORKERS=2)" in proc.stderr
         assert f"round {r}: aggregated model written without mnist-trainer-1 (the ledger records them missing)" \
             in proc.stdout
+    assert proc.stderr.count("    [pod/job-name=mnist-trainer-1] Traceback: fake trainer crash") == 2  # its log
     assert '{"loss": 0.0412, "accuracy": 0.9861}' in proc.stdout
     assert "stage" not in proc.stderr  # reported, not failed
 
