@@ -167,10 +167,27 @@ class Nginx:
 # ---------------------------------------------------------------------------------------- gunicorn
 
 
-def serve(args, socket_path):
+def warm_up():
+    """Run the upload path's first-call work (Pillow's plugins, numpy, the preprocessing) on a sample
+    image in this worker, before it takes requests. Never fatal: a failure only costs the first request."""
+    try:
+        from preprocess import preprocess
+
+        with open(os.path.join(HERE, "static", "samples", "6.png"), "rb") as f:
+            blob = f.read()
+        for _ in range(3):
+            preprocess(blob)
+    except Exception as err:  # noqa: BLE001
+        logging.getLogger("mlk.server").warning("warm-up skipped: %s: %s", type(err).__name__, err)
+
+
+def serve(args, run_dir, socket_path):
     from gunicorn.app.base import BaseApplication
 
     model_path = os.path.abspath(args.model)
+    ready_dir = os.path.join(run_dir, "ready")
+    all_ready = os.path.join(ready_dir, "all")
+    os.makedirs(ready_dir, exist_ok=True)
     gate_data = os.path.abspath(args.gate_data) if args.gate_data else None
 
     class Server(BaseApplication):
@@ -187,6 +204,7 @@ def serve(args, socket_path):
                 "errorlog": "-",
                 "loglevel": "warning",
                 "child_exit": child_exit,
+                "post_worker_init": post_worker_init,
                 "worker_tmp_dir": tempfile.gettempdir(),
             }
             for key, value in settings.items():
@@ -202,16 +220,29 @@ def serve(args, socket_path):
             from app import create_app
 
             app = create_app(model_path, gate_data=gate_data, gate_epsilon=args.gate_epsilon)
+            warm_up()  # create_app loaded the model and ran it (model.WARM_BATCHES); now the upload path
             # TensorFlow and Keras leave ~10^6 long-lived objects: keep them out of the cyclic
             # garbage collector's scans, which otherwise show up as latency spikes.
             gc.collect()
             gc.freeze()
             return app
 
+    def post_worker_init(worker):
+        # This worker accepts requests from now on. /readyz says ready (nginx checks the file
+        # `ready/all`) only once every worker got here, so no request meets a worker still loading.
+        open(os.path.join(ready_dir, str(os.getpid())), "w").close()
+        if len(os.listdir(ready_dir)) >= args.workers + os.path.exists(all_ready):
+            open(all_ready, "w").close()
+
     def child_exit(server, worker):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+        for path in (os.path.join(ready_dir, str(worker.pid)), all_ready):  # its replacement must load first
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     Server().run()
 
@@ -271,7 +302,7 @@ def main(argv=None) -> int:
 
         nginx.watch(nginx_died)
         try:
-            serve(args, socket_path)
+            serve(args, run_dir, socket_path)
         except SystemExit as exit_:  # gunicorn exits this way when a worker cannot boot
             if exit_.code not in (0, None):
                 return exit_.code if isinstance(exit_.code, int) else 1
