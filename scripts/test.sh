@@ -18,11 +18,15 @@ done
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-# System packages the tests use: a browser for the page test, shellcheck for the scripts.
+# System packages the tests use: a browser for the page test, shellcheck for the scripts, nginx (the
+# server's buffering proxy, which server/server.py starts; Debian keeps it in /usr/sbin) and wrk (the
+# server benchmark's load generator).
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+PATH="$PATH:/usr/sbin" command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 if ((${#need[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     echo "test.sh: installing ${need[*]}" >&2
