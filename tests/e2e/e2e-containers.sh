@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # End-to-end run of the real images: build every stage image from its Dockerfile and run the
 # rendered manifests' pod templates as podman containers over one shared volume (standing in for
-# the NFS claim): splitter -> WORKER_NUMBER trainers in parallel (one killed mid-training and run
-# again, as a Job's retry would) -> aggregator -> accuracy test -> server, then checks the results.
+# the NFS claim): splitter -> round 1: WORKER_NUMBER trainers in parallel (one killed mid-training and
+# run again, as a Job's retry would) -> aggregator -> round 2: the trainers with the aggregator beside
+# them (MIN_WORKERS = WORKER_NUMBER - 1), the last trainer killed for good -> accuracy test filling the
+# round ledger -> ledger restore (and its refusal of a changed file) -> server; then checks the results.
 # Prints a summary table; the last line is the verdict. Exit status non-zero on any failed check.
 # It adapts to the machine (docs/e2e.md): as root it installs what is missing (podman, runc, curl;
 # debootstrap only if a stand-in base must be built), otherwise it says in one line what to install
 # and runs rootless podman.
 #   tests/e2e/e2e-containers.sh [--print-containers-conf]   (the latter: print the podman settings
 #                                       this machine gets, then exit; nothing is run or installed)
-#   WORKER_NUMBER (3)  EPOCH (1)  BATCH (100)
+#   WORKER_NUMBER (3, at least 2)  EPOCH (1)  BATCH (100)
+#   E2E_ROUND_DEADLINE (10)             round 2's ROUND_DEADLINE: after it the aggregator averages the
+#                                       WORKER_NUMBER - 1 models of the trainers still alive
 #   E2E_TRAIN (24000) E2E_TEST (2000)   samples of MNIST used: MNIST_NPZ, else ../shared/datasets/
 #                                       mnist.npz beside the repo, else the splitter's cached download
-#   E2E_MIN_ACCURACY (0.85)             accuracy the test must reach on that subset (measured
-#                                       0.8925 with the defaults: 1 epoch of 8000 digits per worker)
+#   E2E_MIN_ACCURACY (0.85)             accuracy round 2's model must reach on that subset (measured
+#                                       0.9315 with the defaults; round 1 alone 0.8925: 1 epoch of 8000
+#                                       digits per worker)
 #   E2E_CONTAINERS_CONF (auto)          podman settings: auto = only those this machine needs (runc on
 #                                       cgroups v1/hybrid, ulimits a root container may not raise,
 #                                       cgroupfs + file events without systemd); always = all of
@@ -43,6 +48,7 @@ cd "$root"
 source "$root/scripts/images.env"
 
 workers="${WORKER_NUMBER:-3}"
+round_deadline="${E2E_ROUND_DEADLINE:-10}"
 epoch="${EPOCH:-1}"
 batch="${BATCH:-100}"
 n_train="${E2E_TRAIN:-24000}"
@@ -51,6 +57,13 @@ min_accuracy="${E2E_MIN_ACCURACY:-0.85}"
 conf_mode="${E2E_CONTAINERS_CONF:-auto}"
 py="$root/.venv/bin/python"
 export TF_CPP_MIN_LOG_LEVEL=2
+if ! [[ "$workers" =~ ^[0-9]+$ ]] || ((workers < 2)); then
+  echo "e2e-containers.sh: WORKER_NUMBER must be 2 or more (round 2 loses one), got '$workers'" >&2
+  exit 2
+fi
+[[ "$round_deadline" =~ ^[1-9][0-9]*$ ]] ||
+  { echo "e2e-containers.sh: E2E_ROUND_DEADLINE must be a positive number of seconds, got '$round_deadline'" >&2; exit 2; }
+min_workers=$((workers - 1))
 case "$conf_mode" in
   auto | always | never) ;;
   *) echo "e2e-containers.sh: E2E_CONTAINERS_CONF must be auto, always or never, got '$conf_mode'" >&2; exit 2 ;;
@@ -264,7 +277,13 @@ for ((i = 0; i < workers; i++)); do
   render "$work/5-trainer-$i.yaml" 5-trainer.yaml INCREMENTAL_NUMBER="$i"
 done
 render "$work/6-aggregator.yaml" 6-aggregator.yaml
+# Round 2: from round 1's aggregate, the aggregator needing only MIN_WORKERS models after the deadline.
+for ((i = 0; i < workers; i++)); do
+  render "$work/5-trainer-$i-r2.yaml" 5-trainer.yaml INCREMENTAL_NUMBER="$i" INIT_MODEL=/mnt/aggregated-model.h5
+done
+render "$work/6-aggregator-r2.yaml" 6-aggregator.yaml MIN_WORKERS="$min_workers" ROUND_DEADLINE="$round_deadline"
 render "$work/9999-accuracy-test.yaml" 9999-accuracy-test.yaml
+render "$work/9999-ledger-restore.yaml" 9999-ledger-restore.yaml
 [[ "$with_server" == 0 ]] || render "$work/7-server.yaml" 7-server.yaml
 log "rendered manifests for WORKER_NUMBER=$workers EPOCH=$epoch BATCH=$batch"
 
@@ -322,34 +341,38 @@ timed splitter run_stage splitter "$work/4-splitter.yaml" \
   --add-volume "$work/mnist-subset.npz:/data/mnist.npz:ro" --add-env MNIST_NPZ=/data/mnist.npz
 
 # Trainers in parallel; trainer 0 is killed once training is under way, then started again.
-start_trainer() {
-  local i="$1" name="$run_id-trainer-$1"
-  pod_args "$work/5-trainer-$i.yaml"
+start_trainer() { # start_trainer I [ROUND_SUFFIX]: trainer I of round 1, or of the round with that suffix
+  local i="$1" name="$run_id-trainer-$1${2:-}"
+  pod_args "$work/5-trainer-$i${2:-}.yaml"
   podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
   containers+=("$name")
-  podman run -d --name "$name" --network none "${args[@]}" >/dev/null || fail "starting trainer $i"
+  podman run -d --name "$name" --network none "${args[@]}" >/dev/null || fail "starting trainer $i${2:-}"
 }
 wait_container() { # wait_container NAME -> prints exit code
   podman wait "$1" 2>/dev/null | tail -n 1
 }
+kill_mid_training() { # kill_mid_training NAME: after its "model:" line (fit under way), before "saved:"
+  local name="$1" waited=0 rc
+  until podman logs "$name" 2>&1 | grep -q '^model:'; do
+    sleep 0.2
+    waited=$((waited + 1))
+    ((waited < 1500)) || fail "$name never started training"
+  done
+  podman kill "$name" >/dev/null
+  rc="$(wait_container "$name")"
+  if podman logs "$name" 2>&1 | grep -q '^saved:'; then
+    fail "$name finished before it could be killed (kill came too late)"
+  fi
+  [[ "$rc" != 0 ]] || fail "killed $name exited 0"
+  killed_rc="$rc"
+}
 trainers() {
-  local i rc waited=0
+  local i rc
   pod_args "$work/5-trainer-0.yaml"
   log "trainer: podman run ${args[*]} (x$workers)"
   for ((i = 0; i < workers; i++)); do start_trainer "$i"; done
-  # Kill trainer 0 mid-training: after its "model:" line (weights built, fit under way), before "saved:".
-  until podman logs "$run_id-trainer-0" 2>&1 | grep -q '^model:'; do
-    sleep 0.2
-    waited=$((waited + 1))
-    ((waited < 1500)) || fail "trainer 0 never started training"
-  done
-  podman kill "$run_id-trainer-0" >/dev/null
-  rc="$(wait_container "$run_id-trainer-0")"
-  if podman logs "$run_id-trainer-0" 2>&1 | grep -q '^saved:'; then
-    fail "trainer 0 finished before it could be killed (kill came too late)"
-  fi
-  log "trainer 0 killed mid-training (exit $rc); running it again as a Job retry would"
-  [[ "$rc" != 0 ]] || fail "killed trainer 0 exited 0"
+  kill_mid_training "$run_id-trainer-0"
+  log "trainer 0 killed mid-training (exit $killed_rc); running it again as a Job retry would"
   start_trainer 0
   for ((i = 0; i < workers; i++)); do
     rc="$(wait_container "$run_id-trainer-$i")"
@@ -360,33 +383,110 @@ trainers() {
 timed trainers trainers
 
 timed aggregator run_stage aggregator "$work/6-aggregator.yaml"
+
+# Round 2 as the quickstart runs it with MIN_WORKERS < WORKER_NUMBER: the aggregator starts with the
+# trainers; the last trainer is killed for good mid-training, so its round-1 model stays in /mnt/model
+# (stale: the aggregator must ignore it) and after the round deadline the others' models are averaged.
+round2() {
+  local i rc lost=$((workers - 1)) agg="$run_id-aggregator-r2"
+  pod_args "$work/5-trainer-0-r2.yaml"
+  log "round 2 trainer: podman run ${args[*]} (x$workers)"
+  for ((i = 0; i < workers; i++)); do start_trainer "$i" -r2; done
+  pod_args "$work/6-aggregator-r2.yaml"
+  containers+=("$agg")
+  log "round 2 aggregator: podman run -d ${args[*]}"
+  podman run -d --name "$agg" --network none "${args[@]}" >/dev/null || fail "starting the round 2 aggregator"
+  kill_mid_training "$run_id-trainer-$lost-r2"
+  log "trainer $lost killed for good in round 2 (exit $killed_rc); the aggregator needs $min_workers of $workers"
+  for ((i = 0; i < lost; i++)); do
+    rc="$(wait_container "$run_id-trainer-$i-r2")"
+    podman logs "$run_id-trainer-$i-r2" 2>&1 | sed "s/^/    [trainer-$i round 2] /"
+    [[ "$rc" == 0 ]] || fail "round 2 trainer $i exited $rc"
+  done
+  rc="$(wait_container "$agg")"
+  podman logs "$agg" >"$work/aggregator-r2.log" 2>&1 || true
+  sed 's/^/    [aggregator round 2] /' "$work/aggregator-r2.log"
+  [[ "$rc" == 0 ]] || fail "the round 2 aggregator exited $rc"
+  grep -q "ignoring $lost-model.h5: a model of an earlier round" "$work/aggregator-r2.log" ||
+    fail "the round 2 aggregator did not say it ignored trainer $lost's stale round-1 model"
+  grep -q "missing: $lost-model.h5" "$work/aggregator-r2.log" ||
+    fail "the round 2 aggregator did not name $lost-model.h5 as missing"
+}
+timed round2 round2
 timed accuracy run_stage accuracy "$work/9999-accuracy-test.yaml"
 
-# 5. Checks on the volume: every shard and model there, a complete aggregation of all workers.
+# 5. Checks on the volume: every shard and model there; round 1 a complete aggregation of all workers
+#    (the retried trainer's model took part), round 2 of all but the lost one; the round ledger records
+#    both rounds, the lost worker as missing, a test accuracy for every round and worker, hashes that
+#    match the files; the history plot is there.
 check_volume() {
-  podman run --rm --network none -v "$volume:/mnt:ro" --entrypoint python \
-    "$IMAGE_REGISTRY/trainer:$IMAGE_TAG" -c '
-import json, sys
+  cat >"$work/check_volume.py" <<'PY'
+import hashlib, json, sys
 from pathlib import Path
 import h5py, numpy as np
 n, n_train = int(sys.argv[1]), int(sys.argv[2])
 problems = []
-shards = sum(len(np.load(f"/mnt/data/{i}.npz")["y"]) for i in range(n))
-if shards != n_train: problems.append(f"shards hold {shards} samples, not {n_train}")
-if not Path("/mnt/data/test.npz").is_file(): problems.append("no data/test.npz")
+sizes = [len(np.load(f"/mnt/data/{i}.npz")["y"]) for i in range(n)]
+if sum(sizes) != n_train:
+    problems.append(f"shards hold {sum(sizes)} samples, not {n_train}")
+if not Path("/mnt/data/test.npz").is_file():
+    problems.append("no data/test.npz")
 for i in range(n):
     with h5py.File(f"/mnt/model/{i}-model.h5", "r") as f:
-        if f.attrs.get("mlk_kind") != "worker": problems.append(f"model/{i}-model.h5 is not a worker model")
-with h5py.File("/mnt/aggregated-model.h5", "r") as f:
-    a = dict(f.attrs)
-files = sorted(x["file"] for x in json.loads(a["mlk_inputs"]))
-want = sorted(f"{i}-model.h5" for i in range(n))
-if a["mlk_kind"] != "aggregated" or int(a["mlk_workers"]) != n or files != want or int(a["mlk_samples"]) != n_train:
-    problems.append("aggregated model: kind=%s workers=%s samples=%s inputs=%s"
-                    % (a.get("mlk_kind"), a.get("mlk_workers"), a.get("mlk_samples"), files))
-print("volume: " + (("; ".join(problems)) or f"{n} shards + test.npz, {n} worker models, aggregate of all {n} ({n_train} samples)"))
-sys.exit(1 if problems else 0)
-' "$workers" "$n_train"
+        if f.attrs.get("mlk_kind") != "worker":
+            problems.append(f"model/{i}-model.h5 is not a worker model")
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def aggregate(path, workers, samples, rnd):
+    with h5py.File(path, "r") as f:
+        a = dict(f.attrs)
+    files = sorted(x["file"] for x in json.loads(a["mlk_inputs"]))
+    if (a["mlk_kind"] != "aggregated" or files != workers or int(a["mlk_samples"]) != samples
+            or int(a["mlk_round"]) != rnd):
+        problems.append(f"{path}: kind={a.get('mlk_kind')} round={a.get('mlk_round')} "
+                        f"samples={a.get('mlk_samples')} inputs={files}")
+
+
+every = [f"{i}-model.h5" for i in range(n)]
+aggregate("/mnt/rounds/r1.h5", every, n_train, 1)
+aggregate("/mnt/aggregated-model.h5", every[:-1], sum(sizes[:-1]), 2)
+ledger = json.loads(Path("/mnt/rounds/ledger.json").read_text())
+rounds = ledger.get("rounds") or []
+if ledger.get("format") != "mlk-ledger/1" or [r.get("round") for r in rounds] != [1, 2]:
+    print(f"volume: ledger format {ledger.get('format')}, rounds {[r.get('round') for r in rounds]}")
+    sys.exit(1)
+r1, r2 = rounds
+for r, workers, missing, least in ((r1, every, 0, n), (r2, every[:-1], 1, n - 1)):
+    got = sorted(w["file"] for w in r["workers"])
+    if got != workers or r["missing"] != missing or r["expected_workers"] != n or r["min_workers"] != least:
+        problems.append(f"ledger round {r['round']}: workers {got}, missing {r['missing']}, "
+                        f"expected {r['expected_workers']}, min {r['min_workers']}")
+    if r["test_accuracy"] is None or any(w["accuracy"] is None for w in r["workers"]):
+        problems.append(f"ledger round {r['round']}: accuracies not filled in by the accuracy test")
+    recorded = [(r["aggregate"]["file"], r["aggregate"]["sha256"]), (r["start"]["file"], r["start"]["sha256"])]
+    for name, digest in recorded + [(w["kept"], w["sha256"]) for w in r["workers"]]:
+        if sha(f"/mnt/{name}") != digest:
+            problems.append(f"ledger round {r['round']}: {name} does not match its sha256")
+if (r1["start"]["file"], r2["start"]["file"]) != ("rounds/r0.h5", "rounds/r1.h5"):
+    problems.append(f"ledger: round starts {r1['start']['file']}, {r2['start']['file']}")
+if sha("/mnt/aggregated-model.h5") != r2["aggregate"]["sha256"]:
+    problems.append("aggregated-model.h5 is not the aggregate of round 2")
+if Path("/mnt/rounds/history.png").read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+    problems.append("rounds/history.png is not a PNG")
+if problems:
+    print("volume: " + "; ".join(problems))
+    sys.exit(1)
+print(f"volume: {n} shards + test.npz, {n} worker models; round 1: aggregate of all {n} ({n_train} samples, "
+      f"accuracy {r1['test_accuracy']:.4f}); round 2: of {n - 1} ({sum(sizes[:-1])} samples, {every[-1]} "
+      f"missing, accuracy {r2['test_accuracy']:.4f}); every ledger sha256 matches; rounds/history.png written")
+PY
+  chmod 644 "$work/check_volume.py"
+  podman run --rm --network none -v "$volume:/mnt:ro" -v "$work/check_volume.py:/check_volume.py:ro" \
+    --entrypoint python "$IMAGE_REGISTRY/trainer:$IMAGE_TAG" /check_volume.py "$workers" "$n_train"
 }
 check_volume || fail "volume contents"
 
@@ -395,6 +495,33 @@ accuracy="$(tail -n 1 "$work/accuracy.log" | "$py" -c 'import json,sys; print("%
 "$py" -c "import sys; sys.exit(0 if $accuracy >= $min_accuracy else 1)" \
   || fail "accuracy $accuracy below $min_accuracy"
 log "accuracy $accuracy >= $min_accuracy"
+
+# RESUME's restore Job: it checks every recorded sha256 and names round 2 as the last complete round;
+# after one kept worker model is changed by a byte, it refuses (exit 2) with one line naming that file.
+restore() {
+  local line digest rc
+  run_stage restore "$work/9999-ledger-restore.yaml"
+  line="$(tail -n 1 "$work/restore.log")"
+  digest="$(podman run --rm --network none -v "$volume:/mnt:ro" --entrypoint sha256sum \
+    "$IMAGE_REGISTRY/aggregator:$IMAGE_TAG" /mnt/rounds/r2.h5 | cut -d' ' -f1)"
+  [[ "$line" == "{\"last_round\": 2, \"sha256\": \"$digest\"}" ]] ||
+    fail "ledger restore: last line '$line', not round 2 with the sha256 of rounds/r2.h5 ($digest)"
+  podman run --rm --network none --user 10001:10001 -v "$volume:/mnt" --entrypoint python \
+    "$IMAGE_REGISTRY/aggregator:$IMAGE_TAG" -c "open('/mnt/rounds/r1/0-model.h5', 'ab').write(b'x')" ||
+    fail "could not change rounds/r1/0-model.h5"
+  pod_args "$work/9999-ledger-restore.yaml"
+  containers+=("$run_id-restore-tampered")
+  rc=0
+  podman run --name "$run_id-restore-tampered" --network none "${args[@]}" >"$work/restore-tampered.log" 2>&1 || rc=$?
+  sed 's/^/    [restore, changed file] /' "$work/restore-tampered.log"
+  [[ "$rc" == 2 ]] || fail "ledger restore of a changed file exited $rc, not 2"
+  if [[ "$(wc -l <"$work/restore-tampered.log")" != 1 ]] ||
+    ! grep -q 'rounds/r1/0-model.h5: sha256 differs' "$work/restore-tampered.log"; then
+    fail "ledger restore of a changed file did not say in one line which file differs"
+  fi
+  log "ledger restore: round 2 intact ($line); refused after rounds/r1/0-model.h5 changed (exit 2)"
+}
+timed restore restore
 
 if [[ "$with_server" == 0 ]]; then
   echo "E2E VERDICT: INCOMPLETE - E2E_SERVER=0, batch stages passed (accuracy $accuracy), server not run"
@@ -451,9 +578,9 @@ for s in "${STAGES[@]}"; do
   printf '%-12s %-34s %8d\n' "$s" "$IMAGE_REGISTRY/$s:$IMAGE_TAG" "$((size / 1000000))"
 done
 printf '%-12s %8s\n' step "wall s"
-for k in build splitter trainers aggregator accuracy server; do
+for k in build splitter trainers aggregator round2 accuracy restore server; do
   [[ -n "${took[$k]:-}" ]] && printf '%-12s %8d\n' "$k" "${took[$k]}"
 done
 printf '%-12s %8d\n' total "$((SECONDS - t0))"
 echo "accuracy     $accuracy (threshold $min_accuracy)"
-echo "E2E VERDICT: PASS - $workers workers (one killed and retried), accuracy $accuracy, server answered 6, in $((SECONDS - t0)) s"
+echo "E2E VERDICT: PASS - $workers workers (round 1: one killed and retried; round 2: one lost, $min_workers averaged), ledger checked and restored, accuracy $accuracy, server answered 6, in $((SECONDS - t0)) s"
