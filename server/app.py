@@ -326,9 +326,14 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
     def healthz():
         return jsonify(status="ok")
 
+    def ready_model():
+        """The model for readiness answers: once one is served, never the request that loads (and gates) a
+        replaced file, so /readyz answers at once throughout a reload."""
+        return holder.current or current_model()
+
     @app.get("/readyz")
     def readyz():
-        model = current_model()
+        model = ready_model()
         if model is None:
             return jsonify(status="not ready", error=not_ready()), 503
         return jsonify(status="ready", model=model_id(model.sha256))
@@ -374,6 +379,6 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
 
     app.register_blueprint(v2.create_blueprint(
         current_model, run_model, preprocess, ImageError, model_id, not_ready,
-        max_items=MAX_FILES, max_body=MAX_BODY, on_digits=count_digits))
+        max_items=MAX_FILES, max_body=MAX_BODY, on_digits=count_digits, ready_model=ready_model))
 
     return app

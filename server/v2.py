@@ -256,15 +256,16 @@ def requested_outputs(body):
 
 
 def create_blueprint(current_model, run_model, preprocess, image_error, model_id, not_ready,
-                     max_items, max_body, on_digits=None):
+                     max_items, max_body, on_digits=None, ready_model=None):
     """The /v2 routes.
 
     current_model() -> the loaded model (with .sha256) or None; run_model(model, float32 (n, 28, 28)) ->
     (n, 10) probabilities; preprocess(bytes) -> float32 (28, 28) or raises image_error; model_id(sha256)
     -> the short model name; not_ready() -> why no model is loaded; on_digits(list of ints) after each
-    inference (metrics).
+    inference (metrics); ready_model() -> the model for the health answers (default current_model).
     """
     bp = Blueprint("v2", __name__, url_prefix="/v2")
+    ready_model = ready_model or current_model
 
     @bp.errorhandler(ProtocolError)
     def protocol_error(err):
@@ -284,7 +285,7 @@ def create_blueprint(current_model, run_model, preprocess, image_error, model_id
 
     @bp.get("/health/ready")
     def ready():
-        ok = current_model() is not None
+        ok = ready_model() is not None
         return jsonify(ready=ok), 200 if ok else 503
 
     @bp.get("/models/<name>")
@@ -295,7 +296,7 @@ def create_blueprint(current_model, run_model, preprocess, image_error, model_id
     @bp.get("/models/<name>/ready")
     def model_ready(name):
         check_model(name)
-        ok = current_model() is not None
+        ok = ready_model() is not None
         return jsonify(name=MODEL_NAME, ready=ok), 200 if ok else 503
 
     @bp.route("/models/<name>/versions/<version>", methods=["GET"])

@@ -84,6 +84,9 @@ def test_shuffled_model_rejected_better_model_promoted(tmp_path, models, mnist_m
 
     # a label-shuffled model: scores ~0.1, rejected; the weak model keeps serving, ready all along
     drop(models["shuffled"], served)
+    for path in ("/readyz", "/v2/health/ready", "/v2/models/mnist/ready"):  # answer at once: never load or judge
+        assert client.get(path).status_code == 200
+    assert app.extensions["mlk_gate"].last_decision["decision"] == "initial"
     info = client.get("/api/model").get_json()
     assert info["sha256"] == sha256(models["weak"])
     decision = info["gate"]["last_decision"]
