@@ -14,6 +14,13 @@
 #   PORT [5000]         the server's port
 #   SERVER_HOST [127.0.0.1]  the address it listens on (0.0.0.0: reachable from other machines too)
 #   VENV [<repo>/.venv] the virtualenv (created/updated by scripts/bootstrap.sh)
+#   MIN_WORKERS [WORKER_NUMBER]  a round goes on with this many workers' models when others fail or miss
+#                       ROUND_DEADLINE (the missing ones are recorded in the ledger); fewer: the run fails
+#   ROUND_DEADLINE []   seconds a round's trainers get; then those still training are stopped and left out
+#                       (fewer than MIN_WORKERS done: the run fails). Empty: no deadline, as before
+#   RESUME [0]          1: continue from the last complete round of WORK_DIR/rounds/ledger.json (its sha256s
+#                       are checked first); 0: a new run (WORK_DIR's rounds/ and aggregated model are removed)
+# Each round is kept in WORK_DIR/rounds/ (r{n}.h5, its inputs in r{n}/, ledger.json, the plot history.png).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,8 +47,11 @@ SERVE="${SERVE:-1}"
 PORT="${PORT:-5000}"
 SERVER_HOST="${SERVER_HOST:-127.0.0.1}"
 VENV="${VENV:-$root/.venv}"
+MIN_WORKERS="${MIN_WORKERS:-$WORKER_NUMBER}"
+ROUND_DEADLINE="${ROUND_DEADLINE:-}"
+RESUME="${RESUME:-0}"
 
-for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT; do
+for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT MIN_WORKERS; do
   value="${!name}"
   if ! positive_int "$value"; then
     fail config "$name must be a positive integer, got '$value'"
@@ -50,6 +60,10 @@ done
 ((PORT <= 65535)) || fail config "PORT must be at most 65535, got '$PORT'"
 [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
 [[ -n "$WORK_DIR" ]] || fail config "WORK_DIR must not be empty"
+((MIN_WORKERS <= WORKER_NUMBER)) || fail config "MIN_WORKERS must be at most WORKER_NUMBER ($WORKER_NUMBER), got '$MIN_WORKERS'"
+[[ -z "$ROUND_DEADLINE" ]] || positive_int "$ROUND_DEADLINE" ||
+  fail config "ROUND_DEADLINE must be empty or a positive integer (seconds), got '$ROUND_DEADLINE'"
+[[ "$RESUME" == 0 || "$RESUME" == 1 ]] || fail config "RESUME must be 0 or 1, got '$RESUME'"
 
 # --- timing -----------------------------------------------------------------------------------
 now_ms() { local t="${EPOCHREALTIME//[.,]/}"; echo $((t / 1000)); }
@@ -89,7 +103,8 @@ run_logged() {
 }
 
 # --- set-up -----------------------------------------------------------------------------------
-say "WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS SERVE=$SERVE WORK_DIR=$WORK_DIR"
+say "WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS SERVE=$SERVE WORK_DIR=$WORK_DIR" \
+  "MIN_WORKERS=$MIN_WORKERS ROUND_DEADLINE=${ROUND_DEADLINE:-none} RESUME=$RESUME"
 begin setup
 VENV="$VENV" "$root/scripts/bootstrap.sh" || fail setup "scripts/bootstrap.sh could not prepare $VENV"
 py="$VENV/bin/python"
@@ -101,6 +116,18 @@ cores="$(nproc)"
 threads=$((cores / WORKER_NUMBER))
 ((threads >= 1)) || threads=1
 say "$cores cores: $WORKER_NUMBER trainers with $threads TensorFlow thread(s) each"
+first_round=1
+if [[ "$RESUME" == 1 ]]; then
+  # Verify every sha256 in the ledger, then put the last complete round's aggregate back in place.
+  restored="$("$py" "$root/aggregator/ledger.py" restore --dir "$work")" ||
+    fail resume "the ledger $work/rounds/ledger.json cannot be resumed from (above); start a new run with RESUME=0"
+  printf '%s\n' "$restored"
+  last_round="$(tail -n 1 <<<"$restored" | "$py" -c 'import json, sys; print(json.load(sys.stdin)["last_round"])')"
+  first_round=$((last_round + 1))
+  say "resuming: rounds 1..$last_round are complete and verified; continuing with round $first_round of $ROUNDS"
+else
+  rm -rf "$work/rounds" "$work/aggregated-model.h5" || fail setup "cannot clear $work/rounds"
+fi
 finish setup
 
 # --- split ------------------------------------------------------------------------------------
@@ -114,14 +141,14 @@ finish split
 # --- rounds of parallel training + aggregation ------------------------------------------------
 train_worker() { # train_worker ROUND INDEX: one trainer, its lines logged and shown with a prefix
   local round="$1" i="$2"
-  local init=()
+  local init=(--save-init "$work/rounds/r0.h5") # round 1's common start, for the per-worker report
   ((round == 1)) || init=(--init-model "$work/aggregated-model.h5")
   "$py" "$root/trainer/trainer.py" --data "$work/data/$i.npz" --epoch "$EPOCH" --batch "$BATCH" \
     --savemodel "$work/model/$i-model.h5" --threads "$threads" "${init[@]}" </dev/null 2>&1 |
     tee "$work/logs/round-$round-worker-$i.log" | sed -u "s/^/[worker $i] /"
 }
 
-for ((round = 1; round <= ROUNDS; round++)); do
+for ((round = first_round; round <= ROUNDS; round++)); do
   stage="train (round $round/$ROUNDS)"
   begin "$stage"
   # The aggregator averages every *.h5 in model/, so the directory holds this round's models only.
@@ -132,7 +159,16 @@ for ((round = 1; round <= ROUNDS; round++)); do
     pids+=("$!")
     worker_of[$!]="$i"
   done
-  while ((${#pids[@]})); do
+  # The round deadline is a sleep among the waited-for processes: when it ends first, time is up.
+  watchdog=""
+  if [[ -n "$ROUND_DEADLINE" ]]; then
+    sleep "$ROUND_DEADLINE" &
+    watchdog="$!"
+    pids+=("$watchdog")
+  fi
+  done_workers=0
+  lost=0
+  while ((${#pids[@]} > (${#watchdog} ? 1 : 0))); do
     rc=0
     finished=""
     wait -n -p finished "${pids[@]}" || rc=$?
@@ -140,33 +176,54 @@ for ((round = 1; round <= ROUNDS; round++)); do
     remaining=()
     for pid in "${pids[@]}"; do [[ "$pid" == "$finished" ]] || remaining+=("$pid"); done
     pids=("${remaining[@]}")
+    if [[ "$finished" == "$watchdog" ]]; then
+      watchdog=""
+      late=$((${#pids[@]}))
+      warn "round $round: the round deadline (${ROUND_DEADLINE}s) passed with $late worker(s) still training: stopping them"
+      lost=$((lost + late))
+      stop_children
+      break
+    fi
     i="${worker_of[$finished]}"
     if ((rc != 0)); then
-      stop_children
       log="$work/logs/round-$round-worker-$i.log"
       {
         printf '%s: worker %s exited with code %s; last lines of %s:\n' "$me" "$i" "$rc" "$log"
         tail -n 15 "$log" | sed 's/^/    /'
       } >&2
-      fail "$stage" "worker $i exited with code $rc (log: $log)"
+      lost=$((lost + 1))
+      if ((WORKER_NUMBER - lost < MIN_WORKERS)); then
+        stop_children
+        fail "$stage" "worker $i exited with code $rc (log: $log)"
+      fi
+      warn "round $round: worker $i is lost; the round goes on ($((WORKER_NUMBER - lost)) left, MIN_WORKERS=$MIN_WORKERS)"
+      continue
     fi
+    done_workers=$((done_workers + 1))
     say "worker $i finished round $round"
   done
+  [[ -z "$watchdog" ]] || { kill "$watchdog" 2>/dev/null || true; wait "$watchdog" 2>/dev/null || true; pids=(); }
   unset worker_of
+  ((done_workers >= MIN_WORKERS)) ||
+    fail "$stage" "only $done_workers of $WORKER_NUMBER workers finished by the round deadline, fewer than MIN_WORKERS=$MIN_WORKERS"
   finish "$stage"
 
   stage="aggregate (round $round/$ROUNDS)"
   begin "$stage"
+  # Every trainer has ended, so no model is still to come: the aggregator's deadline is now.
+  k_of_n=()
+  ((MIN_WORKERS == WORKER_NUMBER)) || k_of_n=(--min-workers "$MIN_WORKERS" --deadline 0 --timeout 0)
   run_logged "$stage" "$work/logs/round-$round-aggregate.log" \
     "$py" "$root/aggregator/aggregator.py" --dir "$work/model" --savefile "$work/aggregated-model.h5" \
-    --expect "$WORKER_NUMBER"
+    --expect "$WORKER_NUMBER" "${k_of_n[@]}"
   finish "$stage"
 done
 
 # --- accuracy test ----------------------------------------------------------------------------
 begin evaluate
 run_logged evaluate "$work/logs/evaluate.log" \
-  "$py" "$root/trainer/evaluate.py" --modelpath "$work/aggregated-model.h5" --data "$work/data/test.npz"
+  "$py" "$root/trainer/evaluate.py" --modelpath "$work/aggregated-model.h5" --data "$work/data/test.npz" \
+  --ledger "$work/rounds/ledger.json"
 accuracy="$(tail -n 1 "$work/logs/evaluate.log" |
   "$py" -c 'import json, sys; print("%.4f" % json.load(sys.stdin)["accuracy"])')" ||
   fail evaluate "no JSON result line in $work/logs/evaluate.log"
@@ -182,6 +239,7 @@ done
 printf '   %-28s %8ss\n' "total" "$(seconds "$total")"
 echo "   test accuracy: $accuracy"
 echo "   model: $work/aggregated-model.h5"
+echo "   history: $work/rounds/ledger.json, plot $work/rounds/history.png"
 
 # --- serve ------------------------------------------------------------------------------------
 if [[ "$SERVE" == 1 ]]; then

@@ -29,7 +29,8 @@ ACCURACY_BAR = 0.92
 
 def run(env_overrides, timeout=300, **kwargs):
     env = {k: v for k, v in os.environ.items() if k not in ("MNIST_NPZ", "ROUNDS", "WORKER_NUMBER", "EPOCH",
-                                                           "BATCH", "SERVE", "PORT", "WORK_DIR", "VENV")}
+                                                           "BATCH", "SERVE", "PORT", "WORK_DIR", "VENV", "RESUME",
+                                                           "MIN_WORKERS", "ROUND_DEADLINE")}
     env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "VENV": str(VENV), **env_overrides})
     return subprocess.run(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=timeout, **kwargs)
@@ -49,12 +50,14 @@ def subset(tmp_path_factory, mnist_npz):
     return path
 
 
+REAL_RUN = {"WORKER_NUMBER": "2", "EPOCH": "1", "ROUNDS": "2", "BATCH": "32", "SERVE": "0"}
+
+
 @pytest.fixture(scope="module")
 def real_run(subset, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     started = time.perf_counter()
-    proc = run({"WORKER_NUMBER": "2", "EPOCH": "1", "ROUNDS": "2", "BATCH": "32", "SERVE": "0",
-                "WORK_DIR": str(work), "MNIST_NPZ": str(subset)})
+    proc = run({**REAL_RUN, "WORK_DIR": str(work), "MNIST_NPZ": str(subset)})
     proc.seconds = time.perf_counter() - started
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return work, proc
@@ -105,6 +108,82 @@ def test_shows_each_workers_progress_and_keeps_its_log(real_run):
             assert "epoch 1/1" in log and f"saved: {work}/model/{i}-model.h5" in log
             assert "[worker" not in log  # the log holds the trainer's own lines, unprefixed
     assert re.search(r"2 trainers with \d+ TensorFlow thread", proc.stdout)
+
+
+def weights(path):
+    """{dataset path: array} of every weight of an .h5 model."""
+    import h5py
+
+    found = {}
+    with h5py.File(path, "r") as f:
+        f["model_weights"].visititems(lambda n, o: found.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return found
+
+
+def ledger_rounds(work):
+    return json.loads((work / "rounds/ledger.json").read_text())["rounds"]
+
+
+def test_keeps_every_round_in_the_ledger_with_accuracies_and_a_plot(real_run):
+    work, proc = real_run
+    rounds = ledger_rounds(work)
+    assert [e["round"] for e in rounds] == [1, 2]
+    assert (work / "aggregated-model.h5").read_bytes() == (work / "rounds/r2.h5").read_bytes()
+    assert rounds[0]["start"]["file"] == "rounds/r0.h5" and rounds[1]["start"]["file"] == "rounds/r1.h5"
+    result = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")][-1]
+    assert rounds[-1]["test_accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
+    for e in rounds:
+        assert e["expected_workers"] == e["min_workers"] == 2 and e["missing"] == 0 and e["samples"] == 6000
+        assert 0.5 < e["test_accuracy"] <= 1 and e["round_seconds"] > 0
+        assert [w["file"] for w in e["workers"]] == ["0-model.h5", "1-model.h5"]
+        assert all(0.5 < w["accuracy"] <= 1 and w["update_norm"] > 0 for w in e["workers"])
+    png = (work / "rounds/history.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"history: {work}/rounds/ledger.json" in proc.stdout
+    verify = subprocess.run([str(VENV / "bin/python"), str(REPO / "aggregator/ledger.py"), "verify", "--dir", str(work)],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and json.loads(verify.stdout.splitlines()[-1])["last_round"] == 2
+
+
+def test_resume_after_a_kill_between_rounds_is_bit_exact(real_run, subset, tmp_path):
+    """The same run, killed once round 1 is in the ledger (round 2's trainers running), then RESUME=1: the final
+    aggregate's weights equal the uninterrupted run's bit for bit. Then a changed round file is refused."""
+    reference, _ = real_run
+    work = tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if k not in ("RESUME", "MIN_WORKERS", "ROUND_DEADLINE")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", VENV=str(VENV), WORK_DIR=str(work), MNIST_NPZ=str(subset), **REAL_RUN)
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (work / "rounds/ledger.json").exists() and len(ledger_rounds(work)) == 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed between rounds"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and len(ledger_rounds(work)) == 1
+
+    resumed = run({**REAL_RUN, "WORK_DIR": str(work), "MNIST_NPZ": str(subset), "RESUME": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing with round 2 of 2" in resumed.stdout and "train (round 1/2)" not in resumed.stdout
+    assert [e["round"] for e in ledger_rounds(work)] == [1, 2]
+    for name in ("rounds/r1.h5", "aggregated-model.h5"):
+        got, want = weights(work / name), weights(reference / name)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), f"{name}: {k} differs"
+
+    data = bytearray((work / "rounds/r1.h5").read_bytes())
+    data[-64] ^= 1
+    (work / "rounds/r1.h5").write_bytes(bytes(data))
+    refused = run({**REAL_RUN, "WORK_DIR": str(work), "MNIST_NPZ": str(subset), "RESUME": "1"}, timeout=120)
+    assert refused.returncode != 0
+    assert "rounds/r1.h5" in refused.stderr and "sha256 differs" in refused.stderr
+    assert "stage resume failed" in refused.stderr and "== split" not in refused.stdout
 
 
 # --- where MNIST comes from (helpers.mnist_path(), used by the fixtures above and the dev scripts) ---
@@ -178,8 +257,9 @@ def test_bad_dataset_fails_the_split_stage(tmp_path):
     assert "train (round" not in proc.stdout
 
 
-def fake_venv(tmp_path, fail_shard):
-    """A venv whose python records each process id and fails trainer runs on one shard.
+def fake_venv(tmp_path, fail_shard, hang_shard="none"):
+    """A venv whose python records each process id, fails trainer runs on the shards fail_shard matches (a bash
+    pattern) and lets those on hang_shard sleep (a trainer that never finishes).
 
     bootstrap.sh accepts a venv whose stamp matches the requirement files, so the stamp is written
     the way bootstrap.sh writes it."""
@@ -197,6 +277,7 @@ for arg in "$@"; do
     sleep 2  # let the other workers start, so the test can see them being stopped
     echo "injected failure on shard {fail_shard}" >&2; exit 3
   fi
+  if [[ "$arg" == */data/{hang_shard}.npz ]]; then echo $$ > "{pids}/$$"; exec sleep 600; fi
 done
 if [[ "$*" == *trainer.py* ]]; then echo $$ > "{pids}/$$"; fi
 exec "{VENV}/bin/python" "$@"
@@ -254,3 +335,39 @@ def test_ctrl_c_stops_the_trainers(subset, tmp_path):
     assert proc.returncode == 130
     assert "interrupted" in err
     assert all(gone(int(p.name)) for p in pids.iterdir()), "a trainer kept running after Ctrl-C"
+
+
+def test_a_lost_and_a_late_worker_do_not_stop_the_run_with_min_workers(subset, tmp_path):
+    """3 workers, MIN_WORKERS=1: worker 1 fails, worker 2 never finishes and is stopped at ROUND_DEADLINE; the
+    round averages worker 0's model and the ledger names the two missing."""
+    venv, pids = fake_venv(tmp_path, fail_shard=1, hang_shard=2)
+    work = tmp_path / "work"
+    proc = run({"VENV": str(venv), "WORKER_NUMBER": "3", "MIN_WORKERS": "1", "ROUND_DEADLINE": "90", "EPOCH": "1",
+                "ROUNDS": "1", "SERVE": "0", "WORK_DIR": str(work), "MNIST_NPZ": str(subset)}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker 1 is lost; the round goes on" in proc.stderr
+    assert "round deadline (90s) passed with 1 worker(s) still training" in proc.stderr
+    assert all(gone(int(p.name)) for p in pids.iterdir()), "the late trainer kept running"
+    [entry] = ledger_rounds(work)
+    assert entry["expected_workers"] == 3 and entry["min_workers"] == 1 and entry["missing"] == 2
+    assert entry["missing_workers"] == ["1-model.h5", "2-model.h5"]
+    assert [w["file"] for w in entry["workers"]] == ["0-model.h5"] and entry["test_accuracy"] > 0.5
+    agg = attrs(work / "aggregated-model.h5")
+    assert agg["mlk_workers"] == 1 and agg["mlk_missing"] == "1-model.h5,2-model.h5"
+
+
+def test_fewer_than_min_workers_fails_the_round(subset, tmp_path):
+    venv, _ = fake_venv(tmp_path, fail_shard="[12]")
+    proc = run({"VENV": str(venv), "WORKER_NUMBER": "3", "MIN_WORKERS": "2", "EPOCH": "20", "ROUNDS": "1",
+                "SERVE": "0", "WORK_DIR": str(tmp_path / "work"), "MNIST_NPZ": str(subset)}, timeout=120)
+    assert proc.returncode != 0
+    assert "stage train (round 1/1) failed: worker" in proc.stderr and "is lost; the round goes on" in proc.stderr
+    assert not (tmp_path / "work/aggregated-model.h5").exists()
+
+
+@pytest.mark.parametrize("name, value", [("MIN_WORKERS", "4"), ("MIN_WORKERS", "0"), ("ROUND_DEADLINE", "soon"),
+                                         ("RESUME", "yes")])
+def test_bad_k_of_n_or_resume_setting_is_refused(tmp_path, name, value):
+    proc = run({"SERVE": "0", "WORK_DIR": str(tmp_path / "work"), name: value}, timeout=30)
+    assert proc.returncode != 0 and "stage config failed" in proc.stderr and name in proc.stderr
+    assert not (tmp_path / "work").exists()

@@ -1,0 +1,460 @@
+"""The round ledger (docs/CONTRACTS.md, "Round ledger"): what aggregator/aggregator.py records per round, the
+per-worker report and its outlier rule, K-of-N aggregation at the round deadline, aggregator/ledger.py verify
+and restore (a tampered ledger is refused), atomic ledger writes under a kill, and trainer/evaluate.py --ledger.
+Small data the tests make themselves: tiny Keras models, and a few hundred real MNIST digits per worker for the
+outlier rule."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "aggregator"))
+sys.path.insert(1, str(REPO / "trainer"))
+import aggregator  # noqa: E402
+import ledger  # noqa: E402
+
+keras = pytest.importorskip("keras")
+
+
+def tiny_model(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((28, 28, 1), name="image"),
+        keras.layers.Conv2D(2, 3, activation="relu", name="conv"),
+        keras.layers.MaxPooling2D(4, name="pool"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(10, activation="softmax", name="dense"),
+    ], name="tiny")
+
+
+def h5_weights(path):
+    """{dataset path: array} of a model file's weights (the aggregator's own reader)."""
+    with h5py.File(path, "r") as f:
+        return {k: ds[()] for k, ds in aggregator.weight_datasets(f).items()}
+
+
+def h5_fingerprint(path):
+    with h5py.File(path, "r") as f:
+        weights = {k: ds[()] for k, ds in aggregator.weight_datasets(f).items()}
+        return aggregator.fingerprint(weights, aggregator.keras_order(f, weights))
+
+
+def save_worker(model, path, samples, fingerprint, rnd=1, started=None):
+    model.save(str(path))
+    with h5py.File(path, "r+") as f:
+        f.attrs.update({"mlk_kind": "worker", "mlk_samples": samples, "mlk_init_fingerprint": fingerprint,
+                        "mlk_round": rnd, "mlk_epochs": 1, "mlk_train_seconds": 1.5,
+                        "mlk_train_started": started if started is not None else time.time() - 5})
+    return path
+
+
+def moved(start_model, seed, scale, shared=1.0):
+    """A copy of start_model whose weights moved by scale * (shared * a direction every worker shares + a seeded
+    random one of its own), as honest workers' updates share a direction."""
+    common, own = np.random.default_rng(1000), np.random.default_rng(seed)
+    model = tiny_model(0)
+    model.set_weights([w + scale * (shared * common.standard_normal(w.shape) + own.standard_normal(w.shape)).astype(
+        w.dtype) for w in start_model.get_weights()])
+    return model
+
+
+@pytest.fixture
+def round_one(tmp_path):
+    """ROOT with rounds/r0.h5 (the start) and model/ holding 3 workers that moved from it."""
+    root = tmp_path / "root"
+    (root / "model").mkdir(parents=True)
+    (root / "rounds").mkdir()
+    start = tiny_model(7)
+    start.save(str(root / "rounds/r0.h5"))
+    fp = h5_fingerprint(root / "rounds/r0.h5")
+    for i, n in enumerate((100, 200, 300)):
+        save_worker(moved(start, i, 0.01), root / f"model/{i}-model.h5", n, fp)
+    return root, start, fp
+
+
+def aggregate(root, *extra, capsys=None):
+    argv = ["--dir", str(root / "model"), "--savefile", str(root / "aggregated-model.h5"), *map(str, extra)]
+    rc = aggregator.main(argv)
+    out = capsys.readouterr() if capsys else None
+    return rc, out
+
+
+def entries(root):
+    return json.loads((root / "rounds/ledger.json").read_text())["rounds"]
+
+
+# --- what a round records -----------------------------------------------------------------------------
+
+def test_round_is_kept_with_hashes_timings_and_report(round_one, capsys):
+    root, start, fp = round_one
+    rc, out = aggregate(root, "--expect", 3, capsys=capsys)
+    assert rc == 0, out.err
+    book = json.loads((root / "rounds/ledger.json").read_text())
+    assert book["format"] == "mlk-ledger/1" and len(book["rounds"]) == 1
+    e = book["rounds"][0]
+    assert e["round"] == 1 and e["expected_workers"] == 3 and e["min_workers"] == 3 and e["missing"] == 0
+    # rounds/r1.h5 is the aggregate, byte for byte, and the ledger has its sha256 and the start's
+    assert (root / "rounds/r1.h5").read_bytes() == (root / "aggregated-model.h5").read_bytes()
+    assert e["aggregate"] == {"file": "rounds/r1.h5", "sha256": ledger.sha256_file(root / "rounds/r1.h5")}
+    assert e["start"] == {"file": "rounds/r0.h5", "sha256": ledger.sha256_file(root / "rounds/r0.h5")}
+    assert [w["file"] for w in e["workers"]] == ["0-model.h5", "1-model.h5", "2-model.h5"]
+    for w in e["workers"]:
+        kept = root / w["kept"]
+        assert kept.read_bytes() == (root / "model" / w["file"]).read_bytes()
+        assert w["sha256"] == ledger.sha256_file(kept) and w["train_seconds"] == 1.5
+        assert w["accuracy"] is None and w["dropped"] is False
+    assert e["samples"] == 600 and [w["samples"] for w in e["workers"]] == [100, 200, 300]
+    assert e["test_accuracy"] is None and e["outlier_rule"] == aggregator.OUTLIER_RULE
+    assert 4 < e["round_seconds"] < 600 and e["aggregate_seconds"] >= 0
+    assert e["started_at"].endswith("Z") and e["aggregated_at"].endswith("Z")
+    # the report's figures, recomputed here from the files
+    s = h5_weights(root / "rounds/r0.h5")
+    names = sorted(s)
+    ups = [np.concatenate([(h5_weights(root / f"model/{i}-model.h5")[k].astype(np.float64) - s[k]).ravel()
+                           for k in names]) for i in range(3)]
+    n = np.array([100, 200, 300], float)
+    for i, w in enumerate(e["workers"]):
+        others = [j for j in range(3) if j != i]
+        mean = sum(ups[j] * n[j] for j in others) / n[others].sum()
+        assert w["update_norm"] == pytest.approx(np.linalg.norm(ups[i]), rel=1e-5)
+        assert w["cosine_to_others"] == pytest.approx(ups[i] @ mean / np.linalg.norm(ups[i]) / np.linalg.norm(mean),
+                                                      abs=1e-5)
+    # the table on stdout
+    assert "update norm" in out.out and "0-model.h5" in out.out
+    with h5py.File(root / "aggregated-model.h5", "r") as f:
+        assert f.attrs["mlk_expected_workers"] == 3 and f.attrs["mlk_missing"] == "" and f.attrs["mlk_dropped"] == ""
+
+
+def test_next_round_starts_from_the_previous_aggregate_and_a_rerun_replaces_it(round_one, capsys):
+    root, start, fp = round_one
+    assert aggregate(root, "--expect", 3, capsys=capsys)[0] == 0
+    fp1 = h5_fingerprint(root / "rounds/r1.h5")
+    r1 = keras.models.load_model(root / "rounds/r1.h5", compile=False)
+    shutil.rmtree(root / "model")
+    (root / "model").mkdir()
+    for i in range(3):
+        save_worker(moved(r1, 10 + i, 0.01), root / f"model/{i}-model.h5", 100, fp1, rnd=2)
+    assert aggregate(root, "--expect", 3, capsys=capsys)[0] == 0
+    e = entries(root)
+    assert [x["round"] for x in e] == [1, 2]
+    assert e[1]["start"]["file"] == "rounds/r1.h5" and e[1]["workers"][0]["update_norm"] > 0
+    # the same round aggregated again (e.g. after a resume) replaces its entry, never duplicates it
+    assert aggregate(root, "--expect", 3, capsys=capsys)[0] == 0
+    assert [x["round"] for x in entries(root)] == [1, 2]
+
+
+def test_without_starting_weights_the_report_is_empty_but_the_round_is_kept(round_one, capsys):
+    root, _, _ = round_one
+    (root / "rounds/r0.h5").unlink()
+    rc, out = aggregate(root, capsys=capsys)
+    assert rc == 0
+    e = entries(root)[0]
+    assert e["start"] is None and all(w["update_norm"] is None and not w["outlier"] for w in e["workers"])
+    assert "no starting weights" in out.out
+
+
+# --- K of N at the round deadline -------------------------------------------------------------------
+
+def test_k_of_n_averages_what_arrived_by_the_deadline(round_one, capsys, monkeypatch):
+    monkeypatch.setattr(aggregator, "POLL_SECONDS", 0.05)
+    root, _, _ = round_one
+    gone = root / "model/1-model.h5"
+    kept = {k: v.copy() for k, v in h5_weights(root / "model/0-model.h5").items()}, h5_weights(
+        root / "model/2-model.h5")
+    gone.unlink()
+    rc, out = aggregate(root, "--expect", 3, "--min-workers", "0.6", "--deadline", 0.3, capsys=capsys)
+    assert rc == 0, out.err
+    assert "round deadline" in out.out and "2/3" in out.out
+    e = entries(root)[0]
+    assert e["min_workers"] == 2 and e["missing"] == 1 and e["missing_workers"] == ["1-model.h5"]
+    assert [w["file"] for w in e["workers"]] == ["0-model.h5", "2-model.h5"]
+    got = h5_weights(root / "aggregated-model.h5")
+    for k, v in got.items():  # the sample-weighted mean of the two that came (100 and 300 samples)
+        np.testing.assert_allclose(v, 0.25 * kept[0][k] + 0.75 * kept[1][k], rtol=1e-5, atol=1e-7)
+    with h5py.File(root / "aggregated-model.h5", "r") as f:
+        assert f.attrs["mlk_missing"] == "1-model.h5" and f.attrs["mlk_workers"] == 2
+        assert f.attrs["mlk_expected_workers"] == 3
+
+
+def test_k_of_n_fails_below_k(round_one, capsys, monkeypatch):
+    monkeypatch.setattr(aggregator, "POLL_SECONDS", 0.05)
+    root, _, _ = round_one
+    for i in (1, 2):
+        (root / f"model/{i}-model.h5").unlink()
+    rc, out = aggregate(root, "--expect", 3, "--min-workers", 2, "--deadline", 0.2, "--timeout", 0.4,
+                        capsys=capsys)
+    assert rc == 2
+    assert out.err.startswith("aggregator: error:") and out.err.count("\n") == 1
+    assert "fewer than --min-workers 2" in out.err and "0-model.h5" in out.err
+    assert not (root / "aggregated-model.h5").exists() and not (root / "rounds/ledger.json").exists()
+
+
+def test_all_n_before_the_deadline_do_not_wait_for_it(round_one, capsys):
+    root, _, _ = round_one
+    rc, out = aggregate(root, "--expect", 3, "--min-workers", 2, "--deadline", 3000, capsys=capsys)
+    assert rc == 0 and "3/3 models present" in out.out and "round deadline" not in out.out
+
+
+def test_stale_model_of_an_earlier_round_is_ignored(round_one, capsys, monkeypatch):
+    monkeypatch.setattr(aggregator, "POLL_SECONDS", 0.05)
+    root, _, _ = round_one
+    assert aggregate(root, "--expect", 3, capsys=capsys)[0] == 0
+    fp1 = h5_fingerprint(root / "rounds/r1.h5")
+    r1 = keras.models.load_model(root / "rounds/r1.h5", compile=False)
+    # round 2: worker 2 is lost, its round-1 model stays in model/
+    for i in (0, 1):
+        save_worker(moved(r1, 20 + i, 0.01), root / f"model/{i}-model.h5", 100, fp1, rnd=2)
+    rc, out = aggregate(root, "--expect", 3, "--min-workers", 2, "--deadline", 0.2, capsys=capsys)
+    assert rc == 0, out.err
+    assert "ignoring 2-model.h5" in out.out
+    e = entries(root)[1]
+    assert e["round"] == 2 and [w["file"] for w in e["workers"]] == ["0-model.h5", "1-model.h5"]
+    assert e["missing_workers"] == ["2-model.h5"]
+
+
+def test_defaults_keep_waiting_for_all_and_bad_k_is_a_usage_error(round_one, capsys):
+    root, _, _ = round_one
+    (root / "model/2-model.h5").unlink()
+    rc, out = aggregate(root, "--expect", 3, "--timeout", 0.2, capsys=capsys)
+    assert rc == 2 and "timed out" in out.err and "1 missing" in out.err
+    for bad, message in (("0", "--min-workers"), ("1.5", "--min-workers"), ("4", "more than --expect")):
+        rc, out = aggregate(root, "--expect", 3, "--min-workers", bad, capsys=capsys)
+        assert rc == 2 and message in out.err and out.err.count("\n") == 1, out.err
+    rc, out = aggregate(root, "--min-workers", 2, capsys=capsys)
+    assert rc == 2 and "need --expect" in out.err
+
+
+# --- the outlier flag, and --drop-outliers ------------------------------------------------------------
+
+def test_drop_outliers_leaves_the_flagged_worker_out(round_one, capsys):
+    root, start, fp = round_one
+    save_worker(moved(start, 99, 0.5, shared=0), root / "model/3-model.h5", 100, fp)  # its own way, 35x as far
+    rc, out = aggregate(root, "--expect", 4, capsys=capsys)
+    assert rc == 0
+    e = entries(root)[0]
+    assert [w["outlier"] for w in e["workers"]] == [False, False, False, True]
+    assert "OUTLIER" in out.out and e["workers"][3]["dropped"] is False  # reporting only
+    with h5py.File(root / "aggregated-model.h5", "r") as f:
+        assert f.attrs["mlk_workers"] == 4
+    rc, out = aggregate(root, "--expect", 4, "--drop-outliers", capsys=capsys)
+    assert rc == 0 and "dropped" in out.out
+    e = entries(root)[0]
+    assert e["dropped"] == ["3-model.h5"] and e["workers"][3]["dropped"] is True and e["samples"] == 600
+    with h5py.File(root / "aggregated-model.h5", "r") as f:
+        assert f.attrs["mlk_workers"] == 3 and f.attrs["mlk_dropped"] == "3-model.h5"
+    ws = [h5_weights(root / f"model/{i}-model.h5") for i in range(3)]
+    for k, v in h5_weights(root / "aggregated-model.h5").items():
+        np.testing.assert_allclose(v, (100 * ws[0][k] + 200 * ws[1][k] + 300 * ws[2][k]) / 600, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def mnist_digits(mnist_npz):
+    """1800 real MNIST training digits (a fixed sample) and 1000 test digits."""
+    rng = np.random.default_rng(5)
+    with np.load(mnist_npz) as d:
+        pick = rng.choice(len(d["y_train"]), 1800, replace=False)
+        return d["x_train"][pick], d["y_train"][pick]
+
+
+@pytest.mark.parametrize("strategy", ["iid", "label-skew"])
+def test_shuffled_label_worker_is_flagged_and_honest_ones_are_not(strategy, mnist_digits, tmp_path, capsys):
+    """3 workers train (trainer.py, in this process) from one start on 600 digits each; worker 1's labels are
+    shuffled. Round 1 from the seeded init, then round 2 from round 1's honest average."""
+    import trainer
+    from helpers import splitter_module
+
+    x, y = mnist_digits
+    shards = splitter_module().shard_indices(y, 3, strategy, 0)
+    root = tmp_path / "root"
+    (root / "model").mkdir(parents=True)
+    for i, idx in enumerate(shards):
+        labels = y[idx].copy()
+        if i == 1:
+            np.random.default_rng(1).shuffle(labels)
+        np.savez(tmp_path / f"{i}.npz", x=x[idx], y=labels)
+    for rnd in (1, 2):
+        for i in range(3):
+            init = ["--init-model", str(root / "aggregated-model.h5")] if rnd == 2 else []
+            keras.backend.clear_session()  # layer names as in a fresh trainer process, so the configs are equal
+            assert trainer.main(["--data", str(tmp_path / f"{i}.npz"), "--epoch", "2", "--batch", "32",
+                                 "--savemodel", str(root / f"model/{i}-model.h5"), "--threads", "1",
+                                 "--save-init", str(root / "rounds/r0.h5"), *init]) == 0
+        # --drop-outliers: round 2 starts from the honest workers' average, as it would in a run using it
+        rc, out = aggregate(root, "--expect", 3, "--drop-outliers", capsys=capsys)
+        assert rc == 0, out.err
+        report = entries(root)[-1]["workers"]
+        table = "\n".join(line for line in out.out.splitlines() if "-model.h5" in line)
+        assert [w["outlier"] for w in report] == [False, True, False], f"{strategy} round {rnd}:\n{table}"
+        print(f"{strategy} round {rnd}:\n{table}")
+
+
+# --- ledger.py verify / restore ------------------------------------------------------------------------
+
+def run_ledger(*argv):
+    proc = subprocess.run([sys.executable, str(REPO / "aggregator/ledger.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def two_rounds(round_one, capsys):
+    root, _, _ = round_one
+    assert aggregate(root, "--expect", 3, capsys=capsys)[0] == 0
+    fp1 = h5_fingerprint(root / "rounds/r1.h5")
+    r1 = keras.models.load_model(root / "rounds/r1.h5", compile=False)
+    for i in range(3):
+        save_worker(moved(r1, 30 + i, 0.01), root / f"model/{i}-model.h5", 100, fp1, rnd=2)
+    assert aggregate(root, "--expect", 3, capsys=capsys)[0] == 0
+    return root
+
+
+def test_verify_and_restore_a_good_ledger(two_rounds):
+    root = two_rounds
+    rc, out, err = run_ledger("verify", "--dir", root)
+    assert rc == 0, err
+    assert json.loads(out.splitlines()[-1]) == {"last_round": 2, "sha256": ledger.sha256_file(root / "rounds/r2.h5")}
+    (root / "aggregated-model.h5").write_bytes(b"a later, interrupted round's file")
+    rc, out, err = run_ledger("restore", "--dir", root)
+    assert rc == 0, err
+    assert json.loads(out.splitlines()[-1])["last_round"] == 2
+    assert (root / "aggregated-model.h5").read_bytes() == (root / "rounds/r2.h5").read_bytes()
+
+
+def test_no_ledger_is_round_zero(tmp_path):
+    rc, out, _ = run_ledger("verify", "--dir", tmp_path)
+    assert rc == 0 and json.loads(out.splitlines()[-1]) == {"last_round": 0, "sha256": None}
+
+
+@pytest.mark.parametrize("victim", ["rounds/r1.h5", "rounds/r2/1-model.h5", "rounds/r0.h5"])
+def test_a_tampered_file_is_refused_naming_it(two_rounds, victim):
+    root = two_rounds
+    data = bytearray((root / victim).read_bytes())
+    data[-100] ^= 1  # one bit
+    (root / victim).write_bytes(bytes(data))
+    before = (root / "aggregated-model.h5").read_bytes()
+    for command in ("verify", "restore"):
+        rc, out, err = run_ledger(command, "--dir", root)
+        assert rc == 2 and out == "", (out, err)
+        assert err.startswith("ledger.py: error:") and err.count("\n") == 1
+        assert victim in err and "sha256 differs" in err
+    assert (root / "aggregated-model.h5").read_bytes() == before  # restore changed nothing
+
+
+def test_a_tampered_ledger_or_missing_file_is_refused(two_rounds):
+    root = two_rounds
+    book = json.loads((root / "rounds/ledger.json").read_text())
+    book["rounds"][0]["workers"][0]["sha256"] = "0" * 64
+    (root / "rounds/ledger.json").write_text(json.dumps(book))
+    rc, _, err = run_ledger("verify", "--dir", root)
+    assert rc == 2 and "rounds/r1/0-model.h5" in err and "sha256 differs" in err
+    book["rounds"][0]["workers"][0]["sha256"] = ledger.sha256_file(root / "rounds/r1/0-model.h5")
+    (root / "rounds/ledger.json").write_text(json.dumps(book))
+    assert run_ledger("verify", "--dir", root)[0] == 0
+    (root / "rounds/r2.h5").unlink()
+    rc, _, err = run_ledger("verify", "--dir", root)
+    assert rc == 2 and "rounds/r2.h5" in err and "missing" in err
+    (root / "rounds/ledger.json").write_text("{not json")
+    rc, _, err = run_ledger("restore", "--dir", root)
+    assert rc == 2 and "ledger.json" in err and "JSON" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [[], ["verify"], ["bogus", "--dir", "."], ["verify", "--dir", "/nonexistent"]])
+def test_usage_errors_are_one_line(argv):
+    rc, out, err = run_ledger(*argv)
+    assert rc == 2 and out == "" and err.startswith("ledger.py") and "error" in err and err.count("\n") == 1, err
+
+
+# --- the ledger is atomic under a kill -----------------------------------------------------------------
+
+WRITER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import ledger
+root = sys.argv[2]
+pad = "x" * 200000
+k = 0
+while True:
+    k += 1
+    ledger.save(root, {"format": ledger.FORMAT, "rounds": [{"round": i + 1, "pad": pad} for i in range(k % 7 + 1)],
+                       "version": k})
+    print(k, flush=True)
+"""
+
+
+def test_ledger_write_is_atomic_under_a_kill(tmp_path):
+    """A process rewriting a 0.2-1.4 MB ledger in a loop is killed (SIGKILL) at ten moments: each time the ledger
+    parses, is a whole version, and no temporary file is taken for it."""
+    root = tmp_path / "root"
+    (root / "rounds").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO / "aggregator"), str(root)],
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one version written
+        time.sleep(float(rng.uniform(0, 0.3)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        book = json.loads((root / "rounds/ledger.json").read_text())
+        assert len(book["rounds"]) == book["version"] % 7 + 1
+        assert all(len(e["pad"]) == 200000 for e in book["rounds"])
+        assert ledger.load(root)["format"] == "mlk-ledger/1"
+    leftovers = [p.name for p in (root / "rounds").iterdir() if p.name != "ledger.json"]
+    assert all(name.startswith(".ledger.json-") for name in leftovers)  # a killed write's temp: hidden, ignored
+
+
+# --- evaluate.py --ledger ------------------------------------------------------------------------------
+
+def test_evaluate_fills_the_ledger_and_draws_the_history(two_rounds, tmp_path, capsys):
+    import evaluate
+
+    root = two_rounds
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (120, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 120).astype(np.uint8)
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    rc = evaluate.main(["--modelpath", str(root / "aggregated-model.h5"), "--data", str(tmp_path / "test.npz"),
+                        "--ledger", str(root / "rounds/ledger.json")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    result = json.loads(out.out.splitlines()[-1])
+    e = entries(root)
+    assert e[-1]["test_accuracy"] == pytest.approx(result["accuracy"]) and e[-1]["test_loss"] == pytest.approx(
+        result["loss"])
+    for entry in e:
+        model = keras.models.load_model(root / entry["aggregate"]["file"], compile=False)
+        probs = model.predict((x / 255.0).astype(np.float32)[..., None], verbose=0)
+        assert entry["test_accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == y)), abs=1e-6)
+        assert entry["evaluated_at"].endswith("Z")
+        assert all(0 <= w["accuracy"] <= 1 for w in entry["workers"])
+    png = (root / "rounds/history.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+    # what is filled in is not measured again; a replaced round file is refused
+    stamp = e[0]["evaluated_at"]
+    (root / "rounds/r1.h5").write_bytes((root / "rounds/r1.h5").read_bytes() + b"\0")
+    assert evaluate.main(["--data", str(tmp_path / "test.npz"), "--ledger", str(root / "rounds/ledger.json")]) == 0
+    assert entries(root)[0]["evaluated_at"] == stamp
+    book = json.loads((root / "rounds/ledger.json").read_text())
+    book["rounds"][0]["test_accuracy"] = None
+    (root / "rounds/ledger.json").write_text(json.dumps(book))
+    capsys.readouterr()
+    assert evaluate.main(["--data", str(tmp_path / "test.npz"), "--ledger", str(root / "rounds/ledger.json")]) == 2
+    err = capsys.readouterr().err
+    assert "rounds/r1.h5" in err and "sha256 differs" in err
+
+
+def test_evaluate_refuses_a_bad_ledger_before_tensorflow(tmp_path):
+    (tmp_path / "ledger.json").write_text("[]")
+    proc = subprocess.run([sys.executable, str(REPO / "trainer/evaluate.py"), "--ledger", str(tmp_path / "ledger.json"),
+                           "--data", str(tmp_path / "none.npz")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a round ledger" in proc.stderr
