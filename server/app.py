@@ -147,6 +147,20 @@ def _number(value, fmt):
     return fmt % value if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
+def worker_notes(entry):
+    """The workers of a ledger entry as short strings for the page: file, accuracy, outlier / dropped."""
+    notes = []
+    for worker in entry.get("workers") if isinstance(entry.get("workers"), list) else []:
+        if not isinstance(worker, dict):
+            continue
+        note = str(worker.get("file", "?"))
+        extra = [_number(worker.get("accuracy"), "accuracy %.4f")] + [
+            flag for flag in ("outlier", "dropped") if worker.get(flag) is True]
+        extra = [e for e in extra if e]
+        notes.append(f"{note} ({', '.join(extra)})" if extra else note)
+    return notes
+
+
 def history_rows(rounds, served_sha256):
     """The ledger's rounds as the page's table rows: only strings, whatever the ledger holds."""
     rows = []
@@ -238,9 +252,10 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
     def page(**values):
         model = values.get("model")
         rounds = ledger.rounds()
+        served_round = ledger.entry_for(model.sha256) if model else None
         values.update(history=history_rows(rounds, model.sha256 if model else None),
-                      history_plot=bool(rounds) and ledger.has_plot(),
-                      served_round=ledger.entry_for(model.sha256) if model else None)
+                      history_plot=bool(rounds) and ledger.has_plot(), served_round=served_round,
+                      served_workers=worker_notes(served_round) if served_round else [])
         return render_template("index.html", **values)
 
     def error(status, message):

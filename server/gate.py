@@ -148,9 +148,9 @@ class Gate:
                 self.rejections += 1
             self.last_decision = decision
             current_text = "none" if current is None else (
-                f"{current.sha256[:12]} accuracy {_fmt(decision['current']['accuracy'])}")
+                f"{current.sha256} accuracy {_fmt(decision['current']['accuracy'])}")
             log.warning("gate: %s candidate %s accuracy %s, current %s (%s; %.2fs)", decision["decision"],
-                        candidate.sha256[:12], _fmt(decision["candidate"]["accuracy"]), current_text,
+                        candidate.sha256, _fmt(decision["candidate"]["accuracy"]), current_text,
                         decision["reason"], decision["seconds"])
             if self.on_decision is not None:
                 self.on_decision(decision)

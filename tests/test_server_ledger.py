@@ -76,6 +76,8 @@ def test_api_model_and_page_show_the_served_round(served):
 
     html = client.get("/").get_data(as_text=True)
     assert 'id="history-card"' in html and "Serving round 2: test accuracy 0.9870" in html
+    assert ('<span id="served-workers">0-model.h5 (accuracy 0.9800); 1-model.h5 (accuracy 0.1100, outlier, '
+            'dropped)</span>') in html
     rows = html.split('<table class="history" id="history">')[1].split("</table>")[0].split("<tr")[2:]
     assert len(rows) == 3
     assert rows[1].startswith(' class="served"') and "<td>2</td><td>1 of 3</td><td>40000</td><td>0.9870</td><td>40.2</td>" in rows[1]
@@ -139,7 +141,7 @@ def test_odd_values_in_a_valid_ledger_do_not_break_the_page(served):
     assert client.get("/api/model").get_json()["ledger"]["round"] == 1
     html = client.get("/").get_data(as_text=True)
     assert "<td>1</td><td>0</td><td></td><td></td><td></td>" in html and "<td>2</td>" in html
-    assert "Serving round 1." in html
+    assert "Serving round 1." in html and "served-workers" not in html
 
 
 def test_ledger_rewritten_is_read_again(served):
