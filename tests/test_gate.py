@@ -216,3 +216,61 @@ def test_cli_gate_flags_bad_values_exit_2(argv, message, capsys):
 def test_cli_gate_defaults():
     args = server.build_parser().parse_args(["--model", "m.h5"])
     assert args.gate_data is None and args.gate_epsilon == gate_module.DEFAULT_EPSILON
+
+
+# ------------------------------------------------ the container run's checker, against server.py here
+
+
+@pytest.mark.slow
+def test_check_v2_gate_passes_against_the_real_server(tmp_path, mnist_model, mnist_npz, mnist_test):
+    """tests/e2e/check_v2_gate.py (what the container run calls) against server.py with 2 workers and
+    --gate-data, the volume's layout in tmp_path: it must pass, and the served file end up replaced."""
+    import json
+    import time
+
+    import requests
+
+    from helpers import free_port
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "rounds").mkdir()
+    served = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(mnist_model, served)
+    x, y = mnist_test
+    np.savez(tmp_path / "data" / "test.npz", x=x[:GATE_IMAGES], y=y[:GATE_IMAGES])
+    with np.load(mnist_npz) as npz:
+        np.savez(tmp_path / "data" / "0.npz", x=npz["x_train"][:3000], y=npz["y_train"][:3000])
+    (tmp_path / "rounds" / "ledger.json").write_text(json.dumps({"format": "mlk-ledger/1", "rounds": [
+        {"round": 1, "aggregate": {"file": "rounds/r1.h5", "sha256": sha256(served)}, "test_accuracy": 0.98}]}))
+    port = free_port()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HDF5_USE_FILE_LOCKING="FALSE")
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "server/server.py"), "--model", str(served), "--host",
+                                 "127.0.0.1", "--port", str(port), "--workers", "2", "--gate-data",
+                                 str(tmp_path / "data" / "test.npz")], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+        check = subprocess.run([sys.executable, str(ROOT / "tests/e2e/check_v2_gate.py"), url, "--model", str(served),
+                                "--test", str(tmp_path / "data" / "test.npz"), "--train", str(tmp_path / "data" / "0.npz"),
+                                "--sample", f"{ROOT / 'server/static/samples/6.png'}:6", "--expect-round", "1"],
+                               capture_output=True, text=True, env=env, timeout=900)
+        assert check.returncode == 0 and check.stdout.splitlines()[-1] == "check_v2_gate: PASS", \
+            check.stdout[-3000:] + check.stderr[-2000:]
+        assert "rejected" in check.stdout and "promoted" in check.stdout
+        assert sha256(served) != sha256(mnist_model)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    text = log.read_text()
+    assert "gate: rejected candidate" in text and "gate: promoted candidate" in text
