@@ -161,3 +161,38 @@ def test_truncated_image():
     data = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)))
     with pytest.raises(ImageError, match="corrupt"):
         preprocess.preprocess(data[: len(data) // 2])
+
+
+def test_white_strokes_on_transparency_are_composited_onto_black():
+    rgba = np.zeros((280, 280, 4), np.uint8)
+    rgba[40:240, 130:150] = (255, 255, 255, 255)  # an opaque white bar on a fully transparent ground
+    check_bar(preprocess.preprocess(encode(Image.fromarray(rgba, "RGBA"))))
+
+
+def test_exif_orientation_of_a_png_is_applied():
+    """A PNG's eXIf chunk is honoured too (the fast path skips EXIF parsing only when there is none)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    lying = bar_digit(size=(120, 200), box=(20, 60, 100, 80))
+    check_bar(preprocess.preprocess(encode(lying, "PNG", exif=exif)))
+    assert ink_box(preprocess.preprocess(encode(lying, "PNG")))[1] - ink_box(preprocess.preprocess(encode(lying, "PNG")))[0] < 8
+
+
+def test_low_contrast_pencil_under_uneven_light():
+    """Grey pencil only 30 levels darker than the paper, while the light falls off by 40 levels across the
+    sheet: the darker side of the paper is not ink (a border-median background made it so)."""
+    rng = np.random.default_rng(3)
+    light = np.linspace(230, 190, 300, dtype=np.float32)[None, :] * np.ones((260, 1), np.float32)
+    bar = np.zeros((260, 300), np.float32)
+    bar[40:200, 140:146] = 30
+    image = light - bar + rng.normal(0, 3, bar.shape)
+    data = encode(Image.fromarray(np.uint8(np.clip(image, 0, 255))).convert("RGB"), "JPEG", quality=85)
+    out = preprocess.preprocess(data)
+    top, bottom, left, right = ink_box(out)
+    assert bottom - top + 1 == 20 and right - left + 1 <= 4, (top, bottom, left, right)
+
+
+def test_speck_far_from_the_digit_does_not_shrink_it():
+    image = bar_digit(size=(300, 300), box=(140, 60, 150, 240))
+    ImageDraw.Draw(image).rectangle((5, 5, 7, 7), fill=0)  # a fleck of dirt in the corner
+    check_bar(preprocess.preprocess(encode(image.convert("RGB"), "JPEG", quality=90)))
