@@ -117,7 +117,7 @@ class Nginx:
             f.write(config)
         self.binary = binary
         self.proc = None
-        self.last_error = ""
+        self.last_error = self.first_error = ""
         self.stopping = False
 
     def start(self, timeout=10.0):
@@ -131,7 +131,7 @@ class Nginx:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 time.sleep(0.1)  # let the forwarder catch nginx's last line
-                return f"nginx exited with {self.proc.returncode}: {self.last_error or 'no message'}"
+                return f"nginx exited with {self.proc.returncode}: {self.first_error or self.last_error or 'no message'}"
             if os.path.exists(pid_file):
                 return None
             time.sleep(0.02)
@@ -141,7 +141,9 @@ class Nginx:
         for line in self.proc.stderr:
             line = line.rstrip()
             if line:
-                self.last_error = line.split("] ", 1)[-1] if "[emerg]" in line or "[alert]" in line else line
+                if ("[emerg]" in line or "[alert]" in line) and not self.first_error:  # the cause, not the retries
+                    self.first_error = re.sub(r"^\d+#\d+: ", "", line.split("] ", 1)[-1])
+                self.last_error = line
                 print(f"nginx: {line}", file=sys.stderr, flush=True)
 
     def watch(self, on_death):

@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -333,6 +334,56 @@ def test_cli_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert server.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("server.py: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("flag", ["--header-timeout", "--body-timeout", "--keepalive-timeout"])
+def test_cli_bad_timeouts_exit_2(flag, capsys):
+    assert server.main(["--model", "m.h5", flag, "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("server.py: error:") and flag in err and "\n" not in err
+
+
+def test_missing_nginx_is_one_line_naming_the_package(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MLK_NGINX", str(tmp_path / "no-nginx"))
+    assert server.main(["--model", str(tmp_path / "m.h5")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("server.py: error: nginx not found") and "apt-get install nginx-light" in err
+    assert "\n" not in err
+
+
+def test_nginx_config_fills_every_placeholder_and_nginx_accepts_it(tmp_path):
+    args = server.build_parser().parse_args(["--model", "m.h5", "--host", "::1", "--port", "5123",
+                                             "--header-timeout", "7", "--body-timeout", "8", "--keepalive-timeout", "9"])
+    text = server.nginx_config(args, str(tmp_path), str(tmp_path / "g.sock"))
+    assert "{{" not in text
+    for line in ("listen [::1]:5123", "client_header_timeout 7s;", "client_body_timeout 8s;", "keepalive_timeout 9s;",
+                 "client_max_body_size 2m;", "client_body_buffer_size 2m;", f"server unix:{tmp_path}/g.sock;",
+                 "proxy_max_temp_file_size 0;"):
+        assert line in text, line
+    (tmp_path / "nginx.conf").write_text(text)
+    nginx = server.find_nginx()
+    assert nginx, "nginx not installed (Debian: apt-get install nginx-light)"
+    proc = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    # Everything nginx writes is under the run directory (the container's root is read-only).
+    written = [line.split()[1].rstrip(";") for line in text.splitlines()
+               if line.strip().split(" ")[0] in ("pid", "client_body_temp_path", "proxy_temp_path",
+                                                 "fastcgi_temp_path", "uwsgi_temp_path", "scgi_temp_path")]
+    assert len(written) == 6 and all(path.startswith(f"{tmp_path}/") for path in written), written
+    assert "error_log stderr" in text and "access_log off;" in text
+
+
+def test_port_in_use_is_one_line(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert server.main(["--model", str(tmp_path / "m.h5"), "--host", "127.0.0.1", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("server.py: error: nginx exited") and "Address already in use" in err
 
 
 def test_parser_defaults():

@@ -167,3 +167,23 @@ def test_slow_and_idle_connections_are_closed(tmp_path):
         assert conn.getresponse().status == 200
     finally:
         stop_server(proc)
+
+
+def test_nginx_answers_keep_the_api_shape(server):
+    """What nginx answers itself (a body over 2 MB) is the API's JSON error, the HTML page for /upload;
+    predictions and metrics pass through to the app."""
+    big = b"\0" * (2 * 1024 * 1024 + 10)
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    for path, kind in (("/api/predict", "application/json"), ("/upload", "text/html")):
+        conn.request("POST", path, body=big, headers={"Content-Type": "image/png"})
+        response = conn.getresponse()
+        text = response.read().decode()
+        assert response.status == 413 and response.getheader("Content-Type").startswith(kind)
+        assert "request body too large (limit 2 MB)" in text
+        conn.close()
+    conn.request("POST", "/api/predict", body=SAMPLE, headers={"Content-Type": "image/png"})
+    response = conn.getresponse()
+    assert response.status == 200 and b'"digit":6' in response.read().replace(b" ", b"")
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    assert 'mlk_http_requests_total{method="POST",route="/api/predict",status="200"}' in metrics
