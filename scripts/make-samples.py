@@ -150,7 +150,7 @@ def stroke_extent(digit, height):
 
 def _place(rng, side, extent, pen):
     """A random top-left for a drawing of `extent` (w, h) and pen width `pen` inside a side x side canvas."""
-    margin = pen / 2 + 1
+    margin = pen / 2 + 2
     free_x, free_y = side - extent[0] - 2 * margin, side - extent[1] - 2 * margin
     return margin + rng.uniform(0, max(free_x, 0)), margin + rng.uniform(0, max(free_y, 0))
 
@@ -167,8 +167,8 @@ def canvas_like(digit, rng):
     side, pen = CANVAS_SIDE, CANVAS_LINE_WIDTH
     height = rng.uniform(0.4, 0.8) * side
     extent = stroke_extent(digit, height)
-    if extent[0] + pen + 2 > side:  # a wide digit: shrink it until it fits
-        height *= (side - pen - 2) / (extent[0] + 1)
+    if extent[0] + pen + 4 > side:  # a wide digit: shrink it until it fits
+        height *= (side - pen - 5) / (extent[0] + 1)
         extent = stroke_extent(digit, height)
     cover = draw_strokes(digit, (side, side), height, _place(rng, side, extent, pen), pen)
     rgba = np.zeros((side, side, 4), np.uint8)
@@ -183,8 +183,8 @@ def thick_like(digit, rng):
     height = rng.uniform(0.5, 0.65) * side
     pen = rng.uniform(0.2, 0.3) * height
     extent = stroke_extent(digit, height)
-    if extent[0] + pen + 2 > side:
-        height *= (side - pen - 2) / (extent[0] + 1)
+    if extent[0] + pen + 4 > side:
+        height *= (side - pen - 5) / (extent[0] + 1)
         extent = stroke_extent(digit, height)
     cover = draw_strokes(digit, (side, side), height, _place(rng, side, extent, pen), pen)
     grey = cover if rng.random() < 0.5 else 1.0 - cover
@@ -199,8 +199,8 @@ def pencil_like(digit, rng):
     tall = rng.uniform(0.45, 0.75) * min(width, height)
     pen = max(2.0, rng.uniform(0.05, 0.08) * tall)
     extent = stroke_extent(digit, tall)
-    if extent[0] + pen + 2 > width:
-        tall *= (width - pen - 2) / (extent[0] + 1)
+    if extent[0] + pen + 4 > width:
+        tall *= (width - pen - 5) / (extent[0] + 1)
         extent = stroke_extent(digit, tall)
     cover = draw_strokes(digit, (width, height), tall, _place(rng, min(width, height), extent, pen), pen)
     grain = rng.uniform(0.0, 1.0, (height // 2 + 1, width // 2 + 1)).astype(np.float32)
