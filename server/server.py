@@ -107,6 +107,16 @@ def nginx_config(args, run_dir, socket_path):
     return text
 
 
+def _die_with_parent():
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG; else nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Nginx:
     """nginx as a child process: started, watched, stopped. Its stderr is passed on line by line."""
 
@@ -123,9 +133,11 @@ class Nginx:
     def start(self, timeout=10.0):
         """Start nginx and wait until it listens (its pid file appears). Returns an error line or None."""
         pid_file = os.path.join(self.run_dir, "nginx.pid")
+        # Its own session, so a terminal's Ctrl-C reaches only this process, which then stops nginx
+        # gracefully; and on Linux nginx gets SIGTERM if this process dies without doing so.
         self.proc = subprocess.Popen([self.binary, "-p", self.run_dir, "-c", self.conf, "-e", "stderr"],
                                      stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     errors="replace")
+                                     errors="replace", start_new_session=True, preexec_fn=_die_with_parent)
         threading.Thread(target=self._forward_stderr, daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -289,9 +301,10 @@ def main(argv=None) -> int:
         os.makedirs(os.path.join(run_dir, "metrics"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(run_dir, "metrics")
     socket_path = os.path.join(run_dir, "gunicorn.sock")
-    nginx = Nginx(binary, run_dir, nginx_config(args, run_dir, socket_path))
+    nginx = None
     died, master = [], os.getpid()
     try:
+        nginx = Nginx(binary, run_dir, nginx_config(args, run_dir, socket_path))
         problem = nginx.start()
         if problem:
             print(f"{parser.prog}: error: {problem}", file=sys.stderr)
@@ -312,7 +325,8 @@ def main(argv=None) -> int:
         # gunicorn's workers are forks of this process and leave through here too: only the
         # process that started nginx stops it and removes the run directory.
         if os.getpid() == master:
-            nginx.stop()
+            if nginx is not None:
+                nginx.stop()
             shutil.rmtree(run_dir, ignore_errors=True)
     return 1 if died else 0
 
