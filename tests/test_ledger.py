@@ -123,12 +123,25 @@ def test_round_is_kept_with_hashes_timings_and_report(round_one, capsys):
     ups = [np.concatenate([(h5_weights(root / f"model/{i}-model.h5")[k].astype(np.float64) - s[k]).ravel()
                            for k in names]) for i in range(3)]
     n = np.array([100, 200, 300], float)
+    layer_updates = [{layer: np.concatenate([(h5_weights(root / f"model/{j}-model.h5")[k].astype(np.float64)
+                                              - s[k]).ravel() for k in names if k.split("/")[0] == layer])
+                      for layer in ("conv", "dense")} for j in range(3)]
+    pairs = {(layer, i, j): float(layer_updates[i][layer] @ layer_updates[j][layer]
+                                  / np.linalg.norm(layer_updates[i][layer]) / np.linalg.norm(layer_updates[j][layer]))
+             for layer in ("conv", "dense") for i in range(3) for j in range(3) if i != j}
+    best_layer = max(pairs, key=pairs.get)[0]
     for i, w in enumerate(e["workers"]):
         others = [j for j in range(3) if j != i]
         mean = sum(ups[j] * n[j] for j in others) / n[others].sum()
         assert w["update_norm"] == pytest.approx(np.linalg.norm(ups[i]), rel=1e-5)
         assert w["cosine_to_others"] == pytest.approx(ups[i] @ mean / np.linalg.norm(ups[i]) / np.linalg.norm(mean),
                                                       abs=1e-5)
+        assert w["norm_to_median"] == pytest.approx(np.linalg.norm(ups[i]) / np.median([np.linalg.norm(u) for u in ups]),
+                                                    rel=1e-5)
+        # agreement: the highest cosine with another worker in the layer where two workers agree best
+        assert w["agreement"] == pytest.approx(max(pairs[(best_layer, i, j)] for j in others), abs=1e-5)
+        assert w["agreement_with"] == f"{max(others, key=lambda j: pairs[(best_layer, i, j)])}-model.h5/{best_layer}"
+        assert w["outlier"] is False
     # the table on stdout
     assert "update norm" in out.out and "0-model.h5" in out.out
     with h5py.File(root / "aggregated-model.h5", "r") as f:
