@@ -72,7 +72,7 @@ def test_same_seed_same_fingerprint_other_seed_differs(shard, trained, tmp_path)
     assert attrs(other)["mlk_init_fingerprint"] != attrs(trained)["mlk_init_fingerprint"]
 
 
-def test_init_model_continues_from_its_weights(shard, trained, tmp_path):
+def test_init_model_continues_from_its_weights(shard, trained, tmp_path, capsys):
     import keras
 
     out = tmp_path / "r2.h5"
@@ -81,6 +81,26 @@ def test_init_model_continues_from_its_weights(shard, trained, tmp_path):
     init_weights = keras.models.load_model(trained, compile=False).get_weights()
     assert attrs(out)["mlk_init_fingerprint"] == fingerprint(init_weights)
     assert attrs(out)["mlk_round"] == 2
+    # Round 2 starts at half of round 1's peak learning rate (4 steps: 200 samples, batch 50).
+    assert f"learning rate: {trainer.PEAK_LEARNING_RATE / 2:.6g} cosine-decayed" in capsys.readouterr().out
+
+
+def test_peak_learning_rate_halves_every_round():
+    peaks = [trainer.peak_learning_rate(r) for r in (1, 2, 3, 4)]
+    assert peaks[0] == trainer.PEAK_LEARNING_RATE
+    assert peaks[1:] == pytest.approx([p / 2 for p in peaks[:-1]])
+
+
+def test_same_seed_init_and_shard_give_identical_weights(shard, trained, tmp_path):
+    import keras
+
+    again = tmp_path / "again.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(again)]) == 0
+    first = keras.models.load_model(trained, compile=False).get_weights()
+    second = keras.models.load_model(again, compile=False).get_weights()
+    assert fingerprint(second) == fingerprint(first)
+    # ... and the training moved them: the init's fingerprint differs from the result's
+    assert attrs(again)["mlk_init_fingerprint"] != fingerprint(second)
 
 
 def test_savefile_alias_and_progress_lines(shard, tmp_path, capsys):
