@@ -374,6 +374,89 @@ def test_nginx_config_fills_every_placeholder_and_nginx_accepts_it(tmp_path):
     assert "error_log stderr" in text and "access_log off;" in text
 
 
+def test_nginx_gates_readiness_on_every_worker_and_buffers_for_the_app(tmp_path):
+    """nginx alone (server.py's Nginx), in front of a stand-in app on the unix socket: /readyz is 503 until
+    the workers' `ready/all` file exists, then the app's answer; the app gets whole requests."""
+    import http.client
+    import http.server
+    import socket
+    import socketserver
+
+    seen, spooled = [], []
+    run_dir = tmp_path / "run"
+
+    def nginx_temp_files():
+        """Files nginx has open under its client_body temp dir (unlinked at once, so read from /proc)."""
+        master = nginx.proc.pid
+        pids = [master] + Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        found = []
+        for pid in pids:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(str(run_dir / "client_body")):
+                    found.append(target)
+        return found
+
+    class App(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self._answer(b'{"status": "ready"}')
+
+        def do_POST(self):
+            spooled.append(nginx_temp_files())  # while nginx still holds the body
+            seen.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self._answer(b'{"got": %d}' % len(seen[-1]))
+
+        def _answer(self, body):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+        def get_request(self):
+            conn, _ = self.socket.accept()
+            return conn, ("local", 0)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = server.build_parser().parse_args(["--model", "m.h5", "--host", "127.0.0.1", "--port", str(port)])
+    (run_dir / "ready").mkdir(parents=True)
+    app = UnixServer(str(run_dir / "g.sock"), App)
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    nginx = server.Nginx(server.find_nginx(), str(run_dir), server.nginx_config(args, str(run_dir), str(run_dir / "g.sock")))
+    try:
+        assert nginx.start() is None
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        assert response.status == 503 and b"workers still starting" in response.read()
+        (run_dir / "ready" / "all").touch()
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b'{"status": "ready"}'
+        body = os.urandom(1_500_000)
+        conn.request("POST", "/api/predict", body=body, headers={"Content-Type": "image/png"})
+        assert conn.getresponse().read() == b'{"got": 1500000}' and seen == [body]
+        assert spooled == [[]]  # the body stayed in nginx's memory, never a temp file
+    finally:
+        nginx.stop()
+        app.shutdown()
+        app.server_close()
+    assert nginx.proc.returncode is not None
+
+
 def test_port_in_use_is_one_line(tmp_path, capsys):
     import socket
 
