@@ -198,16 +198,17 @@ def normalise(grey, photo=False):
         grey = grey + paper_surface(1.0 - grey) - 1.0  # ink above the paper, wherever the light was
         noise = 1.4826 * _median(np.abs(grey[::3, ::3].ravel()))
         floor = INK_THRESHOLD  # paper texture and shading the fit left
+        ink = float(grey.max())
     else:  # a drawing or MNIST itself: its faint edge pixels are part of the digit
         noise = 1.4826 * _median(np.abs(border - background)) / span
-        grey = (background - grey if light else grey - background) * (1.0 / span)
+        grey = background - grey if light else grey - background  # (scaled below: fewer passes)
+        ink = ((background - low) if light else (high - background)) / span
         floor = SMALL_THRESHOLD
-    ink = float(grey.max())
     if ink < max(6 * noise, 0.05 if photo else 0.1):  # nothing stands out from the background: blank
         return np.zeros_like(grey, dtype=np.float32)
-    grey *= 1.0 / ink
-    np.clip(grey, 0.0, 1.0, out=grey)
-    grey[grey < max(floor, 4 * noise / ink)] = 0.0
+    grey *= np.float32(1.0 / ink if photo else 1.0 / (ink * span))
+    np.minimum(grey, 1.0, out=grey)
+    grey *= grey >= max(floor, 4 * noise / ink)  # below: background (negative levels included)
     return grey.astype(np.float32, copy=False)
 
 
