@@ -36,7 +36,7 @@ from gate import DEFAULT_EPSILON  # noqa: E402  (stdlib only at import)
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 4
-HEADER_TIMEOUT = 10  # s: the request line and all headers, from the first byte
+HEADER_TIMEOUT = 10  # s: the request line and all headers, from connecting
 BODY_TIMEOUT = 10  # s: the longest pause between two reads of the body
 KEEPALIVE_TIMEOUT = 15  # s: an idle keep-alive connection
 UPSTREAM_KEEPALIVE = 20  # s: nginx closes its idle connections to gunicorn first ...
@@ -297,9 +297,17 @@ def main(argv=None) -> int:
     # One private directory for everything written at run time: nginx's config, pid and temp dirs,
     # gunicorn's socket, the metrics of every worker (prometheus_client's multiprocess mode).
     run_dir = tempfile.mkdtemp(prefix="mlk-server-")
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if own_metrics_dir:
         os.makedirs(os.path.join(run_dir, "metrics"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(run_dir, "metrics")
+    else:
+        try:
+            os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        except OSError as err:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"{parser.prog}: error: PROMETHEUS_MULTIPROC_DIR: {err}", file=sys.stderr)
+            return 2
     socket_path = os.path.join(run_dir, "gunicorn.sock")
     nginx = None
     died, master = [], os.getpid()
@@ -328,6 +336,8 @@ def main(argv=None) -> int:
             if nginx is not None:
                 nginx.stop()
             shutil.rmtree(run_dir, ignore_errors=True)
+            if own_metrics_dir:  # main() may be called again in this process (tests): leave no stale path
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return 1 if died else 0
 
 
