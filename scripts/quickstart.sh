@@ -432,15 +432,18 @@ wait_round() {
     ((SECONDS < deadline)) || report "round $round" "app.kubernetes.io/component in (trainer,aggregator)" "not complete within ${limit}s"
     sleep "$POLL"
   done
+  local gone=()
   for job in "${trainers[@]}"; do # closed without them: stop those still running
     [[ -z "${reported[$job]:-}" ]] || continue
-    grep -q '^Complete:' <<<"$(job_state "$job")" || late+=("$job")
+    ! grep -q '^Complete:' <<<"$(job_state "$job")" || continue
+    if k get job "$job" -o name >/dev/null 2>&1; then late+=("$job"); else gone+=("$job"); fi
   done
+  ((${#gone[@]} == 0)) || warn "round $round: ${gone[*]}: no such Job any more (deleted while the round ran)"
   if ((${#late[@]})); then
     say "round $round: closed without ${late[*]} (still running at the deadline): stopping them"
     delete_jobs "${late[@]}"
   fi
-  local missing=("${failed[@]}" "${late[@]}")
+  local missing=("${failed[@]}" "${late[@]}" "${gone[@]}")
   if ((${#missing[@]})); then
     say "round $round: aggregated model written without ${missing[*]} (the ledger records them missing)"
   else

@@ -41,7 +41,10 @@ if args[:3] == ["apply", "-f", "-"]:
 what = " ".join(a for a in args if not a.startswith(("-o", "jsonpath=", "go-template=")))
 template = next((a for a in args if a.startswith(("jsonpath=", "go-template="))), "")
 failing = [j for j in env("FAKE_FAIL_JOB", "").split(",") if j]  # Jobs that fail (FAKE_FAIL_REASON)
-if args[:2] == ["get", "job"]:
+if args[:2] == ["get", "job"] and args[2] == env("FAKE_GONE_JOB"):  # deleted by someone else
+    print(f'Error from server (NotFound): jobs.batch "{args[2]}" not found', file=sys.stderr)
+    sys.exit(1)
+elif args[:2] == ["get", "job"]:
     if args[2] in failing:
         reason = env("FAKE_FAIL_REASON", "BackoffLimitExceeded:Job has reached the specified backoff limit")
         out(f"Failed:{reason}\n")
@@ -273,6 +276,16 @@ def test_quickstart_min_workers_as_a_fraction_and_a_round_closed_without_a_slow_
     accuracy = [i for i, c in enumerate(proc.calls) if c[:3] == ["delete", "job", "mnist-accuracy-test"]][0]
     stop = [i for i, c in enumerate(proc.calls) if c[:2] == ["delete", "job"] and "mnist-trainer-3" in c]
     assert len(stop) == 2 and stop[1] < accuracy  # replaced at the round's start, stopped at its end
+
+
+def test_quickstart_min_workers_round_without_a_deleted_trainer_job(fake):
+    """A trainer Job deleted while its round runs (by hand, or by something else): the aggregator closes the
+    round without it, and the run says the Job is gone rather than stopping it."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="3", ROUNDS="1", MIN_WORKERS="2", SERVE="0", FAKE_GONE_JOB="mnist-trainer-0")
+    assert proc.returncode == 0, proc.stderr
+    assert "round 1: mnist-trainer-0: no such Job any more (deleted while the round ran)" in proc.stderr
+    assert "round 1: aggregated model written without mnist-trainer-0" in proc.stdout
+    assert "stopping them" not in proc.stdout
 
 
 def test_quickstart_default_min_workers_still_fails_fast_on_a_failed_trainer(fake):
