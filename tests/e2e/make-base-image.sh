@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build a stand-in for the Dockerfiles' public base image (python:3.11-slim-bookworm) when that
 # image cannot be pulled: Debian bookworm minbase + python3 + python3-venv + ca-certificates, made
-# with debootstrap and imported into podman. The Dockerfiles only use `python3 -m venv` + pip, so
-# they build unchanged on top of it (pass it with --build-arg BASE_IMAGE=...).
+# with debootstrap and imported into podman. The Dockerfiles only use `python3 -m venv` + pip (and the
+# server's apt-get of nginx-light from bookworm, which the stand-in's own sources serve), so they
+# build unchanged on top of it (pass it with --build-arg BASE_IMAGE=...).
 # Cached: does nothing when the image already exists (FORCE=1 rebuilds). tests/e2e/e2e-containers.sh
 # runs it only where the Dockerfiles' own base can be neither found nor pulled. Needs root and
 # debootstrap (installed with apt when missing, as root) for the build; podman always.
