@@ -426,8 +426,11 @@ def test_the_stages_prepare_an_unprepared_volume_themselves(tmp_path):
     by_name, configmaps = rendered_set(2)
     splitter = pod_spec(by_name["mnist-splitter"])
     env = {**os.environ, "MNIST_NPZ": str(dataset), "HOME": str(tmp_path / "home")}
+    (mnt / "rounds/r1").mkdir(parents=True)  # a previous run's round ledger: a new run starts its own
+    (mnt / "rounds/ledger.json").write_text("{}")
     _, _, inline = argv_of(splitter["initContainers"][0], configmaps)
     subprocess.run([sys.executable, "-c", inline[1].replace("/mnt/", f"{mnt}/")], env=env, check=True, timeout=60)
+    assert not (mnt / "rounds").exists()
     _, program, args = argv_of(splitter["containers"][0], configmaps)
     subprocess.run([sys.executable, str(program), *[a.replace("/mnt", str(mnt)) for a in args]], env=env, check=True,
                    capture_output=True, timeout=120)
