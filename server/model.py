@@ -56,7 +56,11 @@ class LoadedModel:
         # fast for this CNN (0.33 vs 0.34 ms for 1 image, 0.96 vs 1.08 ms for 8) and never recompiles.
         spec = [tf.TensorSpec([None, 28, 28, 1], tf.float32)]
         self._np, self._tf = np, tf
-        self._predict = tf.function(forward, input_signature=spec).get_concrete_function()
+        concrete = tf.function(forward, input_signature=spec).get_concrete_function()
+        # Called flat (one tensor in, the captured weights) when this TensorFlow has it: the public call
+        # binds a structured signature first, ~0.2 ms of Python per call (measured, TF 2.21).
+        call_flat, captured = getattr(concrete, "_call_flat", None), list(concrete.captured_inputs)
+        self._predict = (lambda x: call_flat([x], captured)) if call_flat else concrete
         for size in WARM_BATCHES:  # run it now (graph set-up, TensorFlow's first-call work), not on a request
             self.predict(np.zeros((size, 28, 28), np.float32))
         self.path = path
@@ -67,7 +71,10 @@ class LoadedModel:
     def predict(self, images):
         """float32 (n, 28, 28) in [0, 1] -> float64 (n, 10) probabilities."""
         x = self._tf.constant(self._np.asarray(images, dtype=self._np.float32)[..., None])
-        return self._predict(x).numpy().astype(self._np.float64)
+        out = self._predict(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.numpy().astype(self._np.float64)
 
     def info(self):
         attrs = self.attrs
