@@ -13,6 +13,10 @@
    (target >= 0.97).
 Without --model it first trains one with trainer/trainer.py on the MNIST training set (~2 min).
 Prints the figures; exits 1 if a target is missed, 2 on bad input or without wrk.
+
+--in-process N instead calls the app's WSGI callable (server/app.py's create_app) N times in this
+process, one thread, and prints its CPU time per request (time.process_time): a figure that moves far
+less than wrk's on a shared machine, for comparing changes. No wrk and no targets then.
 """
 
 import argparse
@@ -67,6 +71,8 @@ def build_parser():
     parser.add_argument("--seconds", type=int, default=30, help="duration of each wrk run (default 30)")
     parser.add_argument("--runs", type=int, default=3, help="wrk runs (default 3)")
     parser.add_argument("--digits", type=int, default=500, help="photo-like test digits for accuracy (default 500)")
+    parser.add_argument("--in-process", type=int, metavar="N", help="only: CPU per request of N in-process "
+                        "WSGI calls of POST /api/predict (no server, no wrk)")
     return parser
 
 
@@ -219,6 +225,46 @@ def accuracy(port, x, y, count):
     return right[0] / count, failed[0]
 
 
+def in_process(model, body, count):
+    """CPU milliseconds per POST /api/predict of `body`, called count times on the app's WSGI callable in
+    this process (after count // 10 warm-up calls), with Prometheus' multiprocess mode on as under gunicorn."""
+    with tempfile.TemporaryDirectory(prefix="mlk-bench-metrics-") as metrics:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics
+        sys.path.insert(0, str(ROOT / "server"))
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)  # as server.py's workers
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        from app import create_app
+
+        app = create_app(str(model))
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/predict", "SCRIPT_NAME": "", "QUERY_STRING": "",
+                   "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "5000", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+                   "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
+                   "HTTP_HOST": "127.0.0.1:5000", "CONTENT_LENGTH": str(len(body)),
+                   "CONTENT_TYPE": f"multipart/form-data; boundary={BOUNDARY}"}
+        statuses = []
+
+        def call():
+            answer = app(dict(environ, **{"wsgi.input": io.BytesIO(body)}), lambda s, h, e=None: statuses.append(s))
+            b"".join(answer)
+            if hasattr(answer, "close"):
+                answer.close()
+
+        for _ in range(max(count // 10, 1)):
+            call()
+        statuses.clear()
+        started = time.process_time()
+        for _ in range(count):
+            call()
+        cpu_ms = (time.process_time() - started) * 1000 / count
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if set(statuses) != {"200 OK"}:
+        raise SystemExit(f"{PROG}: in-process calls answered {sorted(set(statuses))}")
+    return cpu_ms
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -236,6 +282,18 @@ def main(argv=None) -> int:
         print(f"{parser.prog}: error: --clients, --seconds, --runs, --workers and --threads must be >= 1",
               file=sys.stderr)
         return 2
+    if args.in_process is not None and (args.in_process < 1 or not args.model):
+        print(f"{parser.prog}: error: --in-process needs N >= 1 and --model", file=sys.stderr)
+        return 2
+    if args.in_process:
+        with np.load(args.dataset) as npz:
+            digit = npz["x_test"][0]
+        out = io.BytesIO()
+        Image.fromarray(digit).save(out, "PNG")
+        cpu_ms = in_process(args.model, multipart(out.getvalue()), args.in_process)
+        print(f"in-process POST /api/predict (one 28x28 PNG), {args.in_process} calls, one thread: "
+              f"CPU {cpu_ms:.3f} ms/request; load average " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
+        return 0
     wrk = ensure_wrk()
     if not wrk:
         return 2
