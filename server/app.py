@@ -423,7 +423,7 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
             return flask_wsgi(environ, start_response)
         started = time.perf_counter()
         length = environ.get("CONTENT_LENGTH")
-        if not length or not length.isdigit() or int(length) > MAX_BODY:
+        if not length or not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY:
             return flask_wsgi(environ, start_response)  # chunked, malformed or too large: Flask's answers
         mimetype, options = parse_options_header(environ.get("CONTENT_TYPE", ""))
         mimetype = mimetype.lower()
