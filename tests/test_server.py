@@ -552,3 +552,70 @@ def test_every_prediction_route_uses_prediction_json(client, monkeypatch):
     assert set(calls) == {sha}
     assert single == raw == several["predictions"][0] == several["predictions"][1]
     assert single["model"] == client.get("/readyz").get_json()["model"] == sha[:12]
+
+
+# ------------------------------------------------------------- the fast path of POST /api/predict
+
+_BOUNDARY = "bnd"
+
+
+def _part(blob, name="file", filename="d.png", extra=""):
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+    return (f"--{_BOUNDARY}\r\nContent-Disposition: {disposition}\r\n{extra}Content-Type: image/png\r\n\r\n".encode()
+            + blob + b"\r\n")
+
+
+def _fast_path_cases():
+    rng = np.random.default_rng(3)
+    one, two = (png_bytes((rng.random((28, 28)) * 255).astype(np.uint8)) for _ in range(2))
+    end = f"--{_BOUNDARY}--\r\n".encode()
+    multipart = f"multipart/form-data; boundary={_BOUNDARY}"
+    bodies = {
+        "one": _part(one) + end, "two": _part(one) + _part(two) + end, "no final CRLF": _part(one) + end[:-2],
+        "not an image": _part(b"notanimage") + end, "second bad": _part(one) + _part(b"xx") + end,
+        "other field first": _part(b"hello", name="note", filename=None) + _part(one) + end,
+        "no file field": _part(b"hello", name="note", filename=None) + end, "no filename": _part(one, filename=None) + end,
+        "preamble": b"pre\r\n" + _part(one) + end, "LF only": _part(one).replace(b"\r\n", b"\n") + end,
+        "epilogue": _part(one) + end + b"trailing", "truncated": _part(one), "empty": b"",
+        "33 files": b"".join(_part(one) for _ in range(33)) + end, "extra header": _part(one, extra="X-Foo: 1\r\n") + end,
+        "empty file": _part(b"") + end, "bad PNG": _part(b"\x89PNG\r\n\x1a\n" + b"\0" * 10) + end,
+    }
+    cases = [(name, body, multipart, None) for name, body in bodies.items()]
+    cases += [("raw PNG", one, "image/png", None), ("raw not an image", b"zz", "image/jpeg", None),
+              ("text", b"hi", "text/plain", None),
+              ("upper-case type", bodies["one"], f"Multipart/Form-Data; boundary={_BOUNDARY}", None),
+              ("no boundary", bodies["one"], "multipart/form-data", None),
+              ("wrong boundary", bodies["one"], "multipart/form-data; boundary=zzz", None),
+              ("quoted boundary", bodies["one"], f'multipart/form-data; boundary="{_BOUNDARY}"', None)]
+    cases += [(f"Content-Length {length!r}", bodies["one"], multipart, length)
+              for length in ("\xb2", "-1", " 5", "abc", str(3 * 1024 * 1024), str(len(bodies["one"]) + 10))]
+    return cases
+
+
+def _wsgi_call(wsgi, body, content_type, content_length=None):
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/predict", "SCRIPT_NAME": "", "QUERY_STRING": "",
+               "SERVER_NAME": "x", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+               "wsgi.input": io.BytesIO(body), "CONTENT_TYPE": content_type, "HTTP_HOST": "x",
+               "CONTENT_LENGTH": str(len(body)) if content_length is None else content_length,
+               "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False}
+    started = []
+    chunks = wsgi(environ, lambda status, headers, exc_info=None: started.append((status, sorted(headers))))
+    return started[0], b"".join(chunks)
+
+
+def test_the_predict_fast_path_answers_byte_for_byte_as_flask_does(mnist_model):
+    """POST /api/predict skips Flask for plain bodies (server/app.py); every body shape, good or bad, gets
+    exactly the status line, headers and body Flask's own route gives, and the plain ones really skip Flask."""
+    from flask import Flask
+
+    application = server_app.create_app(str(mnist_model))
+    through_flask = []
+    application.before_request(lambda: through_flask.append(1) and None)
+    for name, body, content_type, length in _fast_path_cases():
+        through_flask.clear()
+        fast = _wsgi_call(application.wsgi_app, body, content_type, length)
+        fast_used_flask = bool(through_flask)
+        flask_only = _wsgi_call(lambda e, s: Flask.wsgi_app(application, e, s), body, content_type, length)
+        assert fast == flask_only, name
+        if name in ("one", "two", "raw PNG", "not an image", "quoted boundary"):
+            assert not fast_used_flask, f"{name}: expected the fast path"
