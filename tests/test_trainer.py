@@ -187,3 +187,14 @@ def test_threads_sizes_tensorflows_pools_and_the_model_folder_is_created(shard, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "threads: intra-op 1, inter-op 1" in proc.stdout
     assert attrs(out)["mlk_kind"] == "worker" and list(out.parent.iterdir()) == [out]
+
+
+def test_shifted_moves_each_image_by_at_most_one_pixel_and_is_seeded():
+    x = np.zeros((50, 28, 28, 1), np.float32)
+    x[:, 14, 14, 0] = 1  # one ink pixel in the middle
+    out = trainer.shifted(x, np.random.default_rng(0))
+    rows, cols = np.nonzero(out[..., 0].reshape(50, 28, 28).sum(axis=0))
+    assert out.sum() == 50 and set(rows) <= {13, 14, 15} and set(cols) <= {13, 14, 15}
+    assert len(set(zip(rows, cols))) > 1  # not all the same shift
+    assert np.array_equal(out, trainer.shifted(x, np.random.default_rng(0)))
+    assert np.array_equal(x[:, 14, 14, 0], np.ones(50))  # the input is left alone

@@ -18,6 +18,7 @@ PEAK_LEARNING_RATE = 3e-3  # Adam, round 1; cosine-decayed over the run ...
 FINAL_LEARNING_RATE_FRACTION = 0.02  # ... to 2% of the peak, so workers end with small steps
 ROUND_LEARNING_RATE_DECAY = 0.5  # round r starts at PEAK * DECAY**(r-1): later rounds refine the average
 DROPOUT = 0.3
+SHIFT_PIXELS = 1  # augmentation: each epoch sees every image moved by a random -1..1 pixels in x and y
 
 
 def build_parser():
@@ -57,6 +58,34 @@ def build_model(keras):
 def peak_learning_rate(training_round):
     """Round 1 starts at PEAK_LEARNING_RATE, every later round at half the previous round's start."""
     return PEAK_LEARNING_RATE * ROUND_LEARNING_RATE_DECAY ** (training_round - 1)
+
+
+def augmentation_rng(seed, training_round, data_path):
+    """numpy Generator for the shifts: fixed by the seed, the round and the shard's name (0.npz -> 0), so the
+    same seed, init and shard give the same weights."""
+    import zlib
+
+    import numpy as np
+
+    stem = os.path.basename(data_path).split(".")[0]
+    shard = int(stem) if stem.isdigit() else zlib.crc32(stem.encode())
+    return np.random.default_rng([seed, training_round, shard])
+
+
+def shifted(x, rng, pixels=SHIFT_PIXELS):
+    """x (n, 28, 28, 1) with each image moved by its own random (dy, dx) in -pixels..pixels, zero-filled."""
+    import numpy as np
+
+    n = len(x)
+    padded = np.pad(x, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)))
+    dy = rng.integers(-pixels, pixels + 1, n)
+    dx = rng.integers(-pixels, pixels + 1, n)
+    out = np.empty_like(x)
+    for a in range(-pixels, pixels + 1):
+        for b in range(-pixels, pixels + 1):
+            idx = np.nonzero((dy == a) & (dx == b))[0]
+            out[idx] = padded[idx, pixels + a:pixels + a + 28, pixels + b:pixels + b + 28]
+    return out
 
 
 def epoch_logger(keras, epochs, samples):
@@ -140,8 +169,11 @@ def train(args):
                   metrics=["accuracy"])
     on_terminal = sys.stdout.isatty()
     train_started = time.time()
-    model.fit(x, y, batch_size=args.batch, epochs=args.epoch, verbose=1 if on_terminal else 0,
-              callbacks=[] if on_terminal else [epoch_logger(keras, args.epoch, len(x))])
+    callbacks = [] if on_terminal else [epoch_logger(keras, args.epoch, len(x))]
+    rng = augmentation_rng(args.seed, training_round, args.data)
+    for epoch in range(args.epoch):  # one fit per epoch, each on freshly shifted images (training only)
+        model.fit(shifted(x, rng), y, batch_size=args.batch, epochs=epoch + 1, initial_epoch=epoch,
+                  verbose=1 if on_terminal else 0, callbacks=callbacks)
 
     # Save with the attributes the aggregator and the next round read.
     save_atomically(model, args.savemodel, {
