@@ -16,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -40,7 +41,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    return Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", metavar="DIR", help="copy the pipeline run's aggregated model and rounds/ "
+                        "(ledger, history.png) to DIR (default: nothing is kept)")
+    return parser
 
 
 def mnist_path():
@@ -108,7 +112,7 @@ def own_pipeline(work, mnist, rounds, strategy="iid"):
 
 def main(argv=None) -> int:
     try:
-        build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (exit 0) or a usage error (exit 2, one line)
         return int(exit_.code or 0)
     mnist = mnist_path().resolve()
@@ -131,6 +135,11 @@ def main(argv=None) -> int:
             method = f"pipeline (stand-in loop, ROUNDS={rounds})"
             out = own_pipeline(work, mnist, rounds)
         ours_seconds = time.perf_counter() - started
+        if args.keep:
+            keep = Path(args.keep)
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(work, keep, ignore=shutil.ignore_patterns("data", "model"))
+            print(f"kept: {keep} (aggregated-model.h5, rounds/, logs/)", flush=True)
         accuracy_lines = [line for line in out.splitlines() if line.startswith("{") and "accuracy" in line]
         ours = json.loads(accuracy_lines[-1]) if accuracy_lines else None
 
