@@ -106,6 +106,16 @@ run_logged() {
 say "WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS SERVE=$SERVE WORK_DIR=$WORK_DIR" \
   "MIN_WORKERS=$MIN_WORKERS ROUND_DEADLINE=${ROUND_DEADLINE:-none} RESUME=$RESUME"
 begin setup
+# The web server's front is nginx (docs/serving.md): checked before any training, installed as root on Debian.
+if [[ "$SERVE" == 1 ]] && ! PATH="$PATH:/usr/sbin:/usr/local/sbin:/sbin" command -v nginx >/dev/null 2>&1; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    say "installing nginx-light (the prediction server's front)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } ||
+      fail setup "apt-get could not install nginx-light"
+  else
+    fail setup "SERVE=1 needs nginx, the prediction server's front: install it (Debian: sudo apt-get install nginx-light), or run with SERVE=0"
+  fi
+fi
 VENV="$VENV" "$root/scripts/bootstrap.sh" || fail setup "scripts/bootstrap.sh could not prepare $VENV"
 py="$VENV/bin/python"
 mkdir -p "$WORK_DIR" || fail setup "cannot create WORK_DIR $WORK_DIR"
