@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model import CHECK_INTERVAL, Batcher, ModelHolder  # noqa: E402
+from model import CHECK_INTERVAL, Batcher, ModelHolder, file_signature  # noqa: E402
 from preprocess import ImageError, preprocess  # noqa: E402
 import gate as gate_module  # noqa: E402
 import v2  # noqa: E402
@@ -88,14 +88,6 @@ def _gate_metrics(registry):
 # ------------------------------------------------------------------------------------- round ledger
 
 
-def _file_signature(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class Ledger:
     """The training history beside the model (the aggregator's ROOT/rounds/ledger.json and the plot
     ROOT/rounds/history.png, docs/CONTRACTS.md "Round ledger"), read only. Absent: nothing shown; malformed:
@@ -111,7 +103,7 @@ class Ledger:
 
     def rounds(self):
         """The ledger's rounds (dicts with an int "round"), [] when absent or malformed."""
-        signature = _file_signature(self.path)
+        signature = file_signature(self.path)
         if signature is None:
             return []
         cached = self._cached

@@ -24,9 +24,10 @@ when a candidate arrives, the candidate is admitted ungated, and the reason is l
 """
 
 import logging
-import os
 import threading
 import time
+
+from model import file_signature  # (inode, size, mtime_ns) of a file, as the reload uses
 
 DEFAULT_EPSILON = 0.005  # half a percentage point: 50 of the 10 000 MNIST test images
 BATCH = 1000
@@ -73,14 +74,6 @@ def accuracy(model, x, y):
     return correct / len(x)
 
 
-def _signature(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _now():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -103,7 +96,7 @@ class Gate:
         self._lock = threading.Lock()
 
     def _eval_set(self):
-        signature = _signature(self.path)
+        signature = file_signature(self.path)
         if signature is None:
             raise GateDataError(f"evaluation set {self.path} does not exist")
         if self._data is None or self._data[0] != signature:

@@ -20,7 +20,7 @@ WARM_BATCHES = (1, 2, 8, 1)  # batch sizes run once when a model is loaded, befo
 log = logging.getLogger("mlk.server")
 
 
-def _file_signature(path):
+def file_signature(path):
     """(inode, size, mtime_ns) or None when missing: changes whenever the file is replaced."""
     try:
         st = os.stat(path)
@@ -121,7 +121,7 @@ class ModelHolder:
         if not self._loading.acquire(blocking=False):
             return
         try:
-            signature = _file_signature(self.path)
+            signature = file_signature(self.path)
             current = self.current
             if signature is None:
                 if current is None:
@@ -136,7 +136,7 @@ class ModelHolder:
                 self.last_error = f"cannot load {self.path}: {type(err).__name__}: {err}"
                 log.error("%s", self.last_error)
                 return
-            if _file_signature(self.path) != signature:
+            if file_signature(self.path) != signature:
                 return  # replaced while loading: the next check loads the newer one
             gate = getattr(self, "gate", None)  # gate.py's Gate, set by create_app with --gate-data
             if gate is not None and not gate.admit(loaded, current):

@@ -96,3 +96,18 @@ def get_json(kubeconfig, *args, namespace=None):
     import json
 
     return json.loads(kubectl(kubeconfig, "get", *args, "-o", "json", namespace=namespace).stdout)
+
+
+def tiny_model(seed):
+    """A 2-filter CNN with the trainer's input (28, 28, 1) and output (10): quick to train, save and average.
+    Fixed layer names, as in separate trainer processes, so two of them have equal configs."""
+    import keras  # here, not at the top: the benchmarks and the e2e run load this file without TensorFlow
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((28, 28, 1), name="image"),
+        keras.layers.Conv2D(2, 3, activation="relu", name="conv"),
+        keras.layers.MaxPooling2D(4, name="pool"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(10, activation="softmax", name="dense"),
+    ], name="tiny")

@@ -17,18 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "aggregator"))
 import aggregator  # noqa: E402
 
-keras = pytest.importorskip("keras")
-
-
-def tiny_model(seed):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((28, 28, 1), name="image"),
-        keras.layers.Conv2D(2, 3, activation="relu", name="conv"),
-        keras.layers.MaxPooling2D(4, name="pool"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(10, activation="softmax", name="dense"),
-    ], name="tiny")  # fixed names: as in separate trainer processes, the configs are equal
+import keras  # noqa: E402
+from helpers import tiny_model  # noqa: E402
 
 
 def save_worker(model, path, samples, fingerprint="fp0", rnd=1, epochs=1):

@@ -23,18 +23,8 @@ sys.path.insert(1, str(REPO / "trainer"))
 import aggregator  # noqa: E402
 import ledger  # noqa: E402
 
-keras = pytest.importorskip("keras")
-
-
-def tiny_model(seed):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((28, 28, 1), name="image"),
-        keras.layers.Conv2D(2, 3, activation="relu", name="conv"),
-        keras.layers.MaxPooling2D(4, name="pool"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(10, activation="softmax", name="dense"),
-    ], name="tiny")
+import keras  # noqa: E402
+from helpers import tiny_model  # noqa: E402
 
 
 def h5_weights(path):
