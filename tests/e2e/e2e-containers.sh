@@ -4,7 +4,8 @@
 # the NFS claim): splitter -> round 1: WORKER_NUMBER trainers in parallel (one killed mid-training and
 # run again, as a Job's retry would) -> aggregator -> round 2: the trainers with the aggregator beside
 # them (MIN_WORKERS = WORKER_NUMBER - 1), the last trainer killed for good -> accuracy test filling the
-# round ledger -> ledger restore (and its refusal of a changed file) -> server; then checks the results.
+# round ledger -> ledger restore (and its refusal of a changed file) -> server (6.png -> 6; then the v2 endpoints,
+# the ledger display and the promotion gate: check_v2_gate.py); then checks the results.
 # Prints a summary table; the last line is the verdict. Exit status non-zero on any failed check.
 # It adapts to the machine (docs/e2e.md): as root it installs what is missing (podman, runc, curl;
 # debootstrap only if a stand-in base must be built), otherwise it says in one line what to install
@@ -569,6 +570,27 @@ PY
 [[ -f "$root/server/static/samples/6.png" ]] || fail "server/static/samples/6.png missing"
 predict || { show_logs "$run_id-server"; fail "the server did not answer 6 for samples/6.png"; }
 
+# The Open Inference Protocol (v2) endpoints, the round ledger on the page and /api/model, and the
+# promotion gate (the server runs with --gate-data): tests/e2e/check_v2_gate.py against the running
+# container, from the trainer image (it trains the candidate models it drops onto the volume: a
+# label-shuffled one must be rejected, a better one promoted).
+v2_gate() {
+  local rc=0
+  containers+=("$run_id-v2-gate")
+  podman run --name "$run_id-v2-gate" --network host --user 10001:10001 --group-add 10001 --read-only \
+    --security-opt no-new-privileges --cap-drop ALL --tmpfs /tmp \
+    --env HOME=/tmp --env HDF5_USE_FILE_LOCKING=FALSE --env TF_CPP_MIN_LOG_LEVEL=2 \
+    --volume "$volume:/mnt" --volume "$here/check_v2_gate.py:/check_v2_gate.py:ro" \
+    --volume "$root/server/static/samples/6.png:/6.png:ro" \
+    --entrypoint python "$IMAGE_REGISTRY/trainer:$IMAGE_TAG" /check_v2_gate.py "http://127.0.0.1:$server_port" \
+    --model /mnt/aggregated-model.h5 --test /mnt/data/test.npz --train /mnt/data/0.npz --sample /6.png:6 \
+    --expect-round 2 >"$work/v2-gate.log" 2>&1 || rc=$?
+  sed 's/^/    [v2 + gate] /' "$work/v2-gate.log"
+  ((rc == 0)) || { show_logs "$run_id-server"; fail "v2 endpoints, ledger display or promotion gate: check failed (exit $rc)"; }
+  log "v2 + gate: $(tail -n 1 "$work/v2-gate.log")"
+}
+timed v2gate v2_gate
+
 # 6. Summary.
 echo
 echo "== e2e summary (WORKER_NUMBER=$workers EPOCH=$epoch BATCH=$batch, $n_train train / $n_test test samples)"
@@ -578,9 +600,9 @@ for s in "${STAGES[@]}"; do
   printf '%-12s %-34s %8d\n' "$s" "$IMAGE_REGISTRY/$s:$IMAGE_TAG" "$((size / 1000000))"
 done
 printf '%-12s %8s\n' step "wall s"
-for k in build splitter trainers aggregator round2 accuracy restore server; do
+for k in build splitter trainers aggregator round2 accuracy restore server v2gate; do
   [[ -n "${took[$k]:-}" ]] && printf '%-12s %8d\n' "$k" "${took[$k]}"
 done
 printf '%-12s %8d\n' total "$((SECONDS - t0))"
 echo "accuracy     $accuracy (threshold $min_accuracy)"
-echo "E2E VERDICT: PASS - $workers workers (round 1: one killed and retried; round 2: one lost, $min_workers averaged), ledger checked and restored, accuracy $accuracy, server answered 6, in $((SECONDS - t0)) s"
+echo "E2E VERDICT: PASS - $workers workers (round 1: one killed and retried; round 2: one lost, $min_workers averaged), ledger checked and restored, accuracy $accuracy, server answered 6, v2 + gate checked, in $((SECONDS - t0)) s"
