@@ -31,13 +31,8 @@ TIME_RATIO = 0.8  # the pipeline's wall time may be at most this fraction of the
 WORKERS, EPOCH, BATCH = 3, 2, 100
 PY = sys.executable
 PROG = "benchmark-pipeline.py"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (program name first) and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+sys.path.insert(0, str(REPO / "common"))  # no image: the one source of the stages' parser
+from mlkcommon import Parser, parse_args  # noqa: E402
 
 
 def build_parser():
@@ -111,10 +106,9 @@ def own_pipeline(work, mnist, rounds, strategy="iid"):
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # --help (exit 0) or a usage error (exit 2, one line)
-        return int(exit_.code or 0)
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):  # --help (0) or a usage error (2, one line)
+        return args
     mnist = mnist_path().resolve()
     if not mnist.is_file():
         print(f"{PROG}: error: MNIST not found at {mnist} (MNIST_NPZ)", file=sys.stderr)

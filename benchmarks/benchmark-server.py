@@ -19,7 +19,6 @@ process, one thread, and prints its CPU time per request (time.process_time): a 
 less than wrk's on a shared machine, for comparing changes. No wrk and no targets then.
 """
 
-import argparse
 import http.client
 import shutil
 import importlib.util
@@ -39,6 +38,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "benchmark-server.py"
+sys.path.insert(0, str(ROOT / "common"))  # no image: the one source of the stages' parser
+from mlkcommon import Parser, parse_args  # noqa: E402
 BOUNDARY = "mlkbenchmarkboundary"
 TARGET_RPS, TARGET_P99_MS, TARGET_ACCURACY = 1000.0, 20.0, 0.97
 # wrk's script: POST the body file; at the end one JSON line with the counts and latency percentiles.
@@ -53,11 +54,6 @@ done = function(summary, latency, requests)
     e.status, e.connect, e.read, e.write, e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
 end
 """
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():
@@ -267,10 +263,9 @@ def in_process(model, body, count):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):  # --help (0) or a usage error (2, one line)
+        return args
     args.dataset = args.dataset or mnist_path()
     if not os.path.isfile(args.dataset):
         print(f"{parser.prog}: error: dataset {args.dataset} not found", file=sys.stderr)

@@ -20,7 +20,6 @@ from server/Dockerfile run as tests/e2e/e2e-containers.sh runs it; docs/serving.
 top process so that its memory can be read from /proc. Loopback addresses only.
 """
 
-import argparse
 import asyncio
 import http.client
 import importlib.util
@@ -39,14 +38,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "benchmark-slow-clients.py"
+sys.path.insert(0, str(ROOT / "common"))  # no image: the one source of the stages' parser
+from mlkcommon import Parser, parse_args  # noqa: E402
 TARGET_SUCCESS, TARGET_P99_MS = 0.99, 100.0
 PROBE_LIMIT = 40.0  # seconds a timeout probe waits for the server to close its connection
 BOUNDARY = "mlkslowclientboundary"
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():
@@ -367,10 +363,9 @@ def run(args, host, port, pid, body):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):  # --help (0) or a usage error (2, one line)
+        return args
     for name in ("slow_headers", "slow_bodies"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")

@@ -14,7 +14,6 @@ Without --model it trains one with trainer/trainer.py on 12 000 MNIST digits (2 
 Prints the figures (no targets: this machine is shared, the figures are indicative); exit 2 on bad input.
 """
 
-import argparse
 import http.client
 import importlib.util
 import io
@@ -32,6 +31,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "benchmark-v2.py"
+sys.path.insert(0, str(ROOT / "common"))  # no image: the one source of the stages' parser
+from mlkcommon import Parser, parse_args  # noqa: E402
 HEADER = "Inference-Header-Content-Length"
 
 
@@ -44,7 +45,7 @@ def bench_server_module():
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.error = lambda message: parser.exit(2, f"{PROG}: error: {message}\n")
     parser.add_argument("--model", help="model .h5 (default: train one with trainer/trainer.py)")
     parser.add_argument("--dataset", help="mnist.npz (default: as tests/helpers.py's mnist_path())")
@@ -123,10 +124,9 @@ def gate_cost(model_path, x_test, y_test):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):  # --help (0) or a usage error (2, one line)
+        return args
     for name in ("workers", "threads", "clients"):
         if getattr(args, name) < 1:
             print(f"{PROG}: error: --{name} must be >= 1", file=sys.stderr)

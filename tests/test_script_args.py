@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "scripts" / "lib.sh"  # sourced by the scripts (their --help and unknown arguments), not run
 SHELL_SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if p != LIBRARY) + sorted(REPO.glob("tests/**/*.sh"))
 PY_SCRIPTS = sorted(p for folder in ("scripts", "benchmarks", "tests/e2e") for p in (REPO / folder).glob("*.py")
-                    if "argparse" in p.read_text())
+                    if "argparse" in p.read_text() or "from mlkcommon import Parser" in p.read_text())
 FAKES = ("kubectl", "podman", "docker", "gcloud", "apt-get", "kind", "minikube", "go", "debootstrap", "helm",
          "python3")
 ids = lambda p: p.relative_to(REPO).as_posix()  # noqa: E731
