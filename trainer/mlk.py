@@ -8,6 +8,7 @@ before the (slow) TensorFlow start-up.
 
 import hashlib
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -81,10 +82,26 @@ def fingerprint(weights):
     return digest.hexdigest()
 
 
+def import_keras():
+    """`import keras`, without the matplotlib Keras imports when it is installed (keras.src.visualization, for
+    plotting helpers these programs never call): about 0.6-1.3 CPU-seconds of every trainer process, paid
+    every round. matplotlib stays importable afterwards (evaluate.py draws its plot with it)."""
+    block = "matplotlib" not in sys.modules
+    if block:
+        sys.modules["matplotlib"] = None  # makes `import matplotlib...` raise ImportError, which Keras tolerates
+    try:
+        import keras
+    finally:
+        if block and sys.modules.get("matplotlib", False) is None:
+            del sys.modules["matplotlib"]
+    return keras
+
+
 def load_checked_model(path):
     """Load a .h5 model with compile=False and check it maps (None, 28, 28, 1) to 10 classes."""
     import h5py
-    import keras
+
+    keras = import_keras()
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
