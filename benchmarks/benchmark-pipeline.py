@@ -82,12 +82,18 @@ def quickstart_rounds(quickstart):
     return 3
 
 
+def trainer_threads():
+    """local-quickstart.sh's TensorFlow threads per trainer: up to twice a trainer's share of the cores, at most
+    all of them (2 cores, 3 trainers: 2). The original's method gets the same, so neither is starved."""
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, -(-2 * cores // WORKERS)))
+
+
 def own_pipeline(work, mnist, rounds, strategy="iid"):
-    """Stand-in for local-quickstart.sh: the same stages, trainers in parallel with the quickstart's share
-    of the cores each (cores // workers, at least 1)."""
+    """Stand-in for local-quickstart.sh: the same stages, trainers in parallel with the quickstart's threads."""
     run([PY, REPO / "splitter/splitter.py", "--n_container", str(WORKERS), "--savedir", work / "data", "--dataset", mnist,
          "--strategy", strategy])
-    threads = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    threads = str(trainer_threads())
     (work / "model").mkdir(parents=True, exist_ok=True)
     init = []
     for _ in range(rounds):
@@ -116,7 +122,8 @@ def main(argv=None) -> int:
     quickstart = REPO / "scripts/local-quickstart.sh"
     rounds = quickstart_rounds(quickstart)
     load_before = load_average()
-    print(f"load average before: {load_before}", flush=True)
+    print(f"load average before: {load_before}; {os.cpu_count()} cores, {trainer_threads()} TensorFlow threads per "
+          f"worker process (both methods)", flush=True)
     with tempfile.TemporaryDirectory(prefix="mlk-bench-") as tmp:
         work = Path(tmp) / "work"
         env = dict(os.environ, WORKER_NUMBER=str(WORKERS), EPOCH=str(EPOCH), BATCH=str(BATCH), SERVE="0",
@@ -138,8 +145,8 @@ def main(argv=None) -> int:
         ours = json.loads(accuracy_lines[-1]) if accuracy_lines else None
 
         started = time.perf_counter()
-        original = last_json(run([PY, HERE / "original_method.py", "--data-dir", work / "data",
-                                  "--workers", str(WORKERS), "--epoch", str(EPOCH), "--batch", str(BATCH)]))
+        original = last_json(run([PY, HERE / "original_method.py", "--data-dir", work / "data", "--workers", str(WORKERS),
+                                  "--epoch", str(EPOCH), "--batch", str(BATCH), "--threads", str(trainer_threads())]))
         original_seconds = time.perf_counter() - started
 
         started = time.perf_counter()
