@@ -35,7 +35,7 @@ from gate import DEFAULT_EPSILON  # noqa: E402  (stdlib only at import)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKERS = 2
-DEFAULT_THREADS = 4
+DEFAULT_THREADS = 2  # 2 x 2 on 2 cores: p99 15-18 ms where 2 x 4 gave 20-25 (docs/serving.md)
 HEADER_TIMEOUT = 10  # s: the request line and all headers, from connecting
 BODY_TIMEOUT = 10  # s: the longest pause between two reads of the body
 KEEPALIVE_TIMEOUT = 15  # s: an idle keep-alive connection
