@@ -160,6 +160,8 @@ def check_ledger(base, expect_round):
     check(status == 200 and ledger.get("round") == expect_round
           and (entry.get("aggregate") or {}).get("sha256") == info.get("sha256"),
           f"/api/model: served round {ledger.get('round')}, its ledger entry's aggregate sha256 = the served file's")
+    check(info.get("runtime") == "litert", f"/api/model: the model runs in {info.get('runtime')} (LiteRT, converted "
+          "in the read-only container)")
     status, _, page = http("GET", base + "/")
     check(status == 200 and b'id="history-card"' in page and f"Serving round {expect_round}".encode() in page,
           "the page shows the history and the served round")
