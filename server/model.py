@@ -39,8 +39,8 @@ def _litert_interpreter(tf, model):
     converted or LiteRT is missing."""
     from ai_edge_litert.interpreter import Interpreter
 
-    # from_keras_model: from_concrete_functions gave NaN outputs for these Keras 3 models (its variables are
-    # not frozen into the flatbuffer; seen with TensorFlow 2.21). Batch size 1, as the input comes.
+    # from_keras_model: from_concrete_functions gave NaN outputs for these Keras 3 models (seen with TensorFlow
+    # 2.21, cause not pursued). Batch size 1, as the input comes.
     # It exports the model to a temporary directory (removed again) and prints its signature: not for the log.
     with contextlib.redirect_stdout(io.StringIO()):
         flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
