@@ -109,6 +109,17 @@ def forked_children(server_pid):
     return children
 
 
+def fork_of(server_pid, client_pid):
+    """The server's child in the client's process group, or None."""
+    for pid in forked_children(server_pid):
+        try:
+            if os.getpgid(pid) == client_pid:
+                return pid
+        except ProcessLookupError:
+            pass
+    return None
+
+
 def wait_until(condition, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -126,9 +137,9 @@ def test_the_fork_ends_with_its_client(server, shard, tmp_path, how):
     client = subprocess.Popen([sys.executable, str(ZYGOTE), "run", "--socket", str(socket_path), "--", *map(str, args)],
                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               process_group=0)  # its own group in this session, as bash's set -m gives a job
-    assert wait_until(lambda: forked_children(proc.pid)), "no fork started"
-    child = forked_children(proc.pid)[0]
-    assert wait_until(lambda: os.getpgid(child) == client.pid)  # it joined the client's process group
+    # This client's fork: the one in its process group (an earlier test's fork may still be on its way out).
+    assert wait_until(lambda: fork_of(proc.pid, client.pid)), "no fork joined the client's process group"
+    child = fork_of(proc.pid, client.pid)
     if how == "process group":
         os.killpg(client.pid, signal.SIGTERM)
     else:
