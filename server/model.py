@@ -67,6 +67,19 @@ def _litert_predict(litert, x):
     return out
 
 
+def _tensorflow_predict(tf, model):
+    """The fallback: one graph for any batch size (not XLA, which compiles once per new batch size, 1-2 s each,
+    measured), called flat (one tensor in, the captured weights) when this TensorFlow has it: the public call
+    binds a structured signature first, ~0.2 ms of Python per call (measured, TF 2.21)."""
+
+    def forward(x):
+        return model(x, training=False)
+
+    concrete = tf.function(forward, input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)]).get_concrete_function()
+    call_flat, captured = getattr(concrete, "_call_flat", None), list(concrete.captured_inputs)
+    return (lambda x: call_flat([x], captured)) if call_flat else concrete
+
+
 class LoadedModel:
     """One loaded model: a compiled predict function plus what /api/model reports."""
 
@@ -84,27 +97,17 @@ class LoadedModel:
         self.attrs = read_mlk_attrs(path)
         self._model = model
 
-        def forward(x):
-            return model(x, training=False)
-
-        # One graph for any batch size. Not XLA: XLA compiles once per new batch size (1-2 s each,
-        # measured), and the Batcher makes batches of 1 to threads x 32 images.
-        spec = [tf.TensorSpec([None, 28, 28, 1], tf.float32)]
         self._np, self._tf = np, tf
-        concrete = tf.function(forward, input_signature=spec).get_concrete_function()
         self._lock = threading.Lock()  # a LiteRT interpreter is not thread-safe (the gate may score beside a request)
-        self.runtime = "tensorflow"
-        self._litert = None
+        self.runtime = "litert"
+        self._litert = self._predict = None
         try:
             self._litert = _litert_interpreter(tf, model)
-            self.runtime = "litert"
         except Exception as err:  # noqa: BLE001 - any model TensorFlow can run is still served, by TensorFlow
             log.warning("LiteRT unavailable for %s (%s: %s): predicting with TensorFlow", path, type(err).__name__,
                         str(err).strip().splitlines()[0] if str(err).strip() else "")
-        # TensorFlow's path, called flat (one tensor in, the captured weights) when this TensorFlow has it: the
-        # public call binds a structured signature first, ~0.2 ms of Python per call (measured, TF 2.21).
-        call_flat, captured = getattr(concrete, "_call_flat", None), list(concrete.captured_inputs)
-        self._predict = (lambda x: call_flat([x], captured)) if call_flat else concrete
+            self.runtime = "tensorflow"
+            self._predict = _tensorflow_predict(tf, model)
         for size in WARM_BATCHES:  # run it now (graph or interpreter set-up, first-call work), not on a request
             self.predict(np.zeros((size, 28, 28), np.float32))
         self.path = path

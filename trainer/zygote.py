@@ -151,7 +151,7 @@ def run(path, program, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     usage = f"usage: {PROG} serve --socket PATH | {PROG} run --socket PATH -- PROGRAM.py [ARGS...]"
-    if len(argv) >= 3 and argv[1] == "--socket" and argv[0] == "serve" and len(argv) == 3:
+    if len(argv) == 3 and argv[0] == "serve" and argv[1] == "--socket":
         serve(argv[2])
         return 0
     if len(argv) >= 5 and argv[0] == "run" and argv[1] == "--socket" and argv[3] == "--":
