@@ -7,7 +7,7 @@
 #   WORKER_NUMBER [3]   trainers (= shards), run as parallel processes sharing the cores
 #   EPOCH [2]           epochs per trainer per round
 #   BATCH [100]         batch size
-#   ROUNDS [3]          rounds; round r's trainers start from round r-1's aggregated model
+#   ROUNDS [2]          rounds; round r's trainers start from round r-1's aggregated model
 #   MNIST_NPZ []        local Keras-layout mnist.npz (unset: the splitter downloads it)
 #   WORK_DIR [./work]   data/, model/, logs/, aggregated-model.h5
 #   SERVE [1]           1: start server/server.py on the result; 0: stop after the accuracy test
@@ -40,7 +40,7 @@ fail() { # fail STAGE MESSAGE...: one clear line naming the stage, then exit 1
 WORKER_NUMBER="${WORKER_NUMBER:-3}"
 EPOCH="${EPOCH:-2}"
 BATCH="${BATCH:-100}"
-ROUNDS="${ROUNDS:-3}"
+ROUNDS="${ROUNDS:-2}"
 MNIST_NPZ="${MNIST_NPZ:-}"
 WORK_DIR="${WORK_DIR:-./work}"
 SERVE="${SERVE:-1}"

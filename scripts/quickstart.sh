@@ -8,7 +8,7 @@
 #   scripts/quickstart.sh [-h|--help]
 # Environment (defaults in brackets):
 #   WORKER_NUMBER [3]  trainers (= shards)       EPOCH [2]   epochs per trainer per round
-#   BATCH [100]        batch size                ROUNDS [3]  rounds; round r>1 starts from the aggregate
+#   BATCH [100]        batch size                ROUNDS [2]  rounds; round r>1 starts from the aggregate
 #   MIN_WORKERS [WORKER_NUMBER]  fewest models a round may average (a count, or a fraction of WORKER_NUMBER,
 #                      rounded up). Fewer than all: the aggregator runs beside the trainers and averages
 #                      once all are in or ROUND_DEADLINE has passed with MIN_WORKERS; a failed trainer Job
@@ -56,7 +56,7 @@ fail() { # fail STAGE MESSAGE...: one line naming the stage, exit 1
 WORKER_NUMBER="${WORKER_NUMBER:-3}"
 EPOCH="${EPOCH:-2}"
 BATCH="${BATCH:-100}"
-ROUNDS="${ROUNDS:-3}"
+ROUNDS="${ROUNDS:-2}"
 MIN_WORKERS="${MIN_WORKERS:-$WORKER_NUMBER}"
 ROUND_DEADLINE="${ROUND_DEADLINE:-3600}"
 RESUME="${RESUME:-0}"
