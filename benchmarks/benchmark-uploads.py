@@ -4,8 +4,8 @@
     TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/benchmark-uploads.py [--model M.h5] [--digits 500]
 
 The same N MNIST test digits are turned into each upload style of scripts/make-samples.py (STYLES:
-photo, canvas, thick, pencil), encoded, then run through server/preprocess.py's preprocess() and the
-model, as the server does. The 28x28 PNG of the digit itself (what the throughput benchmark posts) is
+photo, canvas, thick, pencil), encoded, then run through server/preprocess.py's preprocess_views() and
+the model, as the server does (thick strokes: the mean over the drawn and the thinned view). The 28x28 PNG of the digit itself (what the throughput benchmark posts) is
 a reference row. Prints per style: accuracy, and preprocess time per image (wall p50/p99, CPU p50).
 Without --model it trains the project's CNN (trainer/trainer.py's build_model) on the MNIST training
 set for --epochs epochs first (30-75 s an epoch on 2 cores, depending on their load). Target: >= 0.98 overall and per style.
@@ -106,38 +106,46 @@ def load_model(path):
     return keras.models.load_model(path, compile=False)
 
 
-def predict(model, images):
-    """float32 (n, 28, 28) in [0, 1] -> predicted digits (n,), in batches as the server would."""
-    out = [np.argmax(model(images[i:i + 256, ..., None], training=False).numpy(), axis=1)
-           for i in range(0, len(images), 256)]
+def probabilities(model, images):
+    """float32 (n, 28, 28) in [0, 1] -> (n, 10) probabilities, in batches as the server would."""
+    out = [model(images[i:i + 256, ..., None], training=False).numpy() for i in range(0, len(images), 256)]
     return np.concatenate(out)
 
 
 def run_style(style, x, seed):
-    """Encode every digit in `style`, preprocess each; -> (float32 (n, 28, 28), wall ms, cpu ms)."""
-    preprocess = preprocess_module().preprocess
+    """Encode every digit in `style`, preprocess each as the server does (preprocess_views: one view, or two
+    for thick strokes); -> (list of float32 (k, 28, 28), wall ms, cpu ms)."""
+    preprocess_views = preprocess_module().preprocess_views
     rng = np.random.default_rng(seed)
     blobs = [style(digit, rng) for digit in x]
     for blob in blobs[:5]:  # warm-up: first calls load Pillow plug-ins
-        preprocess(blob)
-    images, wall, cpu = [], [], []
+        preprocess_views(blob)
+    views, wall, cpu = [], [], []
     for blob in blobs:
         w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
-        images.append(preprocess(blob))
+        views.append(preprocess_views(blob))
         cpu.append((time.thread_time_ns() - c0) / 1e6)
         wall.append((time.perf_counter_ns() - w0) / 1e6)
-    return np.stack(images), np.array(wall), np.array(cpu)
+    return views, np.array(wall), np.array(cpu)
+
+
+def predict_views(model, views):
+    """preprocess_views() of n uploads -> predicted digits (n,): the mean of each upload's views' probabilities,
+    as the server answers."""
+    preprocess = preprocess_module()
+    images, starts = preprocess.stack_views(views)
+    return np.argmax(preprocess.mean_over_views(probabilities(model, images), starts), axis=1)
 
 
 def evaluate(model, x, y, names, seed):
-    """{style: {"accuracy", "wall_p50", "wall_p99", "cpu_p50", "bytes"}} for the styles in `names`."""
+    """{style: {"accuracy", "wall_p50", "wall_p99", "cpu_p50", "views"}} for the styles in `names`."""
     table, all_styles = {}, styles()
     for k, name in enumerate(names):
-        images, wall, cpu = run_style(all_styles[name], x, seed + k)
-        right = predict(model, images) == y
+        views, wall, cpu = run_style(all_styles[name], x, seed + k)
+        right = predict_views(model, views) == y
         table[name] = {"accuracy": float(right.mean()), "wall_p50": float(np.percentile(wall, 50)),
                        "wall_p99": float(np.percentile(wall, 99)), "cpu_p50": float(np.percentile(cpu, 50)),
-                       "wrong": np.flatnonzero(~right)}
+                       "views": float(np.mean([len(v) for v in views])), "wrong": np.flatnonzero(~right)}
     return table
 
 
@@ -174,11 +182,12 @@ def main(argv=None) -> int:
     x, y = x_test[pick], y_test[pick].astype(np.int64)
     table = evaluate(model, x, y, [REFERENCE] + names, args.seed)
     print(f"model: {about}; {args.digits} MNIST test digits per style (the same digits in each)")
-    print(f"{'style':<8} {'accuracy':>8}  {'preprocess ms/image: wall p50':>29} {'p99':>6} {'cpu p50':>8}")
+    print(f"{'style':<8} {'accuracy':>8}  {'preprocess ms/image: wall p50':>29} {'p99':>6} {'cpu p50':>8} "
+          f"{'views/image':>11}")
     for name, row in table.items():
         label = name + ("*" if name == REFERENCE else "")
         print(f"{label:<8} {row['accuracy']:>8.3f}  {row['wall_p50']:>29.2f} {row['wall_p99']:>6.2f} "
-              f"{row['cpu_p50']:>8.2f}")
+              f"{row['cpu_p50']:>8.2f} {row['views']:>11.2f}")
     overall = float(np.mean([table[name]["accuracy"] for name in names]))
     print(f"{'overall':<8} {overall:>8.3f}  (mean over {', '.join(names)}; * = reference, not an upload style)")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work slows the timings)")

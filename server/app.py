@@ -19,7 +19,7 @@ from werkzeug.http import parse_options_header
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import CHECK_INTERVAL, Batcher, ModelHolder, file_signature  # noqa: E402
-from preprocess import ImageError, preprocess  # noqa: E402
+from preprocess import ImageError, mean_over_views, preprocess_views, stack_views  # noqa: E402
 import gate as gate_module  # noqa: E402
 import v2  # noqa: E402
 
@@ -285,16 +285,17 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
         """bytes list -> (list of results, model). Raises ImageError (400) or returns model None (503)."""
         import numpy as np
 
-        images = []
+        views = []
         for index, blob in enumerate(blobs):
             try:
-                images.append(preprocess(blob))
+                views.append(preprocess_views(blob))
             except ImageError as err:
                 raise ImageError(f"file {index + 1}: {err}" if len(blobs) > 1 else str(err)) from None
         model = current_model()
         if model is None:
             return None, None
-        probabilities = batcher.predict(model, np.stack(images))
+        images, starts = stack_views(views)
+        probabilities = mean_over_views(batcher.predict(model, images), starts)
         results = [prediction_json(row, model.sha256) for row in probabilities]
         for result in results:
             predictions.labels(str(result["digit"])).inc()
@@ -386,7 +387,7 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
             predictions.labels(str(digit)).inc()
 
     app.register_blueprint(v2.create_blueprint(
-        current_model, run_model, preprocess, ImageError, model_id, not_ready,
+        current_model, run_model, preprocess_views, ImageError, model_id, not_ready,
         max_items=MAX_FILES, max_body=MAX_BODY, on_digits=count_digits, ready_model=ready_model))
 
     # The hot path: POST /api/predict without Flask's routing, request and response objects (about a third

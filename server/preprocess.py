@@ -5,7 +5,8 @@ black under light strokes) -> grey levels, at most WORK_SIDE px on a side -> bri
 (inverted when the border says the background is light) -> background removed (a photo's: a surface
 fitted to its paper, so uneven light is not ink) and levels within the noise dropped -> cropped to the
 ink -> very thin strokes thickened -> scaled to fit 20x20 keeping the aspect ratio -> placed in 28x28
-with its centre of mass at (14, 14), where MNIST's is. An MNIST digit comes out as it went in.
+with its centre of mass at (14, 14), where MNIST's is. An MNIST digit comes out as it went in. Strokes
+much thicker than MNIST's also give a second view, thinned; the server averages the model's answers.
 
 benchmarks/benchmark-uploads.py measures the accuracy and the time per upload style (photo, the
 page's canvas, thick strokes on a small canvas, pencil).
@@ -17,6 +18,7 @@ import struct
 import warnings
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000  # a 12000x12000 "decompression bomb" (144 MP) is refused before decoding
@@ -24,11 +26,16 @@ WORK_SIDE = 512  # larger images are reduced to about this before the pixel work
 BOX = 20  # MNIST: the digit is scaled to fit a 20x20 box ...
 SIZE = 28  # ... inside a 28x28 image, centred by centre of mass
 INK_THRESHOLD = 0.2  # in a photo, after normalisation, levels below this are background (paper texture)
-SMALL_THRESHOLD = 0.05  # the same in a small image (< 56 px: a drawing, an MNIST digit), beside its noise
+SMALL_THRESHOLD = 0.05  # the same in a drawing or a small image (an MNIST digit), beside its noise
+LARGE = 56  # px: an image at least this on both sides may be a photo (else a drawing or an MNIST digit)
 CENTRE = 14.0  # MNIST's centre of mass is at (14, 14) (measured on the training set), not at 13.5
 FIT_GRID = 32  # a photo's paper is fitted on about a 32x32 grid of it
 THIN, THIN_TO = 1.2, 2.0  # strokes narrower than this in the 20x20 box (MNIST's: 1.6-4.6, median 2.5) are
-FINE = 4  # ... thickened to THIN_TO, at FINE times the final scale (thinning thick strokes did not help)
+FINE = 4  # ... thickened to THIN_TO, at FINE times the final scale
+THICK = 3.5  # strokes wider than this in the box (MNIST's 90th percentile: 3.4) also get a view thinned to it:
+# the model's answer is the mean of both views' probabilities (either view alone was less accurate)
+MAX_THIN = 2  # at most this many pixels (in the box) come off each side of a stroke (widths up to 7.5 reach
+# THICK); a solid blob is no stroke, and the erosion's cost stays bounded
 
 
 # Where Pillow's getexif() finds an orientation (besides a TIFF's own tags): without them it is 1, upright.
@@ -220,6 +227,34 @@ def stroke_width(ink):
     return (8 / np.pi) * area / variation if variation else 0.0
 
 
+def thinned(ink):
+    """Cropped ink (h, w) scaled down to the box -> its strokes thinned to THICK wide (a grey erosion at FINE
+    times the final scale), fitted to BOX x BOX; None when the strokes are not wider than THICK or the ink
+    already fits (an MNIST digit is never thinned)."""
+    height, width = ink.shape
+    scale = BOX / max(height, width)
+    final = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if final == (width, height):
+        return None
+    stroke = stroke_width(np.pad(ink, 1)) * scale  # padded: ink at the crop's edges has an outline there too
+    radius = min(int(round((stroke - THICK) / 2 * FINE)), MAX_THIN * FINE)
+    if radius <= 0:
+        return None
+    fine = _resize(np.ascontiguousarray(ink, dtype=np.float32), (final[0] * FINE, final[1] * FINE))
+    digit = np.clip(np.asarray(Image.fromarray(_erode(fine, radius), mode="F").reduce(FINE)), 0.0, None)
+    peak = float(digit.max())
+    return digit / peak if peak > 0 else None
+
+
+def _erode(grey, radius):
+    """Grey erosion by a (2 radius + 1)-pixel square, edges repeated: Pillow's MinFilter, but separable (rows,
+    then columns), so its cost grows with the radius, not with its square."""
+    size = 2 * radius + 1
+    padded = np.pad(grey, radius, mode="edge")
+    rows = sliding_window_view(padded, size, axis=0).min(axis=-1)
+    return np.ascontiguousarray(sliding_window_view(rows, size, axis=1).min(axis=-1))
+
+
 def fit_box(ink):
     """Cropped ink (h, w) -> fitted to BOX x BOX keeping the aspect ratio. Strokes much thinner than
     MNIST's (pencil, a fine pen in a big photo) are thickened first, at FINE times the final scale."""
@@ -263,20 +298,30 @@ def centre_in_frame(digit, row_mass=None, col_mass=None):
     return frame
 
 
+def flat_background(grey):
+    """Whether at least half of the image's border is one exact level: a drawing (the page's canvas, a
+    drawing program), not a photo, whose paper always has noise."""
+    border = border_pixels(grey)
+    return np.count_nonzero(border == _median(border)) * 2 >= border.size
+
+
 def work_image(image):
     """Grey PIL image (L or F) -> float32 array at most WORK_SIDE on a side, and whether it is a photo
-    (both sides >= 56 px): then a 3x3 box blur has evened out JPEG and sensor noise (as accurate as the
-    3x3 median used before on every style of benchmarks/benchmark-uploads.py, and a fifth of its CPU).
+    (both sides >= LARGE px and a border that is not one flat level): then a 3x3 box blur has evened out
+    JPEG and sensor noise (as accurate as the 3x3 median used before on every style of
+    benchmarks/benchmark-uploads.py, and a fifth of its CPU). A large drawing (the page's canvas) is no
+    photo: its ground is its flat level, not a fitted paper surface (the fit took a big 0 touching the
+    canvas' edges for paper and blanked it), and it needs no blur.
     An 8-bit image is reduced and filtered as 8 bits (several times faster than as floats)."""
     width, height = image.size
     if max(width, height) > WORK_SIDE:
         scale = WORK_SIDE / max(width, height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    photo = min(image.size) >= 56
-    if photo and image.mode == "L":
-        image = image.filter(ImageFilter.BoxBlur(1))
     grey = np.asarray(image, dtype=np.float32)
+    photo = min(image.size) >= LARGE and not flat_background(grey)
+    if photo and image.mode == "L":
+        grey = np.asarray(image.filter(ImageFilter.BoxBlur(1)), dtype=np.float32)
     if photo and image.mode != "L":  # 16-bit or float levels: the same 3x3 box, in NumPy (Pillow's is 8-bit)
         padded = np.pad(grey, 1, mode="edge")
         rows = padded[:-2] + padded[1:-1] + padded[2:]
@@ -294,11 +339,17 @@ def to_mnist(grey):
 
 def digit_in_frame(grey, photo):
     """work_image()'s array -> float32 (28, 28) in [0, 1], ink bright, MNIST's size and centring."""
+    return digit_views(grey, photo)[0]
+
+
+def digit_views(grey, photo):
+    """work_image()'s array -> float32 (k, 28, 28): the digit in MNIST's size and centring, and for strokes
+    wider than THICK the same thinned (k = 2), each centred by its own centre of mass."""
     ink = normalise(grey, photo)
     row_mass, col_mass = ink.sum(axis=1), ink.sum(axis=0)
     if not row_mass.any():  # blank: the model sees an empty frame, as it would an empty MNIST image
-        return np.zeros((SIZE, SIZE), dtype=np.float32)
-    if photo:
+        return np.zeros((1, SIZE, SIZE), dtype=np.float32)
+    if min(grey.shape) >= LARGE:  # a photo or a large drawing: a speck of dirt far off is no part of the digit
         top, bottom = ink_extent(row_mass)
         left, right = ink_extent(col_mass)
     else:
@@ -307,10 +358,35 @@ def digit_in_frame(grey, photo):
     ink = ink[top:bottom + 1, left:right + 1]
     digit = fit_box(ink)
     if digit is ink and not photo:  # already fits 20x20 (an MNIST digit): its sums are known
-        return centre_in_frame(digit, row_mass[top:bottom + 1], col_mass[left:right + 1])
-    return centre_in_frame(digit)
+        return centre_in_frame(digit, row_mass[top:bottom + 1], col_mass[left:right + 1])[None]
+    thin = thinned(ink)
+    if thin is None:
+        return centre_in_frame(digit)[None]
+    return np.stack([centre_in_frame(digit), centre_in_frame(thin)])
+
+
+def preprocess_views(data):
+    """Uploaded bytes -> float32 (k, 28, 28) in [0, 1]: the views of the digit the model scores (k = 1, or 2
+    for thick strokes); the prediction is the mean of their probabilities (mean_over_views). Raises ImageError."""
+    return digit_views(*work_image(grey_image(decode(data))))
 
 
 def preprocess(data):
-    """Uploaded bytes -> float32 (28, 28) in [0, 1] ready for the model. Raises ImageError."""
-    return digit_in_frame(*work_image(grey_image(decode(data))))
+    """Uploaded bytes -> float32 (28, 28) in [0, 1], the digit as MNIST would have it (the first view).
+    Raises ImageError."""
+    return preprocess_views(data)[0]
+
+
+def stack_views(views):
+    """preprocess_views() of n uploads -> (images (m, 28, 28) for the model, starts: each upload's first row)."""
+    if all(len(v) == 1 for v in views):
+        return np.concatenate(views), None
+    return np.concatenate(views), np.cumsum([0] + [len(v) for v in views[:-1]])
+
+
+def mean_over_views(probabilities, starts):
+    """The model's (m, 10) probabilities of stack_views' images -> (n, 10): each upload's mean over its views."""
+    if starts is None:
+        return probabilities
+    counts = np.diff(np.append(starts, len(probabilities)))
+    return np.add.reduceat(probabilities, starts, axis=0) / counts[:, None]

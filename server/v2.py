@@ -28,6 +28,8 @@ import zlib
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
+from preprocess import mean_over_views, stack_views
+
 MODEL_NAME = "mnist"
 SERVER_NAME = "mlk-mnist"
 SERVER_VERSION = "1"
@@ -260,8 +262,8 @@ def create_blueprint(current_model, run_model, preprocess, image_error, model_id
     """The /v2 routes.
 
     current_model() -> the loaded model (with .sha256) or None; run_model(model, float32 (n, 28, 28)) ->
-    (n, 10) probabilities; preprocess(bytes) -> float32 (28, 28) or raises image_error; model_id(sha256)
-    -> the short model name; not_ready() -> why no model is loaded; on_digits(list of ints) after each
+    (n, 10) probabilities; preprocess(bytes) -> float32 (k, 28, 28) views (preprocess.preprocess_views) or raises
+    image_error; model_id(sha256) -> the short model name; not_ready() -> why no model is loaded; on_digits(list of ints) after each
     inference (metrics); ready_model() -> the model for the health answers (default current_model).
     """
     bp = Blueprint("v2", __name__, url_prefix="/v2")
@@ -317,17 +319,18 @@ def create_blueprint(current_model, run_model, preprocess, image_error, model_id
         tensor = inputs[0]
         outputs = requested_outputs(body)
         tensor_name = tensor.get("name")
+        starts = None  # an upload with several views (thick strokes) is scored as the mean of them
         if tensor_name == INPUT_TENSOR:
             images, offset = read_input_tensor(tensor, tail, 0, max_items)
         elif tensor_name == IMAGE_TENSOR:
             blobs, offset = read_image_tensor(tensor, tail, 0, max_items)
-            arrays = []
+            views = []
             for index, blob in enumerate(blobs):
                 try:
-                    arrays.append(preprocess(blob))
+                    views.append(preprocess(blob))
                 except image_error as err:
                     raise bad(f"input {IMAGE_TENSOR!r} element {index + 1}: {err}") from None
-            images = np.stack(arrays)
+            images, starts = stack_views(views)
         else:
             raise bad(f"unknown input {tensor_name!r} (inputs: {INPUT_TENSOR!r}, {IMAGE_TENSOR!r})")
         if offset != len(tail):
@@ -335,7 +338,7 @@ def create_blueprint(current_model, run_model, preprocess, image_error, model_id
         model = current_model()
         if model is None:
             raise ProtocolError(503, not_ready())
-        probabilities = np.asarray(run_model(model, images), dtype=np.float32)
+        probabilities = np.asarray(mean_over_views(run_model(model, images), starts), dtype=np.float32)
         digits = np.argmax(probabilities, axis=1).astype(np.int64)
         if on_digits is not None:
             on_digits([int(d) for d in digits])

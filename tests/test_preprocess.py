@@ -196,3 +196,82 @@ def test_speck_far_from_the_digit_does_not_shrink_it():
     image = bar_digit(size=(300, 300), box=(140, 60, 150, 240))
     ImageDraw.Draw(image).rectangle((5, 5, 7, 7), fill=0)  # a fleck of dirt in the corner
     check_bar(preprocess.preprocess(encode(image.convert("RGB"), "JPEG", quality=90)))
+
+
+# ------------------------------------------------------------------------------- drawings and views
+
+def ring(size=280, box=(3, 42, 277, 270), width=22, mode="RGBA"):
+    """A big '0' drawn as the page's pad draws: black strokes `width` wide on a transparent (RGBA) or white
+    (L) ground, touching the canvas' edges."""
+    image = Image.new("RGBA", (size, size), (0, 0, 0, 0)) if mode == "RGBA" else Image.new("L", (size, size), 255)
+    ImageDraw.Draw(image).ellipse(box, outline=(0, 0, 0, 255) if mode == "RGBA" else 0, width=width)
+    return image
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L"])
+def test_a_big_drawing_touching_the_edges_is_a_ring_not_a_blank(mode):
+    """A flat ground is a drawing, not a photo: the photo path took the ring on the border for paper and
+    returned an empty frame."""
+    out = preprocess.preprocess(encode(ring(mode=mode)))
+    assert out.max() == pytest.approx(1.0, abs=1e-3)
+    top, bottom, left, right = ink_box(out, 0.5)
+    assert max(bottom - top, right - left) + 1 >= 19  # fills the 20x20 box
+    assert out[13:16, 13:16].max() == 0  # and keeps its hole
+    assert preprocess.flat_background(np.asarray(ring(mode="L"), np.float32))
+
+
+def test_a_photo_has_no_flat_border():
+    rng = np.random.default_rng(1)
+    paper = np.clip(rng.normal(200, 4, (120, 160)), 0, 255)
+    assert not preprocess.flat_background(paper.astype(np.float32))
+
+
+def test_thick_strokes_get_a_second_view_thinned_to_mnist_width():
+    """A ring drawn 25 px wide, 91 px across, is 5.5 px wide in the 20x20 box (MNIST's strokes: 1.6-4.6): two
+    views, the drawing and the same thinned to about THICK, both centred by mass."""
+    data = encode(ring(size=100, box=(4, 4, 94, 94), width=25, mode="L"))
+    views = preprocess.preprocess_views(data)
+    assert views.shape == (2, 28, 28) and views.dtype == np.float32
+    assert np.array_equal(views[0], preprocess.preprocess(data))
+    assert preprocess.stroke_width(views[0]) > 5
+    assert abs(preprocess.stroke_width(views[1]) - preprocess.THICK) < 0.8, preprocess.stroke_width(views[1])
+    for view in views:
+        cy, cx = centre_of_mass(view)
+        assert abs(cy - 14) <= 0.5 + 1e-5 and abs(cx - 14) <= 0.5 + 1e-5
+        assert view.max() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_mnist_digits_and_thin_strokes_get_one_view():
+    with np.load(mnist_path()) as npz:
+        digits = npz["x_test"][:50]
+    for digit in digits:  # an MNIST digit already fits the box: never thinned
+        assert preprocess.preprocess_views(encode(Image.fromarray(digit))).shape == (1, 28, 28)
+    thin = bar_digit(size=(200, 200), box=(90, 20, 95, 180))  # 6 px of 161: 0.75 px in the box
+    assert preprocess.preprocess_views(encode(thin)).shape == (1, 28, 28)
+    blank = encode(Image.new("L", (80, 80), 255))
+    assert preprocess.preprocess_views(blank).shape == (1, 28, 28)
+
+
+def test_views_are_stacked_for_the_model_and_averaged_per_upload():
+    one, two = np.zeros((1, 28, 28), np.float32), np.ones((2, 28, 28), np.float32)
+    images, starts = preprocess.stack_views([one, one])
+    assert images.shape == (2, 28, 28) and starts is None  # the common case: nothing to average
+    images, starts = preprocess.stack_views([one, two, one])
+    assert images.shape == (4, 28, 28) and list(starts) == [0, 1, 3]
+    probabilities = np.arange(40, dtype=np.float64).reshape(4, 10)
+    mean = preprocess.mean_over_views(probabilities, starts)
+    assert mean.shape == (3, 10)
+    assert np.array_equal(mean[0], probabilities[0]) and np.array_equal(mean[2], probabilities[3])
+    assert np.allclose(mean[1], (probabilities[1] + probabilities[2]) / 2)
+    assert preprocess.mean_over_views(probabilities, None) is probabilities
+
+
+def test_a_solid_blob_loses_at_most_max_thin_of_its_width():
+    """A filled disk has no strokes: its 'width' is its diameter. The thinned view takes MAX_THIN px off each
+    side and keeps the rest (so the erosion's cost stays bounded however wide the ink)."""
+    image = Image.new("L", (300, 300), 255)
+    ImageDraw.Draw(image).ellipse((20, 20, 280, 280), fill=0)
+    views = preprocess.preprocess_views(encode(image))
+    assert views.shape == (2, 28, 28)
+    widths = [int((view[14] > 0.5).sum()) for view in views]
+    assert widths[0] >= 19 and abs(widths[0] - 2 * preprocess.MAX_THIN - widths[1]) <= 1, widths

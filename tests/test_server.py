@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "server"))
 import app as server_app  # noqa: E402
 import model as server_model  # noqa: E402
+import preprocess  # noqa: E402
 import server  # noqa: E402
 
 SAMPLES = ROOT / "samples"
@@ -122,6 +123,31 @@ def test_upload_form_returns_html_with_prediction_and_probabilities(client):
     html = response.get_data(as_text=True)
     assert "predict 6" in html  # literally, as the original page said it
     assert html.count('class="bar') >= 10
+
+
+def thick_seven():
+    """A 7 drawn with a pen a quarter of its height wide on a small white canvas: two views (preprocess.py)."""
+    image = Image.new("L", (96, 96), 255)
+    ImageDraw.Draw(image).line([(24, 20), (72, 20), (44, 80)], fill=0, width=16, joint="curve")
+    return png_bytes(image)
+
+
+def test_a_thick_upload_is_answered_with_the_mean_of_its_views(client, mnist_model):
+    """Strokes much wider than MNIST's are scored as drawn and thinned; the answer is the mean of the two.
+    In a request with other files, each file still gets its own row."""
+    blob = thick_seven()
+    views = preprocess.preprocess_views(blob)
+    assert len(views) == 2
+    loaded = server_model.LoadedModel(str(mnist_model), server_model.file_signature(str(mnist_model)))
+    expected = loaded.predict(views).mean(axis=0)
+    six = (SAMPLES / "6.png").read_bytes()
+    response = post_files(client, "/api/predict", six, blob, six)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    rows = response.get_json()["predictions"]
+    assert len(rows) == 3 and rows[0] == rows[2] and rows[0]["digit"] == 6
+    assert np.allclose(rows[1]["probabilities"], expected, atol=2e-6)
+    assert rows[1]["digit"] == int(np.argmax(expected))
+    assert not np.allclose(expected, loaded.predict(views[:1])[0], rtol=0, atol=1e-6)  # the second view counts
 
 
 def test_canvas_style_image_black_strokes_on_transparent(client, mnist_test):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from helpers import free_port
 
@@ -121,11 +121,15 @@ def test_fp32_and_uint8_forms_give_the_same_probabilities(triton, digits):
 
 @pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
 def test_infer_encoded_images_same_as_the_upload_api(triton, client, compression):
-    names = ["4.png", "6.png", "photo-3.jpg", "photo-7.jpg"]
-    blobs = np.array([(SAMPLES / n).read_bytes() for n in names], dtype=np.object_)
+    names = ["4.png", "6.png", "photo-3.jpg", "photo-7.jpg", "thick-7.png"]
+    thick = Image.new("L", (96, 96), 255)  # strokes a quarter of the height wide: scored as two views
+    ImageDraw.Draw(thick).line([(24, 20), (72, 20), (44, 80)], fill=0, width=16, joint="curve")
+    encoded = io.BytesIO()
+    thick.save(encoded, "PNG")
+    blobs = np.array([(SAMPLES / n).read_bytes() for n in names[:-1]] + [encoded.getvalue()], dtype=np.object_)
     result = triton.infer("mnist", [infer_input("image", blobs, "BYTES")], outputs=outputs(),
                           request_compression_algorithm=compression)
-    assert result.as_numpy("digit").tolist() == [4, 6, 3, 7]
+    assert result.as_numpy("digit").tolist() == [4, 6, 3, 7, 7]
     data = {"file": [(io.BytesIO(b), n) for b, n in zip(blobs, names)]}
     uploaded = client.post("/api/predict", data=data, content_type="multipart/form-data").get_json()["predictions"]
     assert np.allclose(result.as_numpy("probabilities"), [p["probabilities"] for p in uploaded], atol=2e-6)
