@@ -5,8 +5,9 @@
 
 The same N MNIST test digits are turned into each upload style of scripts/make-samples.py (STYLES:
 photo, canvas, thick, pencil), encoded, then run through server/preprocess.py's preprocess_views() and
-the model, as the server does (thick strokes: the mean over the drawn and the thinned view). The 28x28 PNG of the digit itself (what the throughput benchmark posts) is
-a reference row. Prints per style: accuracy, and preprocess time per image (wall p50/p99, CPU p50).
+the model, as the server does (thick strokes: the mean over the drawn and the thinned view). The 28x28
+PNG of the digit itself (what the throughput benchmark posts) is a reference row. Prints per style:
+accuracy, preprocess time per image (wall p50/p99, CPU p50) and views per image.
 Without --model it trains the project's CNN (trainer/trainer.py's build_model) on the MNIST training
 set for --epochs epochs first (30-75 s an epoch on 2 cores, depending on their load). Target: >= 0.98 overall and per style.
 The command line is argparse through mlkcommon's Parser: a usage error is one line on stderr, exit 2;

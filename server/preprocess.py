@@ -227,23 +227,41 @@ def stroke_width(ink):
     return (8 / np.pi) * area / variation if variation else 0.0
 
 
+def _box_size(ink):
+    """Cropped ink (h, w) -> (scale, (width, height)) of it fitted to BOX x BOX keeping the aspect ratio."""
+    height, width = ink.shape
+    scale = BOX / max(height, width)
+    return scale, (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def _restroked(ink, final, change):
+    """Ink scaled to FINE times `final` (width, height), `change`d there (a grey dilation or erosion of its
+    strokes), reduced to `final`."""
+    fine = (final[0] * FINE, final[1] * FINE)
+    ink = _resize(ink, fine) if fine != (ink.shape[1], ink.shape[0]) else ink
+    return np.asarray(Image.fromarray(change(np.ascontiguousarray(ink, dtype=np.float32)), mode="F").reduce(FINE))
+
+
+def _full_contrast(ink):
+    """Negative levels cleared, the peak scaled to 1 (strokes thinned or shrunk a lot get faint)."""
+    ink = np.clip(ink, 0.0, None)
+    peak = float(ink.max())
+    return ink / peak if peak > 0 else ink
+
+
 def thinned(ink):
     """Cropped ink (h, w) scaled down to the box -> its strokes thinned to THICK wide (a grey erosion at FINE
     times the final scale), fitted to BOX x BOX; None when the strokes are not wider than THICK or the ink
     already fits (an MNIST digit is never thinned)."""
-    height, width = ink.shape
-    scale = BOX / max(height, width)
-    final = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if final == (width, height):
+    scale, final = _box_size(ink)
+    if final == (ink.shape[1], ink.shape[0]):
         return None
     stroke = stroke_width(np.pad(ink, 1)) * scale  # padded: ink at the crop's edges has an outline there too
     radius = min(int(round((stroke - THICK) / 2 * FINE)), MAX_THIN * FINE)
     if radius <= 0:
         return None
-    fine = _resize(np.ascontiguousarray(ink, dtype=np.float32), (final[0] * FINE, final[1] * FINE))
-    digit = np.clip(np.asarray(Image.fromarray(_erode(fine, radius), mode="F").reduce(FINE)), 0.0, None)
-    peak = float(digit.max())
-    return digit / peak if peak > 0 else None
+    digit = _full_contrast(_restroked(ink, final, lambda fine: _erode(fine, radius)))
+    return digit if digit.max() > 0 else None
 
 
 def _erode(grey, radius):
@@ -258,28 +276,16 @@ def _erode(grey, radius):
 def fit_box(ink):
     """Cropped ink (h, w) -> fitted to BOX x BOX keeping the aspect ratio. Strokes much thinner than
     MNIST's (pencil, a fine pen in a big photo) are thickened first, at FINE times the final scale."""
-    height, width = ink.shape
-    scale = BOX / max(height, width)
-    final = (max(1, round(width * scale)), max(1, round(height * scale)))
-    radius = 0
-    if final != (width, height):
-        stroke = stroke_width(ink) * scale
-        if stroke < THIN:
-            radius = int(round((THIN_TO - stroke) / 2 * FINE))
-    if radius:
-        fine = (final[0] * FINE, final[1] * FINE)
-        ink = _resize(ink, fine) if fine != (width, height) else ink
-        ink = _filter(np.ascontiguousarray(ink, dtype=np.float32), ImageFilter.MaxFilter(2 * radius + 1))
-        ink = np.asarray(Image.fromarray(ink, mode="F").reduce(FINE))
-    elif final != (width, height):
-        ink = _resize(ink, final)
-    else:
+    scale, final = _box_size(ink)
+    if final == (ink.shape[1], ink.shape[0]):
         return ink
-    ink = np.clip(ink, 0.0, None)
-    peak = float(ink.max())
-    if peak > 0:
-        ink = ink / peak  # thin strokes shrunk a lot get faint: restore full contrast
-    return ink
+    stroke = stroke_width(ink) * scale
+    radius = int(round((THIN_TO - stroke) / 2 * FINE)) if stroke < THIN else 0
+    if radius:
+        ink = _restroked(ink, final, lambda fine: _filter(fine, ImageFilter.MaxFilter(2 * radius + 1)))
+    else:
+        ink = _resize(ink, final)
+    return _full_contrast(ink)
 
 
 def centre_in_frame(digit, row_mass=None, col_mass=None):

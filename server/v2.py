@@ -262,9 +262,10 @@ def create_blueprint(current_model, run_model, preprocess, image_error, model_id
     """The /v2 routes.
 
     current_model() -> the loaded model (with .sha256) or None; run_model(model, float32 (n, 28, 28)) ->
-    (n, 10) probabilities; preprocess(bytes) -> float32 (k, 28, 28) views (preprocess.preprocess_views) or raises
-    image_error; model_id(sha256) -> the short model name; not_ready() -> why no model is loaded; on_digits(list of ints) after each
-    inference (metrics); ready_model() -> the model for the health answers (default current_model).
+    (n, 10) probabilities; preprocess(bytes) -> float32 (k, 28, 28) views (preprocess.preprocess_views) or
+    raises image_error; model_id(sha256) -> the short model name; not_ready() -> why no model is loaded;
+    on_digits(list of ints) after each inference (metrics); ready_model() -> the model for the health answers
+    (default current_model).
     """
     bp = Blueprint("v2", __name__, url_prefix="/v2")
     ready_model = ready_model or current_model
