@@ -60,6 +60,20 @@ def placeholder_samples():
     return dict(pairs)
 
 
+def thick_seven_png():
+    """PNG bytes of a 7 drawn with a pen a quarter of its height wide on a small white canvas: strokes much
+    wider than MNIST's, so server/preprocess.py gives it two views."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (96, 96), 255)
+    ImageDraw.Draw(image).line([(24, 20), (72, 20), (44, 80)], fill=0, width=16, joint="curve")
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

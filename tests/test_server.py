@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from helpers import thick_seven_png
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "server"))
@@ -125,17 +127,10 @@ def test_upload_form_returns_html_with_prediction_and_probabilities(client):
     assert html.count('class="bar') >= 10
 
 
-def thick_seven():
-    """A 7 drawn with a pen a quarter of its height wide on a small white canvas: two views (preprocess.py)."""
-    image = Image.new("L", (96, 96), 255)
-    ImageDraw.Draw(image).line([(24, 20), (72, 20), (44, 80)], fill=0, width=16, joint="curve")
-    return png_bytes(image)
-
-
 def test_a_thick_upload_is_answered_with_the_mean_of_its_views(client, mnist_model):
     """Strokes much wider than MNIST's are scored as drawn and thinned; the answer is the mean of the two.
     In a request with other files, each file still gets its own row."""
-    blob = thick_seven()
+    blob = thick_seven_png()
     views = preprocess.preprocess_views(blob)
     assert len(views) == 2
     loaded = server_model.LoadedModel(str(mnist_model), server_model.file_signature(str(mnist_model)))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from helpers import free_port
+from helpers import free_port, thick_seven_png
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "server"))
@@ -121,12 +121,8 @@ def test_fp32_and_uint8_forms_give_the_same_probabilities(triton, digits):
 
 @pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
 def test_infer_encoded_images_same_as_the_upload_api(triton, client, compression):
-    names = ["4.png", "6.png", "photo-3.jpg", "photo-7.jpg", "thick-7.png"]
-    thick = Image.new("L", (96, 96), 255)  # strokes a quarter of the height wide: scored as two views
-    ImageDraw.Draw(thick).line([(24, 20), (72, 20), (44, 80)], fill=0, width=16, joint="curve")
-    encoded = io.BytesIO()
-    thick.save(encoded, "PNG")
-    blobs = np.array([(SAMPLES / n).read_bytes() for n in names[:-1]] + [encoded.getvalue()], dtype=np.object_)
+    names = ["4.png", "6.png", "photo-3.jpg", "photo-7.jpg", "thick-7.png"]  # the last one is scored as two views
+    blobs = np.array([(SAMPLES / n).read_bytes() for n in names[:-1]] + [thick_seven_png()], dtype=np.object_)
     result = triton.infer("mnist", [infer_input("image", blobs, "BYTES")], outputs=outputs(),
                           request_compression_algorithm=compression)
     assert result.as_numpy("digit").tolist() == [4, 6, 3, 7, 7]
