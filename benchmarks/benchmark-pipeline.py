@@ -72,14 +72,14 @@ def load_average():
 
 
 def quickstart_rounds(quickstart):
-    """ROUNDS from the environment, else the quickstart's own default (its ROUNDS="${ROUNDS:-N}" line), else 3."""
+    """ROUNDS from the environment, else the quickstart's own default (its ROUNDS="${ROUNDS:-N}" line), else 2 (that default)."""
     if "ROUNDS" in os.environ:
         return int(os.environ["ROUNDS"])
     if quickstart.exists():
         found = re.search(r'^ROUNDS="\$\{ROUNDS:-(\d+)\}"', quickstart.read_text(), re.MULTILINE)
         if found:
             return int(found.group(1))
-    return 3
+    return 2
 
 
 def trainer_threads():
