@@ -62,7 +62,7 @@ def build_parser():
     parser.add_argument("--dataset", help="mnist.npz (default: $MNIST_NPZ, else ../shared/datasets/mnist.npz, "
                         "else the splitter's cached download)")
     parser.add_argument("--workers", type=int, default=2, help="server --workers (default 2)")
-    parser.add_argument("--threads", type=int, default=2, help="server --threads (default 2, as server.py)")
+    parser.add_argument("--threads", type=int, default=1, help="server --threads (default 1: sync workers, as server.py)")
     parser.add_argument("--clients", type=int, default=8, help="keep-alive connections (default 8)")
     parser.add_argument("--seconds", type=int, default=30, help="duration of each wrk run (default 30)")
     parser.add_argument("--runs", type=int, default=3, help="wrk runs (default 3)")

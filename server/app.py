@@ -183,10 +183,13 @@ class InMemoryRequest(Request):
         return io.BytesIO()  # bounded by MAX_CONTENT_LENGTH (2 MB)
 
 
-def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_epsilon=gate_module.DEFAULT_EPSILON):
+def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_epsilon=gate_module.DEFAULT_EPSILON,
+               background_reload=False):
     """The Flask app. Loads the model now if it exists; otherwise when it appears.
 
-    gate_data: the evaluation set of the promotion gate (gate.py); None: every replaced file is served."""
+    gate_data: the evaluation set of the promotion gate (gate.py); None: every replaced file is served.
+    background_reload: a replaced file is loaded and gated by a thread, not by the request that noticed it
+    (model.ModelHolder; server.py's one-request-at-a-time workers)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = Flask(__name__, template_folder="templates", static_folder="static")
@@ -194,7 +197,7 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_BODY
     app.debug = False
-    holder = ModelHolder(model_path, check_interval)
+    holder = ModelHolder(model_path, check_interval, background=background_reload)
     batcher = Batcher()
     app.extensions["mlk_model"] = holder
     registry, requests_total, latency, predictions, loads = _metrics()

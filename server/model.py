@@ -150,11 +150,16 @@ class ModelHolder:
     At most once per CHECK_INTERVAL a request stat()s the file. If it changed, that request loads the
     new model (others keep using the old one meanwhile) and then replaces the reference in one
     assignment; requests already holding the old model finish with it.
+    background=True: once a model is served, a changed file is loaded (and gated) by a thread of its own
+    and the request goes on with the current model. server.py's workers are gunicorn `sync` workers, one
+    request at a time: a request that loaded the model would hold its whole worker for the load and the
+    gate, /readyz and /healthz included. The first model is always loaded by the request that needs it.
     """
 
-    def __init__(self, path, check_interval=CHECK_INTERVAL):
+    def __init__(self, path, check_interval=CHECK_INTERVAL, background=False):
         self.path = path
         self.check_interval = check_interval
+        self.background = background
         self.current = None
         self.last_error = None
         self._failed_signature = None
@@ -165,8 +170,19 @@ class ModelHolder:
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + self.check_interval
-            self.refresh()
+            if self.background and self.current is not None:
+                if self._changed() and not self._loading.locked():
+                    threading.Thread(target=self.refresh, name="mlk-model-reload", daemon=True).start()
+            else:
+                self.refresh()
         return self.current
+
+    def _changed(self):
+        """Whether the file is there and neither the served model nor the one that last failed (a stat())."""
+        signature = file_signature(self.path)
+        current = self.current
+        return signature is not None and signature != self._failed_signature and (
+            current is None or current.signature != signature)
 
     def refresh(self):
         """Load the file if it differs from the current model (non-blocking if a load is running)."""

@@ -6,14 +6,16 @@
 nginx (Debian's `nginx-light`) listens on --host:--port and reads every request whole -- headers
 within --header-timeout, then the body (at most 2 MB, in memory) -- before it hands it to gunicorn
 over a unix socket in a private run directory, so slow or stalled clients hold only a cheap nginx
-connection, never one of gunicorn's threads (docs/serving.md). This process writes nginx's config
+connection, never a gunicorn worker (docs/serving.md). This process writes nginx's config
 from nginx.conf beside it, starts nginx, runs the gunicorn master, and stops nginx when gunicorn
-stops (and gunicorn when nginx dies). Never Flask's development server. Bad flags: a one-line
+stops (and gunicorn when nginx dies). gunicorn's workers are `sync` workers, one request at a time, so a
+busy worker takes no new connection and nginx's next one goes to an idle worker (--threads T > 1: `gthread`
+workers with T threads). Never Flask's development server. Bad flags: a one-line
 message on stderr and exit code 2; nginx missing: one line naming the package, exit 1. Each gunicorn
 worker builds its own app with `app.create_app` (routes and metrics; the HTTP API is in
 docs/CONTRACTS.md), which loads the model through `model.py` and reloads it when the file is
-replaced; a missing model is picked up when it appears (/readyz says 503 until then). TensorFlow is
-imported only in the workers, never here.
+replaced (in a thread of its own, so no worker stops serving meanwhile); a missing model is picked up
+when it appears (/readyz says 503 until then). TensorFlow is imported only in the workers, never here.
 """
 
 import gc
@@ -35,7 +37,8 @@ from gate import DEFAULT_EPSILON  # noqa: E402  (stdlib only at import)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKERS = 2
-DEFAULT_THREADS = 2  # 2 x 2 on 2 cores: p99 15-18 ms where 2 x 4 gave 20-25 (docs/serving.md)
+DEFAULT_THREADS = 1  # sync workers: p99 11-15 ms on 2 cores where 2 gthread workers x 2 threads gave 15-22
+# (the busier worker kept accepting nginx's connections; docs/serving.md)
 HEADER_TIMEOUT = 10  # s: the request line and all headers, from connecting
 BODY_TIMEOUT = 10  # s: the longest pause between two reads of the body
 KEEPALIVE_TIMEOUT = 15  # s: an idle keep-alive connection
@@ -52,7 +55,7 @@ def build_parser():
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"gunicorn worker processes, one model each (default {DEFAULT_WORKERS})")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help=f"request threads per worker (default {DEFAULT_THREADS})")
+                        help=f"request threads per worker (default {DEFAULT_THREADS}: gunicorn `sync` workers; more: `gthread`)")
     parser.add_argument("--header-timeout", type=int, default=HEADER_TIMEOUT,
                         help=f"seconds a client has to send the request line and headers (default {HEADER_TIMEOUT})")
     parser.add_argument("--body-timeout", type=int, default=BODY_TIMEOUT,
@@ -209,7 +212,7 @@ def serve(args, run_dir, socket_path):
             settings = {
                 "bind": f"unix:{socket_path}",
                 "workers": args.workers,
-                "worker_class": "gthread",
+                "worker_class": "sync" if args.threads == 1 else "gthread",
                 "threads": args.threads,
                 "keepalive": GUNICORN_KEEPALIVE,
                 "timeout": 120,  # first model load + TensorFlow start-up
@@ -233,7 +236,7 @@ def serve(args, run_dir, socket_path):
             tf.config.threading.set_inter_op_parallelism_threads(1)
             from app import create_app
 
-            app = create_app(model_path, gate_data=gate_data, gate_epsilon=args.gate_epsilon)
+            app = create_app(model_path, gate_data=gate_data, gate_epsilon=args.gate_epsilon, background_reload=True)
             warm_up()  # create_app loaded the model and ran it (model.WARM_BATCHES); now the upload path
             # TensorFlow and Keras leave ~10^6 long-lived objects: keep them out of the cyclic
             # garbage collector's scans, which otherwise show up as latency spikes.

@@ -327,6 +327,54 @@ def test_hot_reload_swaps_model_without_failing_requests(tmp_path, mnist_model):
     assert "mlk_model_loads_total 2.0" in app.test_client().get("/metrics").get_data(as_text=True)
 
 
+def reload_threads():
+    return [t for t in threading.enumerate() if t.name == "mlk-model-reload"]
+
+
+def test_background_reload_answers_with_the_old_model_until_the_new_one_is_in(tmp_path, mnist_model):
+    """server.py's workers take one request at a time: the request that notices a replaced file must not load it."""
+    path = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(mnist_model, path)
+    always_three = constant_model(mnist_model, tmp_path / "three.h5", 3)
+    app = server_app.create_app(str(path), check_interval=0, background_reload=True)
+    client = app.test_client()
+    six = (SAMPLES / "6.png").read_bytes()
+    assert post_files(client, "/api/predict", six).get_json()["digit"] == 6
+    replace(always_three, path)
+    # this request starts the load (a conversion for LiteRT: a second or more) and is answered by the old model
+    assert post_files(client, "/api/predict", six).get_json()["digit"] == 6
+    assert len(reload_threads()) == 1
+    assert client.get("/readyz").status_code == 200
+    deadline = time.monotonic() + 60
+    while post_files(client, "/api/predict", six).get_json()["digit"] != 3:
+        assert time.monotonic() < deadline, "the replaced model was never served"
+        time.sleep(0.05)
+    assert client.get("/api/model").get_json()["sha256"] == hashlib.sha256(always_three.read_bytes()).hexdigest()
+    for thread in reload_threads():
+        thread.join(30)
+    post_files(client, "/api/predict", six)
+    assert reload_threads() == []  # the file is the served one: no load started
+
+
+def test_background_reload_of_a_corrupt_file_keeps_the_old_model_and_is_not_retried(tmp_path, mnist_model):
+    path = tmp_path / "aggregated-model.h5"
+    shutil.copyfile(mnist_model, path)
+    app = server_app.create_app(str(path), check_interval=0, background_reload=True)
+    client = app.test_client()
+    sha = client.get("/api/model").get_json()["sha256"]
+    tmp = tmp_path / ".x"
+    tmp.write_bytes(b"not an hdf5 file")
+    os.replace(tmp, path)
+    assert post_files(client, "/api/predict", (SAMPLES / "6.png").read_bytes()).get_json()["digit"] == 6
+    for thread in reload_threads():
+        thread.join(30)
+    assert "cannot load" in app.extensions["mlk_model"].last_error
+    for _ in range(3):  # the same bad file: not loaded again
+        assert client.get("/api/model").get_json()["sha256"] == sha
+        assert reload_threads() == []
+    assert post_files(client, "/api/predict", (SAMPLES / "6.png").read_bytes()).get_json()["digit"] == 6
+
+
 def test_corrupt_replacement_keeps_serving_the_old_model(tmp_path, mnist_model):
     path = tmp_path / "aggregated-model.h5"
     shutil.copyfile(mnist_model, path)
