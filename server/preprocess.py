@@ -30,6 +30,8 @@ SMALL_THRESHOLD = 0.05  # the same in a drawing or a small image (an MNIST digit
 LARGE = 56  # px: an image at least this on both sides may be a photo (else a drawing or an MNIST digit)
 CENTRE = 14.0  # MNIST's centre of mass is at (14, 14) (measured on the training set), not at 13.5
 FIT_GRID = 32  # a photo's paper is fitted on about a 32x32 grid of it
+JOIN, PART = 0.4, 0.05  # a large image's crop takes in a part of the digit drawn apart (a 5's bar) up to 0.4 times
+# the digit's extent away, if it has 5% of the ink of the digit's largest part (a speck has far less)
 THIN, THIN_TO = 1.2, 2.0  # strokes narrower than this in the 20x20 box (MNIST's: 1.6-4.6, median 2.5) are
 FINE = 4  # ... thickened to THIN_TO, at FINE times the final scale
 THICK = 3.5  # strokes wider than this in the box (MNIST's 90th percentile: 3.4) also get a view thinned to it:
@@ -169,8 +171,10 @@ def paper_surface(grey):
 def ink_extent(profile):
     """(first, last) index of the digit along one axis of a photo from its ink profile (ink per row or
     column): the run of rows with real ink (> 2% of the fullest row; gaps up to 8% of the side bridged)
-    that holds the most ink, widened through the faint rows next to it. Specks, a shadow at the edge
-    or a fold of the paper elsewhere are left out."""
+    that holds the most ink, joined by the runs beside it that are part of the digit (a 5's or a 7's bar
+    drawn apart from the rest: at most JOIN times the extent so far away, with at least PART of its ink),
+    widened through the faint rows next to it. Specks, a shadow at the edge or a fold of the paper
+    elsewhere are left out."""
     significant = profile > 0.02 * float(profile.max())
     index = np.flatnonzero(significant)
     gap = max(2, len(profile) * 8 // 100)
@@ -180,7 +184,16 @@ def ink_extent(profile):
     cumulative = np.concatenate([[0.0], np.cumsum(profile)])
     masses = [cumulative[index[e] + 1] - cumulative[index[b]] for b, e in zip(starts, ends)]
     best = int(np.argmax(masses))
-    first, last = int(index[starts[best]]), int(index[ends[best]])
+    low = high = best  # the runs joined so far
+    while True:
+        first, last = int(index[starts[low]]), int(index[ends[high]])
+        reach, part = JOIN * (last - first + 1), PART * masses[best]
+        if low > 0 and first - index[ends[low - 1]] - 1 <= reach and masses[low - 1] >= part:
+            low -= 1
+        elif high < len(masses) - 1 and index[starts[high + 1]] - last - 1 <= reach and masses[high + 1] >= part:
+            high += 1
+        else:
+            break
     faint = profile > 0.002 * float(profile.max())
     while first > 0 and faint[first - 1]:
         first -= 1

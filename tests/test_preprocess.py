@@ -198,6 +198,35 @@ def test_speck_far_from_the_digit_does_not_shrink_it():
     check_bar(preprocess.preprocess(encode(image.convert("RGB"), "JPEG", quality=90)))
 
 
+def five_with_a_detached_bar(speck=None):
+    """300x300 grey paper, dark ink: a stem 121 px tall and, 41 px above it (more than 8% of the side, less than
+    JOIN times the stem), a bar as a 5's drawn apart; `speck`: also a fleck (x0, y0, x1, y1)."""
+    image = Image.new("L", (300, 300), 235)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((120, 120, 131, 240), fill=60)  # the stem
+    draw.rectangle((120, 70, 200, 78), fill=60)  # the bar
+    if speck:
+        draw.rectangle(speck, fill=60)
+    return encode(image.convert("RGB"), "JPEG", quality=90)
+
+
+def test_a_part_of_the_digit_drawn_apart_is_kept():
+    out = preprocess.preprocess(five_with_a_detached_bar())
+    top, bottom, left, right = ink_box(out, 0.2)
+    assert bottom - top + 1 == 20  # bar and stem: 171 px high scaled to 20
+    rows = out.max(axis=1) > 0.2
+    assert rows[top] and rows[bottom] and not rows[top:bottom + 1].all()  # the gap between them is in the frame
+    assert right - left + 1 >= 8  # the bar's width (81 px) is in it too
+
+
+def test_a_speck_near_the_digit_is_still_left_out():
+    # 3x3 px, 30 px below the stem (within JOIN's reach) but far less than PART of the stem's ink
+    out = preprocess.preprocess(five_with_a_detached_bar(speck=(125, 270, 127, 272)))
+    top, bottom, _, _ = ink_box(out, 0.2)
+    assert bottom - top + 1 == 20
+    assert np.array_equal(out > 0.2, preprocess.preprocess(five_with_a_detached_bar()) > 0.2)
+
+
 # ------------------------------------------------------------------------------- drawings and views
 
 def ring(size=280, box=(3, 42, 277, 270), width=22, mode="RGBA"):
