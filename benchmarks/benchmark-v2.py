@@ -50,7 +50,7 @@ def build_parser():
     parser.add_argument("--model", help="model .h5 (default: train one with trainer/trainer.py)")
     parser.add_argument("--dataset", help="mnist.npz (default: as tests/helpers.py's mnist_path())")
     parser.add_argument("--workers", type=int, default=2, help="server --workers (default 2)")
-    parser.add_argument("--threads", type=int, default=4, help="server --threads (default 4)")
+    parser.add_argument("--threads", type=int, default=1, help="server --threads (default 1: sync workers, as server.py)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load run (default 10)")
     return parser
