@@ -171,16 +171,15 @@ class ModelHolder:
         if now >= self._next_check:
             self._next_check = now + self.check_interval
             if self.background and self.current is not None:
-                if self._changed() and not self._loading.locked():
+                if self._is_new(file_signature(self.path), self.current) and not self._loading.locked():
                     threading.Thread(target=self.refresh, name="mlk-model-reload", daemon=True).start()
             else:
                 self.refresh()
         return self.current
 
-    def _changed(self):
-        """Whether the file is there and neither the served model nor the one that last failed (a stat())."""
-        signature = file_signature(self.path)
-        current = self.current
+    def _is_new(self, signature, current):
+        """Whether a file with this signature is worth loading: it is there and is neither the `current` model
+        nor the file that last failed (to load, or the gate)."""
         return signature is not None and signature != self._failed_signature and (
             current is None or current.signature != signature)
 
@@ -195,7 +194,7 @@ class ModelHolder:
                 if current is None:
                     self.last_error = f"model file {self.path} does not exist (yet)"
                 return  # keep serving the old model if the file is briefly gone
-            if (current is not None and current.signature == signature) or signature == self._failed_signature:
+            if not self._is_new(signature, current):
                 return
             try:
                 loaded = LoadedModel(self.path, signature)
