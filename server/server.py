@@ -37,7 +37,7 @@ from gate import DEFAULT_EPSILON  # noqa: E402  (stdlib only at import)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKERS = 2
-DEFAULT_THREADS = 1  # sync workers: p99 11-15 ms on 2 cores where 2 gthread workers x 2 threads gave 15-22
+DEFAULT_THREADS = 1  # sync workers: p99 11-15 ms on 2 cores where 2 gthread workers x 2 threads gave 15-27
 # (the busier worker kept accepting nginx's connections; docs/serving.md)
 HEADER_TIMEOUT = 10  # s: the request line and all headers, from connecting
 BODY_TIMEOUT = 10  # s: the longest pause between two reads of the body
