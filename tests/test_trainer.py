@@ -189,6 +189,21 @@ def test_threads_sizes_tensorflows_pools_and_the_model_folder_is_created(shard, 
     assert attrs(out)["mlk_kind"] == "worker" and list(out.parent.iterdir()) == [out]
 
 
+def test_thickened_widens_the_strokes_of_about_the_fraction_asked_and_is_seeded():
+    x = np.zeros((400, 28, 28, 1), np.float32)
+    x[:, 6:22, 14, 0] = 0.8  # a one-pixel-wide vertical stroke
+    out = trainer.thickened(x, np.random.default_rng(0), fraction=0.3)
+    widths = (out[:, 14, :, 0] > 0).sum(axis=1)
+    assert set(widths) == {1, 3}  # left alone, or one pixel more on each side
+    assert 0.2 < np.mean(widths == 3) < 0.4
+    wide = widths == 3
+    assert np.array_equal(out[wide, 5:23, 13:16, 0] > 0, np.ones((wide.sum(), 18, 3), bool))  # ends grow too
+    assert out.max() == np.float32(0.8)  # no ink added beyond what a neighbour had
+    assert np.array_equal(out, trainer.thickened(x, np.random.default_rng(0), fraction=0.3))
+    assert (x > 0).sum() == 400 * 16  # the input is left alone
+    assert np.array_equal(trainer.thickened(x, np.random.default_rng(0), fraction=0.0), x)
+
+
 def test_shifted_moves_each_image_by_at_most_one_pixel_and_is_seeded():
     x = np.zeros((50, 28, 28, 1), np.float32)
     x[:, 14, 14, 0] = 1  # one ink pixel in the middle
