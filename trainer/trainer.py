@@ -83,7 +83,7 @@ def augmentation_rng(seed, training_round, data_path):
 def thickened(x, rng, fraction=THICKEN_FRACTION):
     """x (n, 28, 28, 1) with a random `fraction` of the images' strokes made 2 px wider (a 3x3 grey dilation:
     each pixel takes the brightest of its 3x3 neighbourhood). Drawings with a thick pen, whose loops nearly
-    close, are read better; MNIST's own accuracy is unchanged (docs/benchmarks.md)."""
+    close, are read better; MNIST's own accuracy stays (0.9911 -> 0.9908; docs/benchmarks.md)."""
     import numpy as np
 
     pick = np.nonzero(rng.random(len(x)) < fraction)[0]
