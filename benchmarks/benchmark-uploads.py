@@ -29,7 +29,7 @@ from mlkcommon import Parser, error, int_at_least, parse_args  # noqa: E402
 
 PROG = "benchmark-uploads.py"
 TARGET = 0.98
-DIGITS = 2000  # per style: the accuracy's sampling error is about +-0.6 points (+-1.2 with 500, which let
+DIGITS = 2000  # per style: at 0.98 the accuracy's standard error is about 0.3 points (0.6 with 500, which let
 # one sample meet the target that larger ones miss; docs/benchmarks.md)
 REFERENCE = "mnist"  # the digit's own 28x28 PNG: not an upload style, not in the overall figure
 
