@@ -327,8 +327,16 @@ def test_port_forward_reaches_the_server(kubeconfig, ns):
     try:
         status, body = get(f"http://127.0.0.1:{local}/healthz")
         assert status == 200 and json.loads(body) == {"status": "ok"}
-        status, body = get(f"http://127.0.0.1:{local}/readyz")
-        assert status == 503 and "does not exist" in json.loads(body)["error"]
+        # /healthz answers once one gunicorn worker is up; /readyz waits for all of them (nginx says so
+        # meanwhile), then gives the app's own reason.
+        deadline = time.monotonic() + 120
+        while True:
+            status, body = get(f"http://127.0.0.1:{local}/readyz")
+            error = json.loads(body)["error"]
+            if "workers still starting" not in error or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert status == 503 and "does not exist" in error, error
     finally:
         proc.kill()
         proc.wait()

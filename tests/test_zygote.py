@@ -39,8 +39,13 @@ def server(tmp_path_factory):
     socket_path = Path(tmp_path_factory.mktemp("zygote")) / "socket"
     proc = subprocess.Popen([sys.executable, str(ZYGOTE), "serve", "--socket", str(socket_path)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline()  # printed once TensorFlow is imported
-    assert "serving trainer.py, evaluate.py" in line, line
+    lines = []  # the line is printed once TensorFlow is imported; TensorFlow may log a few lines first
+    while len(lines) < 20 and "serving trainer.py, evaluate.py" not in "".join(lines[-1:]):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    assert "serving trainer.py, evaluate.py" in "".join(lines[-1:]), "".join(lines)
     yield socket_path, proc
     proc.terminate()
     proc.wait(timeout=30)
