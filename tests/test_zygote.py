@@ -45,10 +45,12 @@ def server(tmp_path_factory):
         if not line:
             break
         lines.append(line)
-    assert "serving trainer.py, evaluate.py" in "".join(lines[-1:]), "".join(lines)
-    yield socket_path, proc
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        assert "serving trainer.py, evaluate.py" in "".join(lines[-1:]), "".join(lines)
+        yield socket_path, proc
+    finally:  # a server that never said it serves is not left running either
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def run(socket_path, *args, **kwargs):
