@@ -36,17 +36,14 @@ def shard(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    socket_path = Path(tmp_path_factory.mktemp("zygote")) / "socket"
-    proc = subprocess.Popen([sys.executable, str(ZYGOTE), "serve", "--socket", str(socket_path)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []  # the line is printed once TensorFlow is imported; TensorFlow may log a few lines first
-    while len(lines) < 20 and "serving trainer.py, evaluate.py" not in "".join(lines[-1:]):
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
+    folder = Path(tmp_path_factory.mktemp("zygote"))
+    socket_path = folder / "socket"
+    with open(folder / "stderr", "w") as stderr:  # TensorFlow may log there on import (e.g. that oneDNN is on)
+        proc = subprocess.Popen([sys.executable, str(ZYGOTE), "serve", "--socket", str(socket_path)], env=ENV,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+    line = proc.stdout.readline()  # printed once TensorFlow is imported
     try:
-        assert "serving trainer.py, evaluate.py" in "".join(lines[-1:]), "".join(lines)
+        assert "serving trainer.py, evaluate.py" in line, line + (folder / "stderr").read_text()
         yield socket_path, proc
     finally:  # a server that never said it serves is not left running either
         proc.terminate()
