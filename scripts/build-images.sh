@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Build the stage images (each stage folder is its own build context) and tag them
-# $IMAGE_REGISTRY/<stage>:$IMAGE_TAG (scripts/images.env). Prints each image's size at the end.
-#   scripts/build-images.sh [stage...]      default: every stage in images.env
+# Build the project's images (each folder is its own build context: the four stages and nfs-server) and
+# tag them $IMAGE_REGISTRY/<name>:$IMAGE_TAG (scripts/images.env). Prints each image's size at the end.
+#   scripts/build-images.sh [image...]      default: every image in images.env (IMAGES)
 #   CONTAINER_ENGINE  docker or podman (default: whichever is installed, podman first)
-#   BASE_IMAGE        passed as --build-arg BASE_IMAGE (default: the Dockerfiles' pinned base)
-#   BUILD_ARGS        extra build flags, e.g. BUILD_ARGS="--network=host"
+#   BASE_IMAGE        passed as --build-arg BASE_IMAGE to every image (default: each Dockerfile's pinned
+#                     base; all are Debian bookworm, so one stand-in serves them all)
+#   BUILD_ARGS        extra build flags, e.g. BUILD_ARGS="--network=host", or "--platform linux/arm64"
+#                     (nothing in the Dockerfiles is architecture-specific)
 #   IMAGE_REGISTRY, IMAGE_TAG   see scripts/images.env
 #   PUSH=1            push each image after building it
 set -euo pipefail
@@ -19,8 +21,8 @@ source "$root/scripts/lib.sh"
 for arg in "$@"; do
   case "$arg" in
     -h | --help) usage; exit 0 ;;
-    -*) echo "build-images: unknown option '$arg' (arguments are stage names; try --help)" >&2; exit 2 ;;
-    *) [[ " ${STAGES[*]} " == *" $arg "* ]] || { echo "build-images: unknown stage '$arg' (stages: ${STAGES[*]})" >&2; exit 2; } ;;
+    -*) echo "build-images: unknown option '$arg' (arguments are image names; try --help)" >&2; exit 2 ;;
+    *) [[ " ${IMAGES[*]} " == *" $arg "* ]] || { echo "build-images: unknown image '$arg' (images: ${IMAGES[*]})" >&2; exit 2; } ;;
   esac
 done
 
@@ -34,7 +36,7 @@ fi
 command -v "$engine" >/dev/null 2>&1 || die "CONTAINER_ENGINE=$engine not found"
 
 stages=("$@")
-if ((${#stages[@]} == 0)); then stages=("${STAGES[@]}"); fi
+if ((${#stages[@]} == 0)); then stages=("${IMAGES[@]}"); fi
 for s in "${stages[@]}"; do
   [[ -f "$root/$s/Dockerfile" ]] || die "$s/Dockerfile missing"
 done

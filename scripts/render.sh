@@ -15,7 +15,7 @@
 #   ROUND_DEADLINE  if set, aggregator args get "--deadline" ROUND_DEADLINE (seconds, >= 1; the
 #                   aggregator Job's activeDeadlineSeconds grows with it past 3600)
 #   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
-#   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<stage>:0.1.0 -> $IMAGE_REGISTRY/<stage>:$IMAGE_TAG
+#   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG
 #   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
 set -euo pipefail
 
@@ -76,7 +76,7 @@ for file in "$@"; do
     check_value "$name" "${!name}"
     expr+=(-e "s/{{$name}}/$(sed_literal "${!name}")/g")
   done
-  for stage in "${STAGES[@]}"; do
+  for stage in "${IMAGES[@]}"; do
     expr+=(-e "s|$(sed_literal "$DEFAULT_IMAGE_REGISTRY/$stage:$DEFAULT_IMAGE_TAG")|$(sed_literal "$IMAGE_REGISTRY/$stage:$IMAGE_TAG")|g")
   done
   if [[ -n "${INIT_MODEL:-}" ]]; then
