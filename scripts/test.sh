@@ -27,6 +27,9 @@ command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 PATH="$PATH:/usr/sbin" command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+# The real node's NFS volumes: FUSE (libfuse3) for its userspace client, nftables for its kube-proxy.
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+PATH="$PATH:/usr/sbin" command -v nft >/dev/null 2>&1 || need+=(nftables)
 if ((${#need[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     echo "test.sh: installing ${need[*]}" >&2
