@@ -17,13 +17,19 @@
 #   RESUME [0]         1: continue from the last complete round of the volume's round ledger, checked
 #                      against every recorded sha256 first (manifests/9999-ledger-restore.yaml)
 #   NFS_BACKEND [pvc]  where the shared volume lives (docs/kubernetes.md, "Storage backends"):
-#                      pvc: an in-cluster NFS server on a PVC of the default StorageClass (any cluster
-#                           whose nodes mount NFS; privileged pod);
-#                      gce: the NFS server on the pre-created GCE disk ml-kube-disk (the original's way);
+#                      pvc: an in-cluster NFS server (the project's nfs-server image: NFS-Ganesha,
+#                           NFSv4.1) on a PVC of the default StorageClass (any cluster whose nodes mount
+#                           NFS; root with seven capabilities, not privileged);
+#                      gce: the NFS server on the pre-created GCE disk ml-kube-disk (the original's way),
+#                           through GKE's Persistent Disk CSI driver: needs GCE_PROJECT and GCE_DISK_ZONE;
 #                      rwx: no NFS server: a ReadWriteMany claim of STORAGE_CLASS (GKE Filestore
 #                           standard-rwx, Azure Files, EFS, ...): no privileged pod, runs on GKE
 #                           Autopilot and under the restricted Pod Security level
 #   STORAGE_CLASS []   the ReadWriteMany StorageClass for NFS_BACKEND=rwx
+#   GCE_PROJECT [], GCE_DISK_ZONE []  the GCE disk's project and zone for NFS_BACKEND=gce
+#   NODE_CIDR []       the nodes' address range, the only addresses besides the project's pods that the
+#                      NFS server's NetworkPolicy admits (the kubelets mount from there). Unset: the
+#                      smallest range that holds every node's InternalIP now (set it on an autoscaled cluster)
 #   MNIST_NPZ []       a local mnist.npz (Keras layout) to put on the volume for the splitter, through a
 #                      short-lived pod (manifests/9999-dataset-upload.yaml): for clusters without
 #                      internet access. Unset: the splitter downloads MNIST (checksum-verified)
@@ -62,6 +68,9 @@ ROUND_DEADLINE="${ROUND_DEADLINE:-3600}"
 RESUME="${RESUME:-0}"
 NFS_BACKEND="${NFS_BACKEND:-pvc}"
 STORAGE_CLASS="${STORAGE_CLASS:-}"
+GCE_PROJECT="${GCE_PROJECT:-}"
+GCE_DISK_ZONE="${GCE_DISK_ZONE:-}"
+NODE_CIDR="${NODE_CIDR:-}"
 MNIST_NPZ="${MNIST_NPZ:-}"
 SERVE="${SERVE:-1}"
 SERVICE_TYPE="${SERVICE_TYPE:-LoadBalancer}"
@@ -98,7 +107,11 @@ case "$SERVICE_TYPE" in
 esac
 case "$NFS_BACKEND" in
   pvc) nfs_manifest="$root/manifests/variants/1-nfs-deployment-pvc.yaml" ;;
-  gce) nfs_manifest="$root/manifests/1-nfs-deployment.yaml" ;;
+  gce)
+    nfs_manifest="$root/manifests/1-nfs-deployment.yaml"
+    [[ -n "$GCE_PROJECT" && -n "$GCE_DISK_ZONE" ]] ||
+      fail config "NFS_BACKEND=gce needs GCE_PROJECT and GCE_DISK_ZONE, the project and zone of the disk ml-kube-disk (gcloud compute disks list)"
+    ;;
   rwx)
     [[ -n "$STORAGE_CLASS" ]] || fail config "NFS_BACKEND=rwx needs STORAGE_CLASS, a ReadWriteMany StorageClass (kubectl get storageclass; GKE: standard-rwx)"
     ;;
@@ -106,10 +119,27 @@ case "$NFS_BACKEND" in
 esac
 [[ -z "$MNIST_NPZ" || (-f "$MNIST_NPZ" && -r "$MNIST_NPZ") ]] || fail config "MNIST_NPZ=$MNIST_NPZ is not a readable file"
 command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
-export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE ROUND_DEADLINE
+export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE ROUND_DEADLINE GCE_PROJECT GCE_DISK_ZONE
 export MIN_WORKERS="$min_workers" # render.sh: the aggregator's --min-workers and --deadline
 
 k() { "${kubectl_cmd[@]}" "$@"; }
+
+# covering_cidr IP...: the smallest IPv4 CIDR that holds every IP (fails on none or a non-IPv4 one)
+covering_cidr() {
+  local ip a b c d n lo=-1 hi=-1 bits=32
+  (($#)) || return 1
+  for ip in "$@"; do
+    [[ "$ip" =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || return 1
+    IFS=. read -r a b c d <<<"$ip"
+    n=$(((a << 24) | (b << 16) | (c << 8) | d))
+    ((lo < 0 || n < lo)) && lo=$n
+    ((hi < 0 || n > hi)) && hi=$n
+  done
+  while ((bits > 0 && (lo >> (32 - bits)) != (hi >> (32 - bits)))); do bits=$((bits - 1)); done
+  n=$(((lo >> (32 - bits)) << (32 - bits) & 0xffffffff))
+  ((bits > 0)) || n=0
+  echo "$(((n >> 24) & 255)).$(((n >> 16) & 255)).$(((n >> 8) & 255)).$((n & 255))/$bits"
+}
 
 # apply STAGE FILE [FILTER]: render FILE (scripts/render.sh, environment as exported) and apply it;
 # FILTER (a command reading the rendered text) picks what of it is applied
@@ -307,10 +337,17 @@ if [[ "$NFS_BACKEND" == rwx ]]; then
   apply volume "$root/manifests/variants/3-rwx-pvc.yaml"
   wait_claim volume nfs
 else
-  say "== nfs: NFS server ($NFS_BACKEND) and its service"
+  say "== nfs: NFS server ($NFS_BACKEND), its service and who may reach it"
   apply nfs "$nfs_manifest"
-  [[ "$NFS_BACKEND" != pvc ]] || wait_claim nfs nfs-server-disk
+  wait_claim nfs nfs-server-disk
   apply nfs "$root/manifests/2-nfs-service.yaml"
+  if [[ -z "$NODE_CIDR" ]]; then
+    read -ra node_ips <<<"$(k get nodes -o 'jsonpath={.items[*].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null || true)"
+    NODE_CIDR="$(covering_cidr "${node_ips[@]}")" ||
+      fail nfs "cannot derive NODE_CIDR from the nodes' InternalIPs (kubectl get nodes -o wide): set NODE_CIDR"
+  fi
+  export NODE_CIDR
+  apply nfs "$root/manifests/2-nfs-networkpolicy.yaml"
   wait_deployment nfs nfs-server "app.kubernetes.io/component=nfs-server" "$NFS_TIMEOUT"
   NFS_CLUSTER_IP="$(k get service nfs-server -o 'jsonpath={.spec.clusterIP}')" || NFS_CLUSTER_IP=""
   [[ -n "$NFS_CLUSTER_IP" ]] || fail nfs "service nfs-server has no ClusterIP"
