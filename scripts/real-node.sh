@@ -11,23 +11,28 @@
 #                       --exclusive: taint the cluster's simulated kwok nodes NoSchedule, so that
 #                       workloads land on the real node. Running it again keeps what runs.
 #   scripts/real-node.sh down    drain and delete the node, its PersistentVolumes (and their data)
-#                       and StorageClass, stop the kubelet, the pods and containerd, remove the pod
-#                       network and cgroups (the images and the build cache are kept)
-#   scripts/real-node.sh build   only build (containerd, crictl, the kubelet, the pause image)
+#                       and StorageClass (the earlier default class is the default again), stop the
+#                       kubelet, kube-proxy, the pods and containerd, unmount every volume (NFS mounts
+#                       included: their FUSE daemons end), remove the pod network, kube-proxy's nftables
+#                       tables and the cgroups (the images and the build cache are kept)
+#   scripts/real-node.sh build   only build (containerd, crictl, the kubelet, kube-proxy, the pause image)
 #
-# What the node has: pod network on a bridge of its own (no kube-proxy: Services get no traffic, no
-# cluster DNS: pods use the host's resolver); StorageClass local-rwx (kubernetes.io/no-provisioner,
-# WaitForFirstConsumer) with pre-made local PersistentVolumes of ReadWriteMany on host folders, on
-# which the kubelet applies fsGroup (for the quickstart: NFS_BACKEND=rwx STORAGE_CLASS=local-rwx);
-# logs, exec and port-forward. A kwokctl cluster needs two settings for it (docs/real-node.md).
+# What the node has: pod network on a bridge of its own; kube-proxy (nftables mode), so that Service
+# ClusterIPs route from this machine and its pods (no cluster DNS: pods use the host's resolver);
+# StorageClass local-rwx (kubernetes.io/no-provisioner, WaitForFirstConsumer), the cluster's default
+# while the node is up, with pre-made local PersistentVolumes of ReadWriteMany and ReadWriteOnce on host
+# folders, on which the kubelet applies fsGroup; NFS volumes, which the kubelet mounts through the
+# project's own mount.nfs (scripts/real-node/: a userspace NFSv4.1 client over FUSE, as this kernel has
+# no NFS client); logs, exec and port-forward. A kwokctl cluster needs two settings for it
+# (docs/real-node.md).
 #
 # Environment (defaults in brackets):
 #   LOCAL_CLUSTER_CACHE [<project>/.cache/local-cluster]  build cache; node state in real-node/
 #   REAL_NODE_NAME [real-node]         the Node's name
 #   REAL_NODE_POD_CIDR [10.85.0.0/24]  pod addresses; its first address is the node's (the bridge)
 #   REAL_NODE_PVS [4]                  how many PersistentVolumes of local-rwx
-#   REAL_NODE_IMAGES [splitter trainer aggregator server]  stages imported from podman
-#                                      ($IMAGE_REGISTRY/<stage>:$IMAGE_TAG, scripts/images.env)
+#   REAL_NODE_IMAGES [splitter trainer aggregator server nfs-server]  images imported from podman
+#                                      ($IMAGE_REGISTRY/<name>:$IMAGE_TAG, scripts/images.env)
 #   GO [go]                            the Go toolchain (1.26 or newer)
 set -euo pipefail
 
@@ -66,7 +71,7 @@ pv_count="${REAL_NODE_PVS:-4}"
 go_cmd="${GO:-go}"
 # shellcheck source=scripts/images.env disable=SC1091
 source "$root/scripts/images.env"
-read -r -a stages <<<"${REAL_NODE_IMAGES-${STAGES[*]}}"
+read -r -a stages <<<"${REAL_NODE_IMAGES-${IMAGES[*]}}"
 [[ "$node" =~ ^[a-z0-9][a-z0-9.-]{0,50}$ ]] || die "REAL_NODE_NAME must be a lower-case DNS name, got '$node'"
 if ! positive_int "$pv_count" || ((pv_count > 99)); then die "REAL_NODE_PVS must be a number from 1 to 99, got '$pv_count'"; fi
 
@@ -84,6 +89,8 @@ class="local-rwx"
 cgroup_name="mlk-$node"
 pv_label="mlk.local/real-node"
 taint="mlk.local/simulated"
+nfs_python="${MLK_NFS_PYTHON:-$root/.venv/bin/python}"
+default_class_annotation="storageclass.kubernetes.io/is-default-class"
 
 # --- build ------------------------------------------------------------------------------------------
 go_env() {
@@ -126,21 +133,22 @@ build_crictl() {
   mv "${crictl_bin%/*}/.gobin/crictl" "$crictl_bin"
 }
 
-# The kubelet, as scripts/local-cluster.sh builds the control plane: from its wrapper module (which
-# lists cmd/kubelet), with the same version stamp.
-build_kubelet() {
-  [[ -x "$kbin/kubelet" ]] && return 0
+# The kubelet and kube-proxy, as scripts/local-cluster.sh builds the control plane: from its wrapper
+# module (which lists cmd/kubelet and cmd/kube-proxy), with the same version stamp.
+build_node_binary() { # build_node_binary NAME: k8s.io/kubernetes/cmd/NAME into $kbin
+  local name="$1"
+  [[ -x "$kbin/$name" ]] && return 0
   local src="$cache/src/kubernetes-$KUBE_VERSION" minor ldflags="" pkg
   [[ -f "$src/go.mod" && -f "$src/tools.go" ]] ||
-    die "no kubelet in $kbin and no Kubernetes build module in $src: run scripts/local-cluster.sh build first"
-  say "building kubelet $KUBE_VERSION into $kbin: a few minutes, once"
+    die "no $name in $kbin and no Kubernetes build module in $src: run scripts/local-cluster.sh build first"
+  say "building $name $KUBE_VERSION into $kbin: a few minutes, once"
   minor="${KUBE_VERSION#v1.}"
   minor="${minor%%.*}"
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
   done
-  (cd "$src" && go_do kubelet "$go_cmd" build -trimpath -ldflags="-s -w $ldflags" -o "$kbin/kubelet.tmp" k8s.io/kubernetes/cmd/kubelet)
-  mv "$kbin/kubelet.tmp" "$kbin/kubelet"
+  (cd "$src" && go_do "$name" "$go_cmd" build -trimpath -ldflags="-s -w $ldflags" -o "$kbin/$name.tmp" "k8s.io/kubernetes/cmd/$name")
+  mv "$kbin/$name.tmp" "$kbin/$name"
 }
 
 go_arch() {
@@ -195,9 +203,10 @@ build() {
   local start=$SECONDS
   build_containerd
   build_crictl
-  build_kubelet
+  build_node_binary kubelet
+  build_node_binary kube-proxy
   build_pause
-  say "binaries ready ($((SECONDS - start)) s): $cbin, ${crictl_bin%/*}, $kbin/kubelet, $(pause_dir)"
+  say "binaries ready ($((SECONDS - start)) s): $cbin, ${crictl_bin%/*}, $kbin/kubelet, $kbin/kube-proxy, $(pause_dir)"
 }
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -290,6 +299,8 @@ preflight() {
   command -v iptables >/dev/null 2>&1 || need+=(iptables)
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+  command -v nft >/dev/null 2>&1 || need+=(nftables)          # kube-proxy's nftables mode
+  command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)     # libfuse3 for the NFS mounts' FUSE client
   if ((${#need[@]})); then
     command -v apt-get >/dev/null 2>&1 || die "missing ${need[*]} (Debian packages)"
     say "installing ${need[*]} (Debian packages)"
@@ -299,6 +310,9 @@ preflight() {
   fi
   runc_path="$(command -v runc)"
   runc="$runc_path"
+  [[ -c /dev/fuse ]] || die "no /dev/fuse: the NFS volumes are mounted through FUSE (modprobe fuse)"
+  "$nfs_python" -c 'import mfusepy, nfs_rs' 2>/dev/null ||
+    die "$nfs_python cannot import nfs_rs and mfusepy (the NFS mounts' client): run scripts/bootstrap.sh --dev"
 }
 
 cgroup_mounts() { awk '$3 == "cgroup" || $3 == "cgroup2" {print $2}' /proc/mounts; }
@@ -488,7 +502,11 @@ start_kubelet() {
   printf '%s\n' "$node" >"$state/node-name"
   # The cluster's admin credentials (a local dev cluster); labels kubernetes.io/os, arch and hostname
   # come from the kubelet itself.
-  spawn "$state/kubelet.pid" "$state/logs/kubelet.log" "$kbin/kubelet" --config "$state/kubelet/config.yaml" \
+  # PATH: the kubelet's `mount` is scripts/real-node/bin/mount, which sends NFS mounts to the project's
+  # mount.nfs (log: nfs-mounts.log) and everything else to the system's mount.
+  spawn "$state/kubelet.pid" "$state/logs/kubelet.log" env PATH="$root/scripts/real-node/bin:$PATH" \
+    MLK_NFS_PYTHON="$nfs_python" MLK_NFS_MOUNT_LOG="$state/logs/nfs-mounts.log" \
+    "$kbin/kubelet" --config "$state/kubelet/config.yaml" \
     --kubeconfig "$state/kubeconfig" --root-dir "$state/kubelet/root" --hostname-override "$node" \
     --node-ip "$node_ip" --node-labels "type=real,$pv_label=true" --v=2
   kubelet_started=1
@@ -511,6 +529,48 @@ wait_ready() {
   die "node $node not Ready after 120 s: $(k get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}' 2>&1) (log: $state/logs/kubelet.log)"
 }
 
+# --- kube-proxy -------------------------------------------------------------------------------------
+# nftables mode: its rules live in tables of its own (ip/ip6 kube-proxy), so nothing mixes with the
+# host's iptables and `down` removes them whole. It touches no sysctl: conntrack limits stay as they are
+# (maxPerCore 0) and NodePorts are not offered on localhost (no route_localnet).
+service_cidrs() { k get servicecidrs -o 'jsonpath={range .items[*]}{range .spec.cidrs[*]}{@}{"\n"}{end}{end}' 2>/dev/null | grep -v ':' || true; }
+
+start_kube_proxy() {
+  if alive "$state/kube-proxy.pid" && cmp -s "$kubeconfig_arg" "$state/kube-proxy.kubeconfig"; then
+    say "kube-proxy already running (pid $(cat "$state/kube-proxy.pid"))"
+  else
+    stop_pid "$state/kube-proxy.pid" kube-proxy
+    cp "$kubeconfig_arg" "$state/kube-proxy.kubeconfig"
+    cat >"$state/kube-proxy.yaml" <<EOF
+# scripts/real-node.sh: kube-proxy of node $node
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: $state/kube-proxy.kubeconfig
+hostnameOverride: $node
+mode: nftables
+clusterCIDR: $pod_net
+nodePortAddresses: ["$node_ip/32"]
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+conntrack:
+  maxPerCore: 0
+EOF
+    spawn "$state/kube-proxy.pid" "$state/logs/kube-proxy.log" "$kbin/kube-proxy" --config "$state/kube-proxy.yaml" --v=2
+    say "kube-proxy $KUBE_VERSION started (pid $(cat "$state/kube-proxy.pid"), nftables mode, log $state/logs/kube-proxy.log)"
+  fi
+  # Service addresses go to the bridge, never to the default route: until kube-proxy's rules match (or
+  # for an address no Service has), a connection fails here instead of leaving the machine.
+  local cidr i
+  for cidr in $(service_cidrs); do ip route replace "$cidr" dev "$bridge"; done
+  for ((i = 0; i < 60; i++)); do
+    curl -fsS --max-time 2 http://127.0.0.1:10256/healthz >/dev/null 2>&1 && return 0
+    alive "$state/kube-proxy.pid" || break
+    sleep 1
+  done
+  die "kube-proxy is not healthy: $(grep -m1 -E '^[EF][0-9]{4} ' "$state/logs/kube-proxy.log" | cut -c1-300 || tail -n 1 "$state/logs/kube-proxy.log") (log: $state/logs/kube-proxy.log)"
+}
+
 # --- storage ----------------------------------------------------------------------------------------
 # StorageClass local-rwx and REAL_NODE_PVS local PersistentVolumes on folders of this machine. Local
 # rather than hostPath volumes: the kubelet applies fsGroup to them (hostPath it leaves root's), as a
@@ -523,6 +583,7 @@ kind: StorageClass
 metadata:
   name: $class
   labels: {$pv_label: \"true\"}
+  annotations: {$default_class_annotation: \"true\"}
 provisioner: kubernetes.io/no-provisioner
 volumeBindingMode: WaitForFirstConsumer
 reclaimPolicy: Retain
@@ -554,7 +615,32 @@ spec:
         - matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [\"$node\"]}]
 "
   done
+  make_default_class
   k apply -f - <<<"$manifest" >/dev/null || die "could not apply StorageClass $class and its PersistentVolumes"
+}
+
+# The node's class is the cluster's default while the node is up (a claim without a class, like the NFS
+# server's disk, must get a volume this node can mount, not kwok's simulated one); the classes that
+# were the default are noted and become it again at `down`.
+make_default_class() {
+  local c
+  for c in $(k get storageclass -o "jsonpath={range .items[?(@.metadata.annotations.storageclass\.kubernetes\.io/is-default-class==\"true\")]}{.metadata.name}{\"\n\"}{end}"); do
+    [[ "$c" != "$class" ]] || continue
+    grep -qxF "$c" "$state/default-classes" 2>/dev/null || echo "$c" >>"$state/default-classes"
+    k annotate storageclass "$c" "$default_class_annotation=false" --overwrite >/dev/null ||
+      die "could not make StorageClass $c non-default"
+    say "StorageClass $class is the default while the node is up ($c was; down makes it the default again)"
+  done
+}
+
+restore_default_class() {
+  local c
+  [[ -f "$state/default-classes" ]] || return 0
+  while read -r c; do
+    k annotate storageclass "$c" "$default_class_annotation=true" --overwrite >/dev/null 2>&1 &&
+      say "StorageClass $c is the default again"
+  done <"$state/default-classes"
+  rm -f "$state/default-classes"
 }
 
 simulated_nodes() {
@@ -588,6 +674,7 @@ up() {
   start_kubelet
   ((kubelet_started)) || since=""
   wait_ready "$since"
+  start_kube_proxy
   apply_storage
   if ((exclusive)); then
     local n tainted=()
@@ -597,7 +684,7 @@ up() {
     say "tainted the simulated nodes $taint=true:NoSchedule: ${tainted[*]:-none}"
   fi
   say "done: build $((t1 - t0)) s, containerd and images $((t2 - t1)) s, kubelet to Ready $((SECONDS - t2)) s"
-  echo "$me: node $node Ready (kubelet $KUBE_VERSION, containerd $CONTAINERD_VERSION, runc $("$runc" --version | awk 'NR == 1 {print $3}')), pods $pod_net, StorageClass $class with $pv_count volumes, $images_summary; logs in $state/logs"
+  echo "$me: node $node Ready (kubelet $KUBE_VERSION, containerd $CONTAINERD_VERSION, runc $("$runc" --version | awk 'NR == 1 {print $3}'), kube-proxy nftables), pods $pod_net, default StorageClass $class with $pv_count volumes, NFS mounts through FUSE, $images_summary; logs in $state/logs"
 }
 
 down() {
@@ -617,9 +704,12 @@ down() {
     k delete pods --all-namespaces --field-selector "spec.nodeName=$node" --grace-period=5 --timeout=60s >/dev/null 2>&1 || true
   fi
   stop_pid "$state/kubelet.pid" kubelet
+  stop_pid "$state/kube-proxy.pid" kube-proxy
+  if [[ -x "$kbin/kube-proxy" ]]; then "$kbin/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
   if ((api)); then
     k delete node "$node" --ignore-not-found --wait=false >/dev/null 2>&1 || true
     k delete pv -l "$pv_label=true" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+    restore_default_class
     k delete storageclass "$class" --ignore-not-found >/dev/null 2>&1 || true
   fi
   # Pods the kubelet left: their sandboxes through the CRI (which releases their network), then
@@ -643,6 +733,8 @@ down() {
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done < <(awk -v p="$state/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r)
   left="$(awk -v p="$state/" 'index($2, p) == 1' /proc/mounts | wc -l)"
+  # The NFS mounts' FUSE daemons end with their mounts; one whose mount is gone but lingers is ended.
+  pkill -TERM -f "$root/scripts/real-node/mount_nfs.py .* --daemon" 2>/dev/null || true
   if ((left == 0)); then
     rm -rf "$state/containerd/state" "$state/cni/ipam" "$state/kubelet/root/pods" "$state/volumes"
   else
@@ -656,7 +748,7 @@ down() {
   # (/run/containerd/s) and CNI's result cache; left only if something else uses them.
   rm -f /var/lib/cni/results/mlk-real-node-*
   rmdir /run/containerd/s /run/containerd /var/lib/cni/results /var/lib/cni 2>/dev/null || true
-  rm -f "$state/kubeconfig" "$state/node-name"
+  rm -f "$state/kubeconfig" "$state/kube-proxy.kubeconfig" "$state/node-name"
   say "node $node down (images kept in $state/containerd/root)"
 }
 
