@@ -17,19 +17,13 @@
 #   RESUME [0]         1: continue from the last complete round of the volume's round ledger, checked
 #                      against every recorded sha256 first (manifests/9999-ledger-restore.yaml)
 #   NFS_BACKEND [pvc]  where the shared volume lives (docs/kubernetes.md, "Storage backends"):
-#                      pvc: an in-cluster NFS server (the project's nfs-server image: NFS-Ganesha,
-#                           NFSv4.1) on a PVC of the default StorageClass (any cluster whose nodes mount
-#                           NFS; root with seven capabilities, not privileged);
-#                      gce: the NFS server on the pre-created GCE disk ml-kube-disk (the original's way),
-#                           through GKE's Persistent Disk CSI driver: needs GCE_PROJECT and GCE_DISK_ZONE;
+#                      pvc: the project's NFS server (NFS-Ganesha, not privileged) on a default-class PVC;
+#                      gce: it on the GCE disk ml-kube-disk by GKE's PD CSI: needs GCE_PROJECT, GCE_DISK_ZONE;
 #                      rwx: no NFS server: a ReadWriteMany claim of STORAGE_CLASS (GKE Filestore
 #                           standard-rwx, Azure Files, EFS, ...): no privileged pod, runs on GKE
 #                           Autopilot and under the restricted Pod Security level
 #   STORAGE_CLASS []   the ReadWriteMany StorageClass for NFS_BACKEND=rwx
-#   GCE_PROJECT [], GCE_DISK_ZONE []  the GCE disk's project and zone for NFS_BACKEND=gce
-#   NODE_CIDR []       the nodes' address range, the only addresses besides the project's pods that the
-#                      NFS server's NetworkPolicy admits (the kubelets mount from there). Unset: the
-#                      smallest range that holds every node's InternalIP now (set it on an autoscaled cluster)
+#   NODE_CIDR [nodes' IP span, else any]  who besides our pods may reach the NFS server (set it if autoscaled)
 #   MNIST_NPZ []       a local mnist.npz (Keras layout) to put on the volume for the splitter, through a
 #                      short-lived pod (manifests/9999-dataset-upload.yaml): for clusters without
 #                      internet access. Unset: the splitter downloads MNIST (checksum-verified)
@@ -343,8 +337,11 @@ else
   apply nfs "$root/manifests/2-nfs-service.yaml"
   if [[ -z "$NODE_CIDR" ]]; then
     read -ra node_ips <<<"$(k get nodes -o 'jsonpath={.items[*].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null || true)"
-    NODE_CIDR="$(covering_cidr "${node_ips[@]}")" ||
-      fail nfs "cannot derive NODE_CIDR from the nodes' InternalIPs (kubectl get nodes -o wide): set NODE_CIDR"
+    if ! NODE_CIDR="$(covering_cidr "${node_ips[@]}")"; then
+      # No right to list nodes, or no IPv4 InternalIP: the mounts must still work.
+      NODE_CIDR=0.0.0.0/0
+      warn "nfs: cannot read the nodes' IPv4 InternalIPs, so the NFS server's NetworkPolicy admits any address on 2049; set NODE_CIDR to the nodes' range to restrict it"
+    fi
   fi
   export NODE_CIDR
   apply nfs "$root/manifests/2-nfs-networkpolicy.yaml"

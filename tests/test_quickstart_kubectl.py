@@ -59,6 +59,8 @@ elif args[:2] == ["get", "jobs,replicasets,pods,persistentvolumeclaims"]:
         out(f"obj\tPod\tnfs-server-abc\tuid-2\tPending\nwait\tnfs-server-abc\tnfs-server\t{env('FAKE_WAITING')}\tpull access denied\n")
 elif args[:3] == ["get", "deployment", "nfs-server"] or args[:3] == ["get", "deployment", "mnist-server"]:
     out("" if env("FAKE_WAITING") else "ready")
+elif args[:2] == ["get", "nodes"]:  # the nodes' InternalIPs, for the NFS server's NetworkPolicy
+    out(env("FAKE_NODE_IPS", "10.128.0.5 10.128.0.9 10.128.0.12"))
 elif args[:2] == ["get", "pvc"]:
     out("Bound" if "phase" in template else "")
 elif args[:3] == ["get", "storageclass", env("FAKE_CLASS", "-none-")]:
@@ -100,7 +102,7 @@ def fake(tmp_path):
                if k not in ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP",
                             "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND",
                             "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET",
-                            "MIN_WORKERS", "ROUND_DEADLINE", "RESUME")}
+                            "MIN_WORKERS", "ROUND_DEADLINE", "RESUME", "GCE_PROJECT", "NODE_CIDR")}
         env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied),
                    POLL="0", **env_overrides)
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -119,6 +121,29 @@ def container_args(doc):
     return doc["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def nfs_steps(proc):
+    """The kubectl calls of the nfs stage in order, each apply as the (kind, name)s it applied, up to
+    the apply of the NFS PersistentVolume."""
+    applied = iter(kinds_names(proc.applied))
+    steps = []
+    for c in proc.calls:
+        c = c[4:] if c[:1] == ["--context"] else c
+        if c[:3] == ["apply", "-f", "-"]:
+            steps.append(("apply", next(applied)))
+            if ("PersistentVolume", "nfs") in steps[-1][1]:
+                return steps
+        elif c[:2] == ["get", "nodes"]:
+            steps.append(("get", "nodes"))
+        elif c[:2] in (["get", "pvc"], ["get", "deployment"], ["get", "service"]):
+            steps.append(tuple(c[:3]))
+    return steps
+
+
+def nfs_policy(proc):
+    [policy] = [d for docs in proc.applied for d in docs if d["kind"] == "NetworkPolicy"]
+    return policy
+
+
 def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake):
     proc = fake(QUICKSTART, WORKER_NUMBER="3", EPOCH="2", BATCH="64", ROUNDS="2",
                 IMAGE_REGISTRY="registry.example.com/me", IMAGE_TAG="1.2")
@@ -127,18 +152,29 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
     trainers = [("Job", f"mnist-trainer-{i}") for i in range(3)]
     assert kinds_names(proc.applied) == (
         [[("PersistentVolumeClaim", "nfs-server-disk"), ("Deployment", "nfs-server")], [("Service", "nfs-server")],
-         [("PersistentVolume", "nfs"), ("PersistentVolumeClaim", "nfs")],
+         [("NetworkPolicy", "nfs-server")], [("PersistentVolume", "nfs"), ("PersistentVolumeClaim", "nfs")],
          [("ConfigMap", "mnist-config"), ("Job", "mnist-splitter")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
         + [[("Job", "mnist-accuracy-test")], [("Deployment", "mnist-server"), ("Service", "mnist-server-svc")]])
 
+    # The nfs stage: the server's claim bound before the rest, the nodes' range (10.128.0.5-12) in its
+    # NetworkPolicy, the server ready before its ClusterIP goes into the PV.
+    assert nfs_steps(proc) == [
+        ("apply", [("PersistentVolumeClaim", "nfs-server-disk"), ("Deployment", "nfs-server")]),
+        ("get", "pvc", "nfs-server-disk"), ("get", "pvc", "nfs-server-disk"),  # its class, then its phase
+        ("apply", [("Service", "nfs-server")]),
+        ("get", "nodes"), ("apply", [("NetworkPolicy", "nfs-server")]),
+        ("get", "deployment", "nfs-server"), ("get", "service", "nfs-server"),
+        ("apply", [("PersistentVolume", "nfs"), ("PersistentVolumeClaim", "nfs")])]
+    assert nfs_policy(proc)["spec"]["ingress"][0]["from"][0] == {"ipBlock": {"cidr": "10.128.0.0/28"}}
+    assert "warning" not in proc.stderr
     # What was filled in: the NFS IP read from the service, the worker count, the per-shard args,
     # --init-model only from round 2 on, and the image names rewritten for the user's registry.
-    assert proc.applied[2][0]["spec"]["nfs"]["server"] == "10.96.0.42"
-    assert proc.applied[3][0]["data"] == {"WORKER_NUMBER": "3"}
-    assert container_args(proc.applied[3][1]) == ["--n_container", "3", "--savedir", "/mnt/data"]
-    for r, first in ((1, 4), (2, 8)):
+    assert proc.applied[3][0]["spec"]["nfs"]["server"] == "10.96.0.42"
+    assert proc.applied[4][0]["data"] == {"WORKER_NUMBER": "3"}
+    assert container_args(proc.applied[4][1]) == ["--n_container", "3", "--savedir", "/mnt/data"]
+    for r, first in ((1, 5), (2, 9)):
         for i in range(3):
             args = container_args(proc.applied[first + i][0])
             expect = ["--data", f"/mnt/data/{i}.npz", "--epoch", "2", "--batch", "64",
@@ -150,12 +186,12 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
         assert container_args(proc.applied[first + 3][0]) == [
             "--dir", "/mnt/model", "--savefile", "/mnt/aggregated-model.h5", "--expect", "$(WORKER_NUMBER)",
             "--min-workers", "3", "--deadline", "3600"]
-    assert container_args(proc.applied[12][0])[-2:] == ["--ledger", "/mnt/rounds/ledger.json"]
+    assert container_args(proc.applied[13][0])[-2:] == ["--ledger", "/mnt/rounds/ledger.json"]
     images = {c["image"] for docs in proc.applied for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])}
-    assert images == {"registry.k8s.io/volume-nfs:0.8", "registry.example.com/me/splitter:1.2",
+    assert images == {"registry.example.com/me/nfs-server:1.2", "registry.example.com/me/splitter:1.2",
                       "registry.example.com/me/trainer:1.2", "registry.example.com/me/aggregator:1.2",
-                      "registry.example.com/me/server:1.2", "docker.io/library/busybox:1.37.0"}
+                      "registry.example.com/me/server:1.2"}
     for docs in proc.applied:  # everything applied is valid for the newest Kubernetes known
         for d in docs:
             kubernetes_validate.validate(d, kv_utils.latest_version(), strict=True)
@@ -173,12 +209,68 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
 
 
 def test_quickstart_gce_backend_uses_the_original_disk(fake):
-    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", NFS_BACKEND="gce", SERVE="0")
+    """The disk ml-kube-disk of GCE_PROJECT in GCE_DISK_ZONE, as a PD CSI PersistentVolume pinned to its
+    zone, behind the same NFS server Deployment as the pvc backend's."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", NFS_BACKEND="gce", SERVE="0",
+                GCE_PROJECT="proj-42", GCE_DISK_ZONE="europe-west1-b")
     assert proc.returncode == 0, proc.stderr
     first = proc.applied[0]
-    assert [d["kind"] for d in first] == ["Deployment"]
-    assert first[0]["spec"]["template"]["spec"]["volumes"][0]["gcePersistentDisk"]["pdName"] == "ml-kube-disk"
+    assert kinds_names([first]) == [[("PersistentVolume", "ml-kube-disk"), ("PersistentVolumeClaim", "nfs-server-disk"),
+                                     ("Deployment", "nfs-server")]]
+    pv, claim, deployment = first
+    assert pv["spec"]["csi"]["driver"] == "pd.csi.storage.gke.io"
+    assert pv["spec"]["csi"]["volumeHandle"] == "projects/proj-42/zones/europe-west1-b/disks/ml-kube-disk"
+    assert pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"] == [{"matchExpressions": [
+        {"key": "topology.gke.io/zone", "operator": "In", "values": ["europe-west1-b"]}]}]
+    assert claim["spec"]["volumeName"] == "ml-kube-disk"
+    assert deployment["spec"]["template"]["spec"]["volumes"][0] == {
+        "name": "export", "persistentVolumeClaim": {"claimName": "nfs-server-disk"}}
+    # the claim binds (to the static PV) before the server is waited for, as with the pvc backend
+    steps = nfs_steps(proc)
+    assert steps.index(("get", "pvc", "nfs-server-disk")) < steps.index(("apply", [("Service", "nfs-server")]))
+    pvc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0")
+    assert pvc.returncode == 0, pvc.stderr
+    assert [d for d in pvc.applied[0] if d["kind"] == "Deployment"] == [deployment]
     assert "SERVE=0" in proc.stdout
+
+
+@pytest.mark.parametrize("env", [{}, {"GCE_PROJECT": "proj-42"}, {"GCE_DISK_ZONE": "europe-west1-b"}],
+                         ids=["neither", "no-zone", "no-project"])
+def test_quickstart_gce_backend_without_the_disks_project_and_zone_fails_at_config(fake, env):
+    proc = fake(QUICKSTART, NFS_BACKEND="gce", **env)
+    assert proc.returncode == 1
+    [line] = proc.stderr.splitlines()
+    assert "quickstart: stage config failed: NFS_BACKEND=gce needs GCE_PROJECT and GCE_DISK_ZONE" in line
+    assert proc.calls == []  # before anything talks to the cluster
+
+
+def test_quickstart_nfs_policy_takes_node_cidr_as_given(fake):
+    proc = fake(QUICKSTART, WORKER_NUMBER="1", ROUNDS="1", SERVE="0", NODE_CIDR="172.16.0.0/12")
+    assert proc.returncode == 0, proc.stderr
+    assert nfs_policy(proc)["spec"]["ingress"][0]["from"][0] == {"ipBlock": {"cidr": "172.16.0.0/12"}}
+    assert ("get", "nodes") not in nfs_steps(proc)
+
+
+@pytest.mark.parametrize("ips, cidr", [
+    ("10.0.3.7", "10.0.3.7/32"),                   # one node
+    ("10.0.3.7 10.0.3.6", "10.0.3.6/31"),
+    ("192.168.1.200 192.168.2.1", "192.168.0.0/22"),
+    ("10.0.0.1 10.255.0.1", "10.0.0.0/8"),
+    ("10.1.2.3 172.16.0.1", "0.0.0.0/0"),          # nothing narrower holds both
+])
+def test_quickstart_nfs_policy_range_is_the_smallest_that_holds_every_node(fake, ips, cidr):
+    proc = fake(QUICKSTART, WORKER_NUMBER="1", ROUNDS="1", SERVE="0", FAKE_NODE_IPS=ips)
+    assert proc.returncode == 0, proc.stderr
+    assert nfs_policy(proc)["spec"]["ingress"][0]["from"][0] == {"ipBlock": {"cidr": cidr}}
+
+
+@pytest.mark.parametrize("ips", ["", "fd00::5", "10.0.0.1 not-an-ip"], ids=["none", "ipv6", "garbage"])
+def test_quickstart_nfs_policy_without_readable_node_ips_admits_any_address_and_warns(fake, ips):
+    proc = fake(QUICKSTART, WORKER_NUMBER="1", ROUNDS="1", SERVE="0", FAKE_NODE_IPS=ips)
+    assert proc.returncode == 0, proc.stderr
+    assert nfs_policy(proc)["spec"]["ingress"][0]["from"][0] == {"ipBlock": {"cidr": "0.0.0.0/0"}}
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "admits any address on 2049" in warnings[0] and "set NODE_CIDR" in warnings[0]
 
 
 def test_quickstart_rwx_backend_needs_no_nfs_server(fake):
@@ -383,6 +475,8 @@ def test_quickstart_refused_apply_names_the_stage_and_the_reason(fake):
     ({"NFS_BACKEND": "nfs"}, "NFS_BACKEND must be pvc, gce or rwx"),
     ({"NFS_BACKEND": "rwx"}, "NFS_BACKEND=rwx needs STORAGE_CLASS"),
     ({"NFS_BACKEND": "rwx", "STORAGE_CLASS": "nope"}, "StorageClass 'nope' not found"),
+    ({"NFS_BACKEND": "gce", "GCE_PROJECT": "proj-42"}, "NFS_BACKEND=gce needs GCE_PROJECT and GCE_DISK_ZONE"),
+    ({"NFS_BACKEND": "gce", "GCE_PROJECT": "p", "GCE_DISK_ZONE": "zone a"}, "GCE_DISK_ZONE='zone a' has characters"),
     ({"SERVICE_TYPE": "Ingress"}, "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP"),
     ({"MNIST_NPZ": "/no/such/mnist.npz"}, "MNIST_NPZ=/no/such/mnist.npz is not a readable file"),
     ({"KUBECTL": "no-such-kubectl-here"}, "'no-such-kubectl-here' not found"),

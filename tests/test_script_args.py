@@ -102,11 +102,44 @@ def test_unknown_argument_exits_2_with_one_line(script, sandbox):
     untouched(calls, state)
 
 
-def test_build_images_refuses_an_unknown_stage_before_building(sandbox):
+def images_env(name):
+    """An array of scripts/images.env, as bash sees it."""
+    proc = subprocess.run(["bash", "-c", f'source scripts/images.env && printf "%s\\n" "${{{name}[@]}}"'], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.split()
+
+
+def test_images_are_the_four_stages_and_the_nfs_server():
+    assert images_env("STAGES") == ["splitter", "trainer", "aggregator", "server"]
+    assert images_env("IMAGES") == images_env("STAGES") + ["nfs-server"]
+
+
+def test_build_images_refuses_an_unknown_image_before_building(sandbox):
     env, calls, state = sandbox
     rc, out, err = run([str(REPO / "scripts/build-images.sh"), "splitter", "nosuchstage"], env)
-    assert rc == 2 and "unknown stage 'nosuchstage'" in err and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "unknown image 'nosuchstage' (images: splitter trainer aggregator server nfs-server)" in err
     untouched(calls, state)
+
+
+def test_build_images_builds_every_image_by_default_each_from_its_folder(sandbox, tmp_path):
+    """No arguments: the four stages and the NFS server, each from <name>/Dockerfile in <name>/, named
+    $IMAGE_REGISTRY/<name>:$IMAGE_TAG (a recording engine; nothing is built)."""
+    env, calls, state = sandbox
+    engine = tmp_path / "engine"
+    engine.write_text(f'#!/usr/bin/env bash\nprintf \'%s\\n\' "$*" >>"{calls}"\n'
+                      '[[ "$1" != image ]] || echo 123000000\n')
+    engine.chmod(0o755)
+    env = {k: v for k, v in env.items() if k not in ("BASE_IMAGE", "BUILD_ARGS", "PUSH")}
+    rc, out, err = run([str(REPO / "scripts/build-images.sh")],
+                       {**env, "CONTAINER_ENGINE": str(engine), "IMAGE_REGISTRY": "reg.example.com/me", "IMAGE_TAG": "7"})
+    assert rc == 0, err
+    builds = [line.split() for line in calls.read_text().splitlines() if line.startswith("build ")]
+    names = ["splitter", "trainer", "aggregator", "server", "nfs-server"]
+    assert builds == [["build", "-t", f"reg.example.com/me/{n}:7", "-f", str(REPO / n / "Dockerfile"), str(REPO / n)]
+                      for n in names]
+    assert "reg.example.com/me/nfs-server:7" in out and "123 MB" in out
+    assert list(state.iterdir()) == []
 
 
 def test_render_takes_files_and_refuses_options(sandbox, tmp_path):
