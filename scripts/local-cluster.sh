@@ -102,7 +102,7 @@ build_kubernetes() { # build_kubernetes CMD...: commands of k8s.io/kubernetes/cm
   } >"$src/go.mod"
   {
     printf '//go:build tools\n\npackage tools\n\nimport (\n'
-    for c in kube-apiserver kube-controller-manager kube-scheduler kubelet; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c"; done
+    for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c"; done
     printf ')\n'
   } >"$src/tools.go"
   (cd "$src" && go_do "kubernetes modules" "$go_cmd" mod tidy)

@@ -336,7 +336,8 @@ else
   wait_claim nfs nfs-server-disk
   apply nfs "$root/manifests/2-nfs-service.yaml"
   if [[ -z "$NODE_CIDR" ]]; then
-    read -ra node_ips <<<"$(k get nodes -o 'jsonpath={.items[*].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null || true)"
+    # IPv4 only (a dual-stack node lists both)
+    read -ra node_ips <<<"$(k get nodes -o 'jsonpath={.items[*].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null | tr ' ' '\n' | grep -v ':' | tr '\n' ' ' || true)"
     if ! NODE_CIDR="$(covering_cidr "${node_ips[@]}")"; then
       # No right to list nodes, or no IPv4 InternalIP: the mounts must still work.
       NODE_CIDR=0.0.0.0/0

@@ -53,11 +53,13 @@ remove "the server" deployment,service -l "$app,app.kubernetes.io/component=serv
 remove "the Jobs" jobs -l "$app" --cascade=foreground
 remove "busybox" deployment -l "$app,app.kubernetes.io/component=busybox"
 remove "the config" configmap -l "$app"
+# Pods of no Job or Deployment (the dataset upload) would hold the claim and keep its deletion waiting.
+remove "the other pods" pods -l "$app"
 if [[ -z "$rwx_claim" ]]; then
   remove "the volume" persistentvolumeclaim nfs
   remove "the NFS PersistentVolume" persistentvolume nfs
 fi
-remove "the NFS server" service,deployment -l "$app,app.kubernetes.io/component=nfs-server" --cascade=foreground
+remove "the NFS server" service,deployment,networkpolicy -l "$app,app.kubernetes.io/component=nfs-server" --cascade=foreground
 
 if [[ "$DELETE_DISK" == 0 ]]; then
   if [[ -n "$rwx_claim" ]]; then
@@ -71,6 +73,8 @@ fi
 start=$SECONDS
 [[ -z "$rwx_claim" ]] || remove "the data claim nfs" persistentvolumeclaim nfs
 remove "the NFS server's data claim" persistentvolumeclaim nfs-server-disk
+# NFS_BACKEND=gce: the disk's PersistentVolume (Retain: the disk itself stays until gcloud deletes it)
+remove "the GCE disk's PersistentVolume" persistentvolume ml-kube-disk
 if [[ -n "$GCE_DISK_ZONE" ]]; then
   command -v "$GCLOUD" >/dev/null 2>&1 || die "'$GCLOUD' not found: the GCE disk $GCE_DISK was NOT deleted"
   if ! "$GCLOUD" compute disks describe "$GCE_DISK" --zone "$GCE_DISK_ZONE" --format='value(name)' >/dev/null 2>&1; then

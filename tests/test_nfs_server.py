@@ -91,11 +91,20 @@ def containers_conf():
     return _CONF["path"]
 
 
+def deployment_container():
+    docs = [d for d in yaml.safe_load_all(DEPLOYMENT.read_text()) if d and d["kind"] == "Deployment"]
+    return docs[0]["spec"]["template"]["spec"]["containers"][0]
+
+
 def deployment_capabilities():
     """The capabilities the NFS server's Deployment adds (the image is tested with exactly these)."""
-    docs = [d for d in yaml.safe_load_all(DEPLOYMENT.read_text()) if d and d["kind"] == "Deployment"]
-    container = docs[0]["spec"]["template"]["spec"]["containers"][0]
-    return container["securityContext"]["capabilities"]["add"]
+    return deployment_container()["securityContext"]["capabilities"]["add"]
+
+
+def deployment_scratch_dirs():
+    """Where the Deployment mounts its emptyDirs (the root file system is read-only, and podman's own
+    tmpfs on /tmp and /etc/mtab are turned off, so the container has what the pod has, no more)."""
+    return [m["mountPath"] for m in deployment_container()["volumeMounts"] if m["mountPath"] != "/exports"]
 
 
 def free_port():
@@ -119,8 +128,9 @@ class Server:
             pytest.fail(f"no image {IMAGE} (scripts/build-images.sh nfs-server; scripts/test.sh's container run builds it)")
         podman("rm", "-f", self.name, check=False)
         started = time.monotonic()
-        podman("run", "-d", "--name", self.name, "--read-only", "--tmpfs", "/var/lib/nfs/ganesha",
-               "--tmpfs", "/run/ganesha", "--cap-drop", "ALL", "--cap-add", ",".join(self.caps),
+        scratch = [arg for d in deployment_scratch_dirs() for arg in ("--tmpfs", d)]
+        podman("run", "-d", "--name", self.name, "--read-only", "--read-only-tmpfs=false", *scratch,
+               "--cap-drop", "ALL", "--cap-add", ",".join(self.caps),
                "--security-opt", "no-new-privileges", "-v", f"{self.volume}:/exports",
                "-p", f"127.0.0.1:{self.port}:2049", IMAGE)
         deadline = time.monotonic() + 60
@@ -179,7 +189,20 @@ def test_image_serves_nfs41_to_uid_10001_and_stops_on_sigterm(server):
     state = json.loads(podman("inspect", server.name).stdout)[0]["State"]
     print(f"stopped {stopped:.2f} s after SIGTERM")
     assert state["ExitCode"] == 0 and stopped < 10, (state, stopped)
-    assert "NFS EXIT: regular exit" in podman("logs", server.name).stdout + podman("logs", server.name).stderr
+    log = podman("logs", server.name).stdout + podman("logs", server.name).stderr
+    assert "NFS EXIT: regular exit" in log
+    assert "Could not create export" not in log and "No export entries" not in log, log
+
+
+@pytest.mark.slow
+def test_image_brings_the_files_a_bare_runtime_does_not_add():
+    """containerd gives a container no /etc/mtab (podman does): without it Ganesha cannot find the
+    export's file system and serves no export at all."""
+    root = Path(podman("image", "mount", IMAGE).stdout.strip())
+    try:
+        assert os.readlink(root / "etc" / "mtab") == "/proc/self/mounts"
+    finally:
+        podman("image", "unmount", IMAGE, check=False)
 
 
 @pytest.mark.slow

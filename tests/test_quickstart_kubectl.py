@@ -513,14 +513,16 @@ def test_teardown_keeps_the_disk_unless_asked(fake):
     joined = "\n".join(deleted)
     for obj in ("deployment,service -l app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=server",
                 "jobs -l app.kubernetes.io/name=mlk-mnist", "configmap -l app.kubernetes.io/name=mlk-mnist",
-                "persistentvolumeclaim nfs ", "persistentvolume nfs ",
-                "service,deployment -l app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=nfs-server"):
+                "pods -l app.kubernetes.io/name=mlk-mnist ", "persistentvolumeclaim nfs ", "persistentvolume nfs ",
+                "service,deployment,networkpolicy -l app.kubernetes.io/name=mlk-mnist,"
+                "app.kubernetes.io/component=nfs-server"):
         assert obj in joined, obj
-    # Users of the volume go before the volume, the volume before its server.
+    # Users of the volume (the Jobs' and the upload's pods too) go before the volume, the volume before
+    # its server.
     order = [next(i for i, c in enumerate(deleted) if s in c)
-             for s in ("component=server", "persistentvolumeclaim nfs ", "component=nfs-server")]
+             for s in ("component=server", "pods -l", "persistentvolumeclaim nfs ", "component=nfs-server")]
     assert order == sorted(order)
-    assert "nfs-server-disk" not in joined
+    assert "nfs-server-disk" not in joined and "ml-kube-disk" not in joined
     assert "kept" in proc.stdout
 
 
@@ -539,6 +541,8 @@ fi
     proc = fake(TEARDOWN, DELETE_DISK="1", GCE_DISK_ZONE="us-central1-a", GCLOUD=str(gcloud))
     assert proc.returncode == 0, proc.stderr
     assert ["delete", "persistentvolumeclaim", "nfs-server-disk", "--ignore-not-found=true", "--wait=true"] in proc.calls
+    # the gce backend's static PV goes too (Retain: deleting it leaves the disk to gcloud below)
+    assert ["delete", "persistentvolume", "ml-kube-disk", "--ignore-not-found=true", "--wait=true"] in proc.calls
     calls = gcloud_log.read_text().splitlines()
     assert sum("value(users)" in c for c in calls) == 3
     assert calls[-1].split() == ["compute", "disks", "delete", "ml-kube-disk", "--zone", "us-central1-a", "--quiet"]

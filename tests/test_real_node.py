@@ -418,3 +418,148 @@ def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, n
     assert down.returncode == 0, down.stderr
     kinds = "deployments,replicasets,pods,services,jobs,configmaps,persistentvolumeclaims"
     assert get_json(kubeconfig, kinds, "-l", "app.kubernetes.io/name=mlk-mnist", namespace=ns)["items"] == []
+
+
+# --- 7. the default backend: an NFS server on the node, over real NFS -------------------------------
+
+CACHE = Path(os.environ.get("LOCAL_CLUSTER_CACHE", REPO / ".cache" / "local-cluster"))
+NFS_IMAGE = "localhost/mlk/nfs-server:0.1.0"
+AGGREGATOR = "localhost/mlk/aggregator:0.1.0"
+
+
+@pytest.fixture
+def ns_nfs(kubeconfig):
+    """A fresh namespace without Pod Security enforcement: the NFS server adds DAC_READ_SEARCH, which the
+    baseline and restricted levels do not admit (docs/kubernetes.md)."""
+    name = f"rn-nfs-{uuid.uuid4().hex[:8]}"
+    kubectl(kubeconfig, "create", "namespace", name)
+    yield name
+    kubectl(kubeconfig, "delete", "namespace", name, "--timeout=120s", check=False)
+    kubectl(kubeconfig, "delete", "pv", "nfs", "--ignore-not-found", check=False)
+
+
+def host_nfs_mounts(server_ip):
+    return [line for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[0] == f"{server_ip}:/exports"]
+
+
+def pod_mnt(kubeconfig, namespace, pod_name):
+    """The /mnt line of a running pod's own mount table: (source, type)."""
+    code = "import json; print(json.dumps([l.split()[:3] for l in open('/proc/mounts') if l.split()[1] == '/mnt']))"
+    out = kubectl(kubeconfig, "exec", pod_name, "--", "python", "-c", code, namespace=namespace).stdout
+    entries = json.loads(out)
+    assert len(entries) == 1, entries
+    source, _target, fstype = entries[0]
+    return source, fstype
+
+
+@pytest.mark.slow
+def test_quickstart_pvc_backend_runs_over_real_nfs_and_survives_the_servers_restart(kubeconfig, ns_nfs, mnist_npz):
+    """The default backend (NFS_BACKEND=pvc) on the real node, 2 workers x 1 epoch x 2 rounds and the
+    server: the NFS server pod runs the project's image on a claim of the node's default class; the PV is
+    of type nfs at the Service's ClusterIP (routed by the node's kube-proxy); every stage pod's /mnt is that
+    NFS mount, made by the kubelet through the project's mount.nfs; the NFS server pod is deleted in the
+    middle of round 2, comes back, and the run still completes with the ledger intact; the accuracy test
+    says above 0.9 and samples/6.png is read as 6; teardown leaves no object, no PV and no mount."""
+    for stage in ("splitter", "trainer", "aggregator", "server", "nfs-server"):
+        need_image(stage)
+    ns = ns_nfs
+    mount_log = CACHE / "real-node" / "logs" / "nfs-mounts.log"
+    log_start = mount_log.stat().st_size if mount_log.exists() else 0
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MNIST_NPZ",)}
+    env.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {ns}", POLL="2", NFS_BACKEND="pvc",
+               WORKER_NUMBER="2", EPOCH="1", ROUNDS="2", SERVE="1", SERVICE_TYPE="ClusterIP",
+               MNIST_NPZ=str(mnist_npz))
+    out_path = Path(f"/tmp/{ns}-quickstart.out")
+    server_ip = None
+    try:
+        start = time.monotonic()
+        with open(out_path, "w") as out:
+            run_ = subprocess.Popen(["bash", str(SCRIPTS / "quickstart.sh")], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, text=True)
+        # Round 2: read a running trainer's mount table, then delete the NFS server's pod under it.
+        old_server, trainer_mnt = None, None
+        deadline = time.monotonic() + 1800
+        while old_server is None and run_.poll() is None and time.monotonic() < deadline:
+            if "== round 2/2" in out_path.read_text():
+                for trainer in get_json(kubeconfig, "pods", "-l", "app.kubernetes.io/component=trainer",
+                                        namespace=ns)["items"]:
+                    running = (trainer["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("running")
+                    if running and trainer["metadata"].get("deletionTimestamp") is None:
+                        time.sleep(2)  # into its training
+                        trainer_mnt = pod_mnt(kubeconfig, ns, trainer["metadata"]["name"])
+                        old_server = get_json(kubeconfig, "pods", "-l", "role=nfs-server",
+                                              namespace=ns)["items"][0]["metadata"]["name"]
+                        kubectl(kubeconfig, "delete", "pod", old_server, "--wait=false", namespace=ns)
+                        break
+            time.sleep(0.5)
+        run_.wait(timeout=max(60, deadline - time.monotonic()))
+        output = out_path.read_text()
+        print(f"\nquickstart (pvc) on the real node: {time.monotonic() - start:.0f} s\n{output[-3000:]}")
+        assert run_.returncode == 0, output[-6000:]
+        assert old_server, "no running trainer pod of round 2 was seen"
+
+        # The server: the project's image, on a claim of the node's class, which is the default.
+        server_pods = get_json(kubeconfig, "pods", "-l", "role=nfs-server", namespace=ns)["items"]
+        assert [p["metadata"]["name"] for p in server_pods] != [old_server]
+        assert server_pods[0]["spec"]["containers"][0]["image"] == NFS_IMAGE
+        assert server_pods[0]["status"]["containerStatuses"][0]["ready"]
+        disk = get_json(kubeconfig, "pvc", "nfs-server-disk", namespace=ns)
+        assert disk["spec"]["storageClassName"] == CLASS and disk["status"]["phase"] == "Bound"
+        default = get_json(kubeconfig, "storageclass", CLASS)["metadata"]["annotations"]
+        assert default.get("storageclass.kubernetes.io/is-default-class") == "true"
+
+        # The volume: type nfs at the Service's ClusterIP, and that is what the pods have at /mnt.
+        server_ip = get_json(kubeconfig, "service", "nfs-server", namespace=ns)["spec"]["clusterIP"]
+        pv = get_json(kubeconfig, "pv", "nfs")
+        assert pv["spec"]["nfs"] == {"server": server_ip, "path": "/exports"}
+        assert pv["spec"]["mountOptions"] == ["nfsvers=4.1", "hard"]
+        assert trainer_mnt == (f"{server_ip}:/exports", "fuse.nfs4")
+        web = get_json(kubeconfig, "pods", "-l", "app.kubernetes.io/component=server", namespace=ns)["items"][0]
+        assert pod_mnt(kubeconfig, ns, web["metadata"]["name"]) == (f"{server_ip}:/exports", "fuse.nfs4")
+        # ... and every stage pod's (the Jobs' are gone by now): the kubelet mounted each pod's volume
+        # through mount.nfs, whose log names the pod's volume folder.
+        mounts = mount_log.read_text()[log_start:]
+        stage_pods = [p for p in get_json(kubeconfig, "pods", namespace=ns)["items"]
+                      if p["metadata"]["labels"].get("app.kubernetes.io/component") != "nfs-server"]
+        components = {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in stage_pods}
+        assert {"splitter", "trainer", "aggregator", "accuracy-test", "server"} <= components, components
+        for p in stage_pods:
+            assert f"{server_ip}:/exports on " in mounts and f"/pods/{p['metadata']['uid']}/volumes/kubernetes.io~nfs/nfs: mounting (NFSv4.1, hard" in mounts, \
+                (p["metadata"]["name"], mounts[-2000:])
+        assert "retrying" in mounts  # the server's restart was waited out, not failed
+
+        # Nothing lost: the ledger's every recorded sha256 matches its file.
+        verify = json.loads(pod("verify", AGGREGATOR, ["python", "/app/ledger.py", "verify", "--dir", "/mnt"],
+                                volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "nfs"}}],
+                                mounts=[{"name": "data", "mountPath": "/mnt"}]))
+        verify["metadata"]["labels"]["app.kubernetes.io/name"] = "mlk-mnist"
+        kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=json.dumps(verify))
+        wait_pod(kubeconfig, ns, "verify")
+        last = kubectl(kubeconfig, "logs", "verify", namespace=ns).stdout.strip().splitlines()[-1]
+        assert json.loads(last)["last_round"] == 2, last
+
+        result = json.loads(re.search(r"accuracy test: (\{.*\})", output).group(1))
+        assert result["accuracy"] > 0.9, result
+        pf, local = port_forward(kubeconfig, ns, "svc/mnist-server-svc", 80)
+        try:
+            answer = subprocess.run(["curl", "-sS", "-F", f"file=@{REPO / 'samples' / '6.png'}",
+                                     f"http://127.0.0.1:{local}/api/predict"], capture_output=True, text=True,
+                                    timeout=60)
+            assert json.loads(answer.stdout)["digit"] == 6, answer.stdout + answer.stderr
+        finally:
+            pf.kill()
+            pf.wait()
+    finally:
+        if "run_" in locals() and run_.poll() is None:
+            run_.kill()
+        down = subprocess.run(["bash", str(SCRIPTS / "teardown.sh")], env=dict(env, DELETE_DISK="1"),
+                              capture_output=True, text=True, timeout=600)
+    assert down.returncode == 0, down.stderr
+    kinds = "deployments,replicasets,pods,services,jobs,configmaps,persistentvolumeclaims,networkpolicies"
+    assert get_json(kubeconfig, kinds, "-l", "app.kubernetes.io/name=mlk-mnist", namespace=ns)["items"] == []
+    assert kubectl(kubeconfig, "get", "pv", "nfs", "--ignore-not-found", "-o", "name").stdout.strip() == ""
+    deadline = time.monotonic() + 60  # the kubelet unmounts as the pods go
+    while server_ip and host_nfs_mounts(server_ip) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert server_ip and host_nfs_mounts(server_ip) == []
