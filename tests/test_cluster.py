@@ -93,7 +93,8 @@ def labelled_leftovers(kubeconfig, namespace):
 def render(*files, **env):
     base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
     base.update(WORKER_NUMBER="3", EPOCH="2", BATCH="100", INCREMENTAL_NUMBER="1", NFS_CLUSTER_IP="10.96.0.42",
-                STORAGE_CLASS="kwok-volume")
+                STORAGE_CLASS="kwok-volume", NODE_CIDR="10.128.0.0/20", GCE_PROJECT="my-project",
+                GCE_DISK_ZONE="us-central1-a")
     base.update(env)
     proc = subprocess.run(["bash", str(SCRIPTS / "render.sh"), *map(str, files)], env=base, capture_output=True,
                           text=True)
@@ -109,6 +110,8 @@ ORIGINAL_SED = {  # the original README's commands (docs/kubernetes.md, "By hand
     "5-trainer.yaml": "s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g; s/{{INCREMENTAL_NUMBER}}/0/g;",
     "5-trainer-indexed.yaml": "s/{{WORKER_NUMBER}}/3/g; s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g;",
     "3-rwx-pvc.yaml": "s/{{STORAGE_CLASS}}/kwok-volume/g",
+    "1-nfs-deployment.yaml": "s/{{GCE_PROJECT}}/my-project/g; s/{{GCE_DISK_ZONE}}/us-central1-a/g",
+    "2-nfs-networkpolicy.yaml": "s|{{NODE_CIDR}}|10.128.0.0/20|g",
 }
 
 
@@ -368,11 +371,11 @@ def test_image_that_cannot_be_pulled_fails_fast(kubeconfig, ns):
     stage): the run stops at once with the reason instead of waiting for NFS_TIMEOUT."""
     stage = kwok_stage(f"no-image-{ns}", [
         f"self.metadata.namespace == '{ns}'",
-        "self.spec.initContainers.exists(c, c.image == 'docker.io/library/busybox:1.37.0')",
+        "self.spec.containers.exists(c, c.image == 'localhost/mlk/nfs-server:0.1.0')",
         "self.status.phase == 'Pending'",
         "!has(self.metadata.deletionTimestamp)"],
-        """initContainerStatuses:
-{{ range .spec.initContainers }}
+        """containerStatuses:
+{{ range .spec.containers }}
 - name: {{ .name | Quote }}
   image: {{ .image | Quote }}
   ready: false
@@ -419,12 +422,15 @@ def test_restricted_namespace_admits_every_stage_with_the_rwx_backend(kubeconfig
     assert components >= {"splitter", "trainer", "aggregator", "accuracy-test", "server"}
 
 
-def test_restricted_namespace_refuses_the_privileged_nfs_server_clearly(kubeconfig, ns):
-    """The in-cluster NFS server is privileged: in a restricted namespace its pods are refused, and
-    the quickstart stops at once saying so (stage nfs, PodSecurity, privileged)."""
-    restricted(kubeconfig, ns)
+@pytest.mark.parametrize("level", ["restricted", "baseline"])
+def test_pod_security_refuses_the_nfs_server_clearly(kubeconfig, ns, level):
+    """The in-cluster NFS server is not privileged but runs as root and adds DAC_READ_SEARCH, which
+    neither the baseline nor the restricted level admits: its pods are refused, and the quickstart stops
+    at once saying so (stage nfs, PodSecurity, the capability)."""
+    kubectl(kubeconfig, "label", "namespace", ns, f"pod-security.kubernetes.io/enforce={level}",
+            "pod-security.kubernetes.io/enforce-version=latest")
     proc = quickstart(kubeconfig, ns, NFS_BACKEND="pvc")
     assert proc.returncode == 1
     assert proc.seconds < FAIL_FAST_LIMIT
     last = proc.stderr.strip().splitlines()[-1]
-    assert "stage nfs failed" in last and "PodSecurity" in last and "privileged" in last, proc.stderr
+    assert "stage nfs failed" in last and "PodSecurity" in last and "DAC_READ_SEARCH" in last, proc.stderr
