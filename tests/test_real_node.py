@@ -83,6 +83,15 @@ def kubeconfig():
     if not node_was_running:
         down = run([SCRIPTS / "real-node.sh", "down"], timeout=600)
         assert down.returncode == 0, down.stderr
+        # Nothing of the node outlives down: no FUSE (NFS) mount, no mount daemon, no kube-proxy table;
+        # the class that was the default is the default again.
+        assert [m for m in Path("/proc/mounts").read_text().splitlines() if " fuse.nfs4 " in m] == []
+        assert subprocess.run(["pgrep", "-f", "mount_nfs.py .* --daemon"], capture_output=True).returncode == 1
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        assert "kube-proxy" not in tables, tables
+        if "is the default again" not in down.stderr:
+            cluster_down()
+            pytest.fail(f"real-node.sh down did not give the default StorageClass back: {down.stderr}")
     cluster_down()
 
 
