@@ -229,6 +229,25 @@ check_stage() {
   fi
 }
 
+# volume_cause SELECTOR: for the stage's pods that are not Ready, the claims they mount, each with its
+# volume's type and class ("" when there are none): a volume the node cannot mount, or that uid 10001
+# cannot write, keeps a pod there with no event that names it (a simulated class's hostPath volume on a
+# real node, for one).
+volume_cause() {
+  local pod claim pv class provisioner type out=""
+  # shellcheck disable=SC2016  # Go templates
+  while read -r pod claim; do
+    [[ -n "$claim" ]] || continue
+    read -r pv class <<<"$(k get pvc "$claim" -o 'go-template={{or .spec.volumeName "-"}} {{or .spec.storageClassName "-"}}' 2>/dev/null || echo "- -")"
+    type="$(k get pv "$pv" -o 'go-template={{range $key, $value := .spec}}{{$key}} {{end}}' 2>/dev/null | tr ' ' '\n' |
+      grep -vxE 'accessModes|capacity|claimRef|mountOptions|nodeAffinity|persistentVolumeReclaimPolicy|storageClassName|volumeMode|volumeAttributesClassName|' | head -n 1 || true)"
+    provisioner="$(k get storageclass "$class" -o 'jsonpath={.provisioner}' 2>/dev/null || true)"
+    out+="pod $pod mounts claim $claim (volume $pv${type:+ of type $type}, StorageClass $class${provisioner:+, provisioner $provisioner}); "
+  done < <(k get pods -l "$1" -o 'go-template={{range .items}}{{$p := .metadata.name}}{{$ready := false}}{{range .status.conditions}}{{if and (eq .type "Ready") (eq .status "True")}}{{$ready = true}}{{end}}{{end}}{{if not $ready}}{{range .spec.volumes}}{{if .persistentVolumeClaim}}{{$p}} {{.persistentVolumeClaim.claimName}}
+{{end}}{{end}}{{end}}{{end}}' 2>/dev/null || true)
+  [[ -z "$out" ]] || printf '%s' "${out%; }: a volume the node cannot mount, or that uid 10001 cannot write, keeps a pod there (kubectl describe pod)"
+}
+
 # terminated_summary SELECTOR: "pod P: container C exited N (REASON): MESSAGE" for failed containers
 terminated_summary() {
   stage_objects "$1" | awk -F'\t' '$1 == "term" && $4 != "0" {
@@ -281,7 +300,7 @@ wait_deployment() {
     state="$(k get deployment "$name" -o 'go-template={{if ge .status.observedGeneration .metadata.generation}}{{if eq (or .status.updatedReplicas 0) .spec.replicas}}{{if eq (or .status.availableReplicas 0) .spec.replicas}}ready{{end}}{{end}}{{end}}' 2>/dev/null)" || state=""
     [[ "$state" != ready ]] || return 0
     check_stage "$stage" "$selector"
-    ((SECONDS < deadline)) || report "$stage" "$selector" "deployment $name not available within ${timeout}s"
+    ((SECONDS < deadline)) || report "$stage" "$selector" "deployment $name not available within ${timeout}s$(cause="$(volume_cause "$selector")"; [[ -z "$cause" ]] || printf ': %s' "$cause")"
     sleep "$POLL"
   done
 }
@@ -369,7 +388,7 @@ wait_pod() {
     ready="$(k get pod "$name" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" || ready=""
     [[ "$ready" != True ]] || return 0
     check_stage "$stage" "$selector"
-    ((SECONDS < deadline)) || report "$stage" "$selector" "pod $name not ready within ${timeout}s"
+    ((SECONDS < deadline)) || report "$stage" "$selector" "pod $name not ready within ${timeout}s$(cause="$(volume_cause "$selector")"; [[ -z "$cause" ]] || printf ': %s' "$cause")"
     sleep "$POLL"
   done
 }

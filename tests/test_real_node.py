@@ -572,3 +572,22 @@ def test_quickstart_pvc_backend_runs_over_real_nfs_and_survives_the_servers_rest
     while server_ip and host_nfs_mounts(server_ip) and time.monotonic() < deadline:
         time.sleep(1)
     assert server_ip and host_nfs_mounts(server_ip) == []
+
+
+def test_a_volume_the_node_cannot_use_is_named_as_the_cause(kubeconfig, ns_nfs, mnist_npz):
+    """kwok's simulated class gives a hostPath volume that uid 10001 cannot write on the real node: the
+    upload pod runs but never gets ready. The quickstart's message names the claim, its volume's type and
+    class, not only the timeout. (With the node up, a claim without a class gets the node's own.)"""
+    need_image("splitter")
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MNIST_NPZ",)}
+    env.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {ns_nfs}", POLL="2", NFS_BACKEND="rwx",
+               STORAGE_CLASS="kwok-volume", NFS_TIMEOUT="20", MNIST_NPZ=str(mnist_npz))
+    proc = subprocess.run(["bash", str(SCRIPTS / "quickstart.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stage dataset failed: pod mnist-dataset-upload not ready within 20s: pod mnist-dataset-upload mounts " \
+           "claim nfs (volume pvc-" in last, last
+    assert "of type hostPath, StorageClass kwok-volume, provisioner kwok.x-k8s.io/volume)" in last, last
+    subprocess.run(["bash", str(SCRIPTS / "teardown.sh")], env=dict(env, DELETE_DISK="1"), capture_output=True,
+                   timeout=300)
