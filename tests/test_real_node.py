@@ -353,6 +353,20 @@ def test_port_forward_reaches_the_server(kubeconfig, ns):
 
 # --- 6. the quickstart on the node ------------------------------------------------------------------
 
+def assert_page_reads_six(kubeconfig, namespace):
+    """Through the port-forward the quickstart prints: the server is ready and reads samples/6.png as 6."""
+    pf, local = port_forward(kubeconfig, namespace, "svc/mnist-server-svc", 80)
+    try:
+        status, body = get(f"http://127.0.0.1:{local}/readyz")
+        assert status == 200, body
+        answer = subprocess.run(["curl", "-sS", "-F", f"file=@{REPO / 'samples' / '6.png'}",
+                                 f"http://127.0.0.1:{local}/api/predict"], capture_output=True, text=True, timeout=60)
+        assert json.loads(answer.stdout)["digit"] == 6, answer.stdout + answer.stderr
+    finally:
+        pf.kill()
+        pf.wait()
+
+
 @pytest.mark.slow
 def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, ns, mnist_npz):
     """The quickstart with NFS_BACKEND=rwx STORAGE_CLASS=local-rwx, 2 workers x 1 epoch x 2 rounds and
@@ -407,17 +421,7 @@ def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, n
 
         hint = re.search(r"port-forward service/mnist-server-svc 8080:80", output)
         assert hint, output[-2000:]
-        pf, local = port_forward(kubeconfig, ns, "svc/mnist-server-svc", 80)
-        try:
-            status, body = get(f"http://127.0.0.1:{local}/readyz")
-            assert status == 200, body
-            answer = subprocess.run(["curl", "-sS", "-F", f"file=@{REPO / 'samples' / '6.png'}",
-                                     f"http://127.0.0.1:{local}/api/predict"], capture_output=True, text=True,
-                                    timeout=60)
-            assert json.loads(answer.stdout)["digit"] == 6, answer.stdout + answer.stderr
-        finally:
-            pf.kill()
-            pf.wait()
+        assert_page_reads_six(kubeconfig, ns)
     finally:
         if "run_" in locals() and run_.poll() is None:
             run_.kill()
@@ -550,15 +554,7 @@ def test_quickstart_pvc_backend_runs_over_real_nfs_and_survives_the_servers_rest
 
         result = json.loads(re.search(r"accuracy test: (\{.*\})", output).group(1))
         assert result["accuracy"] > 0.9, result
-        pf, local = port_forward(kubeconfig, ns, "svc/mnist-server-svc", 80)
-        try:
-            answer = subprocess.run(["curl", "-sS", "-F", f"file=@{REPO / 'samples' / '6.png'}",
-                                     f"http://127.0.0.1:{local}/api/predict"], capture_output=True, text=True,
-                                    timeout=60)
-            assert json.loads(answer.stdout)["digit"] == 6, answer.stdout + answer.stderr
-        finally:
-            pf.kill()
-            pf.wait()
+        assert_page_reads_six(kubeconfig, ns)
     finally:
         if "run_" in locals() and run_.poll() is None:
             run_.kill()

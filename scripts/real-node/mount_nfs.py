@@ -349,21 +349,19 @@ def make_operations(sessions, log):
             return 0
 
         # With raw_fi, the file operations get the fuse_file_info itself: its fh is ours.
-        def read(self, path, size, offset, fi):
+        def _on_file(self, what, fi, fn):
+            """fn(the open nfs-rs file) as the caller that opened it, through reconnects."""
             handle = self.files[fi.fh]
             try:
-                return sessions.call(handle.ids, f"read {handle.path}",
-                                     lambda c, g: handle.get(c, g).read_at(offset, size))
+                return sessions.call(handle.ids, f"{what} {handle.path}", lambda c, g: fn(handle.get(c, g)))
             except Exception as error:  # noqa: BLE001 - as an errno
                 raise mfusepy.FuseOSError(fs_errno(error)) from error
 
+        def read(self, path, size, offset, fi):
+            return self._on_file("read", fi, lambda f: f.read_at(offset, size))
+
         def write(self, path, data, offset, fi):
-            handle = self.files[fi.fh]
-            try:
-                return sessions.call(handle.ids, f"write {handle.path}",
-                                     lambda c, g: handle.get(c, g).write_at(data, offset))
-            except Exception as error:  # noqa: BLE001 - as an errno
-                raise mfusepy.FuseOSError(fs_errno(error)) from error
+            return self._on_file("write", fi, lambda f: f.write_at(data, offset))
 
         def release(self, path, fi):
             with self.fh_lock:
