@@ -33,10 +33,10 @@
 #                      succeeds and prints the kubectl port-forward command
 #   KUBECTL [kubectl]  the kubectl command, words allowed (e.g. "kubectl --context kind-mlk -n mlk")
 #   IMAGE_REGISTRY, IMAGE_TAG  image names (scripts/images.env), applied by scripts/render.sh
-#   Seconds: JOB_TIMEOUT [3600] per Job stage (all trainers of a round share it), NFS_TIMEOUT [300],
-#   SERVER_TIMEOUT [600], PVC_TIMEOUT [120] for a claim to bind, UNSCHEDULABLE_TIMEOUT [90] for a pod
-#   that no node fits (longer while a cluster autoscaler reports a scale-up), EXTERNAL_IP_TIMEOUT
-#   [600], LB_DETECT_TIMEOUT [60] to see any LoadBalancer controller act, POLL [5] between checks
+#   Seconds: JOB_TIMEOUT [3600] per Job stage (a round's trainers share it), NFS_TIMEOUT [300], SERVER_TIMEOUT
+#   [600], PVC_TIMEOUT [120] for a claim to bind, UNSCHEDULABLE_TIMEOUT [90] (longer while an autoscaler
+#   adds a node), PULL_GRACE [60] an image pull may fail, MOUNT_GRACE [120] mounts or pod creation may keep
+#   failing (Kubernetes retries both), EXTERNAL_IP_TIMEOUT [600], LB_DETECT_TIMEOUT [60], POLL [5]
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -73,6 +73,8 @@ JOB_TIMEOUT="${JOB_TIMEOUT:-3600}"
 SERVER_TIMEOUT="${SERVER_TIMEOUT:-600}"
 PVC_TIMEOUT="${PVC_TIMEOUT:-120}"
 UNSCHEDULABLE_TIMEOUT="${UNSCHEDULABLE_TIMEOUT:-90}"
+PULL_GRACE="${PULL_GRACE:-60}"
+MOUNT_GRACE="${MOUNT_GRACE:-120}"
 EXTERNAL_IP_TIMEOUT="${EXTERNAL_IP_TIMEOUT:-600}"
 LB_DETECT_TIMEOUT="${LB_DETECT_TIMEOUT:-60}"
 POLL="${POLL:-5}"
@@ -83,6 +85,12 @@ for name in WORKER_NUMBER EPOCH BATCH ROUNDS ROUND_DEADLINE NFS_TIMEOUT JOB_TIME
   UNSCHEDULABLE_TIMEOUT EXTERNAL_IP_TIMEOUT LB_DETECT_TIMEOUT; do
   positive_int "${!name}" || fail config "$name must be a positive integer, got '${!name}'"
 done
+for name in PULL_GRACE MOUNT_GRACE; do
+  [[ "${!name}" =~ ^[0-9]{1,6}$ ]] || fail config "$name must be a whole number of seconds, got '${!name}'"
+done
+# Events older than this run (they live an hour; a ReplicaSet or a claim keeps its UID across re-runs)
+# say nothing about it.
+run_started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 # MIN_WORKERS: a count, or a fraction of WORKER_NUMBER rounded up (as the aggregator rounds it)
 if [[ "$MIN_WORKERS" =~ ^0?\.0*[1-9][0-9]{0,8}$ ]]; then
   min_workers="$(awk -v f="$MIN_WORKERS" -v n="$WORKER_NUMBER" 'BEGIN { k = f * n; c = int(k); if (c < k) c++; print c }')"
@@ -153,16 +161,18 @@ apply() {
 #   sched POD REASON MESSAGE                        a pod the scheduler could not place
 #   wait POD CONTAINER REASON MESSAGE               a container waiting (image pull, config, crash loop)
 #   term POD CONTAINER EXITCODE REASON MESSAGE      a container that ended
+#   claim POD CLAIM                                 a claim a Pending pod mounts
 # shellcheck disable=SC2016  # a Go template: its $p is not the shell's
 objects_template='{{range .items}}{{$p := .metadata.name}}obj	{{.kind}}	{{$p}}	{{.metadata.uid}}	{{with .status}}{{with .phase}}{{.}}{{end}}{{end}}
-{{if eq .kind "Pod"}}{{range .status.conditions}}{{if and (eq .type "PodScheduled") (eq .status "False")}}sched	{{$p}}	{{.reason}}	{{.message}}
+{{if eq .kind "Pod"}}{{if eq .status.phase "Pending"}}{{range .spec.volumes}}{{if .persistentVolumeClaim}}claim	{{$p}}	{{.persistentVolumeClaim.claimName}}
+{{end}}{{end}}{{end}}{{range .status.conditions}}{{if and (eq .type "PodScheduled") (eq .status "False")}}sched	{{$p}}	{{.reason}}	{{.message}}
 {{end}}{{end}}{{range .status.initContainerStatuses}}{{if .state.waiting}}wait	{{$p}}	{{.name}}	{{.state.waiting.reason}}	{{.state.waiting.message}}
 {{end}}{{if .state.terminated}}term	{{$p}}	{{.name}}	{{.state.terminated.exitCode}}	{{.state.terminated.reason}}	{{.state.terminated.message}}
 {{end}}{{end}}{{range .status.containerStatuses}}{{if .state.waiting}}wait	{{$p}}	{{.name}}	{{.state.waiting.reason}}	{{.state.waiting.message}}
 {{end}}{{if .state.terminated}}term	{{$p}}	{{.name}}	{{.state.terminated.exitCode}}	{{.state.terminated.reason}}	{{.state.terminated.message}}
 {{end}}{{end}}{{end}}{{end}}'
-# Warning events: UID REASON MESSAGE
-events_template='{{range .items}}{{.involvedObject.uid}}	{{.reason}}	{{.message}}
+# Warning events: UID REASON LAST-SEEN MESSAGE
+events_template='{{range .items}}{{.involvedObject.uid}}	{{.reason}}	{{or .lastTimestamp .eventTime .firstTimestamp}}	{{.message}}
 {{end}}'
 
 stage_objects() { # stage_objects SELECTOR
@@ -171,8 +181,16 @@ stage_objects() { # stage_objects SELECTOR
 }
 warning_events() { k get events --field-selector type=Warning -o "go-template=$events_template" 2>/dev/null || true; }
 
-declare -A unschedulable_since=()
+declare -A unschedulable_since=() failing_since=()
+reset_graces() { unschedulable_since=() failing_since=(); }
 
+# still_failing KEY GRACE: true once KEY (a stage's object and reason) has been seen failing for GRACE
+# seconds; check_stage forgets the keys it no longer sees, so a state that clears starts again at 0
+still_failing() {
+  : "${failing_since[$1]:=$SECONDS}"
+  seen_now[$1]=1
+  ((SECONDS - failing_since[$1] >= $2))
+}
 # report STAGE SELECTOR MESSAGE: print what the stage's pods say (status, events, logs), then fail
 report() {
   local stage="$1" selector="$2" message="$3"
@@ -192,17 +210,31 @@ report() {
   fail "$stage" "$message"
 }
 
-# check_stage STAGE SELECTOR: fail at once on a state that waiting cannot fix
+# check_stage STAGE SELECTOR: fail on a state that waiting cannot fix: at once on those that last
+# (an invalid image name, a crash loop, a refused pod); on those Kubernetes retries (an image pull, a
+# mount, a pod's creation) once the same one has lasted its grace (PULL_GRACE, MOUNT_GRACE), counting only
+# events of this run
 check_stage() {
-  local stage="$1" selector="$2" lines events kind a b c d uids=" " pod
+  local stage="$1" selector="$2" lines events kind a b c d uids=" " pod key pending=" " recent claim info
+  local -A seen_now=() claims=() unbound=()
   lines="$(stage_objects "$selector")"
   while IFS=$'\t' read -r kind a b c d; do
     case "$kind" in
-      obj) uids+="$c " ;;
+      obj)
+        uids+="$c "
+        [[ "$a" != Pod || "$d" != Pending ]] || pending+="$c "
+        ;;
+      claim) claims[$b]=1 ;;
       wait)
         case "$c" in
-          ErrImagePull | ImagePullBackOff | InvalidImageName | CreateContainerConfigError | CrashLoopBackOff)
+          InvalidImageName | CrashLoopBackOff)
             report "$stage" "$selector" "pod $a: container $b: $c${d:+: $d}" ;;
+          ErrImagePull | ImagePullBackOff | CreateContainerConfigError)
+            key="$selector|$a/$b/${c/ErrImagePull/ImagePullBackOff}" # the two alternate while a pull is retried
+            if still_failing "$key" "$PULL_GRACE"; then
+              report "$stage" "$selector" "pod $a: container $b: $c${d:+: $d} (for ${PULL_GRACE}s, PULL_GRACE)"
+            fi
+            ;;
         esac
         ;;
       sched)
@@ -215,14 +247,42 @@ check_stage() {
         ;;
     esac
   done <<<"$lines"
+  # Claims a Pending pod waits on that are not bound yet (WaitForFirstConsumer: provisioned only now)
+  for claim in "${!claims[@]}"; do
+    info="$(k get pvc "$claim" -o 'go-template={{.metadata.uid}} {{.status.phase}} {{or .spec.storageClassName "-"}}' 2>/dev/null || true)"
+    [[ "$info" == *" Pending "* ]] || continue
+    unbound[${info%% *}]="claim $claim (StorageClass ${info##* })"
+    uids+="${info%% *} "
+  done
   events="$(warning_events)"
-  while IFS=$'\t' read -r a b c; do
-    [[ -n "$a" && "$uids" == *" $a "* ]] || continue
+  recent="$(date -u -d "@$(($(date +%s) - MOUNT_GRACE))" +%Y-%m-%dT%H:%M:%SZ)"
+  while IFS=$'\t' read -r a b c d; do
+    [[ -n "$a" && "$uids" == *" $a "* && ! "$c" < "$run_started" ]] || continue
     case "$b" in
-      FailedMount | FailedAttachVolume | FailedCreate)
-        report "$stage" "$selector" "$b: $c" ;;
+      ProvisioningFailed)
+        # A class that cannot give this claim a volume (no ReadWriteMany, no capacity): the provisioner
+        # keeps trying, so give it PVC_TIMEOUT.
+        if [[ -n "${unbound[$a]:-}" ]] && still_failing "$selector|$a/$b" "$PVC_TIMEOUT"; then
+          report "$stage" "$selector" "${unbound[$a]} cannot be provisioned: $d (for ${PVC_TIMEOUT}s, PVC_TIMEOUT)"
+        fi
+        ;;
+      FailedCreate)
+        # Admission refusals (Pod Security, quota) do not pass by themselves.
+        [[ "$d" != *forbidden* ]] || report "$stage" "$selector" "$b: $d"
+        ;&
+      FailedMount | FailedAttachVolume)
+        # Still failing: for a pod, while it is Pending; for a Job or ReplicaSet, while the event recurs.
+        if [[ "$pending" == *" $a "* ]] || { [[ "$b" == FailedCreate ]] && [[ ! "$c" < "$recent" ]]; }; then
+          if still_failing "$selector|$a/$b" "$MOUNT_GRACE"; then
+            report "$stage" "$selector" "$b for ${MOUNT_GRACE}s (MOUNT_GRACE): $d"
+          fi
+        fi
+        ;;
     esac
   done <<<"$events"
+  for key in "${!failing_since[@]}"; do # this selector's states that are gone start again at 0
+    [[ "$key" != "$selector|"* || -n "${seen_now[$key]:-}" ]] || unset "failing_since[$key]"
+  done
   # A cluster autoscaler that is adding a node: give the scheduler until the stage's deadline.
   if ((${#unschedulable_since[@]})) && grep -q $'\tTriggeredScaleUp\t' <<<"$(k get events --field-selector reason=TriggeredScaleUp -o "go-template=$events_template" 2>/dev/null || true)"; then
     for pod in "${!unschedulable_since[@]}"; do unschedulable_since[$pod]=$SECONDS; done
@@ -275,7 +335,7 @@ job_failure() {
 wait_jobs() {
   local stage="$1" selector="$2" deadline=$((SECONDS + JOB_TIMEOUT)) job state pending
   shift 2
-  unschedulable_since=()
+  reset_graces
   while :; do
     pending=0
     for job in "$@"; do
@@ -295,7 +355,7 @@ wait_jobs() {
 # wait_deployment STAGE NAME SELECTOR TIMEOUT: until the rollout is complete and a replica available
 wait_deployment() {
   local stage="$1" name="$2" selector="$3" timeout="$4" deadline=$(($4 + SECONDS)) state
-  unschedulable_since=()
+  reset_graces
   while :; do
     state="$(k get deployment "$name" -o 'go-template={{if ge .status.observedGeneration .metadata.generation}}{{if eq (or .status.updatedReplicas 0) .spec.replicas}}{{if eq (or .status.availableReplicas 0) .spec.replicas}}ready{{end}}{{end}}{{end}}' 2>/dev/null)" || state=""
     [[ "$state" != ready ]] || return 0
@@ -383,7 +443,7 @@ say "volume: claim nfs bound"
 # wait_pod STAGE NAME SELECTOR TIMEOUT: until the pod is Ready
 wait_pod() {
   local stage="$1" name="$2" selector="$3" timeout="$4" deadline=$(($4 + SECONDS)) ready
-  unschedulable_since=()
+  reset_graces
   while :; do
     ready="$(k get pod "$name" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" || ready=""
     [[ "$ready" != True ]] || return 0
@@ -451,6 +511,10 @@ fi
 # --- 5-6: rounds of trainers and aggregation ------------------------------------------------------
 trainers=()
 for ((i = 0; i < WORKER_NUMBER; i++)); do trainers+=("mnist-trainer-$i"); done
+# Every trainer Job of an earlier run goes, by label: one numbered past this run's WORKER_NUMBER, or the
+# Indexed mnist-trainer, would otherwise write into this run's /mnt/model.
+k delete jobs -l "app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer" --ignore-not-found=true \
+  --cascade=foreground --wait=true >/dev/null || fail trainers "cannot delete the trainer Jobs of an earlier run"
 
 # wait_round ROUND: MIN_WORKERS < WORKER_NUMBER: the trainers and the aggregator run together and the
 # aggregator closes the round (every model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A
@@ -460,7 +524,7 @@ wait_round() {
   local -A reported=()
   ((ROUND_DEADLINE + 600 <= limit)) || limit=$((ROUND_DEADLINE + 600))
   deadline=$((SECONDS + limit))
-  unschedulable_since=()
+  reset_graces
   while :; do
     for job in "${trainers[@]}"; do
       [[ -z "${reported[$job]:-}" ]] || continue

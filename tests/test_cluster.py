@@ -10,6 +10,7 @@ import os
 import subprocess
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,152 @@ def kwok_stage(name, selector_cel, status):
                      "next": {"statusTemplate": status}}}
 
 
+# --- transient states: Kubernetes retries them, and so does the run, within a grace -------------------
+
+def pod_ready_template():
+    """kwok's own status for a pod that becomes Running and Ready (its pod/fast stage set)."""
+    text = (SCRIPTS / "local-cluster.sh").read_text()
+    version = text.split('KWOK_VERSION="', 1)[1].split('"', 1)[0]
+    cache = Path(os.environ.get("LOCAL_CLUSTER_CACHE", REPO / ".cache" / "local-cluster"))
+    stage = cache / "gomod" / f"sigs.k8s.io/kwok@{version}" / "kustomize/stage/pod/fast/pod-ready.yaml"
+    return yaml.safe_load(stage.read_text())["spec"]["next"]["statusTemplate"]
+
+
+def nfs_server_held(ns, delay_ms):
+    """A kwok stage that keeps this namespace's NFS server pod Pending for delay_ms, then makes it Ready:
+    a node still mounting its volume, as far as the quickstart can see."""
+    stage = kwok_stage(f"hold-nfs-{ns}", [f"self.metadata.namespace == '{ns}'",
+                                          "self.metadata.labels['app.kubernetes.io/component'] == 'nfs-server'",
+                                          "self.status.phase == 'Pending'", "!has(self.metadata.deletionTimestamp)"],
+                       pod_ready_template())
+    stage["spec"]["delay"] = {"durationMilliseconds": delay_ms}
+    return stage
+
+
+def post_event(kubeconfig, ns, obj, reason, message, when):
+    """A Warning event about OBJ (a kubectl get -o json item), as a kubelet or controller posts one."""
+    ts = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {"apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": reason, "message": message,
+             "metadata": {"name": f"mlk-test.{uuid.uuid4().hex[:10]}", "namespace": ns},
+             "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "namespace": ns,
+                                "name": obj["metadata"]["name"], "uid": obj["metadata"]["uid"]},
+             "firstTimestamp": ts, "lastTimestamp": ts, "count": 1, "source": {"component": "mlk-test"}}
+    kubectl(kubeconfig, "create", "-f", "-", namespace=ns, input=json.dumps(event))
+
+
+def nfs_server_pod(kubeconfig, ns, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = get_json(kubeconfig, "pods", "-l", "app.kubernetes.io/component=nfs-server", namespace=ns)["items"]
+        if items:
+            return items[0]
+        time.sleep(0.5)
+    pytest.fail("no NFS server pod appeared")
+
+
+def background_quickstart(kubeconfig, ns, **env):
+    settings = dict(WORKER_NUMBER="2", ROUNDS="1", SERVE="0", NFS_BACKEND="pvc", POLL="1")
+    settings.update(env)
+    started = time.monotonic()
+    proc = subprocess.Popen(["bash", str(SCRIPTS / "quickstart.sh")], env=script_env(kubeconfig, ns, **settings),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, started
+
+
+def test_a_transient_failed_mount_is_waited_out(kubeconfig, ns):
+    """The NFS server pod stays Pending for 25 s with a FailedMount event (a disk still detaching, a
+    server starting): that is shorter than MOUNT_GRACE, so the run goes on and completes."""
+    stage = nfs_server_held(ns, 25000)
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
+    try:
+        proc, _ = background_quickstart(kubeconfig, ns, MOUNT_GRACE="120")
+        post_event(kubeconfig, ns, nfs_server_pod(kubeconfig, ns), "FailedMount",
+                   "MountVolume.SetUp failed for volume \"export\": mount failed: exit status 32",
+                   datetime.now(timezone.utc))
+        out, err = proc.communicate(timeout=600)
+    finally:
+        kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
+    assert proc.returncode == 0, out + err
+    assert "accuracy test:" in out
+
+
+def test_a_persistent_failed_mount_stops_the_run_after_its_grace(kubeconfig, ns):
+    """The same, but the pod never mounts: the run stops once FailedMount has lasted MOUNT_GRACE (20 s
+    here), within 30 s more, naming the reason and the setting; NFS_TIMEOUT (3000 s) is not waited."""
+    stage = nfs_server_held(ns, 3_600_000)
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
+    try:
+        proc, _ = background_quickstart(kubeconfig, ns, MOUNT_GRACE="20", NFS_TIMEOUT="3000")
+        post_event(kubeconfig, ns, nfs_server_pod(kubeconfig, ns), "FailedMount",
+                   "MountVolume.SetUp failed for volume \"export\": mount failed: exit status 32",
+                   datetime.now(timezone.utc))
+        posted = time.monotonic()
+        out, err = proc.communicate(timeout=300)
+        waited = time.monotonic() - posted
+    finally:
+        kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
+    assert proc.returncode == 1, out + err
+    assert 18 <= waited < 20 + 30, waited
+    last = err.strip().splitlines()[-1]
+    assert "stage nfs failed: FailedMount for 20s (MOUNT_GRACE): MountVolume.SetUp failed" in last, last
+
+
+def test_a_claim_its_class_cannot_provision_is_named(kubeconfig, ns):
+    """A WaitForFirstConsumer class whose provisioner keeps failing (kind's and k3s' local-path refuse
+    ReadWriteMany so): the first pod waits on the claim; once ProvisioningFailed has lasted PVC_TIMEOUT
+    (15 s here) the run stops naming the claim, its class and the provisioner's reason, instead of waiting
+    out the splitter's deadline."""
+    sc = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": f"rwo-only-{ns}"},
+          "provisioner": "example.com/rwo-only", "volumeBindingMode": "WaitForFirstConsumer"}
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(sc))
+    try:
+        proc, _ = background_quickstart(kubeconfig, ns, NFS_BACKEND="rwx", STORAGE_CLASS=f"rwo-only-{ns}",
+                                        PVC_TIMEOUT="15")
+        deadline = time.monotonic() + 60
+        while not get_json(kubeconfig, "pods", "-l", "app.kubernetes.io/component=splitter", namespace=ns)["items"]:
+            assert time.monotonic() < deadline and proc.poll() is None, "no splitter pod"
+            time.sleep(0.5)
+        post_event(kubeconfig, ns, get_json(kubeconfig, "pvc", "nfs", namespace=ns), "ProvisioningFailed",
+                   "failed to provision volume with StorageClass: NodePath only supports ReadWriteOnce and "
+                   "ReadWriteOncePod (1.22+) access modes", datetime.now(timezone.utc))
+        posted = time.monotonic()
+        out, err = proc.communicate(timeout=300)
+        waited = time.monotonic() - posted
+    finally:
+        kubectl(kubeconfig, "delete", "storageclass", f"rwo-only-{ns}")
+    assert proc.returncode == 1, out + err
+    assert waited < 15 + 30, waited
+    last = err.strip().splitlines()[-1]
+    assert f"stage splitter failed: claim nfs (StorageClass rwo-only-{ns}) cannot be provisioned: failed to " \
+           "provision volume with StorageClass: NodePath only supports ReadWriteOnce" in last, last
+    assert last.endswith("(for 15s, PVC_TIMEOUT)"), last
+
+
+def test_trainer_jobs_of_an_earlier_larger_run_are_deleted(kubeconfig, ns):
+    """A run of 4 workers left mnist-trainer-3 (and someone applied the Indexed trainer): a run of 2
+    deletes them by label before its first round, so nothing but its own trainers writes /mnt/model."""
+    for path, env in ((MANIFESTS / "5-trainer.yaml", {"INCREMENTAL_NUMBER": "3"}),
+                      (MANIFESTS / "5-trainer-indexed.yaml", {})):
+        kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=render(path, **env))
+    proc = quickstart(kubeconfig, ns)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = {j["metadata"]["name"] for j in get_json(kubeconfig, "jobs", "-l", "app.kubernetes.io/component=trainer",
+                                                      namespace=ns)["items"]}
+    assert jobs == {"mnist-trainer-0", "mnist-trainer-1"}, jobs
+
+
+def test_an_hour_old_event_of_an_earlier_run_is_ignored(kubeconfig, ns):
+    """A claim kept from an earlier run keeps its UID, and its events live an hour: an hour-old refusal
+    on it (which would stop the run at once if it were new) says nothing about this run."""
+    claim = [d for d in yaml.safe_load_all(render(MANIFESTS / "variants" / "1-nfs-deployment-pvc.yaml"))
+             if d["kind"] == "PersistentVolumeClaim"][0]
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=json.dumps(claim))
+    post_event(kubeconfig, ns, get_json(kubeconfig, "pvc", "nfs-server-disk", namespace=ns), "FailedCreate",
+               "pods \"x\" is forbidden: an earlier run's refusal", datetime.now(timezone.utc) - timedelta(hours=1))
+    proc = quickstart(kubeconfig, ns)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("exit_code, reason, retried", [(1, "BackoffLimitExceeded", True),
                                                        (2, "PodFailurePolicy", False)])
 def test_failing_trainer_fails_fast_with_its_exit_code(kubeconfig, ns, exit_code, reason, retried):
@@ -368,7 +515,8 @@ def test_local_cluster_says_in_one_line_what_the_machine_lacks(tmp_path):
 
 def test_image_that_cannot_be_pulled_fails_fast(kubeconfig, ns):
     """Pods whose image tag does not exist get ErrImagePull (as a kubelet reports it, here from a kwok
-    stage): the run stops at once with the reason instead of waiting for NFS_TIMEOUT."""
+    stage): the run stops once that has lasted PULL_GRACE (5 s here; a registry blip passes) with the
+    reason, instead of waiting for NFS_TIMEOUT."""
     stage = kwok_stage(f"no-image-{ns}", [
         f"self.metadata.namespace == '{ns}'",
         "self.spec.containers.exists(c, c.image == 'localhost/mlk/nfs-server:0.1.0')",
@@ -386,13 +534,14 @@ def test_image_that_cannot_be_pulled_fails_fast(kubeconfig, ns):
 phase: Pending""")
     kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
     try:
-        proc = quickstart(kubeconfig, ns, NFS_TIMEOUT="3000")
+        proc = quickstart(kubeconfig, ns, NFS_TIMEOUT="3000", PULL_GRACE="5")
     finally:
         kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
     assert proc.returncode == 1
     assert proc.seconds < 60
     last = proc.stderr.strip().splitlines()[-1]
     assert "stage nfs failed" in last and "ErrImagePull" in last and "not found" in last, proc.stderr
+    assert "(for 5s, PULL_GRACE)" in last, last
 
 
 # --- 5. restricted Pod Security ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -454,11 +455,22 @@ def test_quickstart_resume_needs_the_restore_result(fake):
            "last line is 'Traceback (most recent call last):'" in proc.stderr
 
 
-def test_quickstart_image_pull_error_stops_at_once(fake):
-    proc = fake(QUICKSTART, FAKE_WAITING="ImagePullBackOff", NFS_TIMEOUT="9999")
+def test_quickstart_image_pull_error_stops_after_its_grace(fake):
+    # Kubernetes retries a pull: the run waits PULL_GRACE for it (a registry blip), then stops naming it.
+    started = time.monotonic()
+    proc = fake(QUICKSTART, FAKE_WAITING="ImagePullBackOff", NFS_TIMEOUT="9999", PULL_GRACE="3")
     assert proc.returncode == 1
+    assert 2 <= time.monotonic() - started < 60  # SECONDS counts whole seconds
     last = proc.stderr.rstrip().splitlines()[-1]
-    assert "stage nfs failed: pod nfs-server-abc: container nfs-server: ImagePullBackOff: pull access denied" in last
+    assert "stage nfs failed: pod nfs-server-abc: container nfs-server: ImagePullBackOff: pull access denied " \
+           "(for 3s, PULL_GRACE)" in last
+
+
+def test_quickstart_refuses_a_grace_that_is_not_a_number(fake):
+    proc = fake(QUICKSTART, MOUNT_GRACE="2m")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "stage config failed: MOUNT_GRACE must be a whole number of seconds, got '2m'")
 
 
 def test_quickstart_refused_apply_names_the_stage_and_the_reason(fake):
