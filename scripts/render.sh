@@ -15,7 +15,8 @@
 #   ROUND_DEADLINE  if set, aggregator args get "--deadline" ROUND_DEADLINE (seconds, >= 1; the
 #                   aggregator Job's activeDeadlineSeconds grows with it past 3600)
 #   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
-#   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG
+#   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG;
+#                   another registry than the default also serves busybox (docker.io/library/busybox:T -> $IMAGE_REGISTRY/busybox:T)
 #   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
 set -euo pipefail
 
@@ -79,6 +80,10 @@ for file in "$@"; do
   for stage in "${IMAGES[@]}"; do
     expr+=(-e "s|$(sed_literal "$DEFAULT_IMAGE_REGISTRY/$stage:$DEFAULT_IMAGE_TAG")|$(sed_literal "$IMAGE_REGISTRY/$stage:$IMAGE_TAG")|g")
   done
+  # A registry of your own (private, air-gapped) serves busybox too, under its own tag: mirror it there.
+  if [[ "$IMAGE_REGISTRY" != "$DEFAULT_IMAGE_REGISTRY" ]]; then
+    expr+=(-e "s|docker\.io/library/busybox:|$(sed_literal "$IMAGE_REGISTRY")/busybox:|g")
+  fi
   if [[ -n "${INIT_MODEL:-}" ]]; then
     # The trainer's args end with round 1's --save-init pair: start from the model instead.
     expr+=(-e "s|\"--save-init\", \"[^\"]*\"\\]|\"--init-model\", \"$(sed_literal "$INIT_MODEL")\"]|")

@@ -202,6 +202,19 @@ def test_the_accuracy_test_fills_the_ledger_and_the_restore_job_reads_it():
         "the aggregator image does not contain /app/ledger.py"
 
 
+def test_an_own_registry_serves_every_image_busybox_and_nfs_server_included():
+    """Private and air-gapped registries: with IMAGE_REGISTRY set, no manifest names another registry."""
+    files = sorted(MANIFESTS.glob("*.yaml")) + sorted((MANIFESTS / "variants").glob("*.yaml"))
+    out = render(*files, IMAGE_REGISTRY="reg.example.com:5000/me", IMAGE_TAG="2.0")
+    assert out.returncode == 0, out.stderr
+    images = {c["image"] for d in yaml.safe_load_all(out.stdout) if d
+              for c in (pod_spec(d) or {}).get("containers", []) + (pod_spec(d) or {}).get("initContainers", [])}
+    assert "reg.example.com:5000/me/nfs-server:2.0" in images and "reg.example.com:5000/me/busybox:1.37.0" in images
+    assert all(i.startswith("reg.example.com:5000/me/") for i in images), images
+    default = render(MANIFESTS / "9999-busybox.yaml")
+    assert "image: docker.io/library/busybox:1.37.0" in default.stdout
+
+
 def test_render_default_images_unchanged_and_files_separated():
     out = render(MANIFESTS / "6-aggregator.yaml", MANIFESTS / "7-server.yaml")
     assert out.returncode == 0, out.stderr
