@@ -7,6 +7,7 @@
 #   warn MESSAGE    "HH:MM:SS me: warning: MESSAGE" on stderr
 #   die MESSAGE     "me: MESSAGE" on stderr, exit DIE_CODE (default 1)
 #   positive_int VALUE  true for 1..999999999
+#   current_namespace KUBECTL...  the namespace KUBECTL (its words: -n, --context ...) works in
 : "${me:?set me before sourcing scripts/lib.sh}"
 usage() { sed -n '2,/^[^#]/{/^[^#]/d;s/^# \{0,1\}//;p}' "$0"; }
 unknown_argument() { echo "$me: unknown argument '$1' (try --help)" >&2; exit 2; }
@@ -29,3 +30,10 @@ say() {
 warn() { printf '%s %s: warning: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*" >&2; }
 die() { printf '%s: %s\n' "$me" "$*" >&2; exit "${DIE_CODE:-1}"; }
 positive_int() { [[ "$1" =~ ^[1-9][0-9]{0,8}$ ]]; }
+current_namespace() {
+  local ns
+  # a -n/--namespace among the words shows in what a client-side dry run would create; else the context's
+  ns="$("$@" create configmap mlk-namespace-probe --dry-run=client -o 'jsonpath={.metadata.namespace}' 2>/dev/null </dev/null || true)"
+  [[ -n "$ns" ]] || ns="$("$@" config view --minify -o 'jsonpath={..namespace}' 2>/dev/null || true)"
+  printf '%s' "${ns:-default}"
+}

@@ -401,6 +401,11 @@ delete_jobs() { k delete job "$@" --ignore-not-found=true --cascade=foreground -
 context="$(k config current-context 2>/dev/null || echo '?')"
 say "context $context: WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS NFS_BACKEND=$NFS_BACKEND${STORAGE_CLASS:+ STORAGE_CLASS=$STORAGE_CLASS}"
 k get --raw=/readyz >/dev/null 2>&1 || k version >/dev/null 2>&1 || fail config "cannot reach the cluster of context '$context' with '${kubectl_cmd[*]}'"
+NAMESPACE="$(current_namespace "${kubectl_cmd[@]}")"
+export NAMESPACE # render.sh: the NFS PersistentVolume's name and claim (3-nfs-pv-pvc.yaml)
+if [[ "$NFS_BACKEND" != rwx && "$(k auth can-i create persistentvolumes 2>/dev/null || true)" == no ]]; then
+  fail config "NFS_BACKEND=$NFS_BACKEND needs the right to create PersistentVolumes (cluster-wide), which '${kubectl_cmd[*]}' lacks: use NFS_BACKEND=rwx STORAGE_CLASS=<a ReadWriteMany class>, or ask for that right"
+fi
 
 # --- 1-3: the shared volume ---------------------------------------------------------------------
 if [[ "$NFS_BACKEND" == rwx ]]; then
@@ -431,9 +436,9 @@ else
   export NFS_CLUSTER_IP
   say "nfs: server ready at $NFS_CLUSTER_IP"
   # A PV's source cannot change: one left by a run whose NFS service had another address must go first.
-  old_ip="$(k get pv nfs -o 'jsonpath={.spec.nfs.server}' 2>/dev/null)" || old_ip=""
+  old_ip="$(k get pv "mlk-nfs-$NAMESPACE" -o 'jsonpath={.spec.nfs.server}' 2>/dev/null)" || old_ip=""
   if [[ -n "$old_ip" && "$old_ip" != "$NFS_CLUSTER_IP" ]]; then
-    fail volume "PersistentVolume nfs points at $old_ip, the NFS service is now at $NFS_CLUSTER_IP: run scripts/teardown.sh (keeps the data) and start again"
+    fail volume "PersistentVolume mlk-nfs-$NAMESPACE points at $old_ip, the NFS service is now at $NFS_CLUSTER_IP: run scripts/teardown.sh (keeps the data) and start again"
   fi
   apply volume "$root/manifests/3-nfs-pv-pvc.yaml"
   wait_claim volume nfs

@@ -6,7 +6,7 @@
 #
 # Environment (a placeholder a file uses must be set, else this fails naming it):
 #   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP, STORAGE_CLASS, NODE_CIDR,
-#   GCE_PROJECT, GCE_DISK_ZONE  fill {{NAME}} (the list is PLACEHOLDERS in scripts/images.env)
+#   GCE_PROJECT, GCE_DISK_ZONE, NAMESPACE  fill {{NAME}} (the list is PLACEHOLDERS in scripts/images.env)
 #   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL (rounds after the first) in
 #                   place of round 1's "--save-init /mnt/rounds/r0.h5" (the round ledger's start weights)
 #   MIN_WORKERS     if set, aggregator args get "--min-workers" MIN_WORKERS (a count >= 1, or a

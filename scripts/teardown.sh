@@ -57,7 +57,8 @@ remove "the config" configmap -l "$app"
 remove "the other pods" pods -l "$app"
 if [[ -z "$rwx_claim" ]]; then
   remove "the volume" persistentvolumeclaim nfs
-  remove "the NFS PersistentVolume" persistentvolume nfs
+  # this namespace's only (3-nfs-pv-pvc.yaml): another namespace's run keeps its own
+  remove "the NFS PersistentVolume" persistentvolume "mlk-nfs-$(current_namespace "${kubectl_cmd[@]}")"
 fi
 remove "the NFS server" service,deployment,networkpolicy -l "$app,app.kubernetes.io/component=nfs-server" --cascade=foreground
 

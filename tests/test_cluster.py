@@ -95,7 +95,7 @@ def render(*files, **env):
     base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
     base.update(WORKER_NUMBER="3", EPOCH="2", BATCH="100", INCREMENTAL_NUMBER="1", NFS_CLUSTER_IP="10.96.0.42",
                 STORAGE_CLASS="kwok-volume", NODE_CIDR="10.128.0.0/20", GCE_PROJECT="my-project",
-                GCE_DISK_ZONE="us-central1-a")
+                GCE_DISK_ZONE="us-central1-a", NAMESPACE="default")
     base.update(env)
     proc = subprocess.run(["bash", str(SCRIPTS / "render.sh"), *map(str, files)], env=base, capture_output=True,
                           text=True)
@@ -106,7 +106,7 @@ def render(*files, **env):
 # --- 1. every manifest is accepted ------------------------------------------------------------------
 
 ORIGINAL_SED = {  # the original README's commands (docs/kubernetes.md, "By hand")
-    "3-nfs-pv-pvc.yaml": "s/{{NFS_CLUSTER_IP}}/10.96.0.42/g",
+    "3-nfs-pv-pvc.yaml": "s/{{NFS_CLUSTER_IP}}/10.96.0.42/g; s/{{NAMESPACE}}/default/g",
     "4-splitter.yaml": "s/{{WORKER_NUMBER}}/3/g",
     "5-trainer.yaml": "s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g; s/{{INCREMENTAL_NUMBER}}/0/g;",
     "5-trainer-indexed.yaml": "s/{{WORKER_NUMBER}}/3/g; s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g;",
@@ -164,7 +164,7 @@ def test_quickstart_runs_reruns_and_tears_down_clean(kubeconfig, ns):
     assert {c["type"] for c in deployment["status"]["conditions"] if c["status"] == "True"} >= {"Available"}
     assert deployment["status"]["availableReplicas"] == 1
     cluster_ip = get_json(kubeconfig, "service", "nfs-server", namespace=ns)["spec"]["clusterIP"]
-    pv = get_json(kubeconfig, "pv", "nfs")
+    pv = get_json(kubeconfig, "pv", f"mlk-nfs-{ns}")
     assert pv["status"]["phase"] == "Bound"
     assert pv["spec"]["nfs"]["server"] == cluster_ip
     assert pv["spec"]["claimRef"]["namespace"] == ns
@@ -193,6 +193,32 @@ def test_quickstart_runs_reruns_and_tears_down_clean(kubeconfig, ns):
 
 
 @pytest.mark.parametrize("service_type", ["NodePort", "ClusterIP"])
+def test_two_namespaces_run_one_after_the_other_and_keep_their_own_volumes(kubeconfig, ns):
+    """The pvc backend in two namespaces: each gets its own NFS PersistentVolume (named after it, bound to
+    its claim only); tearing one down, its data included, leaves the other's volume bound and its objects
+    whole."""
+    other = f"mlk-{uuid.uuid4().hex[:8]}"
+    kubectl(kubeconfig, "create", "namespace", other)
+    try:
+        for namespace in (ns, other):
+            proc = quickstart(kubeconfig, namespace)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        for namespace in (ns, other):
+            pv = get_json(kubeconfig, "pv", f"mlk-nfs-{namespace}")
+            assert pv["status"]["phase"] == "Bound" and pv["spec"]["claimRef"]["namespace"] == namespace
+            cluster_ip = get_json(kubeconfig, "service", "nfs-server", namespace=namespace)["spec"]["clusterIP"]
+            assert pv["spec"]["nfs"]["server"] == cluster_ip
+        kept = labelled_leftovers(kubeconfig, other)
+        down = run_script(kubeconfig, "teardown.sh", ns, DELETE_DISK="1")
+        assert down.returncode == 0, down.stderr
+        assert kubectl(kubeconfig, "get", "pv", f"mlk-nfs-{ns}", "--ignore-not-found", "-o", "name").stdout == ""
+        assert get_json(kubeconfig, "pv", f"mlk-nfs-{other}")["status"]["phase"] == "Bound"
+        assert labelled_leftovers(kubeconfig, other) == kept
+    finally:
+        run_script(kubeconfig, "teardown.sh", other, DELETE_DISK="1")
+        kubectl(kubeconfig, "delete", "namespace", other, "--wait=false")
+
+
 def test_service_types_end_with_how_to_reach_the_server(kubeconfig, ns, service_type):
     """SERVICE_TYPE=NodePort or ClusterIP: the Service has that type and the run ends 0 with the way in."""
     proc = quickstart(kubeconfig, ns, SERVE="1", SERVICE_TYPE=service_type)

@@ -46,7 +46,7 @@ CLEAN_ENV = (*PLACEHOLDERS, "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "MIN_WO
 ORIGINAL_SED = {
     "1-nfs-deployment.yaml": "s/{{GCE_PROJECT}}/my-project/g; s/{{GCE_DISK_ZONE}}/us-central1-a/g;",
     "2-nfs-networkpolicy.yaml": "s|{{NODE_CIDR}}|10.128.0.0/20|g",
-    "3-nfs-pv-pvc.yaml": "s/{{NFS_CLUSTER_IP}}/10.96.0.42/g",
+    "3-nfs-pv-pvc.yaml": "s/{{NFS_CLUSTER_IP}}/10.96.0.42/g; s/{{NAMESPACE}}/default/g",
     "4-splitter.yaml": "s/{{WORKER_NUMBER}}/3/g",
     "5-trainer.yaml": "s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g; s/{{INCREMENTAL_NUMBER}}/0/g;",
     "5-trainer-indexed.yaml": "s/{{WORKER_NUMBER}}/3/g; s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g;",
@@ -565,6 +565,14 @@ def test_nfs_pv_mounts_the_servers_v41_export_hard():
     assert re.search(r"^\s*Pseudo = /exports;", conf, re.M) and re.search(r"^\s*Minor_Versions = 1;", conf, re.M)
     text = (MANIFESTS / "3-nfs-pv-pvc.yaml").read_text()
     assert "HDF5_USE_FILE_LOCKING" in text and "hard:" in text  # the reasons are next to the options
+
+
+def test_nfs_pv_belongs_to_one_namespace_and_its_claim():
+    """PersistentVolumes are cluster-wide: the NFS one is named after the run's namespace and bound to
+    that namespace's claim nfs only, so a second namespace neither takes nor deletes it."""
+    pv, pvc = docs_of(MANIFESTS / "3-nfs-pv-pvc.yaml", NAMESPACE="team-a")
+    assert pv["metadata"]["name"] == "mlk-nfs-team-a" == pvc["spec"]["volumeName"]
+    assert pv["spec"]["claimRef"] == {"namespace": "team-a", "name": "nfs"} and pvc["metadata"]["name"] == "nfs"
 
 
 def test_rwx_backend_is_one_readwritemany_claim_named_nfs_of_the_chosen_class():

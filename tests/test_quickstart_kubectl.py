@@ -34,7 +34,7 @@ env = os.environ.get
 out = lambda s: print(s, end="")
 if args[:3] == ["apply", "-f", "-"]:
     n = sum(1 for _ in open(log))
-    with open(os.path.join(env("FAKE_DIR"), f"apply-{n:03d}.yaml"), "w") as f:
+    with open(os.path.join(env("FAKE_DIR"), f"apply-{n:04d}.yaml"), "w") as f:
         f.write(sys.stdin.read())
     if env("FAKE_APPLY_RC"):
         print("Error from server (Forbidden): admission webhook denied the request", file=sys.stderr)
@@ -82,6 +82,8 @@ elif args[:2] == ["logs", "job/mnist-ledger-restore"]:
     print(env("FAKE_LEDGER", '{"last_round": 0, "sha256": null}'))
 elif args[:2] == ["logs", "-l"]:
     print(f"[pod/{args[2]}] Traceback: fake trainer crash")
+elif args[:3] == ["auth", "can-i", "create"]:
+    print(env("FAKE_CAN_I", "yes"))
 elif args[:2] == ["config", "current-context"]:
     out("fake-context")
 '''
@@ -131,7 +133,7 @@ def nfs_steps(proc):
         c = c[4:] if c[:1] == ["--context"] else c
         if c[:3] == ["apply", "-f", "-"]:
             steps.append(("apply", next(applied)))
-            if ("PersistentVolume", "nfs") in steps[-1][1]:
+            if ("PersistentVolume", "mlk-nfs-default") in steps[-1][1]:
                 return steps
         elif c[:2] == ["get", "nodes"]:
             steps.append(("get", "nodes"))
@@ -153,7 +155,7 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
     trainers = [("Job", f"mnist-trainer-{i}") for i in range(3)]
     assert kinds_names(proc.applied) == (
         [[("PersistentVolumeClaim", "nfs-server-disk"), ("Deployment", "nfs-server")], [("Service", "nfs-server")],
-         [("NetworkPolicy", "nfs-server")], [("PersistentVolume", "nfs"), ("PersistentVolumeClaim", "nfs")],
+         [("NetworkPolicy", "nfs-server")], [("PersistentVolume", "mlk-nfs-default"), ("PersistentVolumeClaim", "nfs")],
          [("ConfigMap", "mnist-config"), ("Job", "mnist-splitter")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
@@ -167,7 +169,7 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
         ("apply", [("Service", "nfs-server")]),
         ("get", "nodes"), ("apply", [("NetworkPolicy", "nfs-server")]),
         ("get", "deployment", "nfs-server"), ("get", "service", "nfs-server"),
-        ("apply", [("PersistentVolume", "nfs"), ("PersistentVolumeClaim", "nfs")])]
+        ("apply", [("PersistentVolume", "mlk-nfs-default"), ("PersistentVolumeClaim", "nfs")])]
     assert nfs_policy(proc)["spec"]["ingress"][0]["from"][0] == {"ipBlock": {"cidr": "10.128.0.0/28"}}
     assert "warning" not in proc.stderr
     # What was filled in: the NFS IP read from the service, the worker count, the per-shard args,
@@ -395,7 +397,7 @@ def test_quickstart_resume_continues_after_the_last_complete_round(fake):
                 FAKE_LEDGER='{"last_round": 1, "sha256": "0123456789abcdef0123"}')
     assert proc.returncode == 0, proc.stderr
     names = applied_names(proc)
-    assert names[names.index("nfs") + 2:] == (
+    assert names[names.index("mlk-nfs-default") + 2:] == (
         ["mnist-ledger-restore", "mnist-config"]
         + ["mnist-trainer-0", "mnist-trainer-1", "mnist-aggregator"] * 2 + ["mnist-accuracy-test"])
     restore = [docs for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-ledger-restore"][0][0]
@@ -466,6 +468,18 @@ def test_quickstart_image_pull_error_stops_after_its_grace(fake):
            "(for 3s, PULL_GRACE)" in last
 
 
+def test_quickstart_without_rights_on_persistent_volumes_points_to_rwx(fake, tmp_path):
+    """A user who may not create PersistentVolumes (cluster-wide) gets one line naming the rwx backend,
+    before anything is applied."""
+    proc = fake(QUICKSTART, FAKE_CAN_I="no")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "stage config failed: NFS_BACKEND=pvc needs the right to create PersistentVolumes (cluster-wide), which "
+        "'kubectl' lacks: use NFS_BACKEND=rwx STORAGE_CLASS=<a ReadWriteMany class>, or ask for that right")
+    assert not any(c[:1] == ["apply"] for c in proc.calls)
+    assert fake(QUICKSTART, FAKE_CAN_I="no", NFS_BACKEND="rwx", STORAGE_CLASS="x", FAKE_CLASS="x").returncode == 0
+
+
 def test_quickstart_refuses_a_grace_that_is_not_a_number(fake):
     proc = fake(QUICKSTART, MOUNT_GRACE="2m")
     assert proc.returncode == 1
@@ -525,7 +539,7 @@ def test_teardown_keeps_the_disk_unless_asked(fake):
     joined = "\n".join(deleted)
     for obj in ("deployment,service -l app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=server",
                 "jobs -l app.kubernetes.io/name=mlk-mnist", "configmap -l app.kubernetes.io/name=mlk-mnist",
-                "pods -l app.kubernetes.io/name=mlk-mnist ", "persistentvolumeclaim nfs ", "persistentvolume nfs ",
+                "pods -l app.kubernetes.io/name=mlk-mnist ", "persistentvolumeclaim nfs ", "persistentvolume mlk-nfs-default ",
                 "service,deployment,networkpolicy -l app.kubernetes.io/name=mlk-mnist,"
                 "app.kubernetes.io/component=nfs-server"):
         assert obj in joined, obj

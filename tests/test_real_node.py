@@ -218,6 +218,45 @@ def test_pod_network_host_to_pod_and_pod_to_pod(kubeconfig, ns):
     assert out.strip() == "web"
 
 
+def test_service_cluster_ip_routes_from_the_node(kubeconfig, ns):
+    """kube-proxy on the node: a Service's ClusterIP answers from this machine itself (the path the
+    kubelet's NFS mount takes to the NFS server), and again after its only pod is replaced by one at
+    another address; an address in the Service range that no Service has fails here at once (the range
+    is routed to the node's bridge, not to the default route)."""
+    need_image("splitter")
+    serve = ["python", "-m", "http.server", "8080", "--directory", "/etc"]
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns,
+            input=pod("web", SPLITTER, serve, ports=[{"containerPort": 8080}], restart="Always"))
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns, input=json.dumps({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"test": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
+    ip = get_json(kubeconfig, "service", "web", namespace=ns)["spec"]["clusterIP"]
+
+    def fetch():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the pod listening, and kube-proxy's rule for its endpoint
+            try:
+                return urllib.request.urlopen(f"http://{ip}/hostname", timeout=3).read()
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"ClusterIP {ip}:80 did not answer from the node within 60 s")
+
+    first = wait_pod(kubeconfig, ns, "web", phase=("Running",), timeout=120)["status"]["podIP"]
+    assert fetch() == b"web\n"
+    kubectl(kubeconfig, "delete", "pod", "web", "--grace-period=1", namespace=ns)
+    kubectl(kubeconfig, "apply", "-f", "-", namespace=ns,
+            input=pod("web", SPLITTER, serve, ports=[{"containerPort": 8080}], restart="Always"))
+    second = wait_pod(kubeconfig, ns, "web", phase=("Running",), timeout=120)["status"]["podIP"]
+    assert fetch() == b"web\n"
+    print(f"\nClusterIP {ip} -> pod {first}, then -> pod {second}")
+    unused = ip.rsplit(".", 1)[0] + ".254"
+    if not any(s["spec"].get("clusterIP") == unused for s in get_json(kubeconfig, "services", "-A")["items"]):
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            socket.create_connection((unused, 80), timeout=10)
+        assert time.monotonic() - started < 9  # refused or unreachable here, not a timeout elsewhere
+
+
 # --- 4. volumes -------------------------------------------------------------------------------------
 
 def claim(name):
@@ -448,7 +487,7 @@ def ns_nfs(kubeconfig):
     kubectl(kubeconfig, "create", "namespace", name)
     yield name
     kubectl(kubeconfig, "delete", "namespace", name, "--timeout=120s", check=False)
-    kubectl(kubeconfig, "delete", "pv", "nfs", "--ignore-not-found", check=False)
+    kubectl(kubeconfig, "delete", "pv", f"mlk-nfs-{name}", "--ignore-not-found", check=False)
 
 
 def host_nfs_mounts(server_ip):
@@ -524,7 +563,7 @@ def test_quickstart_pvc_backend_runs_over_real_nfs_and_survives_the_servers_rest
 
         # The volume: type nfs at the Service's ClusterIP, and that is what the pods have at /mnt.
         server_ip = get_json(kubeconfig, "service", "nfs-server", namespace=ns)["spec"]["clusterIP"]
-        pv = get_json(kubeconfig, "pv", "nfs")
+        pv = get_json(kubeconfig, "pv", f"mlk-nfs-{ns}")
         assert pv["spec"]["nfs"] == {"server": server_ip, "path": "/exports"}
         assert pv["spec"]["mountOptions"] == ["nfsvers=4.1", "hard"]
         assert trainer_mnt == (f"{server_ip}:/exports", "fuse.nfs4")
@@ -563,7 +602,7 @@ def test_quickstart_pvc_backend_runs_over_real_nfs_and_survives_the_servers_rest
     assert down.returncode == 0, down.stderr
     kinds = "deployments,replicasets,pods,services,jobs,configmaps,persistentvolumeclaims,networkpolicies"
     assert get_json(kubeconfig, kinds, "-l", "app.kubernetes.io/name=mlk-mnist", namespace=ns)["items"] == []
-    assert kubectl(kubeconfig, "get", "pv", "nfs", "--ignore-not-found", "-o", "name").stdout.strip() == ""
+    assert kubectl(kubeconfig, "get", "pv", f"mlk-nfs-{ns}", "--ignore-not-found", "-o", "name").stdout.strip() == ""
     deadline = time.monotonic() + 60  # the kubelet unmounts as the pods go
     while server_ip and host_nfs_mounts(server_ip) and time.monotonic() < deadline:
         time.sleep(1)
