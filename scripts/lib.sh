@@ -7,6 +7,7 @@
 #   warn MESSAGE    "HH:MM:SS me: warning: MESSAGE" on stderr
 #   die MESSAGE     "me: MESSAGE" on stderr, exit DIE_CODE (default 1)
 #   positive_int VALUE  true for 1..999999999
+#   ip2int A.B.C.D / int2ip N   an IPv4 address as a number and back
 #   current_namespace KUBECTL...  the namespace KUBECTL (its words: -n, --context ...) works in
 : "${me:?set me before sourcing scripts/lib.sh}"
 usage() { sed -n '2,/^[^#]/{/^[^#]/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -30,6 +31,8 @@ say() {
 warn() { printf '%s %s: warning: %s\n' "$(date -u +%H:%M:%S)" "$me" "$*" >&2; }
 die() { printf '%s: %s\n' "$me" "$*" >&2; exit "${DIE_CODE:-1}"; }
 positive_int() { [[ "$1" =~ ^[1-9][0-9]{0,8}$ ]]; }
+ip2int() { local IFS=. a b c d; read -r a b c d <<<"$1"; echo $(((a << 24) | (b << 16) | (c << 8) | d)); }
+int2ip() { echo "$((($1 >> 24) & 255)).$((($1 >> 16) & 255)).$((($1 >> 8) & 255)).$(($1 & 255))"; }
 current_namespace() {
   local ns
   # a -n/--namespace among the words shows in what a client-side dry run would create; else the context's

@@ -128,19 +128,18 @@ k() { "${kubectl_cmd[@]}" "$@"; }
 
 # covering_cidr IP...: the smallest IPv4 CIDR that holds every IP (fails on none or a non-IPv4 one)
 covering_cidr() {
-  local ip a b c d n lo=-1 hi=-1 bits=32
+  local ip n lo=-1 hi=-1 bits=32
   (($#)) || return 1
   for ip in "$@"; do
     [[ "$ip" =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || return 1
-    IFS=. read -r a b c d <<<"$ip"
-    n=$(((a << 24) | (b << 16) | (c << 8) | d))
+    n="$(ip2int "$ip")"
     ((lo < 0 || n < lo)) && lo=$n
     ((hi < 0 || n > hi)) && hi=$n
   done
   while ((bits > 0 && (lo >> (32 - bits)) != (hi >> (32 - bits)))); do bits=$((bits - 1)); done
   n=$(((lo >> (32 - bits)) << (32 - bits) & 0xffffffff))
   ((bits > 0)) || n=0
-  echo "$(((n >> 24) & 255)).$(((n >> 16) & 255)).$(((n >> 8) & 255)).$((n & 255))/$bits"
+  echo "$(int2ip "$n")/$bits"
 }
 
 # apply STAGE FILE [FILTER]: render FILE (scripts/render.sh, environment as exported) and apply it;
@@ -289,8 +288,8 @@ check_stage() {
   fi
 }
 
-# volume_cause SELECTOR: for the stage's pods that are not Ready, the claims they mount, each with its
-# volume's type and class ("" when there are none): a volume the node cannot mount, or that uid 10001
+# volume_cause SELECTOR: ": " and, for the stage's pods that are not Ready, the claims they mount, each
+# with its volume's type and class ("" when there are none): a volume the node cannot mount, or that uid 10001
 # cannot write, keeps a pod there with no event that names it (a simulated class's hostPath volume on a
 # real node, for one).
 volume_cause() {
@@ -305,7 +304,7 @@ volume_cause() {
     out+="pod $pod mounts claim $claim (volume $pv${type:+ of type $type}, StorageClass $class${provisioner:+, provisioner $provisioner}); "
   done < <(k get pods -l "$1" -o 'go-template={{range .items}}{{$p := .metadata.name}}{{$ready := false}}{{range .status.conditions}}{{if and (eq .type "Ready") (eq .status "True")}}{{$ready = true}}{{end}}{{end}}{{if not $ready}}{{range .spec.volumes}}{{if .persistentVolumeClaim}}{{$p}} {{.persistentVolumeClaim.claimName}}
 {{end}}{{end}}{{end}}{{end}}' 2>/dev/null || true)
-  [[ -z "$out" ]] || printf '%s' "${out%; }: a volume the node cannot mount, or that uid 10001 cannot write, keeps a pod there (kubectl describe pod)"
+  [[ -z "$out" ]] || printf ': %s' "${out%; }: a volume the node cannot mount, or that uid 10001 cannot write, keeps a pod there (kubectl describe pod)"
 }
 
 # terminated_summary SELECTOR: "pod P: container C exited N (REASON): MESSAGE" for failed containers
@@ -360,7 +359,7 @@ wait_deployment() {
     state="$(k get deployment "$name" -o 'go-template={{if ge .status.observedGeneration .metadata.generation}}{{if eq (or .status.updatedReplicas 0) .spec.replicas}}{{if eq (or .status.availableReplicas 0) .spec.replicas}}ready{{end}}{{end}}{{end}}' 2>/dev/null)" || state=""
     [[ "$state" != ready ]] || return 0
     check_stage "$stage" "$selector"
-    ((SECONDS < deadline)) || report "$stage" "$selector" "deployment $name not available within ${timeout}s$(cause="$(volume_cause "$selector")"; [[ -z "$cause" ]] || printf ': %s' "$cause")"
+    ((SECONDS < deadline)) || report "$stage" "$selector" "deployment $name not available within ${timeout}s$(volume_cause "$selector")"
     sleep "$POLL"
   done
 }
@@ -453,7 +452,7 @@ wait_pod() {
     ready="$(k get pod "$name" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" || ready=""
     [[ "$ready" != True ]] || return 0
     check_stage "$stage" "$selector"
-    ((SECONDS < deadline)) || report "$stage" "$selector" "pod $name not ready within ${timeout}s$(cause="$(volume_cause "$selector")"; [[ -z "$cause" ]] || printf ': %s' "$cause")"
+    ((SECONDS < deadline)) || report "$stage" "$selector" "pod $name not ready within ${timeout}s$(volume_cause "$selector")"
     sleep "$POLL"
   done
 }

@@ -253,8 +253,6 @@ stop_pid() { # stop_pid PIDFILE NAME: TERM, then KILL after 20 s
   rm -f "$pidfile"
 }
 
-ip2int() { local IFS=. a b c d; read -r a b c d <<<"$1"; echo $(((a << 24) | (b << 16) | (c << 8) | d)); }
-int2ip() { echo "$((($1 >> 24) & 255)).$((($1 >> 16) & 255)).$((($1 >> 8) & 255)).$(($1 & 255))"; }
 
 # The CIDR's network and first address; refuses one that overlaps a route of another interface.
 check_cidr() {

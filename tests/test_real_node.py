@@ -389,6 +389,15 @@ def test_port_forward_reaches_the_server(kubeconfig, ns):
 
 # --- 6. the quickstart on the node ------------------------------------------------------------------
 
+def running_pod(kubeconfig, namespace, selector):
+    """The name of a pod of SELECTOR whose container runs and that is not being deleted, or None."""
+    for pod in get_json(kubeconfig, "pods", "-l", selector, namespace=namespace)["items"]:
+        running = (pod["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("running")
+        if running and pod["metadata"].get("deletionTimestamp") is None:
+            return pod["metadata"]["name"]
+    return None
+
+
 def assert_page_reads_six(kubeconfig, namespace):
     """Through the port-forward the quickstart prints: the server is ready and reads samples/6.png as 6."""
     pf, local = port_forward(kubeconfig, namespace, "svc/mnist-server-svc", 80)
@@ -428,15 +437,12 @@ def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, n
         deadline = time.monotonic() + 1800
         while killed is None and run_.poll() is None and time.monotonic() < deadline:
             if "== round 2/2" in out_path.read_text():
-                for pod in get_json(kubeconfig, "pods", "-l", "job-name=mnist-trainer-0", namespace=ns)["items"]:
-                    started = (pod["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("running")
-                    if started and pod["metadata"].get("deletionTimestamp") is None:
-                        time.sleep(3)  # into its training
-                        # SIGTERM, then SIGKILL after 1 s (python as PID 1 ignores SIGTERM): exit 137
-                        kubectl(kubeconfig, "delete", "pod", pod["metadata"]["name"], "--grace-period=1", "--wait=false",
-                                namespace=ns)
-                        killed = pod["metadata"]["name"]
-                        break
+                trainer = running_pod(kubeconfig, ns, "job-name=mnist-trainer-0")
+                if trainer:
+                    time.sleep(3)  # into its training
+                    # SIGTERM, then SIGKILL after 1 s (python as PID 1 ignores SIGTERM): exit 137
+                    kubectl(kubeconfig, "delete", "pod", trainer, "--grace-period=1", "--wait=false", namespace=ns)
+                    killed = trainer
             time.sleep(0.5)
         run_.wait(timeout=max(60, deadline - time.monotonic()))
         output = out_path.read_text()
@@ -531,16 +537,13 @@ def test_quickstart_pvc_backend_runs_over_real_nfs_and_survives_the_servers_rest
         deadline = time.monotonic() + 1800
         while old_server is None and run_.poll() is None and time.monotonic() < deadline:
             if "== round 2/2" in out_path.read_text():
-                for trainer in get_json(kubeconfig, "pods", "-l", "app.kubernetes.io/component=trainer",
-                                        namespace=ns)["items"]:
-                    running = (trainer["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("running")
-                    if running and trainer["metadata"].get("deletionTimestamp") is None:
-                        time.sleep(2)  # into its training
-                        trainer_mnt = pod_mnt(kubeconfig, ns, trainer["metadata"]["name"])
-                        old_server = get_json(kubeconfig, "pods", "-l", "role=nfs-server",
-                                              namespace=ns)["items"][0]["metadata"]["name"]
-                        kubectl(kubeconfig, "delete", "pod", old_server, "--wait=false", namespace=ns)
-                        break
+                trainer = running_pod(kubeconfig, ns, "app.kubernetes.io/component=trainer")
+                if trainer:
+                    time.sleep(2)  # into its training
+                    trainer_mnt = pod_mnt(kubeconfig, ns, trainer)
+                    old_server = get_json(kubeconfig, "pods", "-l", "role=nfs-server",
+                                          namespace=ns)["items"][0]["metadata"]["name"]
+                    kubectl(kubeconfig, "delete", "pod", old_server, "--wait=false", namespace=ns)
             time.sleep(0.5)
         run_.wait(timeout=max(60, deadline - time.monotonic()))
         output = out_path.read_text()
