@@ -159,6 +159,36 @@ def test_bad_numbers_exit_2(flags, message, shard, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_wait_data_trains_on_a_shard_that_appears_later(shard, tmp_path, capsys):
+    """All stages applied at once (render.sh --out): a trainer starts before the splitter's shard exists."""
+    import shutil
+    import threading
+
+    data, out = tmp_path / "data" / "0.npz", tmp_path / "m.h5"
+    data.parent.mkdir()
+    timer = threading.Timer(1.5, shutil.copy, (shard, data))  # the splitter renames a whole shard into place
+    timer.start()
+    try:
+        code = trainer.main(["--data", str(data), "--epoch", "1", "--batch", "50", "--savemodel", str(out),
+                             "--wait-data", "60"])
+    finally:
+        timer.cancel()
+    assert code == 0 and out.exists()
+    assert f"waiting up to 60s for {data}" in capsys.readouterr().out
+
+
+def test_wait_data_gives_up_with_one_line(tmp_path, capsys):
+    out = tmp_path / "m.h5"
+    assert trainer.main(["--data", str(tmp_path / "never.npz"), "--epoch", "1", "--batch", "10",
+                         "--savemodel", str(out), "--wait-data", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trainer.py: error:") and "still absent after waiting 0.5s" in err and "\n" not in err
+    assert not out.exists()
+    assert trainer.main(["--data", "x.npz", "--epoch", "1", "--batch", "10", "--savemodel", str(out),
+                         "--wait-data", "-1"]) == 2
+    assert "--wait-data must be 0-86400 seconds" in capsys.readouterr().err
+
+
 def test_incompatible_init_model_exits_2(shard, tmp_path, capsys):
     import keras
 

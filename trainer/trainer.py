@@ -34,7 +34,27 @@ def build_parser():
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra/inter-op threads (0 = TF default)")
     parser.add_argument("--save-init", help="also save the starting weights here (.h5), unless the file exists "
                         "(the round ledger's rounds/r0.h5)")
+    parser.add_argument("--wait-data", type=float, default=0, metavar="SECONDS",
+                        help="wait up to SECONDS for --data to appear (the splitter writes it; default 0: no wait)")
     return parser
+
+
+def wait_for_file(path, seconds, poll=2.0, report_every=30.0):
+    """Return once `path` exists, printing a line now and then; InputError after `seconds`. The splitter
+    writes each shard to a temporary name and renames it, so a shard that exists is whole."""
+    if os.path.exists(path) or seconds <= 0:
+        return
+    print(f"waiting up to {seconds:g}s for {path} (the splitter writes it)", flush=True)
+    started = time.monotonic()
+    reported = started
+    while not os.path.exists(path):
+        now = time.monotonic()
+        if now - started >= seconds:
+            raise InputError(f"--data {path}: still absent after waiting {seconds:g}s (--wait-data)")
+        if now - reported >= report_every:
+            print(f"still waiting for {path} ({now - started:.0f}s)", flush=True)
+            reported = now
+        time.sleep(min(poll, max(seconds - (now - started), 0.01)))
 
 
 def build_model(keras):
@@ -141,12 +161,15 @@ def train(args):
         raise InputError(f"--batch must be >= 1, got {args.batch}")
     if args.threads < 0:
         raise InputError(f"--threads must be >= 0, got {args.threads}")
+    if not 0 <= args.wait_data <= 86400:
+        raise InputError(f"--wait-data must be 0-86400 seconds, got {args.wait_data:g}")
     if not args.savemodel.endswith(".h5"):
         raise InputError(f"--savemodel must end in .h5, got {args.savemodel}")
     if args.save_init is not None and not args.save_init.endswith(".h5"):
         raise InputError(f"--save-init must end in .h5, got {args.save_init}")
     if args.init_model is not None and not os.path.isfile(args.init_model):
         raise InputError(f"--init-model {args.init_model}: no such file")
+    wait_for_file(args.data, args.wait_data)
     x, y = load_shard(args.data)
     x = to_model_input(x)
     print(f"data: {args.data}: {len(x)} samples", flush=True)
