@@ -3,6 +3,19 @@
 # renders through this same script. Files are separated by "---".
 #
 #   scripts/render.sh FILE...
+#   scripts/render.sh --out DIR [--backend pvc|gce|rwx]
+#
+# --out DIR writes one backend's manifests into DIR (absent or empty; written whole or not at all), each
+# file filled and named in apply order, so that `kubectl apply -f DIR` starts one round on a fresh volume
+# (the trainers wait for their shards, the aggregator for the models, the server for the aggregate):
+#   pvc [NFS_BACKEND, default]  1-nfs-deployment.yaml (variants/1-nfs-deployment-pvc.yaml), 2-nfs-service.yaml
+#                 with NFS_CLUSTER_IP as its clusterIP (pick a free address of the cluster's Service range),
+#                 2-nfs-networkpolicy.yaml (when NODE_CIDR is set), 3-nfs-pv-pvc.yaml, then the stages:
+#                 4-splitter.yaml, 5-trainer.yaml (5-trainer-indexed.yaml: one Job for every shard),
+#                 6-aggregator.yaml, 7-server.yaml
+#   gce           the same with the GCE disk's 1-nfs-deployment.yaml
+#   rwx           3-rwx-pvc.yaml (variants/, a claim of STORAGE_CLASS), then the stages
+# Later rounds, the accuracy test and the 9999-* tools are the quickstart's (or one file at a time).
 #
 # Environment (a placeholder a file uses must be set, else this fails naming it):
 #   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP, STORAGE_CLASS, NODE_CIDR,
@@ -28,15 +41,65 @@ source "$here/images.env"
 DIE_CODE=2
 # shellcheck source=scripts/lib.sh
 source "$here/lib.sh"
-for arg in "$@"; do
-  case "$arg" in
+out="" backend="${NFS_BACKEND:-pvc}" files=()
+while (($#)); do
+  case "$1" in
     -h | --help) usage; exit 0 ;;
-    -*) die "unknown option '$arg' (arguments are manifest files; try --help)" ;;
+    --out | --backend)
+      (($# > 1)) || die "$1 needs a value (try --help)"
+      if [[ "$1" == --out ]]; then out="$2"; else backend="$2"; fi
+      shift 2 ;;
+    -*) die "unknown option '$1' (arguments are manifest files; try --help)" ;;
+    *) files+=("$1"); shift ;;
   esac
 done
+set -- "${files[@]+"${files[@]}"}"
+
+# render_out DIR BACKEND: the backend's files, rendered by this script, into DIR (see the header)
+render_out() {
+  local dir="$1" backend="$2" manifests tmp name source
+  manifests="$(cd "$here/../manifests" && pwd)"
+  local -a plan=()
+  case "$backend" in
+    pvc | gce)
+      [[ -n "${NFS_CLUSTER_IP:-}" ]] || die "--backend $backend needs NFS_CLUSTER_IP: a free address of the cluster's Service range, which becomes the NFS Service's clusterIP (kubectl get service kubernetes -n default shows one address of that range)"
+      if [[ "$backend" == pvc ]]; then plan+=("1-nfs-deployment.yaml=variants/1-nfs-deployment-pvc.yaml")
+      else plan+=("1-nfs-deployment.yaml=1-nfs-deployment.yaml"); fi
+      plan+=("2-nfs-service.yaml=2-nfs-service.yaml")
+      if [[ -n "${NODE_CIDR:-}" ]]; then plan+=("2-nfs-networkpolicy.yaml=2-nfs-networkpolicy.yaml")
+      else echo "$me: leaving out 2-nfs-networkpolicy.yaml (set NODE_CIDR, the nodes' address range, to include it)" >&2; fi
+      plan+=("3-nfs-pv-pvc.yaml=3-nfs-pv-pvc.yaml") ;;
+    rwx) plan+=("3-rwx-pvc.yaml=variants/3-rwx-pvc.yaml") ;;
+    *) die "--backend must be pvc, gce or rwx, got '$backend'" ;;
+  esac
+  plan+=("4-splitter.yaml=4-splitter.yaml" "5-trainer.yaml=5-trainer-indexed.yaml" "6-aggregator.yaml=6-aggregator.yaml"
+    "7-server.yaml=7-server.yaml")
+  if [[ -e "$dir" ]]; then
+    [[ -d "$dir" ]] || die "--out $dir exists and is not a directory"
+    [[ -z "$(ls -A "$dir")" ]] || die "--out $dir is not empty: kubectl apply -f $dir would apply what is there too; name a new directory"
+  fi
+  tmp="$(mktemp -d "${dir%/}.render.XXXXXX")" || die "cannot create a directory beside $dir"
+  trap 'rm -rf "$tmp"' EXIT
+  for name in "${plan[@]}"; do
+    source="$manifests/${name#*=}"
+    "$here/render.sh" "$source" >"$tmp/${name%%=*}" || exit 2 # its message is on stderr
+  done
+  # The Service takes the address the PersistentVolume already names: one apply creates both.
+  if [[ -f "$tmp/2-nfs-service.yaml" ]]; then
+    check_value NFS_CLUSTER_IP "$NFS_CLUSTER_IP"
+    sed -i "s/^spec:\$/spec:\n  clusterIP: $NFS_CLUSTER_IP/" "$tmp/2-nfs-service.yaml"
+  fi
+  [[ ! -d "$dir" ]] || rmdir "$dir"
+  mv "$tmp" "$dir"
+  trap - EXIT
+  echo "$me: wrote ${#plan[@]} files for backend $backend to $dir; next: kubectl apply -f $dir" >&2
+}
 
 names=("${PLACEHOLDERS[@]%%=*}") # images.env: NAME=sample value
-(($# > 0)) || die "usage: scripts/render.sh FILE... (fills $(printf '{{%s}} ' "${names[@]}")from the environment)"
+if [[ -n "$out" ]]; then
+  (($# == 0)) || die "--out renders the backend's own files: give no FILE with it"
+fi
+(($# > 0)) || [[ -n "$out" ]] || die "usage: scripts/render.sh FILE... (fills $(printf '{{%s}} ' "${names[@]}")from the environment)"
 
 # Values go into sed replacements: allow only characters that cannot break them or the YAML.
 check_value() { # check_value NAME VALUE
@@ -66,6 +129,11 @@ case "${SERVICE_TYPE:-}" in
   "" | LoadBalancer | NodePort | ClusterIP) ;;
   *) die "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
 esac
+
+if [[ -n "$out" ]]; then
+  render_out "$out" "$backend"
+  exit 0
+fi
 
 first=1
 for file in "$@"; do

@@ -75,7 +75,7 @@ start=$SECONDS
 [[ -z "$rwx_claim" ]] || remove "the data claim nfs" persistentvolumeclaim nfs
 remove "the NFS server's data claim" persistentvolumeclaim nfs-server-disk
 # NFS_BACKEND=gce: the disk's PersistentVolume (Retain: the disk itself stays until gcloud deletes it)
-remove "the GCE disk's PersistentVolume" persistentvolume ml-kube-disk
+remove "the GCE disk's PersistentVolume" persistentvolume "mlk-disk-$(current_namespace "${kubectl_cmd[@]}")"
 if [[ -n "$GCE_DISK_ZONE" ]]; then
   command -v "$GCLOUD" >/dev/null 2>&1 || die "'$GCLOUD' not found: the GCE disk $GCE_DISK was NOT deleted"
   if ! "$GCLOUD" compute disks describe "$GCE_DISK" --zone "$GCE_DISK_ZONE" --format='value(name)' >/dev/null 2>&1; then

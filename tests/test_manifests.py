@@ -44,7 +44,7 @@ CLEAN_ENV = (*PLACEHOLDERS, "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "MIN_WO
 # for the new Indexed alternative, and the same kind of sed for the files with placeholders the original
 # did not have (the GCE disk's project and zone; the nodes' range, with | since it holds a /).
 ORIGINAL_SED = {
-    "1-nfs-deployment.yaml": "s/{{GCE_PROJECT}}/my-project/g; s/{{GCE_DISK_ZONE}}/us-central1-a/g;",
+    "1-nfs-deployment.yaml": "s/{{GCE_PROJECT}}/my-project/g; s/{{GCE_DISK_ZONE}}/us-central1-a/g; s/{{NAMESPACE}}/default/g",
     "2-nfs-networkpolicy.yaml": "s|{{NODE_CIDR}}|10.128.0.0/20|g",
     "3-nfs-pv-pvc.yaml": "s/{{NFS_CLUSTER_IP}}/10.96.0.42/g; s/{{NAMESPACE}}/default/g",
     "4-splitter.yaml": "s/{{WORKER_NUMBER}}/3/g",
@@ -121,6 +121,89 @@ def test_original_sed_commands_leave_no_placeholder(path):
         kubernetes_validate.validate(doc, kv_utils.latest_version(), strict=True)
 
 
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_every_manifest_is_valid_yaml_before_rendering(path):
+    """No unquoted {{...}} (a YAML flow mapping kubectl cannot read) where a value starts with one."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs and all(isinstance(d, dict) and d.get("kind") for d in docs)
+
+
+def test_the_indexed_trainers_count_is_a_number_after_the_plain_sed():
+    text = subprocess.run(["sed", ORIGINAL_SED["5-trainer-indexed.yaml"], str(MANIFESTS / "5-trainer-indexed.yaml")],
+                          capture_output=True, text=True, check=True).stdout
+    spec = yaml.safe_load(text)["spec"]
+    assert spec["completions"] == spec["parallelism"] == 3  # "+3": an int, as the Job API needs
+
+
+OUT_ENV = {"WORKER_NUMBER": "3", "EPOCH": "2", "BATCH": "100", "NAMESPACE": "team-a", "NFS_CLUSTER_IP": "10.96.0.50",
+           "NODE_CIDR": "10.128.0.0/20", "STORAGE_CLASS": "standard-rwx", "GCE_PROJECT": "p", "GCE_DISK_ZONE": "z"}
+
+
+def render_out(out, *flags, **env):
+    clean = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV and k != "NFS_BACKEND"}
+    return subprocess.run(["bash", str(RENDER), "--out", str(out), *flags], env={**clean, **env},
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("backend, files", [
+    ("pvc", {"1-nfs-deployment.yaml": "variants/1-nfs-deployment-pvc.yaml", "2-nfs-service.yaml": "2-nfs-service.yaml",
+             "2-nfs-networkpolicy.yaml": "2-nfs-networkpolicy.yaml", "3-nfs-pv-pvc.yaml": "3-nfs-pv-pvc.yaml"}),
+    ("gce", {"1-nfs-deployment.yaml": "1-nfs-deployment.yaml", "2-nfs-service.yaml": "2-nfs-service.yaml",
+             "2-nfs-networkpolicy.yaml": "2-nfs-networkpolicy.yaml", "3-nfs-pv-pvc.yaml": "3-nfs-pv-pvc.yaml"}),
+    ("rwx", {"3-rwx-pvc.yaml": "variants/3-rwx-pvc.yaml"}),
+])
+def test_render_out_writes_one_backends_files_filled_in_apply_order(backend, files, tmp_path):
+    files = {**files, "4-splitter.yaml": "4-splitter.yaml", "5-trainer.yaml": "5-trainer-indexed.yaml",
+             "6-aggregator.yaml": "6-aggregator.yaml", "7-server.yaml": "7-server.yaml"}
+    out = tmp_path / "out"
+    proc = render_out(out, "--backend", backend, **OUT_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert f"next: kubectl apply -f {out}" in proc.stderr
+    version = kv_utils.latest_version()
+    for name, source in files.items():
+        text = (out / name).read_text()
+        assert "{{" not in text, name
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
+        alone = docs_of(MANIFESTS / source, **OUT_ENV)
+        if name == "2-nfs-service.yaml":  # the address the PV names, so that one apply creates both
+            assert docs[0]["spec"].pop("clusterIP") == "10.96.0.50"
+        assert docs == alone, name
+    trainer = yaml.safe_load((out / "5-trainer.yaml").read_text())
+    assert trainer["spec"]["completions"] == 3 and trainer["spec"]["completionMode"] == "Indexed"
+
+
+def test_render_out_leaves_out_the_network_policy_without_node_cidr(tmp_path):
+    env = {k: v for k, v in OUT_ENV.items() if k != "NODE_CIDR"}
+    proc = render_out(tmp_path / "out", **env)  # pvc: the default backend
+    assert proc.returncode == 0, proc.stderr
+    assert "leaving out 2-nfs-networkpolicy.yaml (set NODE_CIDR" in proc.stderr
+    assert not (tmp_path / "out" / "2-nfs-networkpolicy.yaml").exists()
+    assert (tmp_path / "out" / "1-nfs-deployment.yaml").exists()
+
+
+@pytest.mark.parametrize("case, flags, env, message", [
+    ("no address", [], {"NFS_CLUSTER_IP": ""}, "--backend pvc needs NFS_CLUSTER_IP"),
+    ("backend", ["--backend", "nfs"], {}, "--backend must be pvc, gce or rwx"),
+    ("missing value", [], {"WORKER_NUMBER": ""}, "needs WORKER_NUMBER"),
+    ("files too", ["manifests/4-splitter.yaml"], {}, "give no FILE with it"),
+    ("not empty", [], {}, "is not empty"),
+])
+def test_render_out_refuses_and_writes_nothing(case, flags, env, message, tmp_path):
+    out = tmp_path / "out"
+    if case == "not empty":
+        out.mkdir()
+        (out / "old.yaml").write_text("kind: ConfigMap\n")
+    proc = render_out(out, *flags, **{**OUT_ENV, **env})
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "\n" not in proc.stderr.strip()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if case == "not empty" else [])
+    if case == "not empty":
+        assert [p.name for p in out.iterdir()] == ["old.yaml"]
+
+
 def test_render_fills_values_rewrites_images_and_adds_init_model():
     out = render(MANIFESTS / "5-trainer.yaml", MANIFESTS / "3-nfs-pv-pvc.yaml", IMAGE_REGISTRY="reg.example.com:5000/me",
                  IMAGE_TAG="2.0", INIT_MODEL="/mnt/aggregated-model.h5")
@@ -131,7 +214,7 @@ def test_render_fills_values_rewrites_images_and_adds_init_model():
     assert docs[0]["metadata"]["name"] == "mnist-trainer-1"
     assert c["image"] == "reg.example.com:5000/me/trainer:2.0"
     assert c["args"] == ["--data", "/mnt/data/1.npz", "--epoch", "2", "--batch", "100", "--threads", "$(CPU_LIMIT)",
-                         "--savemodel", "/mnt/model/1-model.h5", "--init-model", "/mnt/aggregated-model.h5"]
+                         "--wait-data", "1800", "--savemodel", "/mnt/model/1-model.h5", "--init-model", "/mnt/aggregated-model.h5"]
     assert docs[1]["spec"]["nfs"]["server"] == "10.96.0.42"
     assert "{{" not in out.stdout
 
@@ -373,9 +456,9 @@ def test_gce_backend_is_a_static_pd_csi_volume_in_the_disks_zone():
     """The pre-created disk ml-kube-disk as a PersistentVolume of GKE's PD CSI driver (no in-tree
     gcePersistentDisk), its node affinity the disk's zone, bound to claim nfs-server-disk by name."""
     path = MANIFESTS / "1-nfs-deployment.yaml"
-    docs = docs_of(path, GCE_PROJECT="proj-42", GCE_DISK_ZONE="europe-west1-b")
+    docs = docs_of(path, GCE_PROJECT="proj-42", GCE_DISK_ZONE="europe-west1-b", NAMESPACE="default")
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
-        ("PersistentVolume", "ml-kube-disk"), ("PersistentVolumeClaim", "nfs-server-disk"), ("Deployment", "nfs-server")]
+        ("PersistentVolume", "mlk-disk-default"), ("PersistentVolumeClaim", "nfs-server-disk"), ("Deployment", "nfs-server")]
     pv, claim, deployment = docs
     assert pv["spec"]["csi"] == {"driver": "pd.csi.storage.gke.io", "fsType": "ext4",
                                  "volumeHandle": "projects/proj-42/zones/europe-west1-b/disks/ml-kube-disk"}
@@ -383,7 +466,8 @@ def test_gce_backend_is_a_static_pd_csi_volume_in_the_disks_zone():
         {"key": "topology.gke.io/zone", "operator": "In", "values": ["europe-west1-b"]}]}]}}
     assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"  # the data outlives the objects
     assert pv["spec"]["storageClassName"] == claim["spec"]["storageClassName"] == ""  # static: no provisioner
-    assert claim["spec"]["volumeName"] == "ml-kube-disk"
+    assert claim["spec"]["volumeName"] == "mlk-disk-default"  # named after the namespace, bound to its claim only
+    assert pv["spec"]["claimRef"] == {"namespace": "default", "name": "nfs-server-disk"}
     assert pv["spec"]["accessModes"] == claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert pv["spec"]["capacity"]["storage"] == claim["spec"]["resources"]["requests"]["storage"]
     assert deployment["spec"]["strategy"]["type"] == "Recreate"  # the disk attaches to one node at a time
@@ -469,11 +553,33 @@ def test_server_probes_and_load_balancer():
     port = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert port == {"http": 5000}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # liveness is nginx's own answer (never queued behind uploads), and it exists there
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert "location = /livez {" in (REPO / "server" / "nginx.conf").read_text()
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert all(dep["spec"]["template"]["metadata"]["labels"][k] == v for k, v in svc["spec"]["selector"].items())
+
+
+def test_server_is_sized_as_measured_and_stops_without_losing_a_request():
+    import importlib.util
+
+    dep, _ = docs_of(MANIFESTS / "7-server.yaml")
+    spec = pod_spec(dep)
+    c = spec["containers"][0]
+    requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+    # about 1.25 GB measured with 2 workers: the request holds it, the limit leaves room for a reload
+    assert requests["memory"] == "1536Mi" and limits["memory"] == "2560Mi"
+    server_py = importlib.util.spec_from_file_location("server_launcher", REPO / "server" / "server.py")
+    launcher = importlib.util.module_from_spec(server_py)
+    server_py.loader.exec_module(launcher)
+    workers = launcher.DEFAULT_WORKERS
+    assert "--workers" not in c["args"]  # so the default is what runs
+    assert float(limits["cpu"]) >= workers  # one TensorFlow thread per worker, nginx beside them
+    # preStop pause, then nginx's drain and gunicorn's graceful stop, all within the grace period
+    assert c["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    assert spec["terminationGracePeriodSeconds"] >= 5 + launcher.DRAIN_SECONDS + launcher.GRACEFUL_TIMEOUT
 
 
 def test_every_stage_mounts_the_nfs_claim_at_mnt():

@@ -181,7 +181,7 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
         for i in range(3):
             args = container_args(proc.applied[first + i][0])
             expect = ["--data", f"/mnt/data/{i}.npz", "--epoch", "2", "--batch", "64",
-                      "--threads", "$(CPU_LIMIT)", "--savemodel", f"/mnt/model/{i}-model.h5"]
+                      "--threads", "$(CPU_LIMIT)", "--wait-data", "1800", "--savemodel", f"/mnt/model/{i}-model.h5"]
             # round 1 records the common start weights for the ledger; later rounds start from the aggregate
             expect += ["--save-init", "/mnt/rounds/r0.h5"] if r == 1 else ["--init-model", "/mnt/aggregated-model.h5"]
             assert args == expect
@@ -218,14 +218,14 @@ def test_quickstart_gce_backend_uses_the_original_disk(fake):
                 GCE_PROJECT="proj-42", GCE_DISK_ZONE="europe-west1-b")
     assert proc.returncode == 0, proc.stderr
     first = proc.applied[0]
-    assert kinds_names([first]) == [[("PersistentVolume", "ml-kube-disk"), ("PersistentVolumeClaim", "nfs-server-disk"),
+    assert kinds_names([first]) == [[("PersistentVolume", "mlk-disk-default"), ("PersistentVolumeClaim", "nfs-server-disk"),
                                      ("Deployment", "nfs-server")]]
     pv, claim, deployment = first
     assert pv["spec"]["csi"]["driver"] == "pd.csi.storage.gke.io"
     assert pv["spec"]["csi"]["volumeHandle"] == "projects/proj-42/zones/europe-west1-b/disks/ml-kube-disk"
     assert pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"] == [{"matchExpressions": [
         {"key": "topology.gke.io/zone", "operator": "In", "values": ["europe-west1-b"]}]}]
-    assert claim["spec"]["volumeName"] == "ml-kube-disk"
+    assert claim["spec"]["volumeName"] == "mlk-disk-default"
     assert deployment["spec"]["template"]["spec"]["volumes"][0] == {
         "name": "export", "persistentVolumeClaim": {"claimName": "nfs-server-disk"}}
     # the claim binds (to the static PV) before the server is waited for, as with the pvc backend
@@ -548,7 +548,7 @@ def test_teardown_keeps_the_disk_unless_asked(fake):
     order = [next(i for i, c in enumerate(deleted) if s in c)
              for s in ("component=server", "pods -l", "persistentvolumeclaim nfs ", "component=nfs-server")]
     assert order == sorted(order)
-    assert "nfs-server-disk" not in joined and "ml-kube-disk" not in joined
+    assert "nfs-server-disk" not in joined and "mlk-disk-" not in joined
     assert "kept" in proc.stdout
 
 
@@ -568,7 +568,7 @@ fi
     assert proc.returncode == 0, proc.stderr
     assert ["delete", "persistentvolumeclaim", "nfs-server-disk", "--ignore-not-found=true", "--wait=true"] in proc.calls
     # the gce backend's static PV goes too (Retain: deleting it leaves the disk to gcloud below)
-    assert ["delete", "persistentvolume", "ml-kube-disk", "--ignore-not-found=true", "--wait=true"] in proc.calls
+    assert ["delete", "persistentvolume", "mlk-disk-default", "--ignore-not-found=true", "--wait=true"] in proc.calls
     calls = gcloud_log.read_text().splitlines()
     assert sum("value(users)" in c for c in calls) == 3
     assert calls[-1].split() == ["compute", "disks", "delete", "ml-kube-disk", "--zone", "us-central1-a", "--quiet"]
