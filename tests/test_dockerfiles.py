@@ -163,6 +163,55 @@ def test_tf_free_stages_install_no_tensorflow(stage):
     assert "tensorflow" not in reqs and "keras" not in reqs, reqs
 
 
+def requirements_for(stage, machine):
+    """The stage's requirement lines as pip sees them on a `machine` (platform_machine) node."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    env = {**default_environment(), "platform_machine": machine}
+    lines = [line.split("#")[0].strip() for line in (ROOT / stage / "requirements.txt").read_text().splitlines()]
+    picked = []
+    for line in filter(None, lines):
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate(env):
+            req.marker = None
+            picked.append(str(req))
+    return picked
+
+
+def test_tensorflow_is_tensorflow_cpu_on_x86_64_and_tensorflow_on_arm64():
+    """tensorflow-cpu publishes x86_64 wheels only; on aarch64 the tensorflow wheel (CPU-only there)."""
+    for stage in ("trainer", "server"):
+        assert "tensorflow-cpu==2.21.0" in requirements_for(stage, "x86_64")
+        assert not any(r.startswith("tensorflow==") for r in requirements_for(stage, "x86_64"))
+        arm = requirements_for(stage, "aarch64")
+        assert "tensorflow==2.21.0" in arm and not any(r.startswith("tensorflow-cpu") for r in arm)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_resolves_to_wheels_on_arm64(stage, tmp_path):
+    """pip resolves the stage's pinned requirements, with their dependencies, to binary wheels for a
+    Linux aarch64 node with Python 3.11 (metadata only: nothing is installed). So the images build on an
+    arm64 machine; they have not run on one here (docs/kubernetes.md)."""
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("\n".join(requirements_for(stage, "aarch64")) + "\n")
+    # Debian bookworm's glibc is 2.36: wheels built for any manylinux_2_17 ... 2_36 run there
+    tags = ["manylinux2014_aarch64", *(f"manylinux_2_{minor}_aarch64" for minor in range(17, 37))]
+    platforms = [arg for tag in tags for arg in ("--platform", tag)]
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--only-binary=:all:", *platforms, "--python-version", "3.11", "--implementation", "cp",
+                           "--target", str(tmp_path / "target"), "--report", str(tmp_path / "report.json"),
+                           "-r", str(reqs)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    wheels = {item["metadata"]["name"].lower(): item["download_info"]["url"].rsplit("/", 1)[-1]
+              for item in report["install"]}
+    pinned = {r.split("==")[0].lower() for r in requirements_for(stage, "aarch64")}
+    assert pinned <= set(wheels), pinned - set(wheels)
+    native = [w for w in wheels.values() if not w.endswith("-none-any.whl")]
+    assert all("aarch64" in w for w in native), native  # every compiled wheel is an arm64 one
+
+
 # --- nfs-server/Dockerfile --------------------------------------------------------------------------
 
 def test_nfs_server_base_is_a_pinned_debian_build_arg_used_by_its_from():
