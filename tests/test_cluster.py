@@ -116,6 +116,48 @@ ORIGINAL_SED = {  # the original README's commands (docs/kubernetes.md, "By hand
 }
 
 
+def test_plain_kubectl_apply_of_the_templates_fails_at_once_and_runs_nothing(kubeconfig, ns):
+    """What a user tries first: kubectl apply -f manifests/. It exits non-zero within seconds, its first
+    error says to render first (manifests/0-render-first.yml), and nothing it created runs: every pod
+    waits for claim nfs, which no template can bind. Teardown (the fixture) removes what it made."""
+    started = time.monotonic()
+    proc = kubectl(kubeconfig, "apply", "-f", str(MANIFESTS), namespace=ns, check=False)
+    assert proc.returncode != 0 and time.monotonic() - started < 60
+    hint = proc.stderr.find("these-are-templates-run-scripts-render.sh-out-dir-then-kubectl-apply-f-dir")
+    assert 0 <= hint < proc.stderr.find("{{"), proc.stderr  # said first; then the unfilled placeholders
+    pvs = get_json(kubeconfig, "persistentvolumes", "-l", APP, namespace=ns)["items"]
+    assert not [pv["metadata"]["name"] for pv in pvs if ns in pv["metadata"]["name"] or "{" in pv["metadata"]["name"]]
+    time.sleep(10)  # the scheduler and the Job controller have had their turn
+    pods = get_json(kubeconfig, "pods", "-l", APP, namespace=ns)["items"]
+    assert pods  # the objects kubectl could read were made ...
+    assert all(p["status"].get("phase") == "Pending" and not p["spec"].get("nodeName") for p in pods), [
+        (p["metadata"]["name"], p["status"].get("phase")) for p in pods]  # ... and none of them runs
+    claim = get_json(kubeconfig, "persistentvolumeclaim", "nfs", namespace=ns)
+    assert claim["status"]["phase"] == "Pending"
+
+
+def test_render_out_dir_is_applied_by_one_kubectl_apply(kubeconfig, ns, tmp_path):
+    """scripts/render.sh --out DIR, then kubectl apply -f DIR: the rwx backend's claim, splitter, Indexed
+    trainer, aggregator and server are created in one command; the pvc and gce backends' files pass the
+    apiserver's dry run (the NFS Service takes the PV's address from NFS_CLUSTER_IP)."""
+    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env = dict(base, WORKER_NUMBER="3", EPOCH="1", BATCH="100", NAMESPACE=ns, STORAGE_CLASS="kwok-volume",
+               NFS_CLUSTER_IP="10.96.0.77", NODE_CIDR="10.128.0.0/20", GCE_PROJECT="p", GCE_DISK_ZONE="z")
+    for backend in ("rwx", "pvc", "gce"):
+        out = tmp_path / backend
+        proc = subprocess.run(["bash", str(SCRIPTS / "render.sh"), "--out", str(out), "--backend", backend], env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        dry = [] if backend == "rwx" else ["--dry-run=server"]
+        proc = kubectl(kubeconfig, "apply", *dry, "-f", str(out), namespace=ns, check=False)
+        assert proc.returncode == 0, f"{backend}: {proc.stderr}"
+    trainer = get_json(kubeconfig, "job", "mnist-trainer", namespace=ns)
+    assert trainer["spec"]["completions"] == 3 and trainer["spec"]["completionMode"] == "Indexed"
+    made = {f"{i['kind']}/{i['metadata']['name']}" for i in get_json(kubeconfig, KINDS, "-l", APP, namespace=ns)["items"]}
+    assert {"PersistentVolumeClaim/nfs", "Job/mnist-splitter", "Job/mnist-trainer", "Job/mnist-aggregator",
+            "Deployment/mnist-server", "Service/mnist-server-svc", "ConfigMap/mnist-config"} <= made
+
+
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_every_manifest_passes_server_dry_run_without_warning(kubeconfig, ns, path):
     """The real apiserver's decoding, defaulting, validation and admission accept each manifest, as

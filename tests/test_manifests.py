@@ -128,6 +128,17 @@ def test_every_manifest_is_valid_yaml_before_rendering(path):
     assert docs and all(isinstance(d, dict) and d.get("kind") for d in docs)
 
 
+def test_the_render_first_note_is_the_one_file_kubectl_reads_that_no_tool_does():
+    """manifests/0-render-first.yml: what `kubectl apply -f manifests/` reads first (its error names what to
+    do); .yml, so the project's tools (render.sh, the quickstart, these tests, checkov) read only *.yaml."""
+    note = MANIFESTS / "0-render-first.yml"
+    doc = yaml.safe_load(note.read_text())
+    assert doc["kind"] == "RenderFirst" and doc["apiVersion"].split("/")[0].endswith(".invalid")  # never a real API
+    assert sorted(p.name for p in MANIFESTS.iterdir() if p.suffix in (".yml", ".json")) == ["0-render-first.yml"]
+    assert sorted(MANIFESTS.glob("*.y*ml"))[0] == note  # kubectl reads a folder in name order
+    assert "scripts/render.sh --out" in note.read_text()
+
+
 def test_the_indexed_trainers_count_is_a_number_after_the_plain_sed():
     text = subprocess.run(["sed", ORIGINAL_SED["5-trainer-indexed.yaml"], str(MANIFESTS / "5-trainer-indexed.yaml")],
                           capture_output=True, text=True, check=True).stdout
