@@ -184,10 +184,12 @@ class InMemoryRequest(Request):
 
 
 def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_epsilon=gate_module.DEFAULT_EPSILON,
-               background_reload=False):
+               background_reload=False, gate_state=None):
     """The Flask app. Loads the model now if it exists; otherwise when it appears.
 
     gate_data: the evaluation set of the promotion gate (gate.py); None: every replaced file is served.
+    gate_state: the gate's directory shared by every worker and replica (--gate-state; needs gate_data), where
+    the admitted model is kept: a restart serves it, not a file the gate rejected. None: decisions in memory.
     background_reload: a replaced file is loaded and gated by a thread, not by the request that noticed it
     (model.ModelHolder; server.py's one-request-at-a-time workers)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -200,6 +202,8 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
     holder = ModelHolder(model_path, check_interval, background=background_reload)
     batcher = Batcher()
     app.extensions["mlk_model"] = holder
+    if gate_state and not gate_data:
+        raise ValueError("gate_state needs gate_data: the state keeps the gate's decisions")
     registry, requests_total, latency, predictions, loads = _metrics()
     seen_models = set()
     ledger = Ledger(model_path)
@@ -216,7 +220,7 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
             if kept and kept["accuracy"] is not None:
                 served_accuracy.set(kept["accuracy"])
 
-        gate = gate_module.Gate(gate_data, gate_epsilon, on_decision)
+        gate = gate_module.Gate(gate_data, gate_epsilon, on_decision, state=gate_state)
         holder.gate = gate
     app.extensions["mlk_gate"] = gate
 

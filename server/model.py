@@ -5,16 +5,23 @@ if that fails); `ModelHolder` keeps the current one and swaps in a new one when 
 missing file is picked up when it appears; a file that fails to load is logged and the old model kept);
 `Batcher` runs the predictions of concurrent requests of one worker as one model call. TensorFlow is
 imported only when a model is loaded. The model file's format is in docs/CONTRACTS.md.
+
+A model file is read once into memory (`read_model_file`): its sha256 is of those bytes and the model is
+loaded from them (through a private temporary copy: Keras and h5py load from a path), so the sha256 that
+/api/model reports, the model that serves and the bytes the gate keeps (gate.py, --gate-state) are the
+same even when the file is replaced while it is being read.
 """
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
+import tempfile
 import threading
 import time
 
-from mlkcommon import read_mlk_attrs, sha256_file
+from mlkcommon import read_mlk_attrs
 
 CHECK_INTERVAL = 1.0  # seconds between cheap stat() checks of the model file
 WARM_BATCHES = (1, 2, 8, 1)  # batch sizes run once when a model is loaded, before it serves
@@ -80,21 +87,45 @@ def _tensorflow_predict(tf, model):
     return (lambda x: call_flat([x], captured)) if call_flat else concrete
 
 
-class LoadedModel:
-    """One loaded model: a compiled predict function plus what /api/model reports."""
+def read_model_file(path):
+    """(bytes, sha256 hex of them): the file read once. Raises OSError."""
+    with open(path, "rb") as f:
+        content = f.read()
+    return content, hashlib.sha256(content).hexdigest()
 
-    def __init__(self, path, signature):
+
+@contextlib.contextmanager
+def _private_copy(content):
+    """A temporary .h5 holding `content`, removed afterwards: what Keras and h5py load, since they take a path
+    and the model file itself may already hold other bytes."""
+    with tempfile.NamedTemporaryFile(prefix="mlk-model-", suffix=".h5") as f:
+        f.write(content)
+        f.flush()
+        yield f.name
+
+
+class LoadedModel:
+    """One loaded model: a compiled predict function plus what /api/model reports.
+
+    content: the file's bytes when the caller already read them (read_model_file); else they are read here.
+    """
+
+    def __init__(self, path, signature, content=None):
         import keras
         import numpy as np
         import tensorflow as tf
 
         started = time.perf_counter()
-        self.sha256 = sha256_file(path)
-        model = keras.models.load_model(path, compile=False)
-        if tuple(model.input_shape[1:]) != (28, 28, 1) or tuple(model.output_shape[1:]) != (10,):
-            raise ValueError(f"model has input {model.input_shape} / output {model.output_shape}, "
-                             "expected (None, 28, 28, 1) -> (None, 10)")
-        self.attrs = read_mlk_attrs(path)
+        if content is None:
+            content, self.sha256 = read_model_file(path)
+        else:
+            self.sha256 = hashlib.sha256(content).hexdigest()
+        with _private_copy(content) as local:
+            model = keras.models.load_model(local, compile=False)
+            if tuple(model.input_shape[1:]) != (28, 28, 1) or tuple(model.output_shape[1:]) != (10,):
+                raise ValueError(f"model has input {model.input_shape} / output {model.output_shape}, "
+                                 "expected (None, 28, 28, 1) -> (None, 10)")
+            self.attrs = read_mlk_attrs(local)
         self._model = model
 
         self._np, self._tf = np, tf
@@ -154,6 +185,8 @@ class ModelHolder:
     and the request goes on with the current model. server.py's workers are gunicorn `sync` workers, one
     request at a time: a request that loaded the model would hold its whole worker for the load and the
     gate, /readyz and /healthz included. The first model is always loaded by the request that needs it.
+    With a gate that keeps its decisions (gate.py, --gate-state) the first model is the one the gate restores,
+    if any; the file is then a candidate like any replaced file.
     """
 
     def __init__(self, path, check_interval=CHECK_INTERVAL, background=False):
@@ -165,6 +198,7 @@ class ModelHolder:
         self._failed_signature = None
         self._next_check = 0.0
         self._loading = threading.Lock()
+        self._restore_tried = False
 
     def get(self):
         now = time.monotonic()
@@ -188,6 +222,10 @@ class ModelHolder:
         if not self._loading.acquire(blocking=False):
             return
         try:
+            gate = getattr(self, "gate", None)  # gate.py's Gate, set by create_app with --gate-data
+            if self.current is None and not self._restore_tried and gate is not None and gate.state is not None:
+                self._restore_tried = True  # once: later, the gate consults its record at every decision
+                self._restore(gate)
             signature = file_signature(self.path)
             current = self.current
             if signature is None:
@@ -197,7 +235,13 @@ class ModelHolder:
             if not self._is_new(signature, current):
                 return
             try:
-                loaded = LoadedModel(self.path, signature)
+                content, sha256 = read_model_file(self.path)
+                if current is not None and sha256 == current.sha256 and current.path != self.path:
+                    # The served model came from the gate's state and the file holds the same bytes: nothing to
+                    # load or decide; from now on it stands for the file.
+                    current.path, current.signature = self.path, signature
+                    return
+                loaded = LoadedModel(self.path, signature, content)
             except Exception as err:  # a bad or half-copied file must not take the server down
                 self._failed_signature = signature
                 self.last_error = f"cannot load {self.path}: {type(err).__name__}: {err}"
@@ -205,15 +249,25 @@ class ModelHolder:
                 return
             if file_signature(self.path) != signature:
                 return  # replaced while loading: the next check loads the newer one
-            gate = getattr(self, "gate", None)  # gate.py's Gate, set by create_app with --gate-data
-            if gate is not None and not gate.admit(loaded, current):
+            chosen = loaded if gate is None else gate.choose(loaded, current, content)
+            if chosen is not loaded:
                 self._failed_signature = signature  # rejected: not loaded again until the file changes
-                return
-            self.current = loaded  # atomic swap
+                if chosen is current:
+                    return
+            self.current = chosen  # atomic swap (the candidate, or the model the gate's record names)
             self.last_error = None
-            log.warning("model loaded: %s sha256 %s in %.2fs", self.path, loaded.sha256[:12], loaded.load_seconds)
+            log.warning("model loaded: %s sha256 %s in %.2fs", chosen.path, chosen.sha256[:12], chosen.load_seconds)
         finally:
             self._loading.release()
+
+    def _restore(self, gate):
+        """Serve the model the gate's record names (gate.Gate.restore), before the file is looked at."""
+        restored = gate.restore()
+        if restored is not None:
+            self.current = restored
+            self.last_error = None
+            log.warning("model restored: %s sha256 %s in %.2fs", restored.path, restored.sha256[:12],
+                        restored.load_seconds)
 
 
 class _Job:

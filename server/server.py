@@ -2,6 +2,7 @@
 
     python server.py --model /mnt/aggregated-model.h5 [--host 0.0.0.0] [--port 5000] [--workers N] [--threads T]
                      [--header-timeout S] [--body-timeout S] [--keepalive-timeout S]
+                     [--gate-data TEST.npz [--gate-epsilon E] [--gate-state DIR]]
 
 nginx (Debian's `nginx-light`) listens on --host:--port and reads every request whole -- headers
 within --header-timeout, then the body (at most 2 MB, in memory) -- before it hands it to gunicorn
@@ -33,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mlkcommon import Parser  # noqa: E402  (the local copy, after the path)
-from gate import DEFAULT_EPSILON  # noqa: E402  (stdlib only at import)
+from gate import DEFAULT_EPSILON, check_state_dir  # noqa: E402  (stdlib only at import)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKERS = 2
@@ -45,6 +46,9 @@ KEEPALIVE_TIMEOUT = 15  # s: an idle keep-alive connection
 UPSTREAM_KEEPALIVE = 20  # s: nginx closes its idle connections to gunicorn first ...
 GUNICORN_KEEPALIVE = 30  # s: ... so gunicorn never closes one nginx is about to reuse
 NGINX_PACKAGE = "nginx-light"
+DRAIN_SECONDS = 10  # s: on SIGTERM, what nginx may take to answer the requests it holds (7-server.yaml's
+# grace period covers its preStop pause, this and gunicorn's graceful_timeout)
+GRACEFUL_TIMEOUT = 10  # s: then gunicorn's workers finish what they hold
 
 
 def build_parser():
@@ -66,6 +70,9 @@ def build_parser():
                         "shard .npz (e.g. /mnt/data/test.npz) is >= the current one's - epsilon (gate.py)")
     parser.add_argument("--gate-epsilon", type=float, default=DEFAULT_EPSILON,
                         help=f"the gate's tolerance, an accuracy 0-1 (default {DEFAULT_EPSILON})")
+    parser.add_argument("--gate-state", help="with --gate-data: a directory on the volume every replica shares "
+                        "(e.g. /mnt/gate), where the admitted model is kept, so a restarted worker, a new pod or "
+                        "another replica serves it and never a file the gate rejected (gate.py)")
     return parser
 
 
@@ -198,14 +205,17 @@ def warm_up():
         logging.getLogger("mlk.server").warning("warm-up skipped: %s: %s", type(err).__name__, err)
 
 
-def serve(args, run_dir, socket_path):
+def serve(args, run_dir, socket_path, before_stop=None):
+    """Run the gunicorn master until it stops; before_stop() runs first when SIGTERM asks it to stop."""
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
 
     model_path = os.path.abspath(args.model)
     ready_dir = os.path.join(run_dir, "ready")
     all_ready = os.path.join(ready_dir, "all")
     os.makedirs(ready_dir, exist_ok=True)
     gate_data = os.path.abspath(args.gate_data) if args.gate_data else None
+    gate_state = os.path.abspath(args.gate_state) if args.gate_state else None
 
     class Server(BaseApplication):
         def load_config(self):
@@ -216,7 +226,7 @@ def serve(args, run_dir, socket_path):
                 "threads": args.threads,
                 "keepalive": GUNICORN_KEEPALIVE,
                 "timeout": 120,  # first model load + TensorFlow start-up
-                "graceful_timeout": 10,
+                "graceful_timeout": GRACEFUL_TIMEOUT,
                 "accesslog": None,
                 "errorlog": "-",
                 "loglevel": "warning",
@@ -236,7 +246,8 @@ def serve(args, run_dir, socket_path):
             tf.config.threading.set_inter_op_parallelism_threads(1)
             from app import create_app
 
-            app = create_app(model_path, gate_data=gate_data, gate_epsilon=args.gate_epsilon, background_reload=True)
+            app = create_app(model_path, gate_data=gate_data, gate_epsilon=args.gate_epsilon, background_reload=True,
+                             gate_state=gate_state)
             warm_up()  # create_app loaded the model and ran it (model.WARM_BATCHES); now the upload path
             # TensorFlow and Keras leave ~10^6 long-lived objects: keep them out of the cyclic
             # garbage collector's scans, which otherwise show up as latency spikes.
@@ -261,7 +272,21 @@ def serve(args, run_dir, socket_path):
             except FileNotFoundError:
                 pass
 
-    Server().run()
+    class DrainFirst(Arbiter):
+        """SIGTERM (Kubernetes stopping the pod, after the manifest's preStop pause): nginx stops taking
+        connections and answers the requests it holds (before_stop), and only then do gunicorn's workers
+        stop, so a request in flight or on a kept-alive connection is answered, not cut (docs/serving.md)."""
+
+        def handle_term(self):
+            if before_stop is not None:
+                before_stop()
+            super().handle_term()
+
+    try:
+        DrainFirst(Server()).run()
+    except RuntimeError as err:  # as gunicorn's BaseApplication.run
+        print(f"\nError: {err}\n", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def main(argv=None) -> int:
@@ -286,6 +311,12 @@ def main(argv=None) -> int:
         problems.append(f"--gate-epsilon must be between 0 and 1, got {args.gate_epsilon}")
     if args.gate_data and os.path.isdir(args.gate_data):
         problems.append(f"--gate-data {args.gate_data} is a directory, expected the test set .npz")
+    if args.gate_state and not args.gate_data:
+        problems.append("--gate-state needs --gate-data (it keeps the gate's decisions)")
+    if args.gate_state and not problems:  # created here if missing: only once every flag is right
+        problem = check_state_dir(args.gate_state)
+        if problem:
+            problems.append(f"--gate-state: {problem}")
     if problems:
         print(f"{parser.prog}: error: {problems[0]}", file=sys.stderr)
         return 2
@@ -328,7 +359,7 @@ def main(argv=None) -> int:
 
         nginx.watch(nginx_died)
         try:
-            serve(args, run_dir, socket_path)
+            serve(args, run_dir, socket_path, before_stop=lambda: nginx.stop(grace=DRAIN_SECONDS))
         except SystemExit as exit_:  # gunicorn exits this way when a worker cannot boot
             if exit_.code not in (0, None):
                 return exit_.code if isinstance(exit_.code, int) else 1

@@ -1,9 +1,11 @@
 """The promotion gate (server/gate.py, hooked into model.py's hot reload, flags in server.py): a worse
 model dropped onto the served path is rejected (label-shuffled: ~0.1 accuracy), a better one promoted;
 decisions, accuracies and sha256s in /api/model and /metrics; a rejected file is not retried until it
-changes; without --gate-data every file is served as before."""
+changes; without --gate-data every file is served as before. With --gate-state the admitted model is kept
+on disk: a restarted worker or a second replica serves it, never a file the gate rejected."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -216,6 +218,297 @@ def test_cli_gate_flags_bad_values_exit_2(argv, message, capsys):
 def test_cli_gate_defaults():
     args = server.build_parser().parse_args(["--model", "m.h5"])
     assert args.gate_data is None and args.gate_epsilon == gate_module.DEFAULT_EPSILON
+
+
+# ------------------------------------------------------- --gate-state: one decision for every worker and replica
+
+
+def state_app(served, state, gate_data):
+    return server_app.create_app(str(served), check_interval=0, gate_data=str(gate_data), gate_state=str(state))
+
+
+def record_of(state):
+    return json.loads((state / "admitted.json").read_text())
+
+
+def leftovers(state):
+    """Temporary files (hidden names) left in the state directory or its models/."""
+    return [p.name for folder in (state, state / "models") if folder.is_dir() for p in folder.iterdir()
+            if p.name.startswith(".")]
+
+
+def predicted_model(client):
+    return client.post("/api/predict", data=(ROOT / "server/static/samples/6.png").read_bytes(),
+                       content_type="image/png").get_json()["model"]
+
+
+def test_a_rejected_candidate_stays_rejected_after_a_restart(tmp_path, models, gate_data, caplog):
+    served, state = tmp_path / "aggregated-model.h5", tmp_path / "gate"
+    shutil.copyfile(models["weak"], served)
+    client = state_app(served, state, gate_data).test_client()
+    gate = client.get("/api/model").get_json()["gate"]
+    assert gate["last_decision"]["decision"] == "initial"
+    assert (gate["state"], gate["restored"], gate["state_error"]) == (str(state), False, None)
+    weak = sha256(models["weak"])
+    assert record_of(state) == {"format": "mlk-gate/1", "sha256": weak, "accuracy": gate["served_accuracy"],
+                                "data": str(gate_data), "epsilon": gate_module.DEFAULT_EPSILON,
+                                "at": record_of(state)["at"], "model": f"models/{weak}.h5"}
+    assert sha256(state / "models" / f"{weak}.h5") == weak
+    drop(models["shuffled"], served)
+    assert client.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "rejected"
+    assert record_of(state)["sha256"] == weak  # a rejection is not recorded
+
+    # a restarted worker (or a new pod): the file on disk is the rejected one; it serves the admitted model
+    caplog.clear()
+    restarted = state_app(served, state, gate_data).test_client()
+    info = restarted.get("/api/model").get_json()
+    assert info["sha256"] == weak and info["path"] == str(state / "models" / f"{weak}.h5")
+    assert info["gate"]["restored"] is True and info["gate"]["rejections"] == 1 and info["gate"]["promotions"] == 0
+    decision = info["gate"]["last_decision"]
+    assert decision["decision"] == "rejected" and decision["candidate"]["sha256"] == sha256(models["shuffled"])
+    assert decision["current"]["sha256"] == weak
+    assert predicted_model(restarted) == weak[:12]
+    assert f"gate: restored candidate {weak}" in caplog.text and "model restored:" in caplog.text
+
+    # restarted again with the admitted bytes back in the file: restored, the file adopted, nothing to decide
+    drop(models["weak"], served)
+    again = state_app(served, state, gate_data).test_client()
+    info = again.get("/api/model").get_json()
+    assert info["sha256"] == weak and info["path"] == str(served)
+    assert info["gate"]["last_decision"]["decision"] == "restored" and info["gate"]["restored"] is True
+    assert info["gate"]["last_decision"]["candidate"]["accuracy"] == record_of(state)["accuracy"]
+    assert leftovers(state) == []
+
+
+def test_two_replicas_on_one_state_serve_the_same_model(tmp_path, models, mnist_model, gate_data):
+    import h5py
+
+    served, state = tmp_path / "aggregated-model.h5", tmp_path / "gate"
+    shutil.copyfile(models["weak"], served)
+    a = state_app(served, state, gate_data).test_client()
+    b = state_app(served, state, gate_data).test_client()  # started second: restores what a recorded
+    weak, good, shuffled = sha256(models["weak"]), sha256(mnist_model), sha256(models["shuffled"])
+    assert b.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "restored"
+
+    # a promotes a better model while b does not look; then a bad one arrives, and b sees only that
+    drop(mnist_model, served)
+    assert a.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "promoted"
+    drop(models["shuffled"], served)
+    info = b.get("/api/model").get_json()
+    assert info["sha256"] == good and info["gate"]["restored"] is True  # compared with what a recorded
+    decision = info["gate"]["last_decision"]
+    assert decision["decision"] == "rejected" and decision["current"]["sha256"] == good
+    assert decision["candidate"]["sha256"] == shuffled and "recorded by another worker/replica" in decision["reason"]
+    info = a.get("/api/model").get_json()
+    assert info["sha256"] == good and info["gate"]["last_decision"]["decision"] == "rejected"
+    assert predicted_model(a) == predicted_model(b) == good[:12]
+
+    # after a promotion: the second to look admits what the first recorded, without scoring it
+    same_weights = tmp_path / "same-weights.h5"
+    shutil.copyfile(mnist_model, same_weights)
+    with h5py.File(same_weights, "a") as f:
+        f.attrs["mlk_round"] = 2  # other bytes, the same predictions: scores as the served one, promoted
+    drop(same_weights, served)
+    first = a.get("/api/model").get_json()
+    assert first["gate"]["last_decision"]["decision"] == "promoted" and first["sha256"] == sha256(same_weights)
+    second = b.get("/api/model").get_json()
+    decision = second["gate"]["last_decision"]
+    assert decision["decision"] == "promoted" and "recorded by another worker/replica" in decision["reason"]
+    assert decision["candidate"]["accuracy"] is None  # not scored again
+    assert second["sha256"] == first["sha256"] and predicted_model(a) == predicted_model(b) == sha256(same_weights)[:12]
+    assert record_of(state)["sha256"] == sha256(same_weights)
+    assert leftovers(state) == []
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("not json", "is not JSON"),
+    ("copy missing", "cannot be read"),
+    ("copy other bytes", "whose sha256 is"),
+])
+def test_an_unusable_state_is_one_warning_and_decisions_as_without_it(tmp_path, models, gate_data, caplog, damage,
+                                                                      message):
+    served, state = tmp_path / "aggregated-model.h5", tmp_path / "gate"
+    shutil.copyfile(models["shuffled"], served)
+    weak = sha256(models["weak"])
+    (state / "models").mkdir(parents=True)
+    shutil.copyfile(models["weak"], state / "models" / f"{weak}.h5")
+    (state / "admitted.json").write_text(json.dumps({"format": "mlk-gate/1", "sha256": weak, "accuracy": 0.5, "data": "x",
+                                                     "epsilon": 0.005, "at": "x", "model": f"models/{weak}.h5"}))
+    if damage == "not json":
+        (state / "admitted.json").write_text('{"format": "mlk-gate/1", ')
+    elif damage == "copy missing":
+        (state / "models" / f"{weak}.h5").unlink()
+    else:
+        shutil.copyfile(models["shuffled"], state / "models" / f"{weak}.h5")
+    client = state_app(served, state, gate_data).test_client()
+    response = client.get("/api/model")
+    assert response.status_code == 200
+    info = response.get_json()
+    assert info["sha256"] == sha256(models["shuffled"])  # the file, "initial", as without --gate-state
+    assert info["gate"]["last_decision"]["decision"] == "initial" and info["gate"]["restored"] is False
+    warnings = [r.getMessage() for r in caplog.records if "ignoring the gate's state" in r.getMessage()]
+    assert len(warnings) == 1 and message in warnings[0]
+    assert record_of(state)["sha256"] == sha256(models["shuffled"])  # the admission wrote a good record
+
+
+class HexModel(FakeModel):
+    """A FakeModel whose sha256 is that of its `content`, as the state's records need; counts its predictions."""
+
+    def __init__(self, content, right, labels):
+        super().__init__(hashlib.sha256(content).hexdigest(), right, labels)
+        self.content, self.calls = content, 0
+
+    def predict(self, images):
+        self.calls += 1
+        return super().predict(images)
+
+
+@pytest.fixture
+def fake_eval(tmp_path):
+    labels = np.arange(2000) % 10
+    np.savez(tmp_path / "eval.npz", x=np.zeros((2000, 28, 28), np.uint8), y=labels.astype(np.uint8))
+    return str(tmp_path / "eval.npz"), labels
+
+
+def test_workers_sharing_a_state_follow_its_record(tmp_path, fake_eval):
+    path, labels = fake_eval
+    one, two = (gate_module.Gate(path, state=str(tmp_path / "gate")) for _ in range(2))
+    current, better = HexModel(b"current", 1800, labels), HexModel(b"better", 1900, labels)
+    assert one.choose(current, None, current.content) is current and one.last_decision["decision"] == "initial"
+    assert two.choose(current, None) is current and two.last_decision["decision"] == "restored"
+    assert one.choose(better, current, better.content) is better and one.last_decision["decision"] == "promoted"
+    calls = better.calls
+    assert two.choose(better, current) is better and better.calls == calls  # admitted from the record, not scored
+    assert two.last_decision["decision"] == "promoted" and (two.promotions, two.rejections) == (1, 0)
+    assert record_of(tmp_path / "gate")["sha256"] == better.sha256
+    assert (tmp_path / "gate" / "models" / f"{better.sha256}.h5").read_bytes() == b"better"
+
+
+def test_an_unwritable_state_keeps_the_decision_and_says_so(tmp_path, fake_eval, caplog):
+    path, labels = fake_eval
+    state = tmp_path / "gate"
+    state.mkdir()
+    (state / "models").write_text("a file where the folder should be")  # writes fail as on a read-only mount
+    gate = gate_module.Gate(path, state=str(state))
+    first, second = HexModel(b"first", 1800, labels), HexModel(b"second", 1900, labels)
+    assert gate.choose(first, None, first.content) is first and gate.state_error is not None
+    assert gate.choose(second, first, second.content) is second and gate.last_decision["decision"] == "promoted"
+    info = gate.info(second)
+    assert info["state"] == str(state) and "cannot save the decision" in info["state_error"]
+    assert caplog.text.count("cannot save the decision") == 1  # once, not per decision
+    assert not (state / "admitted.json").exists()
+    (state / "models").unlink()  # writable again: the next admission is saved and the error cleared
+    third = HexModel(b"third", 1900, labels)
+    assert gate.choose(third, second, third.content) is third
+    assert gate.info(third)["state_error"] is None and record_of(state)["sha256"] == third.sha256
+
+
+def test_the_record_is_replaced_whole_and_old_copies_are_pruned(tmp_path, monkeypatch):
+    state = gate_module.GateState(str(tmp_path / "gate"))
+    contents = [f"model {i}".encode() for i in range(5)]
+    shas = [hashlib.sha256(c).hexdigest() for c in contents]
+    for i, (content, sha) in enumerate(zip(contents, shas)):
+        state.save(content, sha, 0.9, "eval.npz", 0.005)
+        os.utime(state.copy_path(sha), ns=(i * 10**9, i * 10**9))  # strictly older than the next copy
+    models_dir = tmp_path / "gate" / "models"
+    assert sorted(p.name for p in models_dir.iterdir()) == sorted(f"{sha}.h5" for sha in shas[-gate_module.KEEP:])
+    assert state.read()["sha256"] == shas[-1] and leftovers(tmp_path / "gate") == []
+
+    # the copy the record names is kept however old it is
+    os.utime(state.copy_path(shas[-1]), ns=(0, 0))
+    newer = [f"other {i}".encode() for i in range(3)]
+    for content in newer:
+        (models_dir / f"{hashlib.sha256(content).hexdigest()}.h5").write_bytes(content)
+    state.prune("0" * 64)
+    left = {p.name for p in models_dir.iterdir()}
+    assert left == {f"{hashlib.sha256(c).hexdigest()}.h5" for c in newer} | {f"{shas[-1]}.h5"}
+
+    # a write that fails half-way leaves the old record whole and no temporary file
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("admitted.json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        state.save(b"late", hashlib.sha256(b"late").hexdigest(), 0.9, "eval.npz", 0.005)
+    assert state.read()["sha256"] == shas[-1] and leftovers(tmp_path / "gate") == []
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[]", "not a mlk-gate/1 record"),
+    ('{"format": "mlk-gate/2"}', "not a mlk-gate/1 record"),
+    ('{"format": "mlk-gate/1", "sha256": "abc", "model": "models/abc.h5"}', "64 hex digits"),
+    ('{"format": "mlk-gate/1", "sha256": "' + "a" * 64 + '", "model": "../x.h5"}', "64 hex digits"),
+    ('{"format": "mlk-gate/1", "sha256": "' + "a" * 64 + '", "model": "models/' + "a" * 64 + '.h5"}', "cannot be read"),
+])
+def test_malformed_records_are_a_gate_state_error(tmp_path, text, message):
+    (tmp_path / "admitted.json").write_text(text)
+    with pytest.raises(gate_module.GateStateError, match=message):
+        gate_module.GateState(str(tmp_path)).read()
+    assert gate_module.GateState(str(tmp_path / "none")).read() is None
+
+
+def test_cli_gate_state_needs_gate_data_and_a_writable_directory(tmp_path, capsys):
+    assert server.main(["--model", "m.h5", "--gate-state", str(tmp_path / "gate")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--gate-state needs --gate-data" in err
+    assert not (tmp_path / "gate").exists()
+    (tmp_path / "file").write_text("not a directory")
+    argv = ["--model", "m.h5", "--gate-data", "t.npz", "--gate-state", str(tmp_path / "file" / "gate")]
+    assert server.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--gate-state: cannot write to" in err
+    assert gate_module.check_state_dir(str(tmp_path / "gate")) is None  # created, and nothing left behind
+    assert [p.name for p in (tmp_path / "gate").iterdir()] == ["models"] and leftovers(tmp_path / "gate") == []
+    assert server.build_parser().parse_args(["--model", "m.h5"]).gate_state is None
+
+
+@pytest.mark.slow
+def test_server_workers_restore_the_admitted_model_not_the_rejected_file(tmp_path, models, gate_data):
+    """server.py with 2 workers and --gate-state, started while the file on disk is one the gate rejected
+    (the state prepared by an app in this process, as a previous pod would have): every worker serves the
+    admitted model."""
+    import time
+
+    import requests
+
+    from helpers import free_port
+
+    served, state = tmp_path / "aggregated-model.h5", tmp_path / "gate"
+    shutil.copyfile(models["weak"], served)
+    client = state_app(served, state, gate_data).test_client()
+    drop(models["shuffled"], served)
+    assert client.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "rejected"
+    port, log = free_port(), tmp_path / "server.log"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HDF5_USE_FILE_LOCKING="FALSE")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "server/server.py"), "--model", str(served), "--host",
+                                 "127.0.0.1", "--port", str(port), "--workers", "2", "--gate-data", str(gate_data),
+                                 "--gate-state", str(state)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+        for _ in range(10):  # nginx spreads them over both workers
+            info = requests.get(url + "/api/model", timeout=10).json()
+            assert info["sha256"] == sha256(models["weak"]), info
+            assert info["gate"]["restored"] is True and info["gate"]["state"] == str(state)
+            assert info["gate"]["last_decision"]["decision"] == "rejected"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert log.read_text().count("gate: restored candidate") == 2  # once per worker
 
 
 # ------------------------------------------------ the container run's checker, against server.py here
