@@ -412,14 +412,139 @@ def assert_page_reads_six(kubeconfig, namespace):
         pf.wait()
 
 
+def post_six(url, timeout=30):
+    """POST samples/6.png to URL on a new connection: (status, parsed JSON or the error text)."""
+    boundary = "mlkrealnode"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"6.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + (REPO / "samples" / "6.png").read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()[:200]
+    except OSError as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def server_pods(kubeconfig, namespace):
+    """{pod name: pod IP} of the server's pods that are Ready and not being deleted."""
+    pods = {}
+    for p in get_json(kubeconfig, "pods", "-l", "app=mnist-server", namespace=namespace)["items"]:
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+        if ready and p["metadata"].get("deletionTimestamp") is None:
+            pods[p["metadata"]["name"]] = p["status"]["podIP"]
+    return pods
+
+
+def served_model(ip):
+    status, body = get(f"http://{ip}:5000/api/model")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def assert_rolling_restart_loses_no_request(kubeconfig, namespace):
+    """A client posting digits to the Service (its ClusterIP, through kube-proxy) on a new connection each
+    time while `kubectl rollout restart` replaces the server's pod: every answer is 200 and reads 6
+    (the new pod is ready before the old one stops; the old one pauses in preStop, then drains)."""
+    import threading
+
+    ip = get_json(kubeconfig, "service", "mnist-server-svc", namespace=namespace)["spec"]["clusterIP"]
+    before = set(server_pods(kubeconfig, namespace))
+    answers, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            answers.append(post_six(f"http://{ip}/api/predict"))
+            time.sleep(0.05)
+
+    client = threading.Thread(target=load)
+    client.start()
+    try:
+        time.sleep(3)
+        kubectl(kubeconfig, "rollout", "restart", "deployment/mnist-server", namespace=namespace)
+        kubectl(kubeconfig, "rollout", "status", "deployment/mnist-server", "--timeout=600s", namespace=namespace,
+                timeout=660)
+        deadline = time.monotonic() + 120  # until the old pod has stopped: its drain is part of the test
+        while time.monotonic() < deadline and before & {p["metadata"]["name"] for p in get_json(
+                kubeconfig, "pods", "-l", "app=mnist-server", namespace=namespace)["items"]}:
+            time.sleep(1)
+        time.sleep(3)
+    finally:
+        stop.set()
+        client.join(timeout=60)
+    after = set(server_pods(kubeconfig, namespace))
+    assert after and not after & before, (before, after)  # the pod was replaced
+    bad = [a for a in answers if a[0] != 200 or a[1].get("digit") != 6]
+    print(f"\nrolling restart under load: {len(answers)} requests, {len(bad)} errors")
+    assert len(answers) > 50 and not bad, bad[:5]
+
+
+def server_memory(kubeconfig, namespace, pod_name):
+    """The server container's memory now and at its peak, in MiB, from its cgroup (v1 or v2)."""
+    script = ("d=/sys/fs/cgroup; if [ -f $d/memory.current ]; then cat $d/memory.current $d/memory.peak; "
+              "else cat $d/memory/memory.usage_in_bytes $d/memory/memory.max_usage_in_bytes; fi")
+    out = kubectl(kubeconfig, "exec", pod_name, "--", "sh", "-c", script, namespace=namespace).stdout.split()
+    return [int(v) / 2**20 for v in out]
+
+
+BAD_CANDIDATE = """
+import os, sys, numpy as np, keras
+model = keras.models.load_model("/mnt/aggregated-model.h5", compile=False)
+last = model.layers[-1]
+kernel, bias = last.get_weights()
+order = np.roll(np.arange(10), 1)  # every digit answered as the next one: a worse model the gate must reject
+last.set_weights([kernel[:, order], bias[order]])
+model.save("/mnt/.candidate.h5")
+os.replace("/mnt/.candidate.h5", "/mnt/aggregated-model.h5")
+import hashlib
+print(hashlib.sha256(open("/mnt/aggregated-model.h5", "rb").read()).hexdigest())
+"""
+
+
+def assert_one_admitted_model_for_every_pod(kubeconfig, namespace):
+    """The gate's decision outlives the pod and holds for every replica: a worse candidate replaces
+    /mnt/aggregated-model.h5 and is rejected; the pod is deleted, and its replacement serves the admitted
+    model, not the file; with two replicas, both answer with that same model id."""
+    (pod_name, ip), = server_pods(kubeconfig, namespace).items()
+    admitted = served_model(ip)["sha256"]
+    env = ["env", "HOME=/tmp", "HDF5_USE_FILE_LOCKING=FALSE", "TF_CPP_MIN_LOG_LEVEL=3"]
+    candidate = kubectl(kubeconfig, "exec", pod_name, "--", *env, "/opt/venv/bin/python", "-c", BAD_CANDIDATE,
+                        namespace=namespace, timeout=300).stdout.split()[-1]
+    assert candidate != admitted
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        gate = served_model(ip)["gate"]
+        if (gate.get("last_decision") or {}).get("candidate", {}).get("sha256") == candidate:
+            break
+        time.sleep(2)
+    assert gate["last_decision"]["decision"] == "rejected", gate
+    assert served_model(ip)["sha256"] == admitted
+    kubectl(kubeconfig, "delete", "pod", pod_name, "--wait=false", namespace=namespace)
+    kubectl(kubeconfig, "scale", "deployment/mnist-server", "--replicas=2", namespace=namespace)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(set(server_pods(kubeconfig, namespace)) - {pod_name}) < 2:
+        time.sleep(2)
+    pods = {n: i for n, i in server_pods(kubeconfig, namespace).items() if n != pod_name}
+    assert len(pods) == 2, pods
+    models = {n: served_model(i) for n, i in pods.items()}
+    assert {m["sha256"] for m in models.values()} == {admitted}, models  # never the rejected file
+    assert all(m["gate"]["restored"] for m in models.values()), models
+    print(f"gate across pods: admitted {admitted[:12]} served by {sorted(pods)}; candidate {candidate[:12]} rejected")
+
+
 @pytest.mark.slow
 def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, ns, mnist_npz):
     """The quickstart with NFS_BACKEND=rwx STORAGE_CLASS=local-rwx, 2 workers x 1 epoch x 2 rounds and
     the server, every pod really running here, MNIST put on the volume from a local file (MNIST_NPZ,
     through the upload pod and kubectl exec: no download). A trainer pod of the last round is deleted
     mid-training: its Job makes another and the run still completes. The accuracy test's log says
-    above 0.9; samples/6.png posted through the port-forward the run prints is read as 6; teardown
-    leaves nothing of ours behind."""
+    above 0.9; samples/6.png posted through the port-forward the run prints is read as 6. Then the
+    server: a rolling restart under load loses no request, and a candidate the gate rejected is served
+    by no pod, neither after the pod is deleted nor by a second replica. Teardown leaves nothing of ours
+    behind."""
     for stage in ("splitter", "trainer", "aggregator", "server"):
         need_image(stage)
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MNIST_NPZ",)}
@@ -464,6 +589,13 @@ def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, n
         hint = re.search(r"port-forward service/mnist-server-svc 8080:80", output)
         assert hint, output[-2000:]
         assert_page_reads_six(kubeconfig, ns)
+
+        # The server pod as measured and stopped, and one gate decision for every pod.
+        (server_pod, _), = server_pods(kubeconfig, ns).items()
+        now, peak = server_memory(kubeconfig, ns, server_pod)
+        print(f"server pod memory after the run: {now:.0f} MiB now, {peak:.0f} MiB at its peak")
+        assert_rolling_restart_loses_no_request(kubeconfig, ns)
+        assert_one_admitted_model_for_every_pod(kubeconfig, ns)
     finally:
         if "run_" in locals() and run_.poll() is None:
             run_.kill()

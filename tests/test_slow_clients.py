@@ -187,3 +187,34 @@ def test_nginx_answers_keep_the_api_shape(server):
     conn.request("GET", "/metrics")
     metrics = conn.getresponse().read().decode()
     assert 'mlk_http_requests_total{method="POST",route="/api/predict",status="200"}' in metrics
+
+
+def test_sigterm_answers_the_requests_in_flight_and_takes_no_new_ones(mnist_model, tmp_path):
+    """Kubernetes stopping the pod (SIGTERM, after the manifest's preStop pause): nginx stops listening and
+    answers what it holds before gunicorn's workers stop, so an upload half-sent at SIGTERM gets its
+    prediction, not the 503 of an app that is gone. /livez is nginx's own answer, no worker needed."""
+    proc, port = start_server(mnist_model, tmp_path / "server.log")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/livez")
+        reply = conn.getresponse()
+        assert (reply.status, reply.read()) == (200, b'{"status": "alive"}\n')
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall((f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {len(BODY)}\r\n"
+                   f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode() + BODY[:100])
+        time.sleep(0.3)
+        proc.terminate()
+        time.sleep(1.0)  # gunicorn's workers would be gone by now without the drain
+        with pytest.raises(OSError):  # nginx no longer listens
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        s.sendall(BODY[100:])
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert b'"digit":6' in answer.replace(b" ", b"")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
