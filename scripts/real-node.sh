@@ -33,7 +33,7 @@
 #   REAL_NODE_PVS [4]                  how many PersistentVolumes of local-rwx
 #   REAL_NODE_IMAGES [splitter trainer aggregator server nfs-server]  images imported from podman
 #                                      ($IMAGE_REGISTRY/<name>:$IMAGE_TAG, scripts/images.env)
-#   GO [go]                            the Go toolchain (1.26 or newer)
+#   GO [go on PATH if 1.26+, else Go 1.26.8 fetched once from the Go module proxy: scripts/fetch-go.py]
 set -euo pipefail
 
 # Pinned releases. The kubelet's version is the control plane's (read from scripts/local-cluster.sh).
@@ -68,7 +68,6 @@ cache="${LOCAL_CLUSTER_CACHE:-$root/.cache/local-cluster}"
 node="${REAL_NODE_NAME:-real-node}"
 pod_cidr="${REAL_NODE_POD_CIDR:-10.85.0.0/24}"
 pv_count="${REAL_NODE_PVS:-4}"
-go_cmd="${GO:-go}"
 # shellcheck source=scripts/images.env disable=SC1091
 source "$root/scripts/images.env"
 read -r -a stages <<<"${REAL_NODE_IMAGES-${IMAGES[*]}}"
@@ -93,11 +92,6 @@ nfs_python="${MLK_NFS_PYTHON:-$root/.venv/bin/python}"
 default_class_annotation="storageclass.kubernetes.io/is-default-class"
 
 # --- build ------------------------------------------------------------------------------------------
-go_env() {
-  command -v "$go_cmd" >/dev/null 2>&1 || die "no Go toolchain ('$go_cmd' not on PATH): install Go 1.26 or newer, or set GO"
-  export GOMODCACHE="$cache/gomod" GOCACHE="$cache/gocache" GOFLAGS="-mod=mod" GOTOOLCHAIN=local CGO_ENABLED=0
-  export GOPATH="$cache/gopath"
-}
 
 go_do() { # go_do WHAT CMD...: run a build command, its output in a log; on failure one line naming it
   local what="$1" log
@@ -199,7 +193,7 @@ build_pause() {
 pause_image() { echo "$DEFAULT_IMAGE_REGISTRY/pause:$(pause_tag)"; }
 
 build() {
-  go_env
+  go_env "$cache"
   local start=$SECONDS
   build_containerd
   build_crictl

@@ -46,3 +46,28 @@ def test_shellcheck_would_catch_a_mistake(tmp_path):
     bad.write_text("#!/usr/bin/env bash\nset -euo pipefail\nfor f in $(ls *.txt); do rm $f; done\n")
     proc = subprocess.run([shellcheck(), str(bad)], capture_output=True, text=True)
     assert proc.returncode != 0 and "SC2045" in proc.stdout
+
+
+def readme_layout():
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Layout\n", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_every_script_is_in_the_readme_layout_and_every_named_file_exists():
+    """Adding a script without saying where it belongs fails here; so does naming one that is gone."""
+    import re
+
+    layout = readme_layout()
+    scripts_part = layout[layout.index("\nscripts/"):layout.index("\nsamples/")]
+    for path in sorted((REPO / "scripts").iterdir()):
+        if path.name.startswith(".") or path.name == "__pycache__":
+            continue
+        name = f"{path.name}/" if path.is_dir() else path.name
+        stem = path.name.split(".")[0] if path.suffix == ".sh" else path.name
+        assert re.search(rf"(?<![\w-]){re.escape(stem)}(?![\w-])", scripts_part) or f"scripts/{name}" in layout, \
+            f"scripts/{name} is not in README.md's Layout"
+    tracked = {Path(p).name for p in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                                     check=True).stdout.splitlines()}
+    for named in set(re.findall(r"[\w-]+\.(?:py|sh|env|conf|md)\b", layout)):
+        assert named in tracked, f"README.md's Layout names {named}, which is not in the repository"
