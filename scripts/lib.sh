@@ -9,6 +9,8 @@
 #   positive_int VALUE  true for 1..999999999
 #   ip2int A.B.C.D / int2ip N   an IPv4 address as a number and back
 #   current_namespace KUBECTL...  the namespace KUBECTL (its words: -n, --context ...) works in
+#   min_workers_count VALUE N   MIN_WORKERS as a count of N workers: a whole number >= 1, or a fraction
+#                   0 < f < 1 of N rounded up (as aggregator.py's --min-workers); fails on anything else
 #   go_env CACHE    sets go_cmd to a Go toolchain (GO; else a go 1.26+ on PATH; else the pinned one from
 #                   the Go module proxy, fetched once into CACHE/go by scripts/fetch-go.py) and exports the
 #                   build's caches under CACHE
@@ -42,6 +44,15 @@ current_namespace() {
   ns="$("$@" create configmap mlk-namespace-probe --dry-run=client -o 'jsonpath={.metadata.namespace}' 2>/dev/null </dev/null || true)"
   [[ -n "$ns" ]] || ns="$("$@" config view --minify -o 'jsonpath={..namespace}' 2>/dev/null || true)"
   printf '%s' "${ns:-default}"
+}
+min_workers_count() {
+  if [[ "$1" =~ ^0?\.0*[1-9][0-9]{0,8}$ ]]; then
+    awk -v f="$1" -v n="$2" 'BEGIN { k = f * n; c = int(k); if (c < k) c++; print c }'
+  elif positive_int "$1"; then
+    echo "$1"
+  else
+    return 1
+  fi
 }
 go_at_least() { # go_at_least GO MAJOR.MINOR: true when that go command is that version or newer
   local version major minor

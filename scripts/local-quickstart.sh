@@ -14,7 +14,8 @@
 #   PORT [5000]         the server's port
 #   SERVER_HOST [127.0.0.1]  the address it listens on (0.0.0.0: reachable from other machines too)
 #   VENV [<repo>/.venv] the virtualenv (created/updated by scripts/bootstrap.sh)
-#   MIN_WORKERS [WORKER_NUMBER]  a round goes on with this many workers' models when others fail or miss
+#   MIN_WORKERS [WORKER_NUMBER]  a round goes on with this many workers' models (a count, or a fraction of
+#                       WORKER_NUMBER rounded up, e.g. 0.67, as on Kubernetes) when others fail or miss
 #                       ROUND_DEADLINE (the missing ones are recorded in the ledger); fewer: the run fails
 #   ROUND_DEADLINE []   seconds a round's trainers get; then those still training are stopped and left out
 #                       (fewer than MIN_WORKERS done: the run fails). Empty: no deadline, as before
@@ -51,7 +52,7 @@ MIN_WORKERS="${MIN_WORKERS:-$WORKER_NUMBER}"
 ROUND_DEADLINE="${ROUND_DEADLINE:-}"
 RESUME="${RESUME:-0}"
 
-for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT MIN_WORKERS; do
+for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT; do
   value="${!name}"
   if ! positive_int "$value"; then
     fail config "$name must be a positive integer, got '$value'"
@@ -60,6 +61,8 @@ done
 ((PORT <= 65535)) || fail config "PORT must be at most 65535, got '$PORT'"
 [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
 [[ -n "$WORK_DIR" ]] || fail config "WORK_DIR must not be empty"
+MIN_WORKERS="$(min_workers_count "$MIN_WORKERS" "$WORKER_NUMBER")" ||
+  fail config "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1 (e.g. 0.67), got '$MIN_WORKERS'"
 ((MIN_WORKERS <= WORKER_NUMBER)) || fail config "MIN_WORKERS must be at most WORKER_NUMBER ($WORKER_NUMBER), got '$MIN_WORKERS'"
 [[ -z "$ROUND_DEADLINE" ]] || positive_int "$ROUND_DEADLINE" ||
   fail config "ROUND_DEADLINE must be empty or a positive integer (seconds), got '$ROUND_DEADLINE'"

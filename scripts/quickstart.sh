@@ -91,14 +91,8 @@ done
 # Events older than this run (they live an hour; a ReplicaSet or a claim keeps its UID across re-runs)
 # say nothing about it.
 run_started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-# MIN_WORKERS: a count, or a fraction of WORKER_NUMBER rounded up (as the aggregator rounds it)
-if [[ "$MIN_WORKERS" =~ ^0?\.0*[1-9][0-9]{0,8}$ ]]; then
-  min_workers="$(awk -v f="$MIN_WORKERS" -v n="$WORKER_NUMBER" 'BEGIN { k = f * n; c = int(k); if (c < k) c++; print c }')"
-elif positive_int "$MIN_WORKERS"; then
-  min_workers="$MIN_WORKERS"
-else
+min_workers="$(min_workers_count "$MIN_WORKERS" "$WORKER_NUMBER")" ||
   fail config "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1 (e.g. 0.67), got '$MIN_WORKERS'"
-fi
 ((min_workers <= WORKER_NUMBER)) || fail config "MIN_WORKERS=$MIN_WORKERS is more than WORKER_NUMBER=$WORKER_NUMBER"
 [[ "$RESUME" == 0 || "$RESUME" == 1 ]] || fail config "RESUME must be 0 or 1, got '$RESUME'"
 [[ "$POLL" =~ ^[0-9]{1,4}$ ]] || fail config "POLL must be a number of seconds, got '$POLL'"

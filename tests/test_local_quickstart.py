@@ -371,3 +371,11 @@ def test_bad_k_of_n_or_resume_setting_is_refused(tmp_path, name, value):
     proc = run({"SERVE": "0", "WORK_DIR": str(tmp_path / "work"), name: value}, timeout=30)
     assert proc.returncode != 0 and "stage config failed" in proc.stderr and name in proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_a_fraction_of_the_workers_is_a_valid_min_workers_as_on_kubernetes(tmp_path):
+    """MIN_WORKERS=0.67 (2 of 3, rounded up as the aggregator does) passes the local run's checks as it
+    passes quickstart.sh's; a later bad setting is what stops this run."""
+    proc = run({"SERVE": "0", "WORK_DIR": str(tmp_path / "work"), "MIN_WORKERS": "0.67", "RESUME": "yes"}, timeout=30)
+    assert proc.returncode != 0 and "stage config failed" in proc.stderr
+    assert "RESUME must be 0 or 1" in proc.stderr and "MIN_WORKERS" not in proc.stderr

@@ -71,3 +71,36 @@ def test_every_script_is_in_the_readme_layout_and_every_named_file_exists():
                                                      check=True).stdout.splitlines()}
     for named in set(re.findall(r"[\w-]+\.(?:py|sh|env|conf|md)\b", layout)):
         assert named in tracked, f"README.md's Layout names {named}, which is not in the repository"
+
+
+@pytest.mark.parametrize("value, workers", [("0.67", 3), (".5", 4), ("0.34", 3), ("0.1", 7), ("0.999", 10), ("2", 3),
+                                            ("1", 1)])
+def test_min_workers_count_agrees_with_the_aggregator(value, workers):
+    """scripts/lib.sh's min_workers_count (quickstart.sh, local-quickstart.sh) counts as aggregator.py's
+    --min-workers does: the same whole number, or the same fraction rounded up."""
+    import math
+    import sys
+
+    sys.path.insert(0, str(REPO / "aggregator"))
+    from aggregator import min_workers_value
+
+    shell = subprocess.run(["bash", "-c", f'me=t; source scripts/lib.sh; min_workers_count "{value}" {workers}'],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    parsed = min_workers_value(value)
+    expected = parsed if isinstance(parsed, int) else max(1, math.ceil(parsed * workers))
+    assert int(shell) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-1", "abc", "", "0.0", "1.0001"])
+def test_min_workers_count_refuses_what_the_aggregator_refuses(value):
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(REPO / "aggregator"))
+    from aggregator import min_workers_value
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        min_workers_value(value)
+    proc = subprocess.run(["bash", "-c", f'me=t; source scripts/lib.sh; min_workers_count "{value}" 3'], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stdout == ""
