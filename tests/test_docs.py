@@ -103,3 +103,10 @@ def test_every_route_of_the_app_is_documented_and_every_documented_route_exists(
     assert "/v2/models/mnist/versions/" in CONTRACTS
     docs = documented_routes()
     assert served == docs, f"only served: {served - docs}; only in the docs: {docs - served}"
+
+
+def test_the_base_image_the_contracts_name_is_the_dockerfiles():
+    named = re.search(r"`ARG BASE_IMAGE=([^`]+)`", CONTRACTS).group(1)
+    for stage in ("splitter", "trainer", "aggregator", "server"):
+        pinned = re.search(r"^ARG BASE_IMAGE=(\S+)", (REPO / stage / "Dockerfile").read_text(), flags=re.M).group(1)
+        assert pinned == named, f"{stage}/Dockerfile pins {pinned}, docs/CONTRACTS.md says {named}"
