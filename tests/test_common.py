@@ -33,7 +33,6 @@ OWN_COPIES = {
     "sha256 of a file": re.compile(r"def \w*sha256\w*\(|hashlib\.sha256\(\w+\.read\(|hashlib\.file_digest\("),
     "mlk_* attribute reader": re.compile(r"""startswith\(["']mlk_["']\)"""),
 }
-PENDING = {}  # files still keeping their own copy of a shared helper: none
 
 
 def checked_files():
@@ -43,9 +42,7 @@ def checked_files():
 
 
 def marked(path):
-    rel = path.relative_to(ROOT).as_posix()
-    marks = [pytest.mark.xfail(reason=PENDING[rel], strict=False)] if rel in PENDING else []
-    return pytest.param(path, id=rel, marks=marks)
+    return pytest.param(path, id=path.relative_to(ROOT).as_posix())
 
 
 # --- the copies ----------------------------------------------------------------------------------

@@ -215,11 +215,6 @@ def test_cli_gate_flags_bad_values_exit_2(argv, message, capsys):
     assert err.count("\n") == 1 and message in err
 
 
-def test_cli_gate_defaults():
-    args = server.build_parser().parse_args(["--model", "m.h5"])
-    assert args.gate_data is None and args.gate_epsilon == gate_module.DEFAULT_EPSILON
-
-
 # ------------------------------------------------------- --gate-state: one decision for every worker and replica
 
 

@@ -537,11 +537,6 @@ def test_port_in_use_is_one_line(tmp_path, capsys):
     assert err.startswith("server.py: error: nginx exited") and "Address already in use" in err
 
 
-def test_parser_defaults():
-    args = server.build_parser().parse_args(["--model", "m.h5"])
-    assert (args.host, args.port, args.workers) == ("0.0.0.0", 5000, server.DEFAULT_WORKERS)
-
-
 def test_batcher_merges_concurrent_calls_and_returns_each_its_own_rows():
     class Recorder:
         def __init__(self):

@@ -243,3 +243,35 @@ def test_shifted_moves_each_image_by_at_most_one_pixel_and_is_seeded():
     assert len(set(zip(rows, cols))) > 1  # not all the same shift
     assert np.array_equal(out, trainer.shifted(x, np.random.default_rng(0)))
     assert np.array_equal(x[:, 14, 14, 0], np.ones(50))  # the input is left alone
+
+
+def test_the_aggregators_fingerprint_of_the_saved_init_is_the_trainers(shard, tmp_path):
+    """Two implementations of one contract (docs/CONTRACTS.md "Fingerprint"): the trainer's, over Keras'
+    get_weights(), recorded as mlk_init_fingerprint; and the aggregator's, over the .h5 file's datasets in
+    Keras' order, which it checks round starts against. On a real saved model they must agree."""
+    import importlib.util
+
+    import keras
+
+    init = tmp_path / "r0.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel",
+                         str(tmp_path / "m.h5"), "--save-init", str(init)]) == 0
+    folder = Path(__file__).resolve().parent.parent / "aggregator"
+    sys.path.insert(0, str(folder))  # its own modules (ledger.py) beside it
+    try:
+        spec = importlib.util.spec_from_file_location("aggregator_for_fingerprint", folder / "aggregator.py")
+        aggregator = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(aggregator)
+    finally:
+        sys.path.remove(str(folder))
+    import h5py
+
+    worker = aggregator.read_model(tmp_path / "m.h5")  # its recorded fingerprint and its weights' Keras order
+    with h5py.File(init, "r") as f:
+        start = {name: ds[()] for name, ds in aggregator.weight_datasets(f).items()}
+    from_file = aggregator.fingerprint(start, worker["order"])
+    from_keras = fingerprint(keras.models.load_model(init, compile=False).get_weights())
+    assert from_file == from_keras == worker["fingerprint"] == attrs(init)["mlk_init_fingerprint"]
+    first = worker["order"][0]
+    start[first] = start[first] + 1  # and a changed weight changes it
+    assert aggregator.fingerprint(start, worker["order"]) != from_file
