@@ -111,7 +111,7 @@ ORIGINAL_SED = {  # the original README's commands (docs/kubernetes.md, "By hand
     "5-trainer.yaml": "s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g; s/{{INCREMENTAL_NUMBER}}/0/g;",
     "5-trainer-indexed.yaml": "s/{{WORKER_NUMBER}}/3/g; s/{{EPOCH}}/2/g; s/{{BATCH}}/100/g;",
     "3-rwx-pvc.yaml": "s/{{STORAGE_CLASS}}/kwok-volume/g",
-    "1-nfs-deployment.yaml": "s/{{GCE_PROJECT}}/my-project/g; s/{{GCE_DISK_ZONE}}/us-central1-a/g",
+    "1-nfs-deployment.yaml": "s/{{GCE_PROJECT}}/my-project/g; s/{{GCE_DISK_ZONE}}/us-central1-a/g; s/{{NAMESPACE}}/default/g",
     "2-nfs-networkpolicy.yaml": "s|{{NODE_CIDR}}|10.128.0.0/20|g",
 }
 
@@ -141,9 +141,12 @@ def test_render_out_dir_is_applied_by_one_kubectl_apply(kubeconfig, ns, tmp_path
     trainer, aggregator and server are created in one command; the pvc and gce backends' files pass the
     apiserver's dry run (the NFS Service takes the PV's address from NFS_CLUSTER_IP)."""
     base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    # an address of this cluster's Service range, as docs/kubernetes.md says to pick one
+    first = get_json(kubeconfig, "service", "kubernetes", namespace="default")["spec"]["clusterIP"]
+    address = first.rsplit(".", 1)[0] + ".77"
     env = dict(base, WORKER_NUMBER="3", EPOCH="1", BATCH="100", NAMESPACE=ns, STORAGE_CLASS="kwok-volume",
-               NFS_CLUSTER_IP="10.96.0.77", NODE_CIDR="10.128.0.0/20", GCE_PROJECT="p", GCE_DISK_ZONE="z")
-    for backend in ("rwx", "pvc", "gce"):
+               NFS_CLUSTER_IP=address, NODE_CIDR="10.128.0.0/20", GCE_PROJECT="p", GCE_DISK_ZONE="z")
+    for backend in ("pvc", "gce", "rwx"):  # the dry runs first: the claim nfs is then rwx's
         out = tmp_path / backend
         proc = subprocess.run(["bash", str(SCRIPTS / "render.sh"), "--out", str(out), "--backend", backend], env=env,
                               capture_output=True, text=True)
