@@ -13,6 +13,26 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist.npz"
 
 
+# Every setting the project's scripts read from the environment (each script's --help lists its own):
+# a test runs a script from this process's environment without any of them, then sets what it means.
+SCRIPT_SETTINGS = (
+    # the manifests' placeholders (scripts/images.env PLACEHOLDERS) and render.sh's other inputs
+    "WORKER_NUMBER", "EPOCH", "BATCH", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "STORAGE_CLASS", "NODE_CIDR",
+    "GCE_PROJECT", "GCE_DISK_ZONE", "NAMESPACE", "INIT_MODEL", "MIN_WORKERS", "ROUND_DEADLINE", "DATASET",
+    "IMAGE_REGISTRY", "IMAGE_TAG", "SERVICE_TYPE",
+    # quickstart.sh, teardown.sh, local-quickstart.sh, tests/policy-check.sh
+    "ROUNDS", "KUBECTL", "SERVE", "NFS_BACKEND", "DELETE_DISK", "KUBECONFIG", "RESUME", "MNIST_NPZ", "PORT",
+    "WORK_DIR", "VENV", "MANIFESTS",
+)
+
+
+def clean_env(**env):
+    """os.environ without SCRIPT_SETTINGS, then `env` (the settings a test means)."""
+    base = {k: v for k, v in os.environ.items() if k not in SCRIPT_SETTINGS}
+    base.update(env)
+    return base
+
+
 class MnistUnavailable(RuntimeError):
     """No MNIST_NPZ, no ../shared copy, and the splitter's download failed (its one-line reason)."""
 

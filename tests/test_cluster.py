@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import KUBECTL, get_json, kubectl
+from helpers import KUBECTL, clean_env, get_json, kubectl
 
 pytestmark = pytest.mark.cluster
 
@@ -27,9 +27,6 @@ FILES = sorted(MANIFESTS.glob("*.yaml")) + sorted((MANIFESTS / "variants").glob(
 APP = "app.kubernetes.io/name=mlk-mnist"
 # Every kind the quickstart creates (teardown must leave none of them labelled as ours).
 KINDS = "deployments,replicasets,pods,services,jobs,configmaps,persistentvolumeclaims,persistentvolumes"
-CLEAN_ENV = ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "INIT_MODEL",
-             "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND", "STORAGE_CLASS", "SERVICE_TYPE",
-             "DELETE_DISK", "GCE_DISK_ZONE", "KUBECONFIG", "MIN_WORKERS", "ROUND_DEADLINE", "RESUME")
 FAIL_FAST_LIMIT = 180  # seconds: "within 3 minutes, not JOB_TIMEOUT"
 
 
@@ -59,10 +56,7 @@ def ns(kubeconfig):
 
 
 def script_env(kubeconfig, namespace, **env):
-    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
-    base.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {namespace}", POLL="1")
-    base.update(env)
-    return base
+    return clean_env(**{"KUBECTL": f"{KUBECTL} --kubeconfig {kubeconfig} -n {namespace}", "POLL": "1", **env})
 
 
 def run_script(kubeconfig, script, namespace, timeout=900, **env):
@@ -92,10 +86,9 @@ def labelled_leftovers(kubeconfig, namespace):
 
 
 def render(*files, **env):
-    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
-    base.update(WORKER_NUMBER="3", EPOCH="2", BATCH="100", INCREMENTAL_NUMBER="1", NFS_CLUSTER_IP="10.96.0.42",
-                STORAGE_CLASS="kwok-volume", NODE_CIDR="10.128.0.0/20", GCE_PROJECT="my-project",
-                GCE_DISK_ZONE="us-central1-a", NAMESPACE="default")
+    base = clean_env(WORKER_NUMBER="3", EPOCH="2", BATCH="100", INCREMENTAL_NUMBER="1", NFS_CLUSTER_IP="10.96.0.42",
+                     STORAGE_CLASS="kwok-volume", NODE_CIDR="10.128.0.0/20", GCE_PROJECT="my-project",
+                     GCE_DISK_ZONE="us-central1-a", NAMESPACE="default")
     base.update(env)
     proc = subprocess.run(["bash", str(SCRIPTS / "render.sh"), *map(str, files)], env=base, capture_output=True,
                           text=True)
@@ -140,7 +133,7 @@ def test_render_out_dir_is_applied_by_one_kubectl_apply(kubeconfig, ns, tmp_path
     """scripts/render.sh --out DIR, then kubectl apply -f DIR: the rwx backend's claim, splitter, Indexed
     trainer, aggregator and server are created in one command; the pvc and gce backends' files pass the
     apiserver's dry run (the NFS Service takes the PV's address from NFS_CLUSTER_IP)."""
-    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    base = clean_env()
     # an address of this cluster's Service range, as docs/kubernetes.md says to pick one
     first = get_json(kubeconfig, "service", "kubernetes", namespace="default")["spec"]["clusterIP"]
     address = first.rsplit(".", 1)[0] + ".77"

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import helpers
+from helpers import clean_env
 from helpers import mlk_attrs as attrs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,10 +29,7 @@ ACCURACY_BAR = 0.92
 
 
 def run(env_overrides, timeout=300, **kwargs):
-    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_NPZ", "ROUNDS", "WORKER_NUMBER", "EPOCH",
-                                                           "BATCH", "SERVE", "PORT", "WORK_DIR", "VENV", "RESUME",
-                                                           "MIN_WORKERS", "ROUND_DEADLINE")}
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "VENV": str(VENV), **env_overrides})
+    env = clean_env(**{"TF_CPP_MIN_LOG_LEVEL": "2", "VENV": str(VENV), **env_overrides})
     return subprocess.run(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=timeout, **kwargs)
 
@@ -150,8 +148,7 @@ def test_resume_after_a_kill_between_rounds_is_bit_exact(real_run, subset, tmp_p
     aggregate's weights equal the uninterrupted run's bit for bit. Then a changed round file is refused."""
     reference, _ = real_run
     work = tmp_path / "work"
-    env = {k: v for k, v in os.environ.items() if k not in ("RESUME", "MIN_WORKERS", "ROUND_DEADLINE")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", VENV=str(VENV), WORK_DIR=str(work), MNIST_NPZ=str(subset), **REAL_RUN)
+    env = clean_env(TF_CPP_MIN_LOG_LEVEL="2", VENV=str(VENV), WORK_DIR=str(work), MNIST_NPZ=str(subset), **REAL_RUN)
     proc = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

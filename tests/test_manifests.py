@@ -22,7 +22,7 @@ from kubernetes_validate import utils as kv_utils
 
 import kubernetes_validate
 
-from helpers import free_port, placeholder_samples
+from helpers import SCRIPT_SETTINGS, clean_env, free_port, placeholder_samples
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -37,8 +37,6 @@ NFS_FILES = (MANIFESTS / "1-nfs-deployment.yaml", MANIFESTS / "variants" / "1-nf
 NFS_CAPABILITIES = ["DAC_READ_SEARCH", "SETUID", "SETGID", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID"]
 # checkov checks the NFS server skips (annotations on its Deployment): root, and the added capabilities.
 NFS_CHECKOV_SKIPS = {"CKV_K8S_23", "CKV_K8S_40", "CKV_K8S_6", "CKV_K8S_37", "CKV_K8S_25"}
-CLEAN_ENV = (*PLACEHOLDERS, "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "MIN_WORKERS", "ROUND_DEADLINE", "DATASET",
-             "SERVICE_TYPE")
 
 # The original README's commands, per file (kubectl apply -f FILE for the rest), the documented one
 # for the new Indexed alternative, and the same kind of sed for the files with placeholders the original
@@ -54,7 +52,7 @@ ORIGINAL_SED = {
 
 
 def render(*files, **env_overrides):
-    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env = clean_env()
     env.update(VALUES)
     env.update(env_overrides)
     return subprocess.run(["bash", str(RENDER), *map(str, files)], env=env, capture_output=True, text=True)
@@ -151,7 +149,7 @@ OUT_ENV = {"WORKER_NUMBER": "3", "EPOCH": "2", "BATCH": "100", "NAMESPACE": "tea
 
 
 def render_out(out, *flags, **env):
-    clean = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV and k != "NFS_BACKEND"}
+    clean = clean_env()
     return subprocess.run(["bash", str(RENDER), "--out", str(out), *flags], env={**clean, **env},
                           capture_output=True, text=True)
 
@@ -957,7 +955,7 @@ POLICY = REPO / "tests" / "policy-check.sh"
 def test_policy_check_passes_and_catches_a_regression(tmp_path):
     """tests/policy-check.sh (checkov, own venv; the first run installs it: about 2 minutes here,
     later runs about 8 s each) passes on the manifests, and fails when a container may escalate privileges."""
-    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MANIFESTS",)}
+    env = clean_env()
     proc = subprocess.run(["bash", str(POLICY)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "Failed checks: 0" in proc.stdout
@@ -974,3 +972,8 @@ def test_policy_check_passes_and_catches_a_regression(tmp_path):
     assert proc.returncode == 1
     assert "CKV_K8S_20" in proc.stdout  # "Containers should not run with allowPrivilegeEscalation"
     assert "checkov found failing checks" in proc.stderr
+
+
+def test_the_tests_clean_environment_leaves_out_every_placeholder():
+    """helpers.clean_env (what every script-running test starts from) drops every {{NAME}} render.sh fills."""
+    assert set(PLACEHOLDERS) <= set(SCRIPT_SETTINGS)

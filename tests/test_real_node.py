@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import KUBECTL, get_json, kubectl
+from helpers import KUBECTL, clean_env, get_json, kubectl
 
 pytestmark = pytest.mark.cluster
 
@@ -34,9 +34,6 @@ NODE = os.environ.get("REAL_NODE_NAME", "real-node")
 CLASS = "local-rwx"
 SPLITTER = "localhost/mlk/splitter:0.1.0"
 SERVER = "localhost/mlk/server:0.1.0"
-CLEAN_ENV = ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "INIT_MODEL",
-             "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND", "STORAGE_CLASS", "SERVICE_TYPE",
-             "DELETE_DISK", "GCE_DISK_ZONE", "KUBECONFIG")
 
 
 MISSING_IMAGES = set()  # stages real-node.sh up found no image of in podman (scripts/build-images.sh)
@@ -547,7 +544,7 @@ def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, n
     behind."""
     for stage in ("splitter", "trainer", "aggregator", "server"):
         need_image(stage)
-    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MNIST_NPZ",)}
+    env = clean_env()
     env.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {ns}", POLL="2", NFS_BACKEND="rwx",
                STORAGE_CLASS=CLASS, WORKER_NUMBER="2", EPOCH="1", ROUNDS="2", SERVE="1", SERVICE_TYPE="ClusterIP",
                MNIST_NPZ=str(mnist_npz))
@@ -653,7 +650,7 @@ def test_quickstart_pvc_backend_runs_over_real_nfs_and_survives_the_servers_rest
     ns = ns_nfs
     mount_log = CACHE / "real-node" / "logs" / "nfs-mounts.log"
     log_start = mount_log.stat().st_size if mount_log.exists() else 0
-    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MNIST_NPZ",)}
+    env = clean_env()
     env.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {ns}", POLL="2", NFS_BACKEND="pvc",
                WORKER_NUMBER="2", EPOCH="1", ROUNDS="2", SERVE="1", SERVICE_TYPE="ClusterIP",
                MNIST_NPZ=str(mnist_npz))
@@ -746,7 +743,7 @@ def test_a_volume_the_node_cannot_use_is_named_as_the_cause(kubeconfig, ns_nfs, 
     upload pod runs but never gets ready. The quickstart's message names the claim, its volume's type and
     class, not only the timeout. (With the node up, a claim without a class gets the node's own.)"""
     need_image("splitter")
-    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV + ("MNIST_NPZ",)}
+    env = clean_env()
     env.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {ns_nfs}", POLL="2", NFS_BACKEND="rwx",
                STORAGE_CLASS="kwok-volume", NFS_TIMEOUT="20", MNIST_NPZ=str(mnist_npz))
     proc = subprocess.run(["bash", str(SCRIPTS / "quickstart.sh")], env=env, capture_output=True, text=True,
