@@ -11,10 +11,9 @@ The format is in docs/CONTRACTS.md, "Round ledger". numpy/h5py/standard library 
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from mlkcommon import Parser, atomic_path, error, parse_args, sha256_file, write_bytes_atomic
+from mlkcommon import Parser, atomic_path, error, parse_args, sha256_file, utc_iso, write_bytes_atomic
 
 PROG = "ledger.py"
 FORMAT = "mlk-ledger/1"
@@ -40,7 +39,7 @@ def iso(unix_time):
     """Unix time -> 'YYYY-MM-DDTHH:MM:SSZ' (UTC), None stays None."""
     if unix_time is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_time))
+    return utc_iso(unix_time)
 
 
 def empty():

@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 
-from mlkcommon import sha256_file, write_bytes_atomic
+from mlkcommon import sha256_file, utc_iso, write_bytes_atomic
 from model import LoadedModel, file_signature, read_model_file  # (file_signature: as the reload uses)
 
 DEFAULT_EPSILON = 0.005  # half a percentage point: 50 of the 10 000 MNIST test images
@@ -107,10 +107,6 @@ def accuracy(model, x, y):
         probabilities = model.predict(x[start:start + BATCH])
         correct += int((np.argmax(probabilities, axis=1) == y[start:start + BATCH]).sum())
     return correct / len(x)
-
-
-def _now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ------------------------------------------------------------------------------- --gate-state DIR
@@ -177,7 +173,7 @@ class GateState:
         os.makedirs(self.models_dir, exist_ok=True)
         write_bytes_atomic(self.copy_path(sha256), content)  # same name, same bytes: concurrent writers agree
         record = {"format": STATE_FORMAT, "sha256": sha256, "accuracy": accuracy, "data": data,
-                  "epsilon": epsilon, "at": _now(), "model": f"models/{sha256}.h5"}
+                  "epsilon": epsilon, "at": utc_iso(), "model": f"models/{sha256}.h5"}
         write_bytes_atomic(self.record_path, (json.dumps(record, indent=2) + "\n").encode())
         self.prune(sha256)
         return record
@@ -327,7 +323,7 @@ class Gate:
             return model
 
     def _decision(self, candidate, current):
-        return {"at": _now(), "epsilon": self.epsilon, "data": self.path,
+        return {"at": utc_iso(), "epsilon": self.epsilon, "data": self.path,
                 "candidate": {"sha256": candidate.sha256, "accuracy": None},
                 "current": None if current is None else {"sha256": current.sha256, "accuracy": None}}
 

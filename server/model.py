@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 
-from mlkcommon import read_mlk_attrs
+from mlkcommon import read_mlk_attrs, utc_iso
 
 CHECK_INTERVAL = 1.0  # seconds between cheap stat() checks of the model file
 WARM_BATCHES = (1, 2, 8, 1)  # batch sizes run once when a model is loaded, before it serves
@@ -163,7 +163,7 @@ class LoadedModel:
         return {
             "path": self.path,
             "sha256": self.sha256,
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "loaded_at": utc_iso(self.loaded_at),
             "load_seconds": round(self.load_seconds, 3),
             "runtime": self.runtime,
             "kind": attrs.get("mlk_kind"),

@@ -189,3 +189,14 @@ def test_mlk_attrs_round_trip(tmp_path):
         assert f.attrs["model_config"] == "{}" and mlkcommon.read_mlk_attrs(f)["mlk_samples"] == 5
     with pytest.raises(ValueError):
         mlkcommon.write_mlk_attrs(path, {"kind": "x"})
+
+
+def test_utc_iso_is_the_one_time_stamp_format():
+    import datetime
+
+    assert mlkcommon.utc_iso(0) == "1970-01-01T00:00:00Z"
+    assert mlkcommon.utc_iso(1764892800.9) == "2025-12-05T00:00:00Z"  # whole seconds, truncated
+    now = datetime.datetime.strptime(mlkcommon.utc_iso(), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - now).total_seconds()) < 5
+    for path in [p for stage in STAGES for p in (ROOT / stage).glob("*.py") if p.name != "mlkcommon.py"]:
+        assert "%Y-%m-%dT%H:%M:%SZ" not in path.read_text(), f"{path}: use mlkcommon.utc_iso"

@@ -9,13 +9,12 @@ and draws the training history, ROOT/rounds/history.png.
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from mlk import InputError, load_checked_model, load_shard, run, to_model_input
-from mlkcommon import Parser, atomic_path, sha256_file, write_bytes_atomic
+from mlkcommon import Parser, atomic_path, sha256_file, utc_iso, write_bytes_atomic
 
 DEFAULT_DATA = "/mnt/data/test.npz"  # the test shard on the shared volume (docs/CONTRACTS.md)
 LEDGER_FORMAT = "mlk-ledger/1"
@@ -101,7 +100,7 @@ def fill_ledger(ledger_path, score):
         if entry.get("test_accuracy") is None and entry.get("aggregate"):
             path = checked(root, entry["aggregate"]["file"], entry["aggregate"].get("sha256"))
             entry["test_loss"], entry["test_accuracy"] = score(path)
-            entry["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            entry["evaluated_at"] = utc_iso()
             changed = True
             print(f"round {entry['round']}: test accuracy {entry['test_accuracy']:.4f} ({path})", flush=True)
         for worker in entry.get("workers") or []:

@@ -1,5 +1,6 @@
 # GENERATED from common/mlkcommon.py by scripts/sync-common.sh: edit that file, then run the script.
-"""Code the stage programs share: the command line, atomic writes, sha256 of a file, mlk_* attributes.
+"""Code the stage programs share: the command line, atomic writes, sha256 of a file, mlk_* attributes,
+the UTC time stamps of the ledger, the gate and /api/model.
 
 The one source is common/mlkcommon.py. Every stage folder is its own image build context and imports
 nothing from another folder (docs/CONTRACTS.md), so scripts/sync-common.sh copies this file into each
@@ -18,10 +19,18 @@ import json
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 MLK_PREFIX = "mlk_"
 JSON_ATTRS = ("mlk_inputs",)  # mlk_* attributes stored as JSON text (docs/CONTRACTS.md)
+
+
+# --- time ----------------------------------------------------------------------------------------
+
+def utc_iso(unix_time=None):
+    """A unix time (default: now) as 'YYYY-MM-DDTHH:MM:SSZ', UTC: every time stamp the programs write."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if unix_time is None else unix_time))
 
 
 # --- command line ------------------------------------------------------------------------------
