@@ -477,24 +477,9 @@ def test_server_workers_restore_the_admitted_model_not_the_rejected_file(tmp_pat
     client = state_app(served, state, gate_data).test_client()
     drop(models["shuffled"], served)
     assert client.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "rejected"
-    port, log = free_port(), tmp_path / "server.log"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HDF5_USE_FILE_LOCKING="FALSE")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "server/server.py"), "--model", str(served), "--host",
-                                 "127.0.0.1", "--port", str(port), "--workers", "2", "--gate-data", str(gate_data),
-                                 "--gate-state", str(state)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    proc, url = start_real_server(served, log, "--gate-data", str(gate_data), "--gate-state", str(state))
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            try:
-                if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.time() < deadline, log.read_text()[-2000:]
-            time.sleep(0.3)
         for _ in range(10):  # nginx spreads them over both workers
             info = requests.get(url + "/api/model", timeout=10).json()
             assert info["sha256"] == sha256(models["weak"]), info
@@ -504,6 +489,35 @@ def test_server_workers_restore_the_admitted_model_not_the_rejected_file(tmp_pat
         proc.terminate()
         proc.wait(timeout=60)
     assert log.read_text().count("gate: restored candidate") == 2  # once per worker
+
+
+def start_real_server(model, log, *flags):
+    """server.py (nginx + 2 gunicorn workers) on a free port, its output in `log`; (process, url) once /readyz
+    says ready (180 s at most)."""
+    import time
+
+    import requests
+
+    from helpers import free_port
+
+    port = free_port()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HDF5_USE_FILE_LOCKING="FALSE")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "server/server.py"), "--model", str(model), "--host",
+                                 "127.0.0.1", "--port", str(port), "--workers", "2", *flags],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server.py not ready: {log.read_text()[-2000:]}")
+        try:
+            if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
 
 
 # ------------------------------------------------ the container run's checker, against server.py here
@@ -530,25 +544,10 @@ def test_check_v2_gate_passes_against_the_real_server(tmp_path, mnist_model, mni
         np.savez(tmp_path / "data" / "0.npz", x=npz["x_train"][:3000], y=npz["y_train"][:3000])
     (tmp_path / "rounds" / "ledger.json").write_text(json.dumps({"format": "mlk-ledger/1", "rounds": [
         {"round": 1, "aggregate": {"file": "rounds/r1.h5", "sha256": sha256(served)}, "test_accuracy": 0.98}]}))
-    port = free_port()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HDF5_USE_FILE_LOCKING="FALSE")
     log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "server/server.py"), "--model", str(served), "--host",
-                                 "127.0.0.1", "--port", str(port), "--workers", "2", "--gate-data",
-                                 str(tmp_path / "data" / "test.npz")], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_real_server(served, log, "--gate-data", str(tmp_path / "data" / "test.npz"))
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            try:
-                if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.time() < deadline, log.read_text()[-2000:]
-            time.sleep(0.3)
         check = subprocess.run([sys.executable, str(ROOT / "tests/e2e/check_v2_gate.py"), url, "--model", str(served),
                                 "--test", str(tmp_path / "data" / "test.npz"), "--train", str(tmp_path / "data" / "0.npz"),
                                 "--sample", f"{ROOT / 'server/static/samples/6.png'}:6", "--expect-round", "1"],
