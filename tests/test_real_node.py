@@ -395,6 +395,19 @@ def running_pod(kubeconfig, namespace, selector):
     return None
 
 
+def in_round_two(kubeconfig, namespace, run_, out_path, selector, settle, deadline, act):
+    """Once the quickstart's output says round 2 has begun and a pod of SELECTOR runs, wait SETTLE seconds
+    (into its training) and return act(pod name); None if the run ends or the deadline passes first."""
+    while run_.poll() is None and time.monotonic() < deadline:
+        if "== round 2/2" in out_path.read_text():
+            pod_name = running_pod(kubeconfig, namespace, selector)
+            if pod_name:
+                time.sleep(settle)
+                return act(pod_name)
+        time.sleep(0.5)
+    return None
+
+
 def assert_page_reads_six(kubeconfig, namespace):
     """Through the port-forward the quickstart prints: the server is ready and reads samples/6.png as 6."""
     pf, local = port_forward(kubeconfig, namespace, "svc/mnist-server-svc", 80)
@@ -555,17 +568,12 @@ def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, n
             run_ = subprocess.Popen(["bash", str(SCRIPTS / "quickstart.sh")], env=env, stdout=out,
                                     stderr=subprocess.STDOUT, text=True)
         # Round 2's trainer 0, once it has been running a few seconds (TensorFlow loaded, training):
-        killed = None
+        def kill(trainer):  # SIGTERM, then SIGKILL after 1 s (python as PID 1 ignores SIGTERM): exit 137
+            kubectl(kubeconfig, "delete", "pod", trainer, "--grace-period=1", "--wait=false", namespace=ns)
+            return trainer
+
         deadline = time.monotonic() + 1800
-        while killed is None and run_.poll() is None and time.monotonic() < deadline:
-            if "== round 2/2" in out_path.read_text():
-                trainer = running_pod(kubeconfig, ns, "job-name=mnist-trainer-0")
-                if trainer:
-                    time.sleep(3)  # into its training
-                    # SIGTERM, then SIGKILL after 1 s (python as PID 1 ignores SIGTERM): exit 137
-                    kubectl(kubeconfig, "delete", "pod", trainer, "--grace-period=1", "--wait=false", namespace=ns)
-                    killed = trainer
-            time.sleep(0.5)
+        killed = in_round_two(kubeconfig, ns, run_, out_path, "job-name=mnist-trainer-0", 3, deadline, kill)
         run_.wait(timeout=max(60, deadline - time.monotonic()))
         output = out_path.read_text()
         print(f"\nquickstart on the real node: {time.monotonic() - start:.0f} s\n{output[-3000:]}")
@@ -662,18 +670,15 @@ def test_quickstart_pvc_backend_runs_over_real_nfs_and_survives_the_servers_rest
             run_ = subprocess.Popen(["bash", str(SCRIPTS / "quickstart.sh")], env=env, stdout=out,
                                     stderr=subprocess.STDOUT, text=True)
         # Round 2: read a running trainer's mount table, then delete the NFS server's pod under it.
-        old_server, trainer_mnt = None, None
+        def delete_the_nfs_server(trainer):
+            mnt = pod_mnt(kubeconfig, ns, trainer)
+            server = get_json(kubeconfig, "pods", "-l", "role=nfs-server", namespace=ns)["items"][0]["metadata"]["name"]
+            kubectl(kubeconfig, "delete", "pod", server, "--wait=false", namespace=ns)
+            return server, mnt
+
         deadline = time.monotonic() + 1800
-        while old_server is None and run_.poll() is None and time.monotonic() < deadline:
-            if "== round 2/2" in out_path.read_text():
-                trainer = running_pod(kubeconfig, ns, "app.kubernetes.io/component=trainer")
-                if trainer:
-                    time.sleep(2)  # into its training
-                    trainer_mnt = pod_mnt(kubeconfig, ns, trainer)
-                    old_server = get_json(kubeconfig, "pods", "-l", "role=nfs-server",
-                                          namespace=ns)["items"][0]["metadata"]["name"]
-                    kubectl(kubeconfig, "delete", "pod", old_server, "--wait=false", namespace=ns)
-            time.sleep(0.5)
+        old_server, trainer_mnt = in_round_two(kubeconfig, ns, run_, out_path, "app.kubernetes.io/component=trainer",
+                                               2, deadline, delete_the_nfs_server) or (None, None)
         run_.wait(timeout=max(60, deadline - time.monotonic()))
         output = out_path.read_text()
         print(f"\nquickstart (pvc) on the real node: {time.monotonic() - start:.0f} s\n{output[-3000:]}")
