@@ -578,8 +578,9 @@ def test_server_is_sized_as_measured_and_stops_without_losing_a_request():
     spec = pod_spec(dep)
     c = spec["containers"][0]
     requests, limits = c["resources"]["requests"], c["resources"]["limits"]
-    # about 1.25 GB measured with 2 workers: the request holds it, the limit leaves room for a reload
-    assert requests["memory"] == "1536Mi" and limits["memory"] == "2560Mi"
+    # 785 MiB at the peak in the container's cgroup on the real node (a model reloaded and gated beside the
+    # served one): the request holds it, the limit leaves room for a larger model
+    assert requests["memory"] == "1Gi" and limits["memory"] == "2Gi"
     server_py = importlib.util.spec_from_file_location("server_launcher", REPO / "server" / "server.py")
     launcher = importlib.util.module_from_spec(server_py)
     server_py.loader.exec_module(launcher)

@@ -543,6 +543,11 @@ def assert_one_admitted_model_for_every_pod(kubeconfig, namespace):
     assert {m["sha256"] for m in models.values()} == {admitted}, models  # never the rejected file
     assert all(m["gate"]["restored"] for m in models.values()), models
     print(f"gate across pods: admitted {admitted[:12]} served by {sorted(pods)}; candidate {candidate[:12]} rejected")
+    for name, ip in pods.items():  # the figure 7-server.yaml's memory request comes from (docs/kubernetes.md)
+        assert all(post_six(f"http://{ip}:5000/api/predict")[0] == 200 for _ in range(50))
+        now, peak = server_memory(kubeconfig, namespace, name)
+        print(f"server pod {name} (restored, a candidate rejected, 50 predictions): {now:.0f} MiB now, "
+              f"{peak:.0f} MiB at its peak")
 
 
 @pytest.mark.slow
