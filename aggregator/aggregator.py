@@ -11,7 +11,6 @@ rounds/ledger.json with a per-worker report (update norm, cosine to the other wo
 """
 
 import argparse
-import hashlib
 import math
 import re
 import shutil
@@ -23,8 +22,8 @@ import h5py
 import numpy as np
 
 import ledger as ledger_mod
-from mlkcommon import (Parser, atomic_path, attr_value, error, parse_args, read_mlk_attrs, sha256_file,
-                       write_mlk_attrs)
+from mlkcommon import (Parser, atomic_path, attr_value, error, fingerprint, parse_args, read_mlk_attrs,
+                       sha256_file, write_mlk_attrs)
 
 PROG = "aggregator"
 POLL_SECONDS = 2.0
@@ -199,15 +198,9 @@ def keras_order(f, names):
     return ordered if sorted(ordered) == sorted(names) else list(names)
 
 
-def fingerprint(weights, order):
-    """The trainer's init fingerprint (docs/CONTRACTS.md): sha256 over each array's shape text and float32
-    little-endian bytes, in Keras' get_weights() order."""
-    digest = hashlib.sha256()
-    for name in order:
-        array = np.asarray(weights[name])
-        digest.update(("x".join(str(d) for d in array.shape) + ";").encode())
-        digest.update(array.astype("<f4").tobytes())
-    return digest.hexdigest()
+def weights_fingerprint(weights, order):
+    """mlkcommon.fingerprint of a model's weights ({dataset path: array}) in Keras' get_weights() order."""
+    return fingerprint(weights[name] for name in order)
 
 
 def read_model(path):
@@ -283,7 +276,7 @@ def read_start(path, models):
     if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in ref["weights"].items()}:
         print(f"{PROG}: {path} has other weight shapes: the per-worker report has no update figures", flush=True)
         return None
-    if fingerprint(weights, ref["order"]) != ref["fingerprint"]:
+    if weights_fingerprint(weights, ref["order"]) != ref["fingerprint"]:
         print(f"{PROG}: {path} is not these workers' starting point (init fingerprint differs): the per-worker "
               "report has no update figures", flush=True)
         return None

@@ -1,5 +1,6 @@
 # GENERATED from common/mlkcommon.py by scripts/sync-common.sh: edit that file, then run the script.
-"""Code the stage programs share: the command line, atomic writes, sha256 of a file, mlk_* attributes,
+"""Code the stage programs share: the command line, atomic writes, sha256 of a file, the init-weight
+fingerprint, mlk_* attributes,
 the UTC time stamps of the ledger, the gate and /api/model.
 
 The one source is common/mlkcommon.py. Every stage folder is its own image build context and imports
@@ -116,6 +117,20 @@ def sha256_file(path):
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(arrays):
+    """The init fingerprint of a weight list (docs/CONTRACTS.md): sha256 hex over each array's shape as text
+    ("3x3x1x32;") and its float32 little-endian bytes, in Keras' get_weights() order. The trainer records it
+    (mlk_init_fingerprint); the aggregator checks a round's starting weights against it."""
+    import numpy as np  # here: the splitter's image has numpy, but this module imports nothing at load
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.asarray(array)
+        digest.update(("x".join(str(d) for d in array.shape) + ";").encode())
+        digest.update(array.astype("<f4").tobytes())
     return digest.hexdigest()
 
 

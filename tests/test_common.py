@@ -200,3 +200,17 @@ def test_utc_iso_is_the_one_time_stamp_format():
     assert abs((datetime.datetime.now(datetime.timezone.utc) - now).total_seconds()) < 5
     for path in [p for stage in STAGES for p in (ROOT / stage).glob("*.py") if p.name != "mlkcommon.py"]:
         assert "%Y-%m-%dT%H:%M:%SZ" not in path.read_text(), f"{path}: use mlkcommon.utc_iso"
+
+
+def test_fingerprint_is_the_contracts_definition():
+    """docs/CONTRACTS.md: sha256 over each array's shape text ("2x3;") and float32 little-endian bytes, in order."""
+    import hashlib
+
+    import numpy as np
+
+    a = np.arange(6, dtype=np.float64).reshape(2, 3)  # float64 in: hashed as float32
+    b = np.array([1.5], dtype=np.float32)
+    by_hand = hashlib.sha256(b"2x3;" + np.arange(6, dtype="<f4").tobytes() + b"1;" + b.astype("<f4").tobytes())
+    assert mlkcommon.fingerprint([a, b]) == by_hand.hexdigest()
+    assert mlkcommon.fingerprint([b, a]) != by_hand.hexdigest()  # the order counts
+    assert mlkcommon.fingerprint(iter([a, b])) == by_hand.hexdigest()  # any iterable

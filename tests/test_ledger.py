@@ -36,7 +36,7 @@ def h5_weights(path):
 def h5_fingerprint(path):
     with h5py.File(path, "r") as f:
         weights = {k: ds[()] for k, ds in aggregator.weight_datasets(f).items()}
-        return aggregator.fingerprint(weights, aggregator.keras_order(f, weights))
+        return aggregator.weights_fingerprint(weights, aggregator.keras_order(f, weights))
 
 
 def save_worker(model, path, samples, fingerprint, rnd=1, started=None):

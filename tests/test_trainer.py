@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
 import trainer  # noqa: E402
-from mlk import fingerprint  # noqa: E402
+from mlkcommon import fingerprint  # noqa: E402
 
 from helpers import mlk_attrs as attrs
 
@@ -269,9 +269,9 @@ def test_the_aggregators_fingerprint_of_the_saved_init_is_the_trainers(shard, tm
     worker = aggregator.read_model(tmp_path / "m.h5")  # its recorded fingerprint and its weights' Keras order
     with h5py.File(init, "r") as f:
         start = {name: ds[()] for name, ds in aggregator.weight_datasets(f).items()}
-    from_file = aggregator.fingerprint(start, worker["order"])
+    from_file = aggregator.weights_fingerprint(start, worker["order"])
     from_keras = fingerprint(keras.models.load_model(init, compile=False).get_weights())
     assert from_file == from_keras == worker["fingerprint"] == attrs(init)["mlk_init_fingerprint"]
     first = worker["order"][0]
     start[first] = start[first] + 1  # and a changed weight changes it
-    assert aggregator.fingerprint(start, worker["order"]) != from_file
+    assert aggregator.weights_fingerprint(start, worker["order"]) != from_file

@@ -1,4 +1,4 @@
-"""Pieces shared by trainer.py and evaluate.py: input checks, the model, the weight fingerprint.
+"""Pieces shared by trainer.py and evaluate.py: input checks, the model.
 (What every stage shares, the command-line parser, atomic writes and the mlk_* attributes, is in
 mlkcommon.py, the copy of common/mlkcommon.py.)
 
@@ -6,7 +6,6 @@ Kept free of TensorFlow imports at module level so argument and data errors are 
 before the (slow) TensorFlow start-up.
 """
 
-import hashlib
 import os
 import sys
 import zipfile
@@ -70,16 +69,6 @@ def load_shard(path):
 def to_model_input(x):
     """uint8 (n, 28, 28) -> float32 (n, 28, 28, 1) in [0, 1], the model's input contract."""
     return (x.astype(np.float32) / 255.0)[..., np.newaxis]
-
-
-def fingerprint(weights):
-    """sha256 hex over each array's shape text ("3x3x1x32;") and float32 little-endian bytes."""
-    digest = hashlib.sha256()
-    for array in weights:
-        array = np.asarray(array)
-        digest.update(("x".join(str(d) for d in array.shape) + ";").encode())
-        digest.update(array.astype("<f4").tobytes())
-    return digest.hexdigest()
 
 
 def import_keras():

@@ -9,8 +9,8 @@ import os
 import sys
 import time
 
-from mlk import InputError, fingerprint, import_keras, load_checked_model, load_shard, run, to_model_input
-from mlkcommon import Parser, atomic_path, int_at_least, read_mlk_attrs, write_mlk_attrs
+from mlk import InputError, import_keras, load_checked_model, load_shard, run, to_model_input
+from mlkcommon import Parser, atomic_path, fingerprint, int_at_least, read_mlk_attrs, write_mlk_attrs
 
 # Model / training constants (chosen for accuracy per CPU-second; see docs/benchmarks.md).
 DEFAULT_SEED = 2019
