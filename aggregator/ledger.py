@@ -13,10 +13,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from mlkcommon import Parser, atomic_path, error, parse_args, sha256_file, utc_iso, write_bytes_atomic
+from mlkcommon import (LEDGER_FORMAT, LedgerFormatError, Parser, atomic_path, error, parse_args, read_ledger,
+                       sha256_file, utc_iso, write_bytes_atomic)
 
 PROG = "ledger.py"
-FORMAT = "mlk-ledger/1"
+FORMAT = LEDGER_FORMAT
 ROUNDS_DIR = "rounds"
 LEDGER_NAME = "ledger.json"
 AGGREGATE_NAME = "aggregated-model.h5"
@@ -49,15 +50,12 @@ def empty():
 def load(root):
     """The ledger of ROOT as a dict ({"format", "rounds": [...]}); an empty one when there is none yet."""
     path = ledger_path(root)
-    if not path.exists():
-        return empty()
     try:
-        ledger = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LedgerError(f"{path}: not a readable JSON ledger ({str(e).splitlines()[0]})") from None
-    if not isinstance(ledger, dict) or ledger.get("format") != FORMAT or not isinstance(ledger.get("rounds"), list):
-        raise LedgerError(f"{path}: not a round ledger (expected \"format\": \"{FORMAT}\" and a \"rounds\" list)")
-    return ledger
+        return read_ledger(path)
+    except FileNotFoundError:
+        return empty()
+    except LedgerFormatError as err:
+        raise LedgerError(f"{path}: {err}") from None
 
 
 def save(root, ledger):

@@ -23,7 +23,33 @@ import time
 from pathlib import Path
 
 MLK_PREFIX = "mlk_"
+LEDGER_FORMAT = "mlk-ledger/1"  # ROOT/rounds/ledger.json (docs/CONTRACTS.md "Round ledger")
 JSON_ATTRS = ("mlk_inputs",)  # mlk_* attributes stored as JSON text (docs/CONTRACTS.md)
+
+
+# --- the round ledger ------------------------------------------------------------------------------
+
+class LedgerFormatError(ValueError):
+    """A ledger file that is not JSON or not an mlk-ledger/1 ledger; the message says why, in one line."""
+
+
+def read_ledger(path):
+    """ROOT/rounds/ledger.json parsed and checked: {"format": LEDGER_FORMAT, "rounds": [objects with an
+    integer "round"], ...}. Raises FileNotFoundError when it is absent, LedgerFormatError otherwise.
+    The aggregator writes it; the accuracy stage fills it in; the server shows it."""
+    try:
+        with open(path, "rb") as f:
+            ledger = json.loads(f.read())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise LedgerFormatError(f"not a readable JSON ledger ({one_line(str(err))})") from None
+    if not isinstance(ledger, dict) or ledger.get("format") != LEDGER_FORMAT:
+        raise LedgerFormatError(f"not a round ledger (expected \"format\": \"{LEDGER_FORMAT}\")")
+    rounds = ledger.get("rounds")
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) and isinstance(r.get("round"), int) for r in rounds):
+        raise LedgerFormatError("\"rounds\" must be a list of objects with an integer \"round\"")
+    return ledger
 
 
 # --- time ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mlkcommon import LEDGER_FORMAT, read_ledger  # noqa: E402
 from model import CHECK_INTERVAL, Batcher, ModelHolder, file_signature  # noqa: E402
 from preprocess import ImageError, mean_over_views, preprocess_views, stack_views  # noqa: E402
 import gate as gate_module  # noqa: E402
@@ -93,8 +94,6 @@ class Ledger:
     ROOT/rounds/history.png, docs/CONTRACTS.md "Round ledger"), read only. Absent: nothing shown; malformed:
     logged once (per file version) and nothing shown; never an error for the server."""
 
-    FORMAT = "mlk-ledger/1"
-
     def __init__(self, model_path):
         rounds_dir = os.path.join(os.path.dirname(os.path.abspath(model_path)), "rounds")
         self.path = os.path.join(rounds_dir, "ledger.json")
@@ -110,15 +109,8 @@ class Ledger:
         if cached[0] == signature:
             return cached[1]
         try:
-            with open(self.path, "rb") as f:
-                data = json.loads(f.read())
-            if not isinstance(data, dict) or data.get("format") != self.FORMAT:
-                raise ValueError(f"not a {self.FORMAT} ledger")
-            rounds = data.get("rounds")
-            if not isinstance(rounds, list) or not all(
-                    isinstance(r, dict) and isinstance(r.get("round"), int) for r in rounds):
-                raise ValueError("\"rounds\" must be a list of objects with an integer \"round\"")
-        except (OSError, ValueError) as err:
+            rounds = read_ledger(self.path)["rounds"]
+        except (OSError, ValueError) as err:  # LedgerFormatError is a ValueError
             log.error("ignoring the round ledger %s: %s", self.path, err)
             rounds = []
         self._cached = (signature, rounds)
@@ -373,7 +365,7 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
         rounds = ledger.rounds()
         if not rounds:
             return error(404, f"no training history ({ledger.path} absent, empty or unreadable)")
-        return jsonify({"format": Ledger.FORMAT, "rounds": rounds})
+        return jsonify({"format": LEDGER_FORMAT, "rounds": rounds})
 
     @app.get("/history.png")
     def history_png():

@@ -214,3 +214,29 @@ def test_fingerprint_is_the_contracts_definition():
     assert mlkcommon.fingerprint([a, b]) == by_hand.hexdigest()
     assert mlkcommon.fingerprint([b, a]) != by_hand.hexdigest()  # the order counts
     assert mlkcommon.fingerprint(iter([a, b])) == by_hand.hexdigest()  # any iterable
+
+
+@pytest.mark.parametrize("text, reason", [
+    (b"{not json", "not a readable JSON ledger"),
+    (b"\xff\xfe", "not a readable JSON ledger"),
+    (b"[]", "not a round ledger"),
+    (b'{"format": "other/1", "rounds": []}', "not a round ledger"),
+    (b'{"format": "mlk-ledger/1", "rounds": {}}', "must be a list"),
+    (b'{"format": "mlk-ledger/1", "rounds": [{"round": "1"}]}', 'integer "round"'),
+])
+def test_read_ledger_refuses_what_is_not_a_ledger(text, reason, tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_bytes(text)
+    with pytest.raises(mlkcommon.LedgerFormatError, match=re.escape(reason)) as caught:
+        mlkcommon.read_ledger(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_read_ledger_reads_a_ledger_and_says_when_there_is_none(tmp_path):
+    path = tmp_path / "ledger.json"
+    with pytest.raises(FileNotFoundError):
+        mlkcommon.read_ledger(path)
+    path.write_text('{"format": "mlk-ledger/1", "rounds": [{"round": 1, "aggregate": {}}], "extra": 1}')
+    assert mlkcommon.read_ledger(path)["rounds"] == [{"round": 1, "aggregate": {}}]
+    for stage in ("aggregator/ledger.py", "trainer/evaluate.py", "server/app.py"):
+        assert '"mlk-ledger/1"' not in (ROOT / stage).read_text(), f"{stage}: use mlkcommon.LEDGER_FORMAT"

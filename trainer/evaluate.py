@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from mlk import InputError, load_checked_model, load_shard, run, to_model_input
-from mlkcommon import Parser, atomic_path, sha256_file, utc_iso, write_bytes_atomic
+from mlkcommon import LedgerFormatError, Parser, atomic_path, read_ledger, sha256_file, utc_iso, write_bytes_atomic
 
 DEFAULT_DATA = "/mnt/data/test.npz"  # the test shard on the shared volume (docs/CONTRACTS.md)
-LEDGER_FORMAT = "mlk-ledger/1"
 HISTORY_PLOT = "history.png"
 
 
@@ -67,16 +66,14 @@ class Scorer:
         return float(np.mean(-np.log(picked))), float(np.mean(probs.argmax(axis=1) == self.y))
 
 
-def read_ledger(path):
+def load_ledger(path):
+    """mlkcommon.read_ledger, its errors as this program's one-line InputError."""
     try:
-        ledger = json.loads(Path(path).read_text())
+        return read_ledger(path)
     except FileNotFoundError:
         raise InputError(f"--ledger {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"--ledger {path}: not a readable JSON ledger ({str(err).splitlines()[0]})") from None
-    if not isinstance(ledger, dict) or ledger.get("format") != LEDGER_FORMAT or not isinstance(ledger.get("rounds"), list):
-        raise InputError(f"--ledger {path}: not a round ledger (format {LEDGER_FORMAT})")
-    return ledger
+    except LedgerFormatError as err:
+        raise InputError(f"--ledger {path}: {err}") from None
 
 
 def checked(root, name, digest):
@@ -94,7 +91,7 @@ def fill_ledger(ledger_path, score):
     after each round (an interrupted accuracy test keeps what it measured). Returns the ledger."""
     ledger_path = Path(ledger_path)
     root = ledger_path.parent.parent  # ROOT/rounds/ledger.json
-    ledger = read_ledger(ledger_path)
+    ledger = load_ledger(ledger_path)
     for entry in ledger["rounds"]:
         changed = False
         if entry.get("test_accuracy") is None and entry.get("aggregate"):
@@ -164,7 +161,7 @@ def evaluate(args):
     if args.modelpath is None and args.ledger is None:
         raise InputError("the following arguments are required: --modelpath (or --ledger)")
     if args.ledger is not None:
-        read_ledger(args.ledger)  # a bad ledger is reported before TensorFlow starts
+        load_ledger(args.ledger)  # a bad ledger is reported before TensorFlow starts
     x, y = load_shard(args.data)
     x = to_model_input(x)
     score = Scorer(x, y, args.batch)
