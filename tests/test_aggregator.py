@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "aggregator"))
 import aggregator  # noqa: E402
 
 import keras  # noqa: E402

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
 import evaluate  # noqa: E402
 import trainer  # noqa: E402
 

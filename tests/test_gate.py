@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "server"))
 import app as server_app  # noqa: E402
 import gate as gate_module  # noqa: E402
 import server  # noqa: E402

@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "aggregator"))
-sys.path.insert(1, str(REPO / "trainer"))
 import aggregator  # noqa: E402
 import ledger  # noqa: E402
 

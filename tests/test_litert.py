@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 import model as model_module  # noqa: E402
 
 

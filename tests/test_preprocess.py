@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 import preprocess  # noqa: E402
 from helpers import mnist_path  # noqa: E402
 from preprocess import ImageError  # noqa: E402

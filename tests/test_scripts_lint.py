@@ -79,9 +79,7 @@ def test_min_workers_count_agrees_with_the_aggregator(value, workers):
     """scripts/lib.sh's min_workers_count (quickstart.sh, local-quickstart.sh) counts as aggregator.py's
     --min-workers does: the same whole number, or the same fraction rounded up."""
     import math
-    import sys
 
-    sys.path.insert(0, str(REPO / "aggregator"))
     from aggregator import min_workers_value
 
     shell = subprocess.run(["bash", "-c", f'me=t; source scripts/lib.sh; min_workers_count "{value}" {workers}'],
@@ -94,9 +92,7 @@ def test_min_workers_count_agrees_with_the_aggregator(value, workers):
 @pytest.mark.parametrize("value", ["0", "1.5", "-1", "abc", "", "0.0", "1.0001"])
 def test_min_workers_count_refuses_what_the_aggregator_refuses(value):
     import argparse
-    import sys
 
-    sys.path.insert(0, str(REPO / "aggregator"))
     from aggregator import min_workers_value
 
     with pytest.raises(argparse.ArgumentTypeError):

@@ -20,7 +20,6 @@ from PIL import Image
 from helpers import thick_seven_png
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "server"))
 import app as server_app  # noqa: E402
 import model as server_model  # noqa: E402
 import preprocess  # noqa: E402

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "server"))
 import app as server_app  # noqa: E402
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
 import trainer  # noqa: E402
 from mlkcommon import fingerprint  # noqa: E402
 
@@ -249,21 +248,12 @@ def test_the_aggregators_fingerprint_of_the_saved_init_is_the_trainers(shard, tm
     """Two implementations of one contract (docs/CONTRACTS.md "Fingerprint"): the trainer's, over Keras'
     get_weights(), recorded as mlk_init_fingerprint; and the aggregator's, over the .h5 file's datasets in
     Keras' order, which it checks round starts against. On a real saved model they must agree."""
-    import importlib.util
-
+    import aggregator
     import keras
 
     init = tmp_path / "r0.h5"
     assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel",
                          str(tmp_path / "m.h5"), "--save-init", str(init)]) == 0
-    folder = Path(__file__).resolve().parent.parent / "aggregator"
-    sys.path.insert(0, str(folder))  # its own modules (ledger.py) beside it
-    try:
-        spec = importlib.util.spec_from_file_location("aggregator_for_fingerprint", folder / "aggregator.py")
-        aggregator = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(aggregator)
-    finally:
-        sys.path.remove(str(folder))
     import h5py
 
     worker = aggregator.read_model(tmp_path / "m.h5")  # its recorded fingerprint and its weights' Keras order

@@ -15,7 +15,6 @@ from PIL import Image
 from helpers import mnist_path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "server"))
 import preprocess  # noqa: E402
 
 

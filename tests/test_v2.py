@@ -18,7 +18,6 @@ from PIL import Image
 from helpers import free_port, thick_seven_png
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "server"))
 import app as server_app  # noqa: E402
 
 SAMPLES = ROOT / "server" / "static" / "samples"
