@@ -562,14 +562,22 @@ def test_resume_refuses_a_ledger_the_restore_job_rejects(kubeconfig, ns):
 
 
 def test_local_cluster_says_in_one_line_what_the_machine_lacks(tmp_path):
-    """No Go toolchain, or a module proxy that refuses: one line naming it, exit 1 (no traceback of logs)."""
-    env = {k: v for k, v in os.environ.items() if k != "LOCAL_CLUSTER_CACHE"}
+    """A GO that is not there, no Go on PATH and a Go module proxy that cannot be reached (so the pinned Go
+    cannot be fetched), or a module proxy that refuses: one line naming it, exit 1 (no traceback of logs)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_CLUSTER_CACHE", "GO")}
     env["LOCAL_CLUSTER_CACHE"] = str(tmp_path / "cache")
     proc = subprocess.run([str(SCRIPTS / "local-cluster.sh"), "build"], env=dict(env, GO="no-such-go"),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        "local-cluster: no Go toolchain ('no-such-go' not on PATH): install Go 1.26 or newer, or set GO"]
+    assert proc.stderr.strip().splitlines() == ["local-cluster: GO='no-such-go' is not a command"]
+    no_go = dict(env, PATH="/usr/bin:/bin", MLK_GO_PROXY="http://127.0.0.1:9")  # /usr/bin: at most Debian's 1.19
+    proc = subprocess.run([str(SCRIPTS / "local-cluster.sh"), "build"], env=no_go, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith("fetch-go.py: error: cannot download http://127.0.0.1:9/golang.org/toolchain/"), lines
+    assert lines[-1] == "local-cluster: no Go toolchain: install Go 1.26 or newer, or set GO"
+    assert "fetching the pinned toolchain from the Go module proxy" in proc.stderr
     proc = subprocess.run([str(SCRIPTS / "local-cluster.sh"), "build"], env=dict(env, GOPROXY="off"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
