@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -405,11 +406,53 @@ def missing_names(paths, expect):
     return [f"{i}-model.h5" for i in range(expect) if i not in present]
 
 
-def record_round(root, n, paths, models, digests, report, used, start_path, start_digest, expect, min_workers,
-                 missing, savefile, agg_started):
-    """Keep round n (rounds/r{n}.h5 = the aggregate, rounds/r{n}/ = its inputs) and write its ledger entry,
-    which replaces any entry of round n or later (a re-run). The ledger is written last: an entry means every
-    file it names is complete."""
+@dataclass
+class Round:
+    """One round: its inputs (the model files that came, what read_model made of them, their sha256 and the
+    per-worker report), how many were expected, and the outcome derived from those once: which workers the
+    average leaves out (dropped), which did not come (missing: their names when the {i}-model.h5 naming tells,
+    shortfall: how many), and the averaged models (kept)."""
+    n: int
+    paths: list
+    models: list
+    digests: list
+    report: list
+    used: list  # per input: True when it is averaged (False: an outlier left out by --drop-outliers)
+    expect: int | None  # --expect N, None without it
+    min_workers: int | None
+    start_digest: str | None  # sha256 of rounds/r{n-1}.h5 when the report was measured from it, else None
+    dropped: list = field(init=False)
+    missing: list = field(init=False)
+    shortfall: int = field(init=False)
+
+    def __post_init__(self):
+        self.dropped = [p.name for p, u in zip(self.paths, self.used) if not u]
+        self.missing = missing_names(self.paths, self.expect)
+        self.shortfall = self.expect - len(self.paths) if self.expect is not None else 0
+
+    @property
+    def expected_workers(self):
+        return self.expect if self.expect is not None else len(self.paths)
+
+    @property
+    def kept(self):
+        """(models, paths) of the inputs the average uses."""
+        return ([m for m, u in zip(self.models, self.used) if u],
+                [p for p, u in zip(self.paths, self.used) if u])
+
+    def mlk_attrs(self):
+        """The aggregate's mlk_ attributes about the round's inputs (docs/CONTRACTS.md)."""
+        unnamed = f"{self.shortfall} unnamed" if self.shortfall else ""
+        return {"mlk_expected_workers": self.expected_workers,
+                "mlk_missing": ",".join(self.missing) if self.missing else unnamed,
+                "mlk_dropped": ",".join(self.dropped)}
+
+
+def record_round(root, rnd, savefile, agg_started):
+    """Keep round rnd.n (rounds/r{n}.h5 = the aggregate in savefile, rounds/r{n}/ = its inputs) and write its
+    ledger entry, which replaces any entry of round n or later (a re-run). The ledger is written last: an entry
+    means every file it names is complete."""
+    n, paths, models = rnd.n, rnd.paths, rnd.models
     rounds_dir = root / ledger_mod.ROUNDS_DIR
     kept_dir = rounds_dir / f"r{n}"
     kept_dir.mkdir(parents=True, exist_ok=True)
@@ -426,15 +469,14 @@ def record_round(root, n, paths, models, digests, report, used, start_path, star
     started = min(starts) if starts else None
     book = ledger_mod.load(root)
     book["rounds"] = [e for e in book["rounds"] if isinstance(e, dict) and e.get("round", 0) < n]
-    dropped = [p.name for p, u in zip(paths, used) if not u]
     book["rounds"].append({
         "round": n,
         "aggregate": {"file": ledger_mod.round_file(n), "sha256": sha256_file(round_path)},
-        "start": {"file": ledger_mod.round_file(n - 1), "sha256": start_digest} if start_digest else None,
-        "expected_workers": expect if expect is not None else len(paths),
-        "min_workers": min_workers,
-        "missing": (expect - len(paths)) if expect is not None else 0,
-        "missing_workers": missing,
+        "start": {"file": ledger_mod.round_file(n - 1), "sha256": rnd.start_digest} if rnd.start_digest else None,
+        "expected_workers": rnd.expected_workers,
+        "min_workers": rnd.min_workers,
+        "missing": rnd.shortfall,
+        "missing_workers": rnd.missing,
         "workers": [{
             "file": p.name,
             "kept": f"{ledger_mod.ROUNDS_DIR}/r{n}/{p.name}",
@@ -445,10 +487,10 @@ def record_round(root, n, paths, models, digests, report, used, start_path, star
             **r,
             "dropped": not u,
             "accuracy": None,
-        } for p, m, digest, r, u in zip(paths, models, digests, report, used)],
-        "dropped": dropped,
+        } for p, m, digest, r, u in zip(paths, models, rnd.digests, rnd.report, rnd.used)],
+        "dropped": rnd.dropped,
         "outlier_rule": OUTLIER_RULE,
-        "samples": sum(m["samples"] for m, u in zip(models, used) if u),
+        "samples": sum(m["samples"] for m in rnd.kept[0]),
         "started_at": ledger_mod.iso(started),
         "aggregated_at": ledger_mod.iso(aggregated_at),
         "round_seconds": None if started is None else round(aggregated_at - started, 3),
@@ -512,25 +554,19 @@ def main(argv=None):
         start_path = root / ledger_mod.round_file(n - 1)
         start = read_start(start_path, models)
         report = worker_report(models, start, [p.name for p in paths])
-        used = [not (args.drop_outliers and r["outlier"]) for r in report]
-        dropped = [p.name for p, u in zip(paths, used) if not u]
+        rnd = Round(n, paths, models, digests, report, used=[not (args.drop_outliers and r["outlier"]) for r in report],
+                    expect=args.expect, min_workers=min_workers,
+                    start_digest=sha256_file(start_path) if start is not None else None)
+        dropped, missing = rnd.dropped, rnd.missing
         print_report([p.name for p in paths], [(m["samples"], r) for m, r in zip(models, report)], dropped)
         floor = min_workers if args.min_workers is not None else 1  # K given: the average needs K models
-        if sum(used) < floor:
-            raise AggregateError(f"--drop-outliers would leave {sum(used)} of {len(paths)} models, fewer than "
+        if sum(rnd.used) < floor:
+            raise AggregateError(f"--drop-outliers would leave {sum(rnd.used)} of {len(paths)} models, fewer than "
                                  f"{floor} (outliers: {', '.join(dropped)})")
-        kept_models = [m for m, u in zip(models, used) if u]
-        kept_paths = [p for p, u in zip(paths, used) if u]
-        missing = missing_names(paths, args.expect)
+        kept_models, kept_paths = rnd.kept
         averaged = fedavg(kept_models)
-        shortfall = args.expect - len(paths) if args.expect is not None else 0
-        extra = {"mlk_expected_workers": args.expect if args.expect is not None else len(paths),
-                 "mlk_missing": ",".join(missing) if missing else f"{shortfall} unnamed" if shortfall else "",
-                 "mlk_dropped": ",".join(dropped)}
-        write_aggregate(savefile, kept_paths[0], averaged, kept_models, kept_paths, extra)
-        record_round(root, n, paths, models, digests, report, used, start_path,
-                     sha256_file(start_path) if start is not None else None, args.expect, min_workers,
-                     missing, savefile, agg_started)
+        write_aggregate(savefile, kept_paths[0], averaged, kept_models, kept_paths, rnd.mlk_attrs())
+        record_round(root, rnd, savefile, agg_started)
     except (AggregateError, ledger_mod.LedgerError) as e:
         return error(PROG, e)
     total = sum(m["samples"] for m in kept_models)

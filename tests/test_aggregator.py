@@ -126,6 +126,25 @@ def test_expect_timeout_names_missing(workdir, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_round_derives_dropped_and_missing_once():
+    """aggregator.Round: what the aggregate's mlk_ attributes and the ledger entry both say about the inputs."""
+    models = [{"samples": s} for s in (10, 20, 30)]
+
+    def rnd(names, used=(True, True, True), expect=None):
+        return aggregator.Round(1, [Path(n) for n in names], models, ["d"] * 3, [{}] * 3, list(used), expect,
+                                min_workers=None, start_digest=None)
+
+    r = rnd(["0-model.h5", "2-model.h5", "3-model.h5"], used=(True, False, True), expect=5)
+    assert r.dropped == ["2-model.h5"] and r.missing == ["1-model.h5", "4-model.h5"] and r.shortfall == 2
+    assert r.kept == ([models[0], models[2]], [Path("0-model.h5"), Path("3-model.h5")])
+    assert r.mlk_attrs() == {"mlk_expected_workers": 5, "mlk_missing": "1-model.h5,4-model.h5",
+                             "mlk_dropped": "2-model.h5"}
+    r = rnd(["0-model.h5", "a.h5", "b.h5"], expect=4)  # not the {i}-model.h5 naming: only a count
+    assert r.missing == [] and r.mlk_attrs()["mlk_missing"] == "1 unnamed"
+    assert rnd(["a.h5", "b.h5", "c.h5"]).mlk_attrs() == {"mlk_expected_workers": 3, "mlk_missing": "",
+                                                         "mlk_dropped": ""}
+
+
 def refusal(tmp_path, capsys, argv=()):
     out = tmp_path / "agg.h5"
     rc, _, err = run(["--dir", tmp_path / "model", "--savefile", out, *argv], capsys)
