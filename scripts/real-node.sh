@@ -36,15 +36,15 @@
 #   GO [go on PATH if 1.26+, else Go 1.26.8 fetched once from the Go module proxy: scripts/fetch-go.py]
 set -euo pipefail
 
-# Pinned releases. The kubelet's version is the control plane's (read from scripts/local-cluster.sh).
-CONTAINERD_VERSION="v2.2.9"
-CRICTL_VERSION="v1.37.0"
-
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="real-node"
 SAY_TO_STDERR=1 # stdout is the summary line alone
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
+# The pinned releases: the control plane's KUBE_VERSION (the kubelet and kube-proxy are the same build),
+# ETCD_VERSION and KWOK_VERSION (its binaries' folder), CONTAINERD_VERSION, CRICTL_VERSION.
+# shellcheck source=scripts/versions.env
+source "$root/scripts/versions.env"
 
 verb="" kubeconfig_arg="" exclusive=0
 for arg in "$@"; do
@@ -73,11 +73,6 @@ source "$root/scripts/images.env"
 read -r -a stages <<<"${REAL_NODE_IMAGES-${IMAGES[*]}}"
 [[ "$node" =~ ^[a-z0-9][a-z0-9.-]{0,50}$ ]] || die "REAL_NODE_NAME must be a lower-case DNS name, got '$node'"
 if ! positive_int "$pv_count" || ((pv_count > 99)); then die "REAL_NODE_PVS must be a number from 1 to 99, got '$pv_count'"; fi
-
-# The control plane's pins, from its script, so that the kubelet is the same build.
-pin() { sed -n "s/^$1=\"\(.*\)\"$/\1/p" "$root/scripts/local-cluster.sh"; }
-KUBE_VERSION="$(pin KUBE_VERSION)" ETCD_VERSION="$(pin ETCD_VERSION)" KWOK_VERSION="$(pin KWOK_VERSION)"
-[[ -n "$KUBE_VERSION" && -n "$ETCD_VERSION" && -n "$KWOK_VERSION" ]] || die "cannot read the pinned versions from scripts/local-cluster.sh"
 kbin="$cache/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION" # the control plane's, and the kubelet
 cbin="$cache/bin/containerd-$CONTAINERD_VERSION"
 crictl_bin="$cache/bin/crictl-$CRICTL_VERSION/crictl"
@@ -204,12 +199,6 @@ build() {
 }
 
 # --- helpers ----------------------------------------------------------------------------------------
-kubectl_bin() {
-  local k="$root/.venv/bin/kubectl"
-  [[ -x "$k" ]] || k="$(command -v kubectl || true)"
-  [[ -n "$k" ]] || die "kubectl not found: run scripts/bootstrap.sh --dev (it installs kubectl into .venv)"
-  printf '%s' "$k"
-}
 k() { "$kubectl" --kubeconfig "$state/kubeconfig" --request-timeout=20s "$@"; }
 ctr_() { "$cbin/ctr" --address "$sock" --namespace k8s.io "$@"; }
 crictl_() {

@@ -34,6 +34,8 @@ NODE = os.environ.get("REAL_NODE_NAME", "real-node")
 CLASS = "local-rwx"
 SPLITTER = "localhost/mlk/splitter:0.1.0"
 SERVER = "localhost/mlk/server:0.1.0"
+# The control plane's pinned version (scripts/versions.env, which local-cluster.sh and real-node.sh source)
+KUBE_VERSION = re.search(r'^KUBE_VERSION="(.+)"$', (SCRIPTS / "versions.env").read_text(), re.M).group(1)
 
 
 MISSING_IMAGES = set()  # stages real-node.sh up found no image of in podman (scripts/build-images.sh)
@@ -155,7 +157,7 @@ def test_node_registers_and_is_ready(kubeconfig):
     sets) and keeps it Ready; the simulated kwok nodes are tainted so that workloads come here."""
     node = get_json(kubeconfig, "node", NODE)
     info = node["status"]["nodeInfo"]
-    assert info["kubeletVersion"] == "v1.36.3"
+    assert info["kubeletVersion"] == KUBE_VERSION
     assert re.match(r"containerd://2\.", info["containerRuntimeVersion"]), info
     labels = node["metadata"]["labels"]
     assert labels["kubernetes.io/os"] == "linux" and labels["kubernetes.io/arch"] == "amd64"
