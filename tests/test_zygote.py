@@ -1,6 +1,6 @@
-"""trainer/zygote.py: a program run in a fork of the server is the program run on its own (same weights, same
+"""scripts/zygote.py: a program run in a fork of the server is the program run on its own (same weights, same
 output and exit code, same errors); without a server it runs on its own; its process group and its client
-end it."""
+end it; its command line is argparse's (usage errors one line, exit 2)."""
 
 import os
 import signal
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ZYGOTE = ROOT / "trainer/zygote.py"
+ZYGOTE = ROOT / "scripts/zygote.py"
 TRAINER = ROOT / "trainer/trainer.py"
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
 
@@ -93,10 +93,35 @@ def test_only_the_programs_beside_it_run(server, tmp_path):
 
 
 def test_without_a_server_the_program_runs_on_its_own(shard, tmp_path):
-    done = run(tmp_path / "no-such-socket", *train_args(shard, tmp_path / "m.h5"))
+    # from another folder: the programs are found in ../trainer beside the script's own folder
+    done = run(tmp_path / "no-such-socket", *train_args(shard, tmp_path / "m.h5"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "m.h5").is_file()
     assert run(tmp_path / "no-such-socket", "trainer.py", "--epoch", "1").returncode == 2
+
+
+def zygote_cli(*args):
+    return subprocess.run([sys.executable, str(ZYGOTE), *map(str, args)], env=ENV, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["serve"], ["serve", "--socket"], ["run", "--socket", "s"],
+                                  ["run", "--", "trainer.py"], ["serve", "--socket", "s", "extra"]])
+def test_usage_errors_are_one_line_and_exit_2(argv):
+    done = zygote_cli(*argv)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("zygote.py") and ": error: " in done.stderr and done.stderr.count("\n") == 1, \
+        done.stderr
+
+
+def test_help_names_both_subcommands(tmp_path):
+    done = zygote_cli("--help")
+    assert done.returncode == 0 and "serve --socket PATH" in done.stdout
+    assert "run --socket PATH -- PROGRAM.py [ARGS...]" in done.stdout
+    assert "usage: zygote.py run --socket PATH -- PROGRAM.py" in zygote_cli("run", "--help").stdout
+    refused = zygote_cli("run", "--socket", tmp_path / "s", "--", "/bin/true")  # checked before any connect
+    assert refused.returncode == 2
+    assert refused.stderr == "zygote.py: error: can only run trainer.py, evaluate.py, not /bin/true\n"
 
 
 def forked_children(server_pid):

@@ -1,7 +1,7 @@
 """A fork server for the local pipeline's TensorFlow programs: TensorFlow is imported once, not by every run.
 
-    zygote.py serve --socket PATH                        # import Keras + TensorFlow, then fork per request
-    zygote.py run --socket PATH -- PROGRAM.py [ARGS...]  # run PROGRAM.py (trainer.py, evaluate.py) in a fork
+    scripts/zygote.py serve --socket PATH                        # import Keras + TensorFlow, then fork per request
+    scripts/zygote.py run --socket PATH -- PROGRAM.py [ARGS...]  # run PROGRAM.py (trainer.py, evaluate.py) in a fork
 
 Importing Keras and TensorFlow costs about 4 CPU-seconds, and the local quickstart runs a trainer per worker
 per round plus the accuracy test: ten imports on 2 cores. `serve` imports them once (no TensorFlow op runs,
@@ -10,9 +10,11 @@ stderr (passed over the unix socket), working directory, environment and process
 program's main(); the client exits with its exit code. The child is the program as if started afresh: it
 sets its own threads and seeds (same weights as a direct run, tested). Killing the client's process group
 stops the child too; a child whose client is gone stops itself. Without a server (no socket, refused, or it
-ends before forking) `run` simply executes PROGRAM.py itself. Only the programs beside this file are run.
+ends before forking) `run` simply executes PROGRAM.py itself. Only the trainer image's programs are run, from
+../trainer beside this script's folder. A development tool of scripts/local-quickstart.sh: in no image.
 """
 
+import argparse
 import json
 import os
 import signal
@@ -20,7 +22,12 @@ import socket
 import sys
 import threading
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# The programs it runs are the trainer image's; the server process imports them (and their mlk.py and
+# mlkcommon.py) from there, and this command line uses that mlkcommon's Parser (a usage error: one line, exit 2).
+TRAINER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trainer")
+sys.path.insert(0, TRAINER)
+from mlkcommon import Parser, parse_args  # noqa: E402
+
 PROGRAMS = ("trainer.py", "evaluate.py")
 PROG = "zygote.py"
 
@@ -52,7 +59,7 @@ def _child(conn, fds, request, modules):
         os.environ.clear()
         os.environ.update(request["env"])
         program = request["program"]
-        sys.argv = [os.path.join(HERE, program), *request["argv"]]
+        sys.argv = [os.path.join(TRAINER, program), *request["argv"]]
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
 
         def orphaned():  # the client sends nothing more: recv returns only when it is gone
@@ -87,7 +94,6 @@ def serve(path):
     finally:
         os.umask(old_umask)
     server.listen(64)  # clients may connect now; they wait in the backlog while the imports run
-    sys.path.insert(0, HERE)
     from mlk import import_keras
 
     import_keras()
@@ -121,14 +127,15 @@ def serve(path):
 
 
 def run(path, program, argv):
-    """Run program (a file beside this one) with argv in a fork of the server; exec it here without one."""
+    """Run program (trainer.py or evaluate.py, of ../trainer) with argv in a fork of the server; exec it here
+    without one."""
     name = os.path.basename(program)
     if name not in PROGRAMS:
         print(f"{PROG}: error: can only run {', '.join(PROGRAMS)}, not {program}", file=sys.stderr)
         return 2
 
     def by_itself():
-        os.execv(sys.executable, [sys.executable, os.path.join(HERE, name), *argv])
+        os.execv(sys.executable, [sys.executable, os.path.join(TRAINER, name), *argv])
 
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -148,20 +155,31 @@ def run(path, program, argv):
     return finished["exit"]
 
 
+def build_parser():
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="\n".join(__doc__.splitlines()[1:]))
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,run}")
+    serve_p = sub.add_parser("serve", help="import Keras + TensorFlow, then fork per request",
+                             description="import Keras + TensorFlow, then fork a child per `run` request")
+    serve_p.add_argument("--socket", required=True, metavar="PATH", help="the unix socket to listen on")
+    run_p = sub.add_parser("run", usage=f"{PROG} run --socket PATH -- PROGRAM.py [ARGS...]",
+                           help="run PROGRAM.py (trainer.py, evaluate.py) in a fork of the server",
+                           description="run PROGRAM.py (trainer.py, evaluate.py) in a fork of the server, or on its "
+                                       "own without one; exits with its exit code")
+    run_p.add_argument("--socket", required=True, metavar="PATH", help="the server's unix socket")
+    run_p.add_argument("program", metavar="PROGRAM.py", help="trainer.py or evaluate.py")
+    run_p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the program's own arguments")
+    return p
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    usage = f"usage: {PROG} serve --socket PATH | {PROG} run --socket PATH -- PROGRAM.py [ARGS...]"
-    if len(argv) == 3 and argv[0] == "serve" and argv[1] == "--socket":
-        serve(argv[2])
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
+        return args
+    if args.command == "serve":
+        serve(args.socket)
         return 0
-    if len(argv) >= 5 and argv[0] == "run" and argv[1] == "--socket" and argv[3] == "--":
-        return run(argv[2], argv[4], argv[5:])
-    if argv in (["-h"], ["--help"]):
-        print(usage)
-        print(__doc__)
-        return 0
-    print(f"{PROG}: error: {usage}", file=sys.stderr)
-    return 2
+    return run(args.socket, args.program, args.args)
 
 
 if __name__ == "__main__":
