@@ -149,38 +149,30 @@ go_arch() {
 }
 
 # The pod sandbox ("pause") image: Kubernetes' own pause.c from the k8s.io/kubernetes module, linked
-# statically, in an OCI image archive written here (one layer, no registry, no image builder).
+# statically, in an OCI image archive of one layer (scripts/real-node/oci_layout.py; no registry, no
+# image builder).
 pause_tag() { sed -n 's/^TAG ?= //p' "$GOMODCACHE/k8s.io/kubernetes@$KUBE_VERSION/build/pause/Makefile"; }
 pause_dir() { echo "$cache/bin/pause-$(pause_tag)-k8s-$KUBE_VERSION"; }
 build_pause() {
-  local src="$GOMODCACHE/k8s.io/kubernetes@$KUBE_VERSION/build/pause/linux/pause.c" dir work arch
+  local src="$GOMODCACHE/k8s.io/kubernetes@$KUBE_VERSION/build/pause/linux/pause.c" dir work
   [[ -f "$src" ]] || go_do "kubernetes module" "$go_cmd" mod download "k8s.io/kubernetes@$KUBE_VERSION"
   [[ -f "$src" ]] || die "no build/pause/linux/pause.c in the k8s.io/kubernetes@$KUBE_VERSION module"
   dir="$(pause_dir)"
   [[ -s "$dir/pause-oci.tar" ]] && return 0
   command -v gcc >/dev/null 2>&1 || die "gcc is needed for the pause image (Debian: apt-get install gcc libc6-dev)"
+  command -v python3 >/dev/null 2>&1 || die "python3 is needed for the pause image's OCI layout (Debian: apt-get install python3)"
   say "building the pause image $(pause_tag) from pause.c"
   work="$dir/.work"
   rm -rf "$work"
-  mkdir -p "$work/rootfs" "$work/oci/blobs/sha256"
+  mkdir -p "$work/rootfs"
   gcc -Os -Wall -Werror -static -DVERSION="v$(pause_tag)-mlk" -o "$work/rootfs/pause" "$src" >"$work/gcc.log" 2>&1 ||
     die "compiling pause.c failed (static glibc: Debian libc6-dev): $(head -n 1 "$work/gcc.log")"
   strip "$work/rootfs/pause" 2>/dev/null || true
-  arch="$(go_arch)"
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$work/rootfs" -cf "$work/layer.tar" pause
-  local layer layer_size config config_digest manifest manifest_digest
-  layer="$(sha256sum "$work/layer.tar" | cut -d' ' -f1)"
-  layer_size="$(stat -c %s "$work/layer.tar")"
-  mv "$work/layer.tar" "$work/oci/blobs/sha256/$layer"
-  config="{\"architecture\":\"$arch\",\"os\":\"linux\",\"config\":{\"User\":\"65535:65535\",\"Entrypoint\":[\"/pause\"]},\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$layer\"]}}"
-  config_digest="$(printf '%s' "$config" | sha256sum | cut -d' ' -f1)"
-  printf '%s' "$config" >"$work/oci/blobs/sha256/$config_digest"
-  manifest="{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:$config_digest\",\"size\":${#config}},\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"sha256:$layer\",\"size\":$layer_size}]}"
-  manifest_digest="$(printf '%s' "$manifest" | sha256sum | cut -d' ' -f1)"
-  printf '%s' "$manifest" >"$work/oci/blobs/sha256/$manifest_digest"
-  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"},"platform":{"architecture":"%s","os":"linux"}}]}' \
-    "$manifest_digest" "${#manifest}" "$(pause_image)" "$(pause_tag)" "$arch" >"$work/oci/index.json"
-  printf '{"imageLayoutVersion":"1.0.0"}' >"$work/oci/oci-layout"
+  # index.json, the manifest, the config and oci-layout, the layer moved in under its digest
+  python3 "$root/scripts/real-node/oci_layout.py" --layer "$work/layer.tar" --arch "$(go_arch)" \
+    --name "$(pause_image)" --ref "$(pause_tag)" --user 65535:65535 --entrypoint /pause "$work/oci" >/dev/null ||
+    die "writing the pause image's OCI layout failed (scripts/real-node/oci_layout.py, above)"
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$work/oci" -cf "$dir/pause-oci.tar.tmp" oci-layout index.json blobs
   mv "$dir/pause-oci.tar.tmp" "$dir/pause-oci.tar"
   rm -rf "$work"

@@ -10,11 +10,15 @@ already running. REAL_NODE_KUBECONFIG=<file> uses that cluster instead of starti
 whose kwok-controller manages every node, or whose apiserver reaches kubelets by host name, cannot
 carry a real node (docs/real-node.md): real-node.sh refuses it, naming the setting, and the tests fail."""
 
+import hashlib
+import io
 import json
 import os
 import re
 import socket
 import subprocess
+import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -148,6 +152,83 @@ def wait_pod(kubeconfig, namespace, name, phase=("Succeeded",), timeout=180):
                      namespace=namespace, check=False).stdout
     logs = kubectl(kubeconfig, "logs", name, namespace=namespace, check=False)
     pytest.fail(f"pod {name}: {json.dumps(obj['status'])[:2000]}\nevents:\n{events}\nlogs:\n{logs.stdout}{logs.stderr}")
+
+
+# --- 0. the pause image's OCI layout (no cluster, no node) ------------------------------------------
+
+def run_oci_layout(tmp_path, layer_bytes, *extra):
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(layer_bytes)
+    out = tmp_path / "oci"
+    proc = subprocess.run([sys.executable, SCRIPTS / "real-node" / "oci_layout.py", "--layer", layer,
+                           "--arch", "amd64", "--name", "localhost/mlk/pause:3.10.2", "--ref", "3.10.2", *extra, out],
+                          capture_output=True, text=True, timeout=60)
+    return proc, layer, out
+
+
+def test_oci_layout_blobs_are_named_and_sized_by_their_content(tmp_path):
+    """scripts/real-node/oci_layout.py (real-node.sh build's pause image): every descriptor's digest and
+    size are those of the blob it names, the config's diff_id is the (uncompressed) layer's digest, the
+    index names the image for containerd; the JSON is compact, so one layer gives one set of digests.
+    Needs no cluster (the module's cluster marker notwithstanding): it runs the tool on a tar made here."""
+    body = b"#!/bin/sh\nexec sleep infinity\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("pause")
+        info.size, info.mode = len(body), 0o755
+        tar.addfile(info, io.BytesIO(body))
+    layer_bytes = buf.getvalue()
+    proc, layer, out = run_oci_layout(tmp_path, layer_bytes)
+    assert proc.returncode == 0, proc.stderr
+    assert not layer.exists()  # moved into the layout, not copied
+
+    blobs = out / "blobs" / "sha256"
+    for blob in blobs.iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+
+    def resolve(descriptor):
+        algorithm, digest = descriptor["digest"].split(":")
+        data = (blobs / digest).read_bytes()
+        assert algorithm == "sha256" and descriptor["size"] == len(data), descriptor
+        return data
+
+    assert json.loads((out / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    index = json.loads((out / "index.json").read_text())
+    assert index["schemaVersion"] == 2 and index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    [entry] = index["manifests"]
+    assert entry["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert entry["annotations"] == {"io.containerd.image.name": "localhost/mlk/pause:3.10.2",
+                                    "org.opencontainers.image.ref.name": "3.10.2"}
+    assert entry["platform"] == {"architecture": "amd64", "os": "linux"}
+    assert proc.stdout.strip() == entry["digest"]
+    manifest_bytes = resolve(entry)
+    manifest = json.loads(manifest_bytes)
+    assert manifest_bytes == json.dumps(manifest, separators=(",", ":")).encode()
+    assert manifest["schemaVersion"] == 2 and manifest["mediaType"] == entry["mediaType"]
+    assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    config = json.loads(resolve(manifest["config"]))
+    [layer_descriptor] = manifest["layers"]
+    assert layer_descriptor["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+    assert resolve(layer_descriptor) == layer_bytes
+    assert layer_descriptor["digest"] == f"sha256:{hashlib.sha256(layer_bytes).hexdigest()}"
+    assert config == {"architecture": "amd64", "os": "linux",
+                      "config": {"User": "65535:65535", "Entrypoint": ["/pause"]},
+                      "rootfs": {"type": "layers", "diff_ids": [layer_descriptor["digest"]]}}
+    assert sorted(p.name for p in blobs.iterdir()) == sorted(
+        d["digest"].split(":")[1] for d in (entry, manifest["config"], layer_descriptor))
+
+    (tmp_path / "again").mkdir()
+    again, _, _ = run_oci_layout(tmp_path / "again", layer_bytes)
+    assert again.returncode == 0 and again.stdout == proc.stdout  # the same layer, the same digests
+
+
+def test_oci_layout_without_its_layer_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPTS / "real-node" / "oci_layout.py", "--layer", tmp_path / "none.tar",
+                           "--arch", "amd64", "--name", "x/pause:1", "--ref", "1", tmp_path / "oci"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"oci_layout.py: no layer file {tmp_path / 'none.tar'}"]
+    assert not (tmp_path / "oci").exists()
 
 
 # --- 1. the node ------------------------------------------------------------------------------------
