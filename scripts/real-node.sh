@@ -46,45 +46,52 @@ source "$root/scripts/lib.sh"
 # shellcheck source=scripts/versions.env
 source "$root/scripts/versions.env"
 
-verb="" kubeconfig_arg="" exclusive=0
-for arg in "$@"; do
-  case "$arg" in
-    -h | --help) usage; exit 0 ;;
-    --exclusive) exclusive=1 ;;
-    up | down | build)
-      [[ -z "$verb" ]] || { echo "$me: one verb only (up, down, build)" >&2; exit 2; }
-      verb="$arg" ;;
-    -*) unknown_argument "$arg" ;;
-    *)
-      [[ "$verb" == up && -z "$kubeconfig_arg" ]] || unknown_argument "$arg"
-      kubeconfig_arg="$arg" ;;
-  esac
-done
-[[ -n "$verb" ]] || { echo "$me: say up KUBECONFIG, down or build (try --help)" >&2; exit 2; }
-[[ "$verb" != up || -n "$kubeconfig_arg" ]] || { echo "$me: up needs the cluster's KUBECONFIG file" >&2; exit 2; }
-((exclusive == 0)) || [[ "$verb" == up ]] || { echo "$me: --exclusive goes with up" >&2; exit 2; }
-
-cache="${LOCAL_CLUSTER_CACHE:-$root/.cache/local-cluster}"
-node="${REAL_NODE_NAME:-real-node}"
-pod_cidr="${REAL_NODE_POD_CIDR:-10.85.0.0/24}"
-pv_count="${REAL_NODE_PVS:-4}"
-# shellcheck source=scripts/images.env disable=SC1091
-source "$root/scripts/images.env"
-read -r -a stages <<<"${REAL_NODE_IMAGES-${IMAGES[*]}}"
-[[ "$node" =~ ^[a-z0-9][a-z0-9.-]{0,50}$ ]] || die "REAL_NODE_NAME must be a lower-case DNS name, got '$node'"
-if ! positive_int "$pv_count" || ((pv_count > 99)); then die "REAL_NODE_PVS must be a number from 1 to 99, got '$pv_count'"; fi
-kbin="$cache/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION" # the control plane's, and the kubelet
-cbin="$cache/bin/containerd-$CONTAINERD_VERSION"
-crictl_bin="$cache/bin/crictl-$CRICTL_VERSION/crictl"
-state="$cache/real-node"
-sock="$state/containerd/containerd.sock"
 bridge="mlkcni0"
 class="local-rwx"
-cgroup_name="mlk-$node"
 pv_label="mlk.local/real-node"
 taint="mlk.local/simulated"
-nfs_python="${MLK_NFS_PYTHON:-$root/.venv/bin/python}"
 default_class_annotation="storageclass.kubernetes.io/is-default-class"
+
+# --- arguments and settings -------------------------------------------------------------------------
+parse_args() { # sets verb, kubeconfig_arg, exclusive; a usage mistake: one line, exit 2
+  verb="" kubeconfig_arg="" exclusive=0
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      -h | --help) usage; exit 0 ;;
+      --exclusive) exclusive=1 ;;
+      up | down | build)
+        [[ -z "$verb" ]] || { echo "$me: one verb only (up, down, build)" >&2; exit 2; }
+        verb="$arg" ;;
+      -*) unknown_argument "$arg" ;;
+      *)
+        [[ "$verb" == up && -z "$kubeconfig_arg" ]] || unknown_argument "$arg"
+        kubeconfig_arg="$arg" ;;
+    esac
+  done
+  [[ -n "$verb" ]] || { echo "$me: say up KUBECONFIG, down or build (try --help)" >&2; exit 2; }
+  [[ "$verb" != up || -n "$kubeconfig_arg" ]] || { echo "$me: up needs the cluster's KUBECONFIG file" >&2; exit 2; }
+  ((exclusive == 0)) || [[ "$verb" == up ]] || { echo "$me: --exclusive goes with up" >&2; exit 2; }
+}
+
+settings() { # the environment's settings (checked) and the paths of the build cache and the node's state
+  cache="${LOCAL_CLUSTER_CACHE:-$root/.cache/local-cluster}"
+  node="${REAL_NODE_NAME:-real-node}"
+  pod_cidr="${REAL_NODE_POD_CIDR:-10.85.0.0/24}"
+  pv_count="${REAL_NODE_PVS:-4}"
+  # shellcheck source=scripts/images.env disable=SC1091
+  source "$root/scripts/images.env"
+  read -r -a stages <<<"${REAL_NODE_IMAGES-${IMAGES[*]}}"
+  [[ "$node" =~ ^[a-z0-9][a-z0-9.-]{0,50}$ ]] || die "REAL_NODE_NAME must be a lower-case DNS name, got '$node'"
+  if ! positive_int "$pv_count" || ((pv_count > 99)); then die "REAL_NODE_PVS must be a number from 1 to 99, got '$pv_count'"; fi
+  kbin="$cache/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION" # the control plane's, and the kubelet
+  cbin="$cache/bin/containerd-$CONTAINERD_VERSION"
+  crictl_bin="$cache/bin/crictl-$CRICTL_VERSION/crictl"
+  state="$cache/real-node"
+  sock="$state/containerd/containerd.sock"
+  cgroup_name="mlk-$node"
+  nfs_python="${MLK_NFS_PYTHON:-$root/.venv/bin/python}"
+}
 
 # --- build ------------------------------------------------------------------------------------------
 
@@ -227,7 +234,6 @@ stop_pid() { # stop_pid PIDFILE NAME: TERM, then KILL after 20 s
   fi
   rm -f "$pidfile"
 }
-
 
 # The CIDR's network and first address; refuses one that overlaps a route of another interface.
 check_cidr() {
@@ -622,71 +628,71 @@ simulated_nodes() {
 }
 
 # --- verbs ------------------------------------------------------------------------------------------
-up() {
+# The cluster of KUBECONFIG answers (its path made absolute; kubectl found).
+check_cluster() {
   [[ -f "$kubeconfig_arg" ]] || die "no such KUBECONFIG file: $kubeconfig_arg"
   kubeconfig_arg="$(readlink -f "$kubeconfig_arg")"
   kubectl="$(kubectl_bin)"
   "$kubectl" --kubeconfig "$kubeconfig_arg" --request-timeout=10s get --raw=/readyz >/dev/null 2>&1 ||
     die "the cluster of $kubeconfig_arg does not answer"
+}
+
+taint_simulated_nodes() { # --exclusive: workloads land on the real node
+  local n tainted=()
+  for n in $(simulated_nodes); do
+    k taint nodes "$n" "$taint=true:NoSchedule" --overwrite >/dev/null && tainted+=("$n")
+  done
+  say "tainted the simulated nodes $taint=true:NoSchedule: ${tainted[*]:-none}"
+}
+
+up() {
+  check_cluster
   check_kwok_cluster
   check_cidr
   preflight
-  local t0=$SECONDS
+  local t0=$SECONDS t1 t2 since
   build
-  local t1=$SECONDS
+  t1=$SECONDS
   mkdir -p "$state/logs" "$state/volumes"
   write_containerd_config
   setup_network
   setup_cgroups
   start_containerd
   import_images
-  local t2=$SECONDS
+  t2=$SECONDS
   write_kubelet_config
-  local since
   since="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   start_kubelet
   ((kubelet_started)) || since=""
   wait_ready "$since"
   start_kube_proxy
   apply_storage
-  if ((exclusive)); then
-    local n tainted=()
-    for n in $(simulated_nodes); do
-      k taint nodes "$n" "$taint=true:NoSchedule" --overwrite >/dev/null && tainted+=("$n")
-    done
-    say "tainted the simulated nodes $taint=true:NoSchedule: ${tainted[*]:-none}"
-  fi
+  ((exclusive == 0)) || taint_simulated_nodes
   say "done: build $((t1 - t0)) s, containerd and images $((t2 - t1)) s, kubelet to Ready $((SECONDS - t2)) s"
   echo "$me: node $node Ready (kubelet $KUBE_VERSION, containerd $CONTAINERD_VERSION, runc $("$runc" --version | awk 'NR == 1 {print $3}'), kube-proxy nftables), pods $pod_net, default StorageClass $class with $pv_count volumes, NFS mounts through FUSE, $images_summary; logs in $state/logs"
 }
 
-down() {
-  [[ $(id -u) -eq 0 ]] || die "needs root"
-  if [[ ! -d "$state" ]]; then say "no node state in $state (nothing to do)"; return 0; fi
-  [[ -f "$state/node-name" ]] && node="$(cat "$state/node-name")"
-  cgroup_name="mlk-$node"
-  kubectl="$(kubectl_bin)"
-  local api=0 n
-  if [[ -f "$state/kubeconfig" ]] && k get --raw=/readyz >/dev/null 2>&1; then api=1; fi
-  if ((api)) && k get node "$node" >/dev/null 2>&1; then
-    say "draining $node"
-    for n in $(k get nodes -o jsonpath="{range .items[?(@.spec.taints[*].key==\"$taint\")]}{.metadata.name} {end}"); do
-      k taint nodes "$n" "$taint-" >/dev/null 2>&1 || true
-    done
-    k cordon "$node" >/dev/null 2>&1 || true
-    k delete pods --all-namespaces --field-selector "spec.nodeName=$node" --grace-period=5 --timeout=60s >/dev/null 2>&1 || true
-  fi
-  stop_pid "$state/kubelet.pid" kubelet
-  stop_pid "$state/kube-proxy.pid" kube-proxy
-  if [[ -x "$kbin/kube-proxy" ]]; then "$kbin/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
-  if ((api)); then
-    k delete node "$node" --ignore-not-found --wait=false >/dev/null 2>&1 || true
-    k delete pv -l "$pv_label=true" --ignore-not-found --wait=false >/dev/null 2>&1 || true
-    restore_default_class
-    k delete storageclass "$class" --ignore-not-found >/dev/null 2>&1 || true
-  fi
-  # Pods the kubelet left: their sandboxes through the CRI (which releases their network), then
-  # containerd; then any shim or container still there.
+drain_node() { # untaint the simulated nodes, cordon the node and delete its pods
+  local n
+  k get node "$node" >/dev/null 2>&1 || return 0
+  say "draining $node"
+  for n in $(k get nodes -o jsonpath="{range .items[?(@.spec.taints[*].key==\"$taint\")]}{.metadata.name} {end}"); do
+    k taint nodes "$n" "$taint-" >/dev/null 2>&1 || true
+  done
+  k cordon "$node" >/dev/null 2>&1 || true
+  k delete pods --all-namespaces --field-selector "spec.nodeName=$node" --grace-period=5 --timeout=60s >/dev/null 2>&1 || true
+}
+
+delete_node_objects() { # the Node, its PersistentVolumes and StorageClass; the earlier default class back
+  k delete node "$node" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  k delete pv -l "$pv_label=true" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  restore_default_class
+  k delete storageclass "$class" --ignore-not-found >/dev/null 2>&1 || true
+}
+
+# Pods the kubelet left: their sandboxes through the CRI (which releases their network), then
+# containerd; then any shim or container still there.
+stop_pods_and_containerd() {
   if alive "$state/containerd.pid" && [[ -x "$crictl_bin" ]]; then
     crictl_ rmp --all --force >/dev/null 2>&1 || say "crictl rmp failed: stopping the containers with runc"
   fi
@@ -700,7 +706,12 @@ down() {
   for f in "$state"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid; do
     [[ -f "$f" ]] && stop_pid "$f" "containerd-shim ($(basename "$(dirname "$f")"))"
   done
-  # Mounts under the state folder (sandbox netns, volumes, tmpfs of projected volumes), deepest first.
+  return 0
+}
+
+# Mounts under the state folder (sandbox netns, volumes, tmpfs of projected volumes), deepest first;
+# then the pods' and the volumes' folders, unless a mount is still there.
+unmount_state() {
   local m left
   while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
@@ -713,6 +724,10 @@ down() {
   else
     say "$left mounts under $state are still there: kept the kubelet's and the volumes' folders"
   fi
+}
+
+remove_network_and_cgroups() {
+  local m
   if ip link show "$bridge" >/dev/null 2>&1; then ip link delete "$bridge"; fi
   while read -r m; do
     if [[ -d "$m/$cgroup_name" ]]; then find "$m/$cgroup_name" -depth -type d -exec rmdir {} + 2>/dev/null || true; fi
@@ -721,12 +736,36 @@ down() {
   # (/run/containerd/s) and CNI's result cache; left only if something else uses them.
   rm -f /var/lib/cni/results/mlk-real-node-*
   rmdir /run/containerd/s /run/containerd /var/lib/cni/results /var/lib/cni 2>/dev/null || true
+}
+
+down() {
+  [[ $(id -u) -eq 0 ]] || die "needs root"
+  if [[ ! -d "$state" ]]; then say "no node state in $state (nothing to do)"; return 0; fi
+  if [[ -f "$state/node-name" ]]; then node="$(cat "$state/node-name")"; fi
+  cgroup_name="mlk-$node"
+  kubectl="$(kubectl_bin)"
+  local api=0
+  if [[ -f "$state/kubeconfig" ]] && k get --raw=/readyz >/dev/null 2>&1; then api=1; fi
+  ((api == 0)) || drain_node
+  stop_pid "$state/kubelet.pid" kubelet
+  stop_pid "$state/kube-proxy.pid" kube-proxy
+  if [[ -x "$kbin/kube-proxy" ]]; then "$kbin/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
+  ((api == 0)) || delete_node_objects
+  stop_pods_and_containerd
+  unmount_state
+  remove_network_and_cgroups
   rm -f "$state/kubeconfig" "$state/kube-proxy.kubeconfig" "$state/node-name"
   say "node $node down (images kept in $state/containerd/root)"
 }
 
-case "$verb" in
-  build) build ;;
-  up) up ;;
-  down) down ;;
-esac
+main() {
+  parse_args "$@"
+  settings
+  case "$verb" in
+    build) build ;;
+    up) up ;;
+    down) down ;;
+  esac
+}
+
+main "$@"
