@@ -83,15 +83,14 @@ finish() { # finish NAME: record and print how long the stage took
 }
 run_started="$(now_ms)"
 
-# --- children: every trainer runs in its own process group so it can be stopped as a whole ----
+# --- children: the round loop and the fork server run in their own process groups, so they can be
+# stopped as a whole (the round loop stops its trainers when it is stopped) --------------------
 set -m
-pids=()
-stop_children() {
-  local pid
-  for pid in "${pids[@]}"; do
-    kill -TERM -- "-$pid" 2>/dev/null || true
-  done
-  pids=()
+rounds_pid=""
+# shellcheck disable=SC2317  # called by the EXIT trap
+stop_rounds() {
+  [[ -z "$rounds_pid" ]] || kill -TERM -- "-$rounds_pid" 2>/dev/null || true
+  rounds_pid=""
 }
 zygote_pid=""
 zygote_dir=""
@@ -101,7 +100,7 @@ stop_zygote() {
   zygote_pid=""
   zygote_dir=""
 }
-trap 'stop_children; stop_zygote' EXIT
+trap 'stop_rounds; stop_zygote' EXIT
 trap 'printf "\n%s: interrupted; stopping trainers\n" "$me" >&2; exit 130' INT TERM
 
 # run_logged STAGE LOG CMD...: run a stage, show its output and keep it in LOG
@@ -143,12 +142,12 @@ threads=$(((2 * cores + WORKER_NUMBER - 1) / WORKER_NUMBER))
 ((threads >= 1)) || threads=1
 say "$cores cores: $WORKER_NUMBER trainers with $threads TensorFlow thread(s) each"
 # The trainers and the accuracy test run as forks of one process that has imported TensorFlow already
-# (trainer/zygote.py): about 4 CPU-seconds saved per run of them, ten runs at the defaults. Without it
+# (scripts/zygote.py): about 4 CPU-seconds saved per run of them, ten runs at the defaults. Without it
 # (it failed to start), each program simply starts on its own.
 zygote_dir="$(mktemp -d "${TMPDIR:-/tmp}/mlk-zygote.XXXXXX")" || fail setup "cannot create a temporary directory"
-"$py" "$root/trainer/zygote.py" serve --socket "$zygote_dir/socket" </dev/null >"$work/logs/zygote.log" 2>&1 &
+"$py" "$root/scripts/zygote.py" serve --socket "$zygote_dir/socket" </dev/null >"$work/logs/zygote.log" 2>&1 &
 zygote_pid=$!
-tf_program=("$py" "$root/trainer/zygote.py" run --socket "$zygote_dir/socket" --)
+tf_program=("$py" "$root/scripts/zygote.py" run --socket "$zygote_dir/socket" --)
 first_round=1
 if [[ "$RESUME" == 1 ]]; then
   # Verify every sha256 in the ledger, then put the last complete round's aggregate back in place.
@@ -172,85 +171,26 @@ run_logged split "$work/logs/split.log" \
 finish split
 
 # --- rounds of parallel training + aggregation ------------------------------------------------
-train_worker() { # train_worker ROUND INDEX: one trainer, its lines logged and shown with a prefix
-  local round="$1" i="$2"
-  local init=(--save-init "$work/rounds/r0.h5") # round 1's common start, for the per-worker report
-  ((round == 1)) || init=(--init-model "$work/aggregated-model.h5")
-  "${tf_program[@]}" trainer.py --data "$work/data/$i.npz" --epoch "$EPOCH" --batch "$BATCH" \
-    --savemodel "$work/model/$i-model.h5" --threads "$threads" "${init[@]}" </dev/null 2>&1 |
-    tee "$work/logs/round-$round-worker-$i.log" | sed -u "s/^/[worker $i] /"
-}
-
-for ((round = first_round; round <= ROUNDS; round++)); do
-  stage="train (round $round/$ROUNDS)"
-  begin "$stage"
-  # The aggregator averages every *.h5 in model/, so the directory holds this round's models only.
-  find "$work/model" -mindepth 1 -delete
-  declare -A worker_of=()
-  for ((i = 0; i < WORKER_NUMBER; i++)); do
-    train_worker "$round" "$i" &
-    pids+=("$!")
-    worker_of[$!]="$i"
-  done
-  # The round deadline is a sleep among the waited-for processes: when it ends first, time is up.
-  watchdog=""
-  if [[ -n "$ROUND_DEADLINE" ]]; then
-    sleep "$ROUND_DEADLINE" &
-    watchdog="$!"
-    pids+=("$watchdog")
-  fi
-  done_workers=0
-  lost=0
-  while ((${#pids[@]} > (${#watchdog} ? 1 : 0))); do
-    rc=0
-    finished=""
-    wait -n -p finished "${pids[@]}" || rc=$?
-    [[ -n "$finished" ]] || fail "$stage" "lost track of the trainer processes (wait returned $rc)"
-    remaining=()
-    for pid in "${pids[@]}"; do [[ "$pid" == "$finished" ]] || remaining+=("$pid"); done
-    pids=("${remaining[@]}")
-    if [[ "$finished" == "$watchdog" ]]; then
-      watchdog=""
-      late=$((${#pids[@]}))
-      warn "round $round: the round deadline (${ROUND_DEADLINE}s) passed with $late worker(s) still training: stopping them"
-      lost=$((lost + late))
-      stop_children
-      break
-    fi
-    i="${worker_of[$finished]}"
-    if ((rc != 0)); then
-      log="$work/logs/round-$round-worker-$i.log"
-      {
-        printf '%s: worker %s exited with code %s; last lines of %s:\n' "$me" "$i" "$rc" "$log"
-        tail -n 15 "$log" | sed 's/^/    /'
-      } >&2
-      lost=$((lost + 1))
-      if ((WORKER_NUMBER - lost < MIN_WORKERS)); then
-        stop_children
-        fail "$stage" "worker $i exited with code $rc (log: $log)"
-      fi
-      warn "round $round: worker $i is lost; the round goes on ($((WORKER_NUMBER - lost)) left, MIN_WORKERS=$MIN_WORKERS)"
-      continue
-    fi
-    done_workers=$((done_workers + 1))
-    say "worker $i finished round $round"
-  done
-  [[ -z "$watchdog" ]] || { kill "$watchdog" 2>/dev/null || true; wait "$watchdog" 2>/dev/null || true; pids=(); }
-  unset worker_of
-  ((done_workers >= MIN_WORKERS)) ||
-    fail "$stage" "only $done_workers of $WORKER_NUMBER workers finished by the round deadline, fewer than MIN_WORKERS=$MIN_WORKERS"
-  finish "$stage"
-
-  stage="aggregate (round $round/$ROUNDS)"
-  begin "$stage"
-  # Every trainer has ended, so no model is still to come: the aggregator's deadline is now.
-  k_of_n=()
-  ((MIN_WORKERS == WORKER_NUMBER)) || k_of_n=(--min-workers "$MIN_WORKERS" --deadline 0 --timeout 0)
-  run_logged "$stage" "$work/logs/round-$round-aggregate.log" \
-    "$py" "$root/aggregator/aggregator.py" --dir "$work/model" --savefile "$work/aggregated-model.h5" \
-    --expect "$WORKER_NUMBER" "${k_of_n[@]}"
-  finish "$stage"
-done
+# The round loop and its rules (K of N, the round deadline, lost and late workers) are scripts/rounds.py's;
+# it runs the trainers as processes, each in its own process group, and prints each stage as this script does.
+timings="$work/logs/round-timings.tsv"
+k_of_n=()
+((MIN_WORKERS == WORKER_NUMBER)) || k_of_n=(--min-workers "$MIN_WORKERS")
+[[ -z "$ROUND_DEADLINE" ]] || k_of_n+=(--deadline "$ROUND_DEADLINE")
+if ((first_round <= ROUNDS)); then
+  "$py" "$root/scripts/rounds.py" local --work "$work" --workers "$WORKER_NUMBER" --epoch "$EPOCH" \
+    --batch "$BATCH" --rounds "$ROUNDS" --first-round "$first_round" --threads "$threads" --python "$py" \
+    --me "$me" --timings "$timings" "${k_of_n[@]}" -- "${tf_program[@]}" </dev/null &
+  rounds_pid=$!
+  rc=0
+  wait "$rounds_pid" || rc=$?
+  rounds_pid=""
+  ((rc == 0)) || exit "$rc" # rounds.py named the stage and the reason
+  while IFS=$'\t' read -r name ms; do
+    stage_names+=("$name")
+    stage_ms+=("$ms")
+  done <"$timings"
+fi
 
 # --- accuracy test ----------------------------------------------------------------------------
 begin evaluate
