@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Write the sample images of the demo page from MNIST test digits (true digit in each file name).
 
-    .venv/bin/python scripts/make-samples.py --out samples [--dataset mnist.npz] [--seed 7]
+    .venv/bin/python scripts/make-samples.py --out server/static/samples [--dataset mnist.npz] [--seed 7]
 
 Without --dataset: $MNIST_NPZ, else ../shared/datasets/mnist.npz, else the splitter's cached download.
 
 MNIST-style: 4.png, 6.png (white digit on black, 28x28, like the original's samples).
 Photo-like: photo-<digit>.jpg (dark ink on uneven light paper, off-centre, scaled up, noisy JPEG).
-The same files are copied to server/static/samples/ so the page (whose image holds server/ only)
-can link them. `photo_like()` is also used by benchmarks/benchmark-server.py.
+They live in one folder, server/static/samples/, because the page links them and the server image's build
+context is server/ only; the top-level samples/ is a relative symlink to it (`--out samples` writes there
+too). `photo_like()` is also used by benchmarks/benchmark-server.py.
 
 STYLES holds the upload styles the benchmarks and tests make from MNIST digits, each
 `style(digit uint8 (28, 28), numpy Generator) -> encoded image bytes`:
@@ -25,7 +26,6 @@ atomic writes come from common/mlkcommon.py, imported from there (this script is
 
 import importlib.util
 import io
-import shutil
 import sys
 from pathlib import Path
 
@@ -43,11 +43,10 @@ PHOTO_DIGITS = (2, 3, 7)
 
 def build_parser():
     parser = Parser(prog=PROG, description="Write MNIST-style and photo-like sample digits.")
-    parser.add_argument("--out", required=True, help="output folder (the repository's: samples)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (the repository's: server/static/samples, which samples/ links to)")
     parser.add_argument("--dataset", help="mnist.npz with x_test, y_test (default: $MNIST_NPZ, else "
                         "../shared/datasets/mnist.npz, else the splitter's cached download)")
-    parser.add_argument("--static", default=str(ROOT / "server/static/samples"),
-                        help="copy the samples here too ('' to skip; default server/static/samples)")
     parser.add_argument("--seed", type=int_at_least(0), default=7, help="seed of the photo-like noise (default 7)")
     return parser
 
@@ -259,12 +258,6 @@ def main(argv=None) -> int:
     for path, data in written:
         write_bytes_atomic(path, data)
         print(f"wrote {path} ({len(data)} bytes)")
-    if args.static:
-        static = Path(args.static)
-        static.mkdir(parents=True, exist_ok=True)
-        for path, _ in written:
-            shutil.copyfile(path, static / path.name)
-        print(f"copied to {static}")
     return 0
 
 
