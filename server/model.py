@@ -185,12 +185,14 @@ class ModelHolder:
     and the request goes on with the current model. server.py's workers are gunicorn `sync` workers, one
     request at a time: a request that loaded the model would hold its whole worker for the load and the
     gate, /readyz and /healthz included. The first model is always loaded by the request that needs it.
-    With a gate that keeps its decisions (gate.py, --gate-state) the first model is the one the gate restores,
-    if any; the file is then a candidate like any replaced file.
+    gate: gate.py's Gate (--gate-data), which decides whether a replaced file is served (Gate.choose); None:
+    every file that loads is served. With a gate that keeps its decisions (--gate-state) the first model is the
+    one the gate restores, if any; the file is then a candidate like any replaced file.
     """
 
-    def __init__(self, path, check_interval=CHECK_INTERVAL, background=False):
+    def __init__(self, path, check_interval=CHECK_INTERVAL, background=False, gate=None):
         self.path = path
+        self.gate = gate
         self.check_interval = check_interval
         self.background = background
         self.current = None
@@ -222,7 +224,7 @@ class ModelHolder:
         if not self._loading.acquire(blocking=False):
             return
         try:
-            gate = getattr(self, "gate", None)  # gate.py's Gate, set by create_app with --gate-data
+            gate = self.gate
             if self.current is None and not self._restore_tried and gate is not None and gate.state is not None:
                 self._restore_tried = True  # once: later, the gate consults its record at every decision
                 self._restore(gate)
