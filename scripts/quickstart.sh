@@ -43,7 +43,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="quickstart"
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
-no_arguments "$@"
 
 fail() { # fail STAGE MESSAGE...: one line naming the stage, exit 1
   local stage="$1"
@@ -78,45 +77,50 @@ MOUNT_GRACE="${MOUNT_GRACE:-120}"
 EXTERNAL_IP_TIMEOUT="${EXTERNAL_IP_TIMEOUT:-600}"
 LB_DETECT_TIMEOUT="${LB_DETECT_TIMEOUT:-60}"
 POLL="${POLL:-5}"
-read -ra kubectl_cmd <<<"${KUBECTL:-kubectl}"
-((${#kubectl_cmd[@]})) || fail config "KUBECTL must not be empty"
 
-for name in WORKER_NUMBER EPOCH BATCH ROUNDS ROUND_DEADLINE NFS_TIMEOUT JOB_TIMEOUT SERVER_TIMEOUT PVC_TIMEOUT \
-  UNSCHEDULABLE_TIMEOUT EXTERNAL_IP_TIMEOUT LB_DETECT_TIMEOUT; do
-  positive_int "${!name}" || fail config "$name must be a positive integer, got '${!name}'"
-done
-for name in PULL_GRACE MOUNT_GRACE; do
-  [[ "${!name}" =~ ^[0-9]{1,6}$ ]] || fail config "$name must be a whole number of seconds, got '${!name}'"
-done
-# Events older than this run (they live an hour; a ReplicaSet or a claim keeps its UID across re-runs)
-# say nothing about it.
-run_started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-min_workers="$(min_workers_count "$MIN_WORKERS" "$WORKER_NUMBER")" ||
-  fail config "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1 (e.g. 0.67), got '$MIN_WORKERS'"
-((min_workers <= WORKER_NUMBER)) || fail config "MIN_WORKERS=$MIN_WORKERS is more than WORKER_NUMBER=$WORKER_NUMBER"
-[[ "$RESUME" == 0 || "$RESUME" == 1 ]] || fail config "RESUME must be 0 or 1, got '$RESUME'"
-[[ "$POLL" =~ ^[0-9]{1,4}$ ]] || fail config "POLL must be a number of seconds, got '$POLL'"
-[[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
-case "$SERVICE_TYPE" in
-  LoadBalancer | NodePort | ClusterIP) ;;
-  *) fail config "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
-esac
-case "$NFS_BACKEND" in
-  pvc) nfs_manifest="$root/manifests/variants/1-nfs-deployment-pvc.yaml" ;;
-  gce)
-    nfs_manifest="$root/manifests/1-nfs-deployment.yaml"
-    [[ -n "$GCE_PROJECT" && -n "$GCE_DISK_ZONE" ]] ||
-      fail config "NFS_BACKEND=gce needs GCE_PROJECT and GCE_DISK_ZONE, the project and zone of the disk ml-kube-disk (gcloud compute disks list)"
-    ;;
-  rwx)
-    [[ -n "$STORAGE_CLASS" ]] || fail config "NFS_BACKEND=rwx needs STORAGE_CLASS, a ReadWriteMany StorageClass (kubectl get storageclass; GKE: standard-rwx)"
-    ;;
-  *) fail config "NFS_BACKEND must be pvc, gce or rwx, got '$NFS_BACKEND'" ;;
-esac
-[[ -z "$MNIST_NPZ" || (-f "$MNIST_NPZ" && -r "$MNIST_NPZ") ]] || fail config "MNIST_NPZ=$MNIST_NPZ is not a readable file"
-command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
-export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE ROUND_DEADLINE GCE_PROJECT GCE_DISK_ZONE
-export MIN_WORKERS="$min_workers" # render.sh: the aggregator's --min-workers and --deadline
+# check_settings: every setting checked before anything is created; sets kubectl_cmd, min_workers,
+# nfs_manifest and run_started, and exports what scripts/render.sh reads
+check_settings() {
+  local name
+  read -ra kubectl_cmd <<<"${KUBECTL:-kubectl}"
+  ((${#kubectl_cmd[@]})) || fail config "KUBECTL must not be empty"
+  for name in WORKER_NUMBER EPOCH BATCH ROUNDS ROUND_DEADLINE NFS_TIMEOUT JOB_TIMEOUT SERVER_TIMEOUT PVC_TIMEOUT \
+    UNSCHEDULABLE_TIMEOUT EXTERNAL_IP_TIMEOUT LB_DETECT_TIMEOUT; do
+    positive_int "${!name}" || fail config "$name must be a positive integer, got '${!name}'"
+  done
+  for name in PULL_GRACE MOUNT_GRACE; do
+    [[ "${!name}" =~ ^[0-9]{1,6}$ ]] || fail config "$name must be a whole number of seconds, got '${!name}'"
+  done
+  # Events older than this run (they live an hour; a ReplicaSet or a claim keeps its UID across re-runs)
+  # say nothing about it.
+  run_started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  min_workers="$(min_workers_count "$MIN_WORKERS" "$WORKER_NUMBER")" ||
+    fail config "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1 (e.g. 0.67), got '$MIN_WORKERS'"
+  ((min_workers <= WORKER_NUMBER)) || fail config "MIN_WORKERS=$MIN_WORKERS is more than WORKER_NUMBER=$WORKER_NUMBER"
+  [[ "$RESUME" == 0 || "$RESUME" == 1 ]] || fail config "RESUME must be 0 or 1, got '$RESUME'"
+  [[ "$POLL" =~ ^[0-9]{1,4}$ ]] || fail config "POLL must be a number of seconds, got '$POLL'"
+  [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
+  case "$SERVICE_TYPE" in
+    LoadBalancer | NodePort | ClusterIP) ;;
+    *) fail config "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
+  esac
+  case "$NFS_BACKEND" in
+    pvc) nfs_manifest="$root/manifests/variants/1-nfs-deployment-pvc.yaml" ;;
+    gce)
+      nfs_manifest="$root/manifests/1-nfs-deployment.yaml"
+      [[ -n "$GCE_PROJECT" && -n "$GCE_DISK_ZONE" ]] ||
+        fail config "NFS_BACKEND=gce needs GCE_PROJECT and GCE_DISK_ZONE, the project and zone of the disk ml-kube-disk (gcloud compute disks list)"
+      ;;
+    rwx)
+      [[ -n "$STORAGE_CLASS" ]] || fail config "NFS_BACKEND=rwx needs STORAGE_CLASS, a ReadWriteMany StorageClass (kubectl get storageclass; GKE: standard-rwx)"
+      ;;
+    *) fail config "NFS_BACKEND must be pvc, gce or rwx, got '$NFS_BACKEND'" ;;
+  esac
+  [[ -z "$MNIST_NPZ" || (-f "$MNIST_NPZ" && -r "$MNIST_NPZ") ]] || fail config "MNIST_NPZ=$MNIST_NPZ is not a readable file"
+  command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
+  export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE ROUND_DEADLINE GCE_PROJECT GCE_DISK_ZONE
+  export MIN_WORKERS="$min_workers" # render.sh: the aggregator's --min-workers and --deadline
+}
 
 k() { "${kubectl_cmd[@]}" "$@"; }
 
@@ -391,53 +395,6 @@ wait_claim() {
 # delete_jobs NAME...: remove Jobs of an earlier run (and their pods) so they can be applied again
 delete_jobs() { k delete job "$@" --ignore-not-found=true --cascade=foreground --wait=true >/dev/null; }
 
-context="$(k config current-context 2>/dev/null || echo '?')"
-say "context $context: WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS NFS_BACKEND=$NFS_BACKEND${STORAGE_CLASS:+ STORAGE_CLASS=$STORAGE_CLASS}"
-k get --raw=/readyz >/dev/null 2>&1 || k version >/dev/null 2>&1 || fail config "cannot reach the cluster of context '$context' with '${kubectl_cmd[*]}'"
-NAMESPACE="$(current_namespace "${kubectl_cmd[@]}")"
-export NAMESPACE # render.sh: the NFS PersistentVolume's name and claim (3-nfs-pv-pvc.yaml)
-if [[ "$NFS_BACKEND" != rwx && "$(k auth can-i create persistentvolumes 2>/dev/null || true)" == no ]]; then
-  fail config "NFS_BACKEND=$NFS_BACKEND needs the right to create PersistentVolumes (cluster-wide), which '${kubectl_cmd[*]}' lacks: use NFS_BACKEND=rwx STORAGE_CLASS=<a ReadWriteMany class>, or ask for that right"
-fi
-
-# --- 1-3: the shared volume ---------------------------------------------------------------------
-if [[ "$NFS_BACKEND" == rwx ]]; then
-  say "== volume: ReadWriteMany claim of StorageClass $STORAGE_CLASS"
-  k get storageclass "$STORAGE_CLASS" >/dev/null 2>&1 ||
-    fail volume "StorageClass '$STORAGE_CLASS' not found (kubectl get storageclass lists them)"
-  apply volume "$root/manifests/variants/3-rwx-pvc.yaml"
-  wait_claim volume nfs
-else
-  say "== nfs: NFS server ($NFS_BACKEND), its service and who may reach it"
-  apply nfs "$nfs_manifest"
-  wait_claim nfs nfs-server-disk
-  apply nfs "$root/manifests/2-nfs-service.yaml"
-  if [[ -z "$NODE_CIDR" ]]; then
-    # IPv4 only (a dual-stack node lists both)
-    read -ra node_ips <<<"$(k get nodes -o 'jsonpath={.items[*].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null | tr ' ' '\n' | grep -v ':' | tr '\n' ' ' || true)"
-    if ! NODE_CIDR="$(covering_cidr "${node_ips[@]}")"; then
-      # No right to list nodes, or no IPv4 InternalIP: the mounts must still work.
-      NODE_CIDR=0.0.0.0/0
-      warn "nfs: cannot read the nodes' IPv4 InternalIPs, so the NFS server's NetworkPolicy admits any address on 2049; set NODE_CIDR to the nodes' range to restrict it"
-    fi
-  fi
-  export NODE_CIDR
-  apply nfs "$root/manifests/2-nfs-networkpolicy.yaml"
-  wait_deployment nfs nfs-server "app.kubernetes.io/component=nfs-server" "$NFS_TIMEOUT"
-  NFS_CLUSTER_IP="$(k get service nfs-server -o 'jsonpath={.spec.clusterIP}')" || NFS_CLUSTER_IP=""
-  [[ -n "$NFS_CLUSTER_IP" ]] || fail nfs "service nfs-server has no ClusterIP"
-  export NFS_CLUSTER_IP
-  say "nfs: server ready at $NFS_CLUSTER_IP"
-  # A PV's source cannot change: one left by a run whose NFS service had another address must go first.
-  old_ip="$(k get pv "mlk-nfs-$NAMESPACE" -o 'jsonpath={.spec.nfs.server}' 2>/dev/null)" || old_ip=""
-  if [[ -n "$old_ip" && "$old_ip" != "$NFS_CLUSTER_IP" ]]; then
-    fail volume "PersistentVolume mlk-nfs-$NAMESPACE points at $old_ip, the NFS service is now at $NFS_CLUSTER_IP: run scripts/teardown.sh (keeps the data) and start again"
-  fi
-  apply volume "$root/manifests/3-nfs-pv-pvc.yaml"
-  wait_claim volume nfs
-fi
-say "volume: claim nfs bound"
-
 # wait_pod STAGE NAME SELECTOR TIMEOUT: until the pod is Ready
 wait_pod() {
   local stage="$1" name="$2" selector="$3" timeout="$4" deadline=$(($4 + SECONDS)) ready
@@ -451,68 +408,11 @@ wait_pod() {
   done
 }
 
-# --- resume: the round ledger on the volume ------------------------------------------------------
-done_rounds=0
-if [[ "$RESUME" == 1 ]]; then
-  say "== resume: checking the round ledger on the volume against its files"
-  delete_jobs mnist-ledger-restore
-  apply resume "$root/manifests/9999-ledger-restore.yaml"
-  wait_jobs resume "app.kubernetes.io/component=ledger-restore" mnist-ledger-restore
-  result="$(k logs job/mnist-ledger-restore --tail=1 2>/dev/null)" || result=""
-  done_rounds="$(sed -n 's/^{"last_round": *\([0-9][0-9]*\),.*/\1/p' <<<"$result")"
-  [[ -n "$done_rounds" ]] ||
-    fail resume "cannot read the last complete round from job mnist-ledger-restore's log: its last line is '${result:-nothing}', not {\"last_round\": n, ...}"
-  if ((done_rounds == 0)); then
-    say "resume: the ledger has no complete round; starting at round 1"
-  else
-    sha="$(sed -n 's/.*"sha256": *"\([0-9a-f]\{12\}\).*/\1/p' <<<"$result")"
-    say "resume: round $done_rounds is the last complete one (rounds/r$done_rounds.h5 ${sha:-?}..., now /mnt/aggregated-model.h5); the shards are on the volume"
-    ((done_rounds < ROUNDS)) || say "resume: all ROUNDS=$ROUNDS rounds are done; on to the accuracy test"
-  fi
-fi
-
-# --- offline data -------------------------------------------------------------------------------
-if [[ -n "$MNIST_NPZ" ]] && ((done_rounds == 0)); then
-  say "== dataset: $MNIST_NPZ onto the volume as /mnt/mnist.npz"
-  k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
-  apply dataset "$root/manifests/9999-dataset-upload.yaml"
-  wait_pod dataset mnist-dataset-upload "app.kubernetes.io/component=dataset-upload" "$NFS_TIMEOUT"
-  # Streamed through exec (no tar needed in the image), written to a temporary name, then renamed.
-  copied="$(k exec -i mnist-dataset-upload -- python -c 'import os, shutil, sys
-tmp = "/mnt/.mnist.npz.tmp"
-with open(tmp, "wb") as f:
-    shutil.copyfileobj(sys.stdin.buffer, f)
-    f.flush()
-    os.fsync(f.fileno())
-os.replace(tmp, "/mnt/mnist.npz")
-print(os.path.getsize("/mnt/mnist.npz"))' <"$MNIST_NPZ")" || fail dataset "could not copy $MNIST_NPZ into pod mnist-dataset-upload"
-  size="$(wc -c <"$MNIST_NPZ")"
-  [[ "$copied" == "$size" ]] || fail dataset "copied ${copied:-nothing} of $size bytes"
-  k delete pod mnist-dataset-upload --wait=false >/dev/null || true
-  export DATASET=/mnt/mnist.npz
-  say "dataset: $size bytes on the volume; the splitter reads it instead of downloading"
-fi
-
-# --- 4: split ---------------------------------------------------------------------------------
-if ((done_rounds == 0)); then
-  say "== splitter: $WORKER_NUMBER shards"
-  delete_jobs mnist-splitter
-  apply splitter "$root/manifests/4-splitter.yaml"
-  wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
-  say "splitter: done"
-else # resuming: the shards are there; only the ConfigMap (the aggregator's worker count) is applied
-  configmap_only() { awk '/^---$/ { if (cm) printf "%s", doc; doc = ""; cm = 0; next }
-    { doc = doc $0 "\n" } /^kind: ConfigMap$/ { cm = 1 } END { if (cm) printf "%s", doc }'; }
-  apply config "$root/manifests/4-splitter.yaml" configmap_only
-fi
-
-# --- 5-6: rounds of trainers and aggregation ------------------------------------------------------
-trainers=()
-for ((i = 0; i < WORKER_NUMBER; i++)); do trainers+=("mnist-trainer-$i"); done
-# Every trainer Job of an earlier run goes, by label: one numbered past this run's WORKER_NUMBER, or the
-# Indexed mnist-trainer, would otherwise write into this run's /mnt/model.
-k delete jobs -l "app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer" --ignore-not-found=true \
-  --cascade=foreground --wait=true >/dev/null || fail trainers "cannot delete the trainer Jobs of an earlier run"
+# configmap_only: the ConfigMap of a rendered file (the aggregator's worker count), nothing else
+configmap_only() {
+  awk '/^---$/ { if (cm) printf "%s", doc; doc = ""; cm = 0; next }
+    { doc = doc $0 "\n" } /^kind: ConfigMap$/ { cm = 1 } END { if (cm) printf "%s", doc }'
+}
 
 # wait_round ROUND: MIN_WORKERS < WORKER_NUMBER: the trainers and the aggregator run together and the
 # aggregator closes the round (every model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A
@@ -567,93 +467,240 @@ wait_round() {
   fi
 }
 
-for ((round = done_rounds + 1; round <= ROUNDS; round++)); do
-  if ((round > 1)); then export INIT_MODEL=/mnt/aggregated-model.h5; else unset INIT_MODEL; fi
-  if ((min_workers < WORKER_NUMBER)); then
-    say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator (at least $min_workers models, ROUND_DEADLINE=${ROUND_DEADLINE}s)"
-    delete_jobs "${trainers[@]}" mnist-aggregator
-    for ((i = 0; i < WORKER_NUMBER; i++)); do
-      INCREMENTAL_NUMBER="$i" apply "trainer $i (round $round)" "$root/manifests/5-trainer.yaml"
-    done
-    apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
-    wait_round "$round"
-    continue
-  fi
-  say "== round $round/$ROUNDS: $WORKER_NUMBER trainers"
-  delete_jobs "${trainers[@]}"
-  for ((i = 0; i < WORKER_NUMBER; i++)); do
-    INCREMENTAL_NUMBER="$i" apply "trainer $i (round $round)" "$root/manifests/5-trainer.yaml"
-  done
-  wait_jobs "trainers (round $round)" "app.kubernetes.io/component=trainer" "${trainers[@]}"
-  say "round $round: $WORKER_NUMBER trainers done"
-  delete_jobs mnist-aggregator
-  apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
-  wait_jobs "aggregator (round $round)" "app.kubernetes.io/component=aggregator" mnist-aggregator
-  say "round $round: aggregated model written"
-done
-unset INIT_MODEL
-
-# --- accuracy test ----------------------------------------------------------------------------
-say "== accuracy test"
-delete_jobs mnist-accuracy-test
-apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
-wait_jobs accuracy-test "app.kubernetes.io/component=accuracy-test" mnist-accuracy-test
-if result="$(k logs job/mnist-accuracy-test --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
-  say "accuracy test: $result"
-  say "history: every round's accuracy, its workers' and its timings in /mnt/rounds/ledger.json, plotted in /mnt/rounds/history.png (docs/kubernetes.md, \"Round ledger\")"
-else
-  warn "accuracy test completed, but its log could not be read (kubectl logs job/mnist-accuracy-test)"
-fi
-
-if [[ "$SERVE" == 0 ]]; then
-  say "done (SERVE=0: no server)"
-  exit 0
-fi
-
-# --- 7: server --------------------------------------------------------------------------------
-# A running server reloads the model when the file changes (server/README.md): no restart needed.
-say "== server (Service type $SERVICE_TYPE)"
-apply server "$root/manifests/7-server.yaml"
-wait_deployment server mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
-say "server: ready"
-
 forward_hint() {
   say "server: reach it with: ${kubectl_cmd[*]} port-forward service/mnist-server-svc 8080:80   then open http://localhost:8080/"
 }
-case "$SERVICE_TYPE" in
-  ClusterIP) forward_hint ;;
-  NodePort)
-    port="$(k get service mnist-server-svc -o 'jsonpath={.spec.ports[0].nodePort}')" || port=""
-    node="$(k get nodes -o 'jsonpath={.items[0].status.addresses[?(@.type=="ExternalIP")].address}' 2>/dev/null)" || node=""
-    [[ -n "$node" ]] || node="$(k get nodes -o 'jsonpath={.items[0].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null)" || node=""
-    say "server: NodePort $port: http://${node:-<a node address>}:$port/ where the nodes are reachable; otherwise:"
-    forward_hint
-    ;;
-  LoadBalancer)
-    say "server: waiting for the external IP of service mnist-server-svc"
-    svc_uid="$(k get service mnist-server-svc -o 'jsonpath={.metadata.uid}')" || svc_uid=""
-    deadline=$((SECONDS + EXTERNAL_IP_TIMEOUT))
-    detect_deadline=$((SECONDS + LB_DETECT_TIMEOUT))
-    address=""
-    while :; do
-      address="$(k get service mnist-server-svc -o 'jsonpath={.status.loadBalancer.ingress[0].ip}{.status.loadBalancer.ingress[0].hostname}')" || address=""
-      [[ -z "$address" ]] || break
-      if ((SECONDS >= detect_deadline)); then
-        # A cloud's load-balancer controller leaves events on the Service; none means none will come.
-        acted="$(k get events --field-selector "involvedObject.uid=$svc_uid" -o 'jsonpath={.items[*].reason}' 2>/dev/null)" || acted=""
-        if [[ "$acted" != *LoadBalancer* ]]; then
-          say "server: no LoadBalancer controller acted on the Service within ${LB_DETECT_TIMEOUT}s (kind, minikube and bare clusters have none)"
+
+# --- the steps, in the order main runs them ------------------------------------------------------
+
+# connect: the cluster answers; the namespace the PersistentVolume is named after; the right to create one
+connect() {
+  local context
+  context="$(k config current-context 2>/dev/null || echo '?')"
+  say "context $context: WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS NFS_BACKEND=$NFS_BACKEND${STORAGE_CLASS:+ STORAGE_CLASS=$STORAGE_CLASS}"
+  k get --raw=/readyz >/dev/null 2>&1 || k version >/dev/null 2>&1 || fail config "cannot reach the cluster of context '$context' with '${kubectl_cmd[*]}'"
+  NAMESPACE="$(current_namespace "${kubectl_cmd[@]}")"
+  export NAMESPACE # render.sh: the NFS PersistentVolume's name and claim (3-nfs-pv-pvc.yaml)
+  if [[ "$NFS_BACKEND" != rwx && "$(k auth can-i create persistentvolumes 2>/dev/null || true)" == no ]]; then
+    fail config "NFS_BACKEND=$NFS_BACKEND needs the right to create PersistentVolumes (cluster-wide), which '${kubectl_cmd[*]}' lacks: use NFS_BACKEND=rwx STORAGE_CLASS=<a ReadWriteMany class>, or ask for that right"
+  fi
+}
+
+# 1-3: the shared volume: the NFS server, its Service and NetworkPolicy, the PV and claim (or the rwx claim)
+prepare_volume() {
+  local node_ips old_ip
+  if [[ "$NFS_BACKEND" == rwx ]]; then
+    say "== volume: ReadWriteMany claim of StorageClass $STORAGE_CLASS"
+    k get storageclass "$STORAGE_CLASS" >/dev/null 2>&1 ||
+      fail volume "StorageClass '$STORAGE_CLASS' not found (kubectl get storageclass lists them)"
+    apply volume "$root/manifests/variants/3-rwx-pvc.yaml"
+    wait_claim volume nfs
+  else
+    say "== nfs: NFS server ($NFS_BACKEND), its service and who may reach it"
+    apply nfs "$nfs_manifest"
+    wait_claim nfs nfs-server-disk
+    apply nfs "$root/manifests/2-nfs-service.yaml"
+    if [[ -z "$NODE_CIDR" ]]; then
+      # IPv4 only (a dual-stack node lists both)
+      read -ra node_ips <<<"$(k get nodes -o 'jsonpath={.items[*].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null | tr ' ' '\n' | grep -v ':' | tr '\n' ' ' || true)"
+      if ! NODE_CIDR="$(covering_cidr "${node_ips[@]}")"; then
+        # No right to list nodes, or no IPv4 InternalIP: the mounts must still work.
+        NODE_CIDR=0.0.0.0/0
+        warn "nfs: cannot read the nodes' IPv4 InternalIPs, so the NFS server's NetworkPolicy admits any address on 2049; set NODE_CIDR to the nodes' range to restrict it"
+      fi
+    fi
+    export NODE_CIDR
+    apply nfs "$root/manifests/2-nfs-networkpolicy.yaml"
+    wait_deployment nfs nfs-server "app.kubernetes.io/component=nfs-server" "$NFS_TIMEOUT"
+    NFS_CLUSTER_IP="$(k get service nfs-server -o 'jsonpath={.spec.clusterIP}')" || NFS_CLUSTER_IP=""
+    [[ -n "$NFS_CLUSTER_IP" ]] || fail nfs "service nfs-server has no ClusterIP"
+    export NFS_CLUSTER_IP
+    say "nfs: server ready at $NFS_CLUSTER_IP"
+    # A PV's source cannot change: one left by a run whose NFS service had another address must go first.
+    old_ip="$(k get pv "mlk-nfs-$NAMESPACE" -o 'jsonpath={.spec.nfs.server}' 2>/dev/null)" || old_ip=""
+    if [[ -n "$old_ip" && "$old_ip" != "$NFS_CLUSTER_IP" ]]; then
+      fail volume "PersistentVolume mlk-nfs-$NAMESPACE points at $old_ip, the NFS service is now at $NFS_CLUSTER_IP: run scripts/teardown.sh (keeps the data) and start again"
+    fi
+    apply volume "$root/manifests/3-nfs-pv-pvc.yaml"
+    wait_claim volume nfs
+  fi
+  say "volume: claim nfs bound"
+}
+
+# resume: the restore Job checks the round ledger on the volume; done_rounds is its last complete round
+resume_from_ledger() {
+  local result sha
+say "== resume: checking the round ledger on the volume against its files"
+delete_jobs mnist-ledger-restore
+apply resume "$root/manifests/9999-ledger-restore.yaml"
+wait_jobs resume "app.kubernetes.io/component=ledger-restore" mnist-ledger-restore
+result="$(k logs job/mnist-ledger-restore --tail=1 2>/dev/null)" || result=""
+done_rounds="$(sed -n 's/^{"last_round": *\([0-9][0-9]*\),.*/\1/p' <<<"$result")"
+[[ -n "$done_rounds" ]] ||
+  fail resume "cannot read the last complete round from job mnist-ledger-restore's log: its last line is '${result:-nothing}', not {\"last_round\": n, ...}"
+if ((done_rounds == 0)); then
+  say "resume: the ledger has no complete round; starting at round 1"
+else
+  sha="$(sed -n 's/.*"sha256": *"\([0-9a-f]\{12\}\).*/\1/p' <<<"$result")"
+  say "resume: round $done_rounds is the last complete one (rounds/r$done_rounds.h5 ${sha:-?}..., now /mnt/aggregated-model.h5); the shards are on the volume"
+  ((done_rounds < ROUNDS)) || say "resume: all ROUNDS=$ROUNDS rounds are done; on to the accuracy test"
+fi
+}
+
+# offline data: MNIST_NPZ onto the volume as /mnt/mnist.npz, through a short-lived pod
+upload_dataset() {
+  local copied size
+say "== dataset: $MNIST_NPZ onto the volume as /mnt/mnist.npz"
+k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
+apply dataset "$root/manifests/9999-dataset-upload.yaml"
+wait_pod dataset mnist-dataset-upload "app.kubernetes.io/component=dataset-upload" "$NFS_TIMEOUT"
+# Streamed through exec (no tar needed in the image), written to a temporary name, then renamed.
+copied="$(k exec -i mnist-dataset-upload -- python -c 'import os, shutil, sys
+tmp = "/mnt/.mnist.npz.tmp"
+with open(tmp, "wb") as f:
+  shutil.copyfileobj(sys.stdin.buffer, f)
+  f.flush()
+  os.fsync(f.fileno())
+os.replace(tmp, "/mnt/mnist.npz")
+print(os.path.getsize("/mnt/mnist.npz"))' <"$MNIST_NPZ")" || fail dataset "could not copy $MNIST_NPZ into pod mnist-dataset-upload"
+size="$(wc -c <"$MNIST_NPZ")"
+[[ "$copied" == "$size" ]] || fail dataset "copied ${copied:-nothing} of $size bytes"
+k delete pod mnist-dataset-upload --wait=false >/dev/null || true
+export DATASET=/mnt/mnist.npz
+say "dataset: $size bytes on the volume; the splitter reads it instead of downloading"
+}
+
+# 4: the splitter Job writes WORKER_NUMBER shards and the test set
+split_data() {
+say "== splitter: $WORKER_NUMBER shards"
+delete_jobs mnist-splitter
+apply splitter "$root/manifests/4-splitter.yaml"
+wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
+say "splitter: done"
+}
+
+# apply_trainers ROUND: the round's trainer Jobs, one per shard (round > 1 starts from the aggregate)
+apply_trainers() {
+  local round="$1" i
+  for ((i = 0; i < WORKER_NUMBER; i++)); do
+    INCREMENTAL_NUMBER="$i" apply "trainer $i (round $round)" "$root/manifests/5-trainer.yaml"
+  done
+}
+
+# 5-6: ROUNDS rounds of trainers and aggregation, from the round after done_rounds
+train_rounds() {
+  local i round
+  trainers=()
+  for ((i = 0; i < WORKER_NUMBER; i++)); do trainers+=("mnist-trainer-$i"); done
+  # Every trainer Job of an earlier run goes, by label: one numbered past this run's WORKER_NUMBER, or the
+  # Indexed mnist-trainer, would otherwise write into this run's /mnt/model.
+  k delete jobs -l "app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer" --ignore-not-found=true \
+    --cascade=foreground --wait=true >/dev/null || fail trainers "cannot delete the trainer Jobs of an earlier run"
+  for ((round = done_rounds + 1; round <= ROUNDS; round++)); do
+    if ((round > 1)); then export INIT_MODEL=/mnt/aggregated-model.h5; else unset INIT_MODEL; fi
+    if ((min_workers < WORKER_NUMBER)); then # the aggregator beside the trainers closes the round
+      say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator (at least $min_workers models, ROUND_DEADLINE=${ROUND_DEADLINE}s)"
+      delete_jobs "${trainers[@]}" mnist-aggregator
+      apply_trainers "$round"
+      apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
+      wait_round "$round"
+    else # every trainer, then the aggregator
+      say "== round $round/$ROUNDS: $WORKER_NUMBER trainers"
+      delete_jobs "${trainers[@]}"
+      apply_trainers "$round"
+      wait_jobs "trainers (round $round)" "app.kubernetes.io/component=trainer" "${trainers[@]}"
+      say "round $round: $WORKER_NUMBER trainers done"
+      delete_jobs mnist-aggregator
+      apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
+      wait_jobs "aggregator (round $round)" "app.kubernetes.io/component=aggregator" mnist-aggregator
+      say "round $round: aggregated model written"
+    fi
+  done
+  unset INIT_MODEL
+}
+
+# the accuracy test Job on the aggregate; its last log line is the result
+accuracy_test() {
+  local result
+  say "== accuracy test"
+  delete_jobs mnist-accuracy-test
+  apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
+  wait_jobs accuracy-test "app.kubernetes.io/component=accuracy-test" mnist-accuracy-test
+  if result="$(k logs job/mnist-accuracy-test --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
+    say "accuracy test: $result"
+    say "history: every round's accuracy, its workers' and its timings in /mnt/rounds/ledger.json, plotted in /mnt/rounds/history.png (docs/kubernetes.md, \"Round ledger\")"
+  else
+    warn "accuracy test completed, but its log could not be read (kubectl logs job/mnist-accuracy-test)"
+  fi
+}
+
+# 7: the server Deployment, and how to reach it for the Service type
+serve() {
+  local port node svc_uid deadline detect_deadline address acted
+  # A running server reloads the model when the file changes (server/README.md): no restart needed.
+  say "== server (Service type $SERVICE_TYPE)"
+  apply server "$root/manifests/7-server.yaml"
+  wait_deployment server mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
+  say "server: ready"
+  case "$SERVICE_TYPE" in
+    ClusterIP) forward_hint ;;
+    NodePort)
+      port="$(k get service mnist-server-svc -o 'jsonpath={.spec.ports[0].nodePort}')" || port=""
+      node="$(k get nodes -o 'jsonpath={.items[0].status.addresses[?(@.type=="ExternalIP")].address}' 2>/dev/null)" || node=""
+      [[ -n "$node" ]] || node="$(k get nodes -o 'jsonpath={.items[0].status.addresses[?(@.type=="InternalIP")].address}' 2>/dev/null)" || node=""
+      say "server: NodePort $port: http://${node:-<a node address>}:$port/ where the nodes are reachable; otherwise:"
+      forward_hint
+      ;;
+    LoadBalancer)
+      say "server: waiting for the external IP of service mnist-server-svc"
+      svc_uid="$(k get service mnist-server-svc -o 'jsonpath={.metadata.uid}')" || svc_uid=""
+      deadline=$((SECONDS + EXTERNAL_IP_TIMEOUT))
+      detect_deadline=$((SECONDS + LB_DETECT_TIMEOUT))
+      address=""
+      while :; do
+        address="$(k get service mnist-server-svc -o 'jsonpath={.status.loadBalancer.ingress[0].ip}{.status.loadBalancer.ingress[0].hostname}')" || address=""
+        [[ -z "$address" ]] || break
+        if ((SECONDS >= detect_deadline)); then
+          # A cloud's load-balancer controller leaves events on the Service; none means none will come.
+          acted="$(k get events --field-selector "involvedObject.uid=$svc_uid" -o 'jsonpath={.items[*].reason}' 2>/dev/null)" || acted=""
+          if [[ "$acted" != *LoadBalancer* ]]; then
+            say "server: no LoadBalancer controller acted on the Service within ${LB_DETECT_TIMEOUT}s (kind, minikube and bare clusters have none)"
+            forward_hint
+            exit 0
+          fi
+        fi
+        if ((SECONDS >= deadline)); then
+          warn "service mnist-server-svc got no external IP within ${EXTERNAL_IP_TIMEOUT}s"
           forward_hint
           exit 0
         fi
-      fi
-      if ((SECONDS >= deadline)); then
-        warn "service mnist-server-svc got no external IP within ${EXTERNAL_IP_TIMEOUT}s"
-        forward_hint
-        exit 0
-      fi
-      sleep "$POLL"
-    done
-    say "server: http://$address/ (public: anyone who has the address can use it; docs/kubernetes.md, \"Exposure\")"
-    ;;
-esac
+        sleep "$POLL"
+      done
+      say "server: http://$address/ (public: anyone who has the address can use it; docs/kubernetes.md, \"Exposure\")"
+      ;;
+  esac
+}
+
+main() {
+  no_arguments "$@"
+  check_settings
+  connect
+  prepare_volume
+  done_rounds=0
+  if [[ "$RESUME" == 1 ]]; then resume_from_ledger; fi
+  if [[ -n "$MNIST_NPZ" ]] && ((done_rounds == 0)); then upload_dataset; fi
+  if ((done_rounds == 0)); then
+    split_data
+  else # resuming: the shards are there; only the ConfigMap (the aggregator's worker count) is applied
+    apply config "$root/manifests/4-splitter.yaml" configmap_only
+  fi
+  train_rounds
+  accuracy_test
+  if [[ "$SERVE" == 0 ]]; then
+    say "done (SERVE=0: no server)"
+    return 0
+  fi
+  serve
+}
+
+main "$@"
