@@ -1,89 +1,360 @@
-"""The prediction server's Flask app: `create_app(model_path)`, its routes, error answers and metrics.
+"""The prediction server's Flask app: `create_app(model_path)` (tests use it with Flask's test client).
 
-Routes, request and response fields, errors and limits: docs/CONTRACTS.md, "HTTP API". Every route
-that returns predictions builds each one with `prediction_json` (a pure function). The model itself
-(loading, hot reload, batching) is in model.py, the image preprocessing in preprocess.py, and the
-command line and the gunicorn launcher in server.py. Tests use `create_app` with Flask's test client.
+`create_app` builds the metrics (`Metrics`), the promotion gate (gate.py), the model holder (model.py) and
+the one `predictor.Predictor` that every prediction route uses, then registers the routes, one blueprint
+per concern:
+
+    pages    GET /, POST /upload            the HTML page (`Pages`: the page, and every error answer)
+    api      POST /api/predict              JSON predictions; its hot path is fastpath.py, in front of Flask
+    status   /healthz, /readyz, /api/model, /metrics
+    history  /api/history, /history.png     the round ledger beside the model (`Ledger`)
+    v2       /v2/...                        the Open Inference Protocol (v2.py)
+
+Routes, request and response fields, errors and limits: docs/CONTRACTS.md, "HTTP API". Each prediction is
+built by `predictor.prediction_json`, whichever route returns it (v2 sends its probabilities and digit as
+tensors). The model itself (loading, hot reload, batching) is in model.py, the image preprocessing in
+preprocess.py, and the command line and the gunicorn launcher in server.py.
 """
 
 import io
-import json
 import logging
 import os
 import sys
 import time
 
-from flask import Flask, Request, jsonify, render_template, request, send_file
+from flask import Blueprint, Flask, Request, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-from werkzeug.http import parse_options_header
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mlkcommon import LEDGER_FORMAT, read_ledger  # noqa: E402
 from model import CHECK_INTERVAL, Batcher, ModelHolder, file_signature  # noqa: E402
-from preprocess import ImageError, mean_over_views, preprocess_views, stack_views  # noqa: E402
+from predictor import ModelNotReady, Predictor, model_id  # noqa: E402
+from preprocess import ImageError  # noqa: E402
+import fastpath  # noqa: E402
 import gate as gate_module  # noqa: E402
 import v2  # noqa: E402
 
 MAX_BODY = 2 * 1024 * 1024  # bytes; larger requests get 413
 MAX_FILES = 32  # image files per request (multipart `file` parts)
-MODEL_ID_CHARS = 12  # a model is named by the first hex digits of its file's sha256
 
 log = logging.getLogger("mlk.server")
 
 
-def model_id(sha256):
-    """The short name of a model in answers: the first MODEL_ID_CHARS hex digits of its sha256."""
-    return sha256[:MODEL_ID_CHARS]
+def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_epsilon=gate_module.DEFAULT_EPSILON,
+               background_reload=False, gate_state=None):
+    """The Flask app. Loads the model now if it exists; otherwise when it appears.
 
+    gate_data: the evaluation set of the promotion gate (gate.py); None: every replaced file is served.
+    gate_state: the gate's directory shared by every worker and replica (--gate-state; needs gate_data), where
+    the admitted model is kept: a restart serves it, not a file the gate rejected. None: decisions in memory.
+    background_reload: a replaced file is loaded and gated by a thread, not by the request that noticed it
+    (model.ModelHolder; server.py's one-request-at-a-time workers)."""
+    metrics = Metrics()
+    gate = build_gate(gate_data, gate_epsilon, gate_state, metrics)
+    holder = ModelHolder(model_path, check_interval, background=background_reload, gate=gate)
+    predictor = Predictor(holder, Batcher(), on_digit=metrics.count_prediction, on_new_model=metrics.count_load)
+    ledger = Ledger(model_path)
+    pages = Pages(ledger)
+    predictor.model()  # the model now, if its file is there
 
-def prediction_json(probabilities, model_sha256):
-    """One prediction as the API returns it (and the upload page shows it).
-
-    probabilities: the model's 10 class probabilities for one image; model_sha256: the sha256 hex of
-    the model file. -> {"digit": the most probable class (the first on a tie), "probabilities": the 10
-    values as floats rounded to 6 decimals, "model": model_id(model_sha256)}.
-    """
-    values = [float(p) for p in probabilities]
-    digit = max(range(len(values)), key=values.__getitem__)
-    return {"digit": digit, "probabilities": [round(p, 6) for p in values], "model": model_id(model_sha256)}
+    app = Flask(__name__, template_folder="templates", static_folder="static")
+    app.request_class = InMemoryRequest
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_BODY
+    app.debug = False
+    app.extensions.update(mlk_model=holder, mlk_gate=gate, mlk_predictor=predictor)
+    count_requests(app, metrics)
+    answer_errors(app, pages)
+    app.register_blueprint(page_routes(predictor, pages))
+    app.register_blueprint(api_routes(predictor, pages))
+    app.register_blueprint(status_routes(predictor, ledger, gate, metrics))
+    app.register_blueprint(history_routes(ledger, pages))
+    app.register_blueprint(v2.create_blueprint(predictor, max_items=MAX_FILES, max_body=MAX_BODY))
+    app.wsgi_app = fastpath.FastPath(app.wsgi_app, lambda blobs: predict_answer(predictor, blobs),
+                                     metrics.recorder(fastpath.PATH, "POST"), max_body=MAX_BODY, max_files=MAX_FILES)
+    return app
 
 
 # --------------------------------------------------------------------------------------- metrics
 
 
-def _metrics():
-    """prometheus_client metrics; multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set (gunicorn)."""
-    from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
+class Metrics:
+    """The server's prometheus_client metrics (names and labels: docs/CONTRACTS.md); multiprocess mode when
+    PROMETHEUS_MULTIPROC_DIR is set (gunicorn: /metrics from any worker sums them all)."""
 
-    multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-    registry = CollectorRegistry()
-    target = None if multiproc else registry
-    if multiproc:
-        multiprocess.MultiProcessCollector(registry)
-    requests_total = Counter("mlk_http_requests_total", "HTTP requests by route and status",
-                             ["route", "method", "status"], registry=target)
-    latency = Histogram("mlk_http_request_duration_seconds", "Request latency by route", ["route"],
-                        buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=target)
-    predictions = Counter("mlk_predictions_total", "Predictions by predicted digit", ["digit"], registry=target)
-    reloads = Counter("mlk_model_loads_total", "Models loaded (start-up and hot reloads)", registry=target)
-    return registry, requests_total, latency, predictions, reloads
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
+
+        self.multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = CollectorRegistry()
+        target = None if self.multiproc else self.registry
+        if self.multiproc:
+            multiprocess.MultiProcessCollector(self.registry)
+        self.requests = Counter("mlk_http_requests_total", "HTTP requests by route and status",
+                                ["route", "method", "status"], registry=target)
+        self.latency = Histogram("mlk_http_request_duration_seconds", "Request latency by route", ["route"],
+                                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=target)
+        self.predictions = Counter("mlk_predictions_total", "Predictions by predicted digit", ["digit"], registry=target)
+        self.loads = Counter("mlk_model_loads_total", "Models loaded (start-up and hot reloads)", registry=target)
+
+    def count_prediction(self, digit):
+        self.predictions.labels(str(digit)).inc()
+
+    def count_load(self, model):
+        self.loads.inc()
+
+    def record(self, route, method, status, seconds):
+        """One answered request: its count by route, method and status; its latency by route (if timed)."""
+        self.requests.labels(route, method, str(status)).inc()
+        if seconds is not None:
+            self.latency.labels(route).observe(seconds)
+
+    def recorder(self, route, method):
+        """record() for one route and method, its labelled metrics looked up once per status (the fast path)."""
+        children = {}
+
+        def record(status, seconds):
+            pair = children.get(status)
+            if pair is None:
+                pair = children[status] = (self.requests.labels(route, method, str(status)), self.latency.labels(route))
+            pair[0].inc()
+            pair[1].observe(seconds)
+
+        return record
+
+    def gate_recorder(self):
+        """Gauges of the promotion gate (gate.py) -> on_decision(gate, decision), which sets them. Every worker
+        decides by itself and they all decide the same, so across workers the counts are the max (not the sum)
+        and the accuracy the most recent."""
+        from prometheus_client import Gauge
+
+        target = None if self.multiproc else self.registry
+
+        def gauge(name, doc, mode):
+            return Gauge(name, doc, registry=target, **({"multiprocess_mode": mode} if self.multiproc else {}))
+
+        promotions = gauge("mlk_gate_promotions", "Replaced model files the gate promoted", "max")
+        rejections = gauge("mlk_gate_rejections", "Replaced model files the gate rejected (the current model kept)", "max")
+        candidate_accuracy = gauge("mlk_gate_candidate_accuracy", "Evaluation-set accuracy of the last candidate model",
+                                   "mostrecent")
+        served_accuracy = gauge("mlk_gate_served_accuracy", "Evaluation-set accuracy of the model being served",
+                                "mostrecent")
+
+        def on_decision(gate, decision):
+            promotions.set(gate.promotions)
+            rejections.set(gate.rejections)
+            if decision["candidate"]["accuracy"] is not None:
+                candidate_accuracy.set(decision["candidate"]["accuracy"])
+            kept = decision["candidate"] if decision["decision"] != "rejected" else decision["current"]
+            if kept and kept["accuracy"] is not None:
+                served_accuracy.set(kept["accuracy"])
+
+        return on_decision
+
+    def text(self):
+        """(/metrics body, its Content-Type): the Prometheus text format."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def _gate_metrics(registry):
-    """Gauges of the promotion gate (gate.py). Every worker decides by itself and they all decide the
-    same, so across workers the counts are the max (not the sum) and the accuracy the most recent."""
-    from prometheus_client import Gauge
+def build_gate(gate_data, gate_epsilon, gate_state, metrics):
+    """gate.py's Gate on the evaluation set gate_data, its decisions in metrics' gauges; None without gate_data."""
+    if gate_state and not gate_data:
+        raise ValueError("gate_state needs gate_data: the state keeps the gate's decisions")
+    if not gate_data:
+        return None
+    on_decision = metrics.gate_recorder()
+    gate = gate_module.Gate(gate_data, gate_epsilon, lambda decision: on_decision(gate, decision), state=gate_state)
+    return gate
 
-    multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-    target = None if multiproc else registry
 
-    def gauge(name, doc, mode):
-        return Gauge(name, doc, registry=target, **({"multiprocess_mode": mode} if multiproc else {}))
+def count_requests(app, metrics):
+    """Every request Flask answers counted by route (its rule), method and status, and timed."""
 
-    return (gauge("mlk_gate_promotions", "Replaced model files the gate promoted", "max"),
-            gauge("mlk_gate_rejections", "Replaced model files the gate rejected (the current model kept)", "max"),
-            gauge("mlk_gate_candidate_accuracy", "Evaluation-set accuracy of the last candidate model", "mostrecent"),
-            gauge("mlk_gate_served_accuracy", "Evaluation-set accuracy of the model being served", "mostrecent"))
+    @app.before_request
+    def start_timer():
+        request.environ["mlk.started"] = time.perf_counter()
+
+    @app.after_request
+    def record(response):
+        started = request.environ.get("mlk.started")
+        metrics.record(request.url_rule.rule if request.url_rule else "other", request.method, response.status_code,
+                       None if started is None else time.perf_counter() - started)
+        return response
+
+
+# ------------------------------------------------------------------------------------ answers
+
+
+class Pages:
+    """The HTML page (templates/index.html, with the round ledger's history) and every error answer."""
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def page(self, **values):
+        ledger, model = self.ledger, values.get("model")
+        rounds = ledger.rounds()
+        served_round = ledger.entry_for(model.sha256) if model else None
+        values.update(history=history_rows(rounds, model.sha256 if model else None),
+                      history_plot=bool(rounds) and ledger.has_plot(), served_round=served_round,
+                      served_workers=worker_notes(served_round) if served_round else [])
+        return render_template("index.html", **values)
+
+    def error(self, status, message):
+        """The page with the error for /upload (a form's answer), {"error": message} everywhere else."""
+        if request.path == "/upload":
+            return self.page(error=message, result=None, model=None), status
+        return jsonify(error=message), status
+
+
+def answer_errors(app, pages):
+    """HTTP errors (404, 405, 413, ...) and unexpected exceptions as Pages.error answers."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(err):
+        if isinstance(err, RequestEntityTooLarge):
+            return pages.error(413, f"request body too large (limit {MAX_BODY // (1024 * 1024)} MB)")
+        return pages.error(err.code or 400, err.description or err.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(err):  # last resort: log it, answer JSON, keep the worker alive
+        log.exception("unexpected error")
+        return pages.error(500, "internal error")
+
+
+class InMemoryRequest(Request):
+    """Multipart file parts stay in memory (werkzeug spools parts over 500 kB to a temp file)."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()  # bounded by MAX_CONTENT_LENGTH (2 MB)
+
+
+def uploads():
+    """The images of this request as bytes: multipart `file` fields, or a raw image/* body. Raises ImageError."""
+    content_type = request.mimetype or ""
+    if content_type.startswith("image/"):
+        return [request.get_data(cache=False)]
+    if content_type != "multipart/form-data":
+        raise ImageError("send the image as multipart field 'file' or as a raw body with an image/* content type")
+    files = request.files.getlist("file")
+    if not files:
+        raise ImageError("missing multipart field 'file'")
+    if len(files) > MAX_FILES:
+        raise ImageError(f"too many files ({len(files)}; limit {MAX_FILES})")
+    return [f.read() for f in files]
+
+
+def predict_answer(predictor, blobs):
+    """POST /api/predict's answer to these images, (status, JSON payload), from Flask's route or the fast path:
+    one image: its prediction; several: {"predictions": [...]}; 400 a bad image, 503 no model yet."""
+    try:
+        results = predictor.predict(Predictor.images(blobs)).results
+    except ImageError as err:
+        return 400, {"error": str(err)}
+    except ModelNotReady as err:
+        return 503, {"error": str(err)}
+    return 200, results[0] if len(blobs) == 1 else {"predictions": results}
+
+
+# ------------------------------------------------------------------------------------------ routes
+
+
+def page_routes(predictor, pages):
+    """GET / (the upload form and canvas) and POST /upload (the page with the first image's prediction)."""
+    bp = Blueprint("pages", __name__)
+
+    @bp.get("/")
+    def index():
+        return pages.page(result=None, error=None, model=predictor.model())
+
+    @bp.post("/upload")
+    def upload():
+        try:
+            predicted = predictor.predict(Predictor.images(uploads()[:1]))
+        except ImageError as err:
+            return pages.error(400, str(err))
+        except ModelNotReady as err:
+            return pages.error(503, str(err))
+        return pages.page(result=predicted.results[0], error=None, model=predicted.model)
+
+    return bp
+
+
+def api_routes(predictor, pages):
+    """POST /api/predict through Flask: what fastpath.FastPath does not take (and answers the same way)."""
+    bp = Blueprint("api", __name__)
+
+    @bp.post("/api/predict")
+    def api_predict():
+        try:
+            blobs = uploads()
+        except ImageError as err:
+            return pages.error(400, str(err))
+        status, payload = predict_answer(predictor, blobs)
+        return jsonify(payload), status
+
+    return bp
+
+
+def status_routes(predictor, ledger, gate, metrics):
+    """/healthz (the process answers), /readyz (a model is served), /api/model (which, with its round and the
+    gate's record) and /metrics."""
+    bp = Blueprint("status", __name__)
+
+    @bp.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")
+
+    @bp.get("/readyz")
+    def readyz():
+        model = predictor.ready_model()
+        if model is None:
+            return jsonify(status="not ready", error=predictor.not_ready()), 503
+        return jsonify(status="ready", model=model_id(model.sha256))
+
+    @bp.get("/api/model")
+    def api_model():
+        model = predictor.model()
+        if model is None:
+            return jsonify(error=predictor.not_ready(), path=predictor.holder.path), 503
+        info = model.info()
+        rounds = ledger.rounds()
+        entry = ledger.entry_for(model.sha256)
+        info["ledger"] = {"round": entry["round"] if entry else None, "entry": entry,
+                          "history": "/api/history" if rounds else None,
+                          "plot": "/history.png" if rounds and ledger.has_plot() else None}
+        info["gate"] = gate.info(model) if gate is not None else None
+        return jsonify(info)
+
+    @bp.get("/metrics")
+    def metrics_text():
+        body, content_type = metrics.text()
+        return body, 200, {"Content-Type": content_type}
+
+    return bp
+
+
+def history_routes(ledger, pages):
+    """/api/history (the round ledger as JSON) and /history.png (its plot); 404 while there is none."""
+    bp = Blueprint("history", __name__)
+
+    @bp.get("/api/history")
+    def api_history():
+        rounds = ledger.rounds()
+        if not rounds:
+            return pages.error(404, f"no training history ({ledger.path} absent, empty or unreadable)")
+        return jsonify({"format": LEDGER_FORMAT, "rounds": rounds})
+
+    @bp.get("/history.png")
+    def history_png():
+        if not ledger.has_plot():
+            return pages.error(404, f"no history plot ({ledger.plot_path} absent)")
+        with open(ledger.plot_path, "rb") as f:  # read whole: the aggregator may replace it meanwhile
+            return send_file(io.BytesIO(f.read()), mimetype="image/png", max_age=0)
+
+    return bp
 
 
 # ------------------------------------------------------------------------------------- round ledger
@@ -163,341 +434,3 @@ def history_rows(rounds, served_sha256):
             "served": bool(served_sha256) and aggregate.get("sha256") == served_sha256,
         })
     return rows
-
-
-# ------------------------------------------------------------------------------------------- app
-
-
-class InMemoryRequest(Request):
-    """Multipart file parts stay in memory (werkzeug spools parts over 500 kB to a temp file)."""
-
-    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return io.BytesIO()  # bounded by MAX_CONTENT_LENGTH (2 MB)
-
-
-def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_epsilon=gate_module.DEFAULT_EPSILON,
-               background_reload=False, gate_state=None):
-    """The Flask app. Loads the model now if it exists; otherwise when it appears.
-
-    gate_data: the evaluation set of the promotion gate (gate.py); None: every replaced file is served.
-    gate_state: the gate's directory shared by every worker and replica (--gate-state; needs gate_data), where
-    the admitted model is kept: a restart serves it, not a file the gate rejected. None: decisions in memory.
-    background_reload: a replaced file is loaded and gated by a thread, not by the request that noticed it
-    (model.ModelHolder; server.py's one-request-at-a-time workers)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    app = Flask(__name__, template_folder="templates", static_folder="static")
-    app.request_class = InMemoryRequest
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_BODY
-    app.debug = False
-    holder = ModelHolder(model_path, check_interval, background=background_reload)
-    batcher = Batcher()
-    app.extensions["mlk_model"] = holder
-    if gate_state and not gate_data:
-        raise ValueError("gate_state needs gate_data: the state keeps the gate's decisions")
-    registry, requests_total, latency, predictions, loads = _metrics()
-    seen_models = set()
-    ledger = Ledger(model_path)
-    gate = None
-    if gate_data:
-        promotions, rejections, candidate_accuracy, served_accuracy = _gate_metrics(registry)
-
-        def on_decision(decision):
-            promotions.set(gate.promotions)
-            rejections.set(gate.rejections)
-            if decision["candidate"]["accuracy"] is not None:
-                candidate_accuracy.set(decision["candidate"]["accuracy"])
-            kept = decision["candidate"] if decision["decision"] != "rejected" else decision["current"]
-            if kept and kept["accuracy"] is not None:
-                served_accuracy.set(kept["accuracy"])
-
-        gate = gate_module.Gate(gate_data, gate_epsilon, on_decision, state=gate_state)
-        holder.gate = gate
-    app.extensions["mlk_gate"] = gate
-
-    def current_model():
-        model = holder.get()
-        if model is not None and id(model) not in seen_models:
-            seen_models.add(id(model))
-            loads.inc()
-        return model
-
-    current_model()
-
-    @app.before_request
-    def start_timer():
-        request.environ["mlk.started"] = time.perf_counter()
-
-    @app.after_request
-    def record(response):
-        route = request.url_rule.rule if request.url_rule else "other"
-        requests_total.labels(route, request.method, str(response.status_code)).inc()
-        started = request.environ.get("mlk.started")
-        if started is not None:
-            latency.labels(route).observe(time.perf_counter() - started)
-        return response
-
-    def wants_html():
-        return request.path == "/upload"
-
-    def page(**values):
-        model = values.get("model")
-        rounds = ledger.rounds()
-        served_round = ledger.entry_for(model.sha256) if model else None
-        values.update(history=history_rows(rounds, model.sha256 if model else None),
-                      history_plot=bool(rounds) and ledger.has_plot(), served_round=served_round,
-                      served_workers=worker_notes(served_round) if served_round else [])
-        return render_template("index.html", **values)
-
-    def error(status, message):
-        if wants_html():
-            return page(error=message, result=None, model=None), status
-        return jsonify(error=message), status
-
-    @app.errorhandler(HTTPException)
-    def http_error(err):
-        if isinstance(err, RequestEntityTooLarge):
-            return error(413, f"request body too large (limit {MAX_BODY // (1024 * 1024)} MB)")
-        return error(err.code or 400, err.description or err.name)
-
-    @app.errorhandler(Exception)
-    def unexpected(err):  # last resort: log it, answer JSON, keep the worker alive
-        log.exception("unexpected error")
-        return error(500, "internal error")
-
-    def uploads():
-        """The images of this request as bytes: multipart `file` fields, or a raw image/* body."""
-        content_type = request.mimetype or ""
-        if content_type.startswith("image/"):
-            return [request.get_data(cache=False)]
-        if content_type != "multipart/form-data":
-            raise ImageError("send the image as multipart field 'file' or as a raw body with an image/* content type")
-        files = request.files.getlist("file")
-        if not files:
-            raise ImageError("missing multipart field 'file'")
-        if len(files) > MAX_FILES:
-            raise ImageError(f"too many files ({len(files)}; limit {MAX_FILES})")
-        return [f.read() for f in files]
-
-    def predict(blobs):
-        """bytes list -> (list of results, model). Raises ImageError (400) or returns model None (503)."""
-        import numpy as np
-
-        views = []
-        for index, blob in enumerate(blobs):
-            try:
-                views.append(preprocess_views(blob))
-            except ImageError as err:
-                raise ImageError(f"file {index + 1}: {err}" if len(blobs) > 1 else str(err)) from None
-        model = current_model()
-        if model is None:
-            return None, None
-        images, starts = stack_views(views)
-        probabilities = mean_over_views(batcher.predict(model, images), starts)
-        results = [prediction_json(row, model.sha256) for row in probabilities]
-        for result in results:
-            predictions.labels(str(result["digit"])).inc()
-        return results, model
-
-    def not_ready():
-        return holder.last_error or "model not loaded yet"
-
-    @app.get("/")
-    def index():
-        return page(result=None, error=None, model=current_model())
-
-    @app.post("/upload")
-    def upload():
-        try:
-            results, model = predict(uploads()[:1])
-        except ImageError as err:
-            return error(400, str(err))
-        if results is None:
-            return error(503, not_ready())
-        return page(result=results[0], error=None, model=model)
-
-    @app.post("/api/predict")
-    def api_predict():
-        try:
-            blobs = uploads()
-            results, _ = predict(blobs)
-        except ImageError as err:
-            return error(400, str(err))
-        if results is None:
-            return error(503, not_ready())
-        if len(blobs) == 1:
-            return jsonify(results[0])
-        return jsonify(predictions=results)
-
-    @app.get("/healthz")
-    def healthz():
-        return jsonify(status="ok")
-
-    def ready_model():
-        """The model for readiness answers: once one is served, never the request that loads (and gates) a
-        replaced file, so /readyz answers at once throughout a reload."""
-        return holder.current or current_model()
-
-    @app.get("/readyz")
-    def readyz():
-        model = ready_model()
-        if model is None:
-            return jsonify(status="not ready", error=not_ready()), 503
-        return jsonify(status="ready", model=model_id(model.sha256))
-
-    @app.get("/api/model")
-    def api_model():
-        model = current_model()
-        if model is None:
-            return jsonify(error=not_ready(), path=holder.path), 503
-        info = model.info()
-        rounds = ledger.rounds()
-        entry = ledger.entry_for(model.sha256)
-        info["ledger"] = {"round": entry["round"] if entry else None, "entry": entry,
-                          "history": "/api/history" if rounds else None,
-                          "plot": "/history.png" if rounds and ledger.has_plot() else None}
-        info["gate"] = gate.info(model) if gate is not None else None
-        return jsonify(info)
-
-    @app.get("/api/history")
-    def api_history():
-        rounds = ledger.rounds()
-        if not rounds:
-            return error(404, f"no training history ({ledger.path} absent, empty or unreadable)")
-        return jsonify({"format": LEDGER_FORMAT, "rounds": rounds})
-
-    @app.get("/history.png")
-    def history_png():
-        if not ledger.has_plot():
-            return error(404, f"no history plot ({ledger.plot_path} absent)")
-        with open(ledger.plot_path, "rb") as f:  # read whole: the aggregator may replace it meanwhile
-            return send_file(io.BytesIO(f.read()), mimetype="image/png", max_age=0)
-
-    @app.get("/metrics")
-    def metrics():
-        return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
-
-    def run_model(model, images):
-        return batcher.predict(model, images)
-
-    def count_digits(digits):
-        for digit in digits:
-            predictions.labels(str(digit)).inc()
-
-    app.register_blueprint(v2.create_blueprint(
-        current_model, run_model, preprocess_views, ImageError, model_id, not_ready,
-        max_items=MAX_FILES, max_body=MAX_BODY, on_digits=count_digits, ready_model=ready_model))
-
-    # The hot path: POST /api/predict without Flask's routing, request and response objects (about a third
-    # of a request's CPU, measured: docs/serving.md). Same limits, answers and metrics as api_predict; any
-    # request it does not take whole goes to Flask with its body untouched.
-    route_metrics = {}
-
-    def count(status, started):
-        children = route_metrics.get(status)
-        if children is None:
-            children = route_metrics[status] = (requests_total.labels("/api/predict", "POST", str(status)),
-                                                latency.labels("/api/predict"))
-        children[0].inc()
-        children[1].observe(time.perf_counter() - started)
-
-    def json_answer(start_response, status, payload):
-        data = (json.dumps(payload, ensure_ascii=True, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        start_response(_STATUS_LINES[status], [("Content-Type", "application/json"),
-                                              ("Content-Length", str(len(data)))])
-        return [data]
-
-    flask_wsgi = app.wsgi_app
-
-    def wsgi_app(environ, start_response):
-        if environ.get("PATH_INFO") != "/api/predict" or environ.get("REQUEST_METHOD") != "POST":
-            return flask_wsgi(environ, start_response)
-        started = time.perf_counter()
-        length = environ.get("CONTENT_LENGTH")
-        if not length or not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY:
-            return flask_wsgi(environ, start_response)  # chunked, malformed or too large: Flask's answers
-        mimetype, options = parse_options_header(environ.get("CONTENT_TYPE", ""))
-        mimetype = mimetype.lower()
-        if not (mimetype.startswith("image/") or mimetype == "multipart/form-data"):
-            return flask_wsgi(environ, start_response)
-        body = environ["wsgi.input"].read(int(length))
-        blobs = None
-        if len(body) == int(length):
-            blobs = [body] if mimetype.startswith("image/") else multipart_files(body, options.get("boundary"))
-        if blobs is None:
-            environ["wsgi.input"] = io.BytesIO(body)
-            return flask_wsgi(environ, start_response)
-        try:
-            try:
-                results, _ = predict(blobs)
-            except ImageError as err:
-                status, payload = 400, {"error": str(err)}
-            else:
-                if results is None:
-                    status, payload = 503, {"error": not_ready()}
-                else:
-                    status, payload = 200, results[0] if len(blobs) == 1 else {"predictions": results}
-        except Exception:  # noqa: BLE001 - as Flask's last-resort handler: log, JSON 500, worker alive
-            log.exception("unexpected error")
-            status, payload = 500, {"error": "internal error"}
-        count(status, started)
-        return json_answer(start_response, status, payload)
-
-    app.wsgi_app = wsgi_app
-    return app
-
-
-_STATUS_LINES = {200: "200 OK", 400: "400 BAD REQUEST", 500: "500 INTERNAL SERVER ERROR",
-                 503: "503 SERVICE UNAVAILABLE"}  # as werkzeug spells them
-
-
-def multipart_files(body, boundary):
-    """The `file` parts of a multipart/form-data body as bytes, as werkzeug would give them to api_predict;
-    None when the body is anything but the plain shape browsers, curl and requests send (then werkzeug
-    parses it): a preamble-free `--boundary CRLF`, parts with only Content-Disposition (form-data,
-    name "file", a filename) and Content-Type headers, CRLF line breaks, a closing delimiter, at most
-    MAX_FILES parts."""
-    if not boundary or not 1 <= len(boundary) <= 70:
-        return None
-    try:
-        delimiter = b"\r\n--" + boundary.encode("ascii")
-    except UnicodeEncodeError:
-        return None
-    if not body.startswith(delimiter[2:] + b"\r\n"):
-        return None
-    blobs, position = [], len(delimiter)  # just past the first delimiter's CRLF
-    while True:
-        headers_end = body.find(b"\r\n\r\n", position)
-        end = body.find(delimiter, position)
-        if headers_end < 0 or end < 0 or headers_end > end or len(blobs) >= MAX_FILES:
-            return None
-        if not _is_file_part(body[position:headers_end]):
-            return None
-        blobs.append(body[headers_end + 4:end])
-        after = body[end + len(delimiter):end + len(delimiter) + 2]
-        if after == b"\r\n":
-            position = end + len(delimiter) + 2
-        elif after == b"--":
-            return blobs if body[end + len(delimiter) + 2:] in (b"", b"\r\n") else None
-        else:
-            return None
-
-
-def _is_file_part(head):
-    """Part headers (bytes) naming a `file` form field with a filename and nothing else werkzeug reads."""
-    disposition = None
-    for line in head.split(b"\r\n"):
-        name, colon, value = line.partition(b":")
-        if not colon or b"\n" in line or b"\r" in line or line[:1] in (b" ", b"\t"):
-            return False
-        name = name.strip(b" \t").lower()
-        if name == b"content-disposition" and disposition is None:
-            try:
-                disposition = parse_options_header(value.decode().strip(" \t"))
-            except UnicodeDecodeError:
-                return False
-        elif name != b"content-type":
-            return False
-    return (disposition is not None and disposition[0].lower() == "form-data"
-            and disposition[1].get("name") == "file" and disposition[1].get("filename") is not None)

@@ -15,8 +15,9 @@ outputs `probabilities` (FP32 [n, 10]) and `digit` (INT64 [n]); 1 <= n <= 32 (th
 limit), bodies up to 2 MB (app.py's MAX_BODY), images up to 40 megapixels. Errors: the status code and
 the protocol's error object `{"error": "<reason>"}`.
 
-`create_blueprint(...)` gets the server's model accessors from `app.create_app`, so the v2 routes
-share the model, the hot reload, the gate, the batcher and the metrics with the server's own routes.
+`create_blueprint(predictor, ...)` gets the server's one `predictor.Predictor` from `app.create_app`, so
+the v2 routes share the model, the hot reload, the gate, the batcher, the pipeline (preprocessing, the mean
+over an upload's views, `prediction_json`'s digit) and the metrics with the server's own routes.
 """
 
 import base64
@@ -28,7 +29,7 @@ import zlib
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from preprocess import mean_over_views, stack_views
+from predictor import ModelNotReady, Predictor, UploadImageError
 
 MODEL_NAME = "mnist"
 SERVER_NAME = "mlk-mnist"
@@ -257,18 +258,11 @@ def requested_outputs(body):
 # ------------------------------------------------------------------------------------------ blueprint
 
 
-def create_blueprint(current_model, run_model, preprocess, image_error, model_id, not_ready,
-                     max_items, max_body, on_digits=None, ready_model=None):
-    """The /v2 routes.
-
-    current_model() -> the loaded model (with .sha256) or None; run_model(model, float32 (n, 28, 28)) ->
-    (n, 10) probabilities; preprocess(bytes) -> float32 (k, 28, 28) views (preprocess.preprocess_views) or
-    raises image_error; model_id(sha256) -> the short model name; not_ready() -> why no model is loaded;
-    on_digits(list of ints) after each inference (metrics); ready_model() -> the model for the health answers
-    (default current_model).
-    """
+def create_blueprint(predictor, max_items, max_body):
+    """The /v2 routes. predictor: the server's predictor.Predictor (the model for the health answers, and every
+    inference); max_items: the most images in one request; max_body: the most bytes of a decompressed body."""
     bp = Blueprint("v2", __name__, url_prefix="/v2")
-    ready_model = ready_model or current_model
+    ready_model = predictor.ready_model
 
     @bp.errorhandler(ProtocolError)
     def protocol_error(err):
@@ -320,30 +314,27 @@ def create_blueprint(current_model, run_model, preprocess, image_error, model_id
         tensor = inputs[0]
         outputs = requested_outputs(body)
         tensor_name = tensor.get("name")
-        starts = None  # an upload with several views (thick strokes) is scored as the mean of them
         if tensor_name == INPUT_TENSOR:
-            images, offset = read_input_tensor(tensor, tail, 0, max_items)
+            arrays, offset = read_input_tensor(tensor, tail, 0, max_items)
+            images = Predictor.arrays(arrays)
         elif tensor_name == IMAGE_TENSOR:
             blobs, offset = read_image_tensor(tensor, tail, 0, max_items)
-            views = []
-            for index, blob in enumerate(blobs):
-                try:
-                    views.append(preprocess(blob))
-                except image_error as err:
-                    raise bad(f"input {IMAGE_TENSOR!r} element {index + 1}: {err}") from None
-            images, starts = stack_views(views)
+            try:  # preprocessed as uploads to /api/predict (a thick-stroked one: the mean of its two views)
+                images = Predictor.images(blobs)
+            except UploadImageError as err:
+                raise bad(f"input {IMAGE_TENSOR!r} element {err.index + 1}: {err.reason}") from None
         else:
             raise bad(f"unknown input {tensor_name!r} (inputs: {INPUT_TENSOR!r}, {IMAGE_TENSOR!r})")
         if offset != len(tail):
             raise bad(f"{len(tail) - offset} bytes of binary data after the last input's binary_data_size")
-        model = current_model()
-        if model is None:
-            raise ProtocolError(503, not_ready())
-        probabilities = np.asarray(mean_over_views(run_model(model, images), starts), dtype=np.float32)
-        digits = np.argmax(probabilities, axis=1).astype(np.int64)
-        if on_digits is not None:
-            on_digits([int(d) for d in digits])
-        return response(body, outputs, probabilities, digits, model_id(model.sha256))
+        try:
+            predicted = predictor.predict(images)
+        except ModelNotReady as err:
+            raise ProtocolError(503, str(err)) from None
+        # The tensors of the results /api/predict would give: the unrounded probabilities, prediction_json's digits.
+        probabilities = np.asarray(predicted.probabilities, dtype=np.float32)
+        digits = np.array([result["digit"] for result in predicted.results], dtype=np.int64)
+        return response(body, outputs, probabilities, digits, predicted.results[0]["model"])
 
     def response(body, outputs, probabilities, digits, model):
         values = {"probabilities": probabilities, "digit": digits}

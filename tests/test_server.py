@@ -22,6 +22,7 @@ from helpers import thick_seven_png
 ROOT = Path(__file__).resolve().parents[1]
 import app as server_app  # noqa: E402
 import model as server_model  # noqa: E402
+import predictor as server_predictor  # noqa: E402
 import preprocess  # noqa: E402
 import server  # noqa: E402
 
@@ -582,14 +583,14 @@ def test_batcher_merges_concurrent_calls_and_returns_each_its_own_rows():
 def test_prediction_json_is_digit_rounded_probabilities_and_model_id():
     probabilities = np.array([0.01, 0.02, 0.03, 0.9, 0.01, 0.01, 0.0, 0.0, 0.0, 0.02 + 1e-9], np.float32)
     sha = "0123456789abcdef" * 4
-    out = server_app.prediction_json(probabilities, sha)
+    out = server_predictor.prediction_json(probabilities, sha)
     assert out == {"digit": 3, "probabilities": [round(float(p), 6) for p in probabilities], "model": "0123456789ab"}
     assert set(out) == {"digit", "probabilities", "model"}
     assert type(out["digit"]) is int and all(type(p) is float for p in out["probabilities"])
     assert out["probabilities"][9] == 0.02  # 6 decimals
-    assert server_app.prediction_json([0.5, 0.5] + [0.0] * 8, sha)["digit"] == 0  # a tie: the first class
-    assert server_app.prediction_json(np.eye(10)[7].astype(np.float64), sha)["digit"] == 7
-    assert server_app.prediction_json(probabilities, sha) == out  # pure: same input, same output
+    assert server_predictor.prediction_json([0.5, 0.5] + [0.0] * 8, sha)["digit"] == 0  # a tie: the first class
+    assert server_predictor.prediction_json(np.eye(10)[7].astype(np.float64), sha)["digit"] == 7
+    assert server_predictor.prediction_json(probabilities, sha) == out  # pure: same input, same output
     import json
 
     assert json.loads(json.dumps(out)) == out  # plain JSON types
@@ -597,13 +598,13 @@ def test_prediction_json_is_digit_rounded_probabilities_and_model_id():
 
 def test_every_prediction_route_uses_prediction_json(client, monkeypatch):
     calls = []
-    real = server_app.prediction_json
+    real = server_predictor.prediction_json
 
     def spy(probabilities, model_sha256):
         calls.append(model_sha256)
         return real(probabilities, model_sha256)
 
-    monkeypatch.setattr(server_app, "prediction_json", spy)
+    monkeypatch.setattr(server_predictor, "prediction_json", spy)
     six = (SAMPLES / "6.png").read_bytes()
     single = post_files(client, "/api/predict", six).get_json()
     several = post_files(client, "/api/predict", six, six).get_json()
