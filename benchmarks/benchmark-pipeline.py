@@ -13,7 +13,6 @@ checksum-verified download into the user cache (tests/helpers.py's mnist_path(),
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import _repo  # noqa: F401 - benchmarks/_repo.py: common/, the stage folders and tests/ on sys.path
+from helpers import MnistUnavailable, mnist_path as find_mnist
+from mlkcommon import Parser, parse_args
+
 HERE = Path(__file__).resolve().parent  # benchmarks/
 REPO = HERE.parent
 TARGET = 0.990
@@ -31,8 +34,6 @@ TIME_RATIO = 0.8  # the pipeline's wall time may be at most this fraction of the
 WORKERS, EPOCH, BATCH = 3, 2, 100
 PY = sys.executable
 PROG = "benchmark-pipeline.py"
-sys.path.insert(0, str(REPO / "common"))  # no image: the one source of the stages' parser
-from mlkcommon import Parser, parse_args  # noqa: E402
 
 
 def build_parser():
@@ -44,12 +45,9 @@ def build_parser():
 
 def mnist_path():
     """tests/helpers.py's mnist_path(); exits 2 with one line when MNIST cannot be had."""
-    spec = importlib.util.spec_from_file_location("mlk_test_helpers", REPO / "tests/helpers.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
     try:
-        return helpers.mnist_path()
-    except helpers.MnistUnavailable as e:
+        return find_mnist()
+    except MnistUnavailable as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

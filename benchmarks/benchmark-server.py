@@ -21,7 +21,6 @@ less than wrk's on a shared machine, for comparing changes. No wrk and no target
 
 import http.client
 import shutil
-import importlib.util
 import io
 import json
 import os
@@ -36,10 +35,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+import _repo  # benchmarks/_repo.py: common/, the stage folders and tests/ on sys.path
+from helpers import MnistUnavailable, mnist_path as find_mnist
+from mlkcommon import Parser, parse_args
+
+ROOT = _repo.ROOT
 PROG = "benchmark-server.py"
-sys.path.insert(0, str(ROOT / "common"))  # no image: the one source of the stages' parser
-from mlkcommon import Parser, parse_args  # noqa: E402
 BOUNDARY = "mlkbenchmarkboundary"
 TARGET_RPS, TARGET_P99_MS, TARGET_ACCURACY = 1000.0, 20.0, 0.97
 # wrk's script: POST the body file; at the end one JSON line with the counts and latency percentiles.
@@ -76,12 +77,9 @@ def mnist_path():
     """Where MNIST comes from when --dataset is not given, as for the tests (tests/helpers.py's
     mnist_path()): $MNIST_NPZ, else ../shared/datasets/mnist.npz beside the repository, else the
     splitter's checksum-verified download into the user cache. Exits 2 with one line if none works."""
-    spec = importlib.util.spec_from_file_location("mlk_test_helpers", ROOT / "tests/helpers.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
     try:
-        return str(helpers.mnist_path())
-    except helpers.MnistUnavailable as e:
+        return str(find_mnist())
+    except MnistUnavailable as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -191,10 +189,7 @@ def train_model(dataset, workdir):
 
 
 def photo_like_function():
-    spec = importlib.util.spec_from_file_location("make_samples", ROOT / "scripts/make-samples.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.photo_like
+    return _repo.load("scripts/make-samples.py").photo_like
 
 
 def accuracy(port, x, y, count):
@@ -226,7 +221,6 @@ def in_process(model, body, count):
     this process (after count // 10 warm-up calls), with Prometheus' multiprocess mode on as under gunicorn."""
     with tempfile.TemporaryDirectory(prefix="mlk-bench-metrics-") as metrics:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics
-        sys.path.insert(0, str(ROOT / "server"))
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(1)  # as server.py's workers

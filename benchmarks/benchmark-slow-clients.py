@@ -22,7 +22,6 @@ top process so that its memory can be read from /proc. Loopback addresses only.
 
 import asyncio
 import http.client
-import importlib.util
 import io
 import os
 import socket
@@ -36,10 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+import _repo  # benchmarks/_repo.py: common/, the stage folders and tests/ on sys.path
+from helpers import MnistUnavailable, mnist_path
+from mlkcommon import Parser, parse_args
+
+ROOT = _repo.ROOT
 PROG = "benchmark-slow-clients.py"
-sys.path.insert(0, str(ROOT / "common"))  # no image: the one source of the stages' parser
-from mlkcommon import Parser, parse_args  # noqa: E402
 TARGET_SUCCESS, TARGET_P99_MS = 0.99, 100.0
 PROBE_LIMIT = 40.0  # seconds a timeout probe waits for the server to close its connection
 BOUNDARY = "mlkslowclientboundary"
@@ -56,13 +57,6 @@ def build_parser():
     parser.add_argument("--slow-bodies", type=int, default=64, help="connections trickling bodies (default 64)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between trickled bytes (default 1)")
     return parser
-
-
-def load_module(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------- the attackers
@@ -388,11 +382,10 @@ def main(argv=None) -> int:
             parser.error(f"--url {args.url}: {err}")
         if not loopback:
             parser.error(f"--url {args.url}: only loopback addresses are attacked")
-    helpers = load_module("mlk_test_helpers", ROOT / "tests/helpers.py")
     if not args.dataset:
         try:
-            args.dataset = str(helpers.mnist_path())
-        except helpers.MnistUnavailable as err:
+            args.dataset = str(mnist_path())
+        except MnistUnavailable as err:
             parser.error(str(err))
     if not os.path.isfile(args.dataset):
         parser.error(f"dataset {args.dataset} not found")
@@ -404,7 +397,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mlk-slow-") as tmp:
         model = args.model
         if not model:
-            model = load_module("mlk_bench_server", ROOT / "benchmarks/benchmark-server.py").train_model(
+            model = _repo.load("benchmarks/benchmark-server.py").train_model(
                 args.dataset, Path(tmp))
         port = free_port()
         command = [sys.executable, str(ROOT / "server/server.py"), "--model", str(model), "--host", "127.0.0.1",

@@ -17,7 +17,6 @@ The command line is argparse through mlkcommon's Parser: a usage error is one li
 exit 1 when the target is missed.
 """
 
-import importlib.util
 import io
 import os
 import sys
@@ -26,9 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "common"))
-from mlkcommon import Parser, error, int_at_least, parse_args  # noqa: E402
+try:
+    import _repo  # benchmarks/_repo.py: common/, the stage folders and tests/ on sys.path
+except ModuleNotFoundError:  # imported from its file by tests/test_upload_styles.py: benchmarks/ is not on sys.path
+    sys.path.append(str(Path(__file__).resolve().parent))
+    import _repo
+from helpers import MnistUnavailable, mnist_path as find_mnist
+from mlkcommon import Parser, error, int_at_least, parse_args
 
 PROG = "benchmark-uploads.py"
 TARGET = 0.98
@@ -52,16 +55,9 @@ def build_parser():
     return parser
 
 
-def load_file(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def styles():
     """{name: style(digit, rng) -> bytes}: scripts/make-samples.py's STYLES plus the reference row."""
-    samples = load_file("make_samples", ROOT / "scripts/make-samples.py")
+    samples = _repo.load("scripts/make-samples.py")
 
     def mnist_png(digit, rng):
         return samples.encode_png(digit, "L")
@@ -70,19 +66,15 @@ def styles():
 
 
 def preprocess_module():
-    folder = str(ROOT / "server")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
     import preprocess
 
     return preprocess
 
 
 def mnist_path():
-    helpers = load_file("mlk_test_helpers", ROOT / "tests/helpers.py")
     try:
-        return str(helpers.mnist_path())
-    except helpers.MnistUnavailable as e:
+        return str(find_mnist())
+    except MnistUnavailable as e:
         raise SystemExit(error(PROG, e))
 
 
@@ -92,7 +84,6 @@ def quick_model(x, y, epochs, seed=2019, batch=64):
     import keras
     import tensorflow as tf
 
-    sys.path.insert(0, str(ROOT / "trainer"))
     import trainer
 
     keras.utils.set_random_seed(seed)

@@ -15,7 +15,6 @@ Prints the figures (no targets: this machine is shared, the figures are indicati
 """
 
 import http.client
-import importlib.util
 import io
 import json
 import os
@@ -29,19 +28,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+import _repo  # benchmarks/_repo.py: common/, the stage folders and tests/ on sys.path
+from mlkcommon import Parser, parse_args
+
+ROOT = _repo.ROOT
 PROG = "benchmark-v2.py"
-sys.path.insert(0, str(ROOT / "common"))  # no image: the one source of the stages' parser
-from mlkcommon import Parser, parse_args  # noqa: E402
 HEADER = "Inference-Header-Content-Length"
 
 
 def bench_server_module():
     """benchmarks/benchmark-server.py (its MNIST lookup, multipart body, port and readiness helpers)."""
-    spec = importlib.util.spec_from_file_location("benchmark_server", ROOT / "benchmarks/benchmark-server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _repo.load("benchmarks/benchmark-server.py")
 
 
 def build_parser():
@@ -108,7 +105,6 @@ def load_run(port, path, body, headers, clients, seconds):
 
 def gate_cost(model_path, x_test, y_test):
     """(load seconds, scoring seconds, accuracy) of one candidate, as the gate sees it."""
-    sys.path.insert(0, str(ROOT / "server"))
     import gate
     import model as server_model
     import tensorflow  # noqa: F401 - imported before timing: the server's workers have it already

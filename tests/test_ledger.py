@@ -380,9 +380,8 @@ def test_usage_errors_are_one_line(argv):
 
 WRITER = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
-import ledger
-root = sys.argv[2]
+import ledger  # from the working directory, aggregator/ (python -c puts it first on sys.path)
+root = sys.argv[1]
 pad = "x" * 200000
 k = 0
 while True:
@@ -400,7 +399,7 @@ def test_ledger_write_is_atomic_under_a_kill(tmp_path):
     (root / "rounds").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for _ in range(10):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO / "aggregator"), str(root)],
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], cwd=REPO / "aggregator",
                                 stdout=subprocess.PIPE, text=True)
         proc.stdout.readline()  # at least one version written
         time.sleep(float(rng.uniform(0, 0.3)))
