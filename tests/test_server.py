@@ -1,6 +1,8 @@
-"""The prediction server (server/app.py, model.py, server.py) through Flask's test client: every route,
-every kind of bad input, hot reload, the command line, the batcher, the prediction JSON."""
+"""The prediction server (server/app.py, predictor.py, fastpath.py, model.py, server.py) through Flask's test
+client: every route, every kind of bad input, hot reload, the command line, the batcher, the one prediction
+pipeline (Predictor) and its JSON, the fast path of POST /api/predict."""
 
+import base64
 import hashlib
 import io
 import os
@@ -21,6 +23,7 @@ from helpers import thick_seven_png
 
 ROOT = Path(__file__).resolve().parents[1]
 import app as server_app  # noqa: E402
+import fastpath  # noqa: E402
 import model as server_model  # noqa: E402
 import predictor as server_predictor  # noqa: E402
 import preprocess  # noqa: E402
@@ -611,10 +614,101 @@ def test_every_prediction_route_uses_prediction_json(client, monkeypatch):
     raw = client.post("/api/predict", data=six, content_type="image/png").get_json()
     page = post_files(client, "/upload", six)
     assert len(calls) == 5 and page.status_code == 200
+    v2_image = client.post("/v2/models/mnist/infer", json={"inputs": [{
+        "name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(six).decode()]}]})
+    v2_arrays = client.post("/v2/models/mnist/infer", json={"inputs": [{
+        "name": "input", "datatype": "UINT8", "shape": [2, 784], "data": [0] * (2 * 784)}]})
+    assert v2_image.status_code == v2_arrays.status_code == 200
+    assert len(calls) == 5 + 1 + 2  # v2 too: one per image
     sha = client.get("/api/model").get_json()["sha256"]
     assert set(calls) == {sha}
     assert single == raw == several["predictions"][0] == several["predictions"][1]
     assert single["model"] == client.get("/readyz").get_json()["model"] == sha[:12]
+    v2_answer = v2_image.get_json()
+    assert v2_answer["parameters"]["model"] == sha[:12]
+    assert v2_answer["outputs"][1] == {"name": "digit", "datatype": "INT64", "shape": [1], "data": [single["digit"]]}
+
+
+# ------------------------------------------------------------------------- the one Predictor
+
+
+class FakeHolder:
+    """What Predictor needs of model.ModelHolder."""
+
+    def __init__(self):
+        self.current = self.last_error = None
+
+    def get(self):
+        return self.current
+
+
+class FakeModel:
+    """Answers class (row index + digit) for each image, with probability 0.7 (0.3 on class 0)."""
+
+    def __init__(self, sha256, digit):
+        self.sha256, self.digit = sha256, digit
+
+    def predict(self, images):
+        out = np.zeros((len(images), 10))
+        for row in range(len(images)):
+            out[row, 0] += 0.3
+            out[row, (row + self.digit) % 10] += 0.7
+        return out
+
+
+def test_predictor_results_metric_hooks_and_not_ready():
+    holder, digits, models = FakeHolder(), [], []
+    predictor = server_predictor.Predictor(holder, server_model.Batcher(), on_digit=digits.append,
+                                           on_new_model=models.append)
+    two = server_predictor.Predictor.arrays(np.zeros((2, 28, 28), np.float32))
+    with pytest.raises(server_predictor.ModelNotReady, match="^model not loaded yet$"):
+        predictor.predict(two)
+    holder.last_error = "cannot load /m.h5: OSError: gone"
+    with pytest.raises(server_predictor.ModelNotReady, match="^cannot load /m.h5: OSError: gone$"):
+        predictor.predict(two)
+    assert digits == [] and models == [] and predictor.ready_model() is None
+    first = holder.current = FakeModel("ab" * 32, 3)
+    out = predictor.predict(two)
+    assert out.model is first and out.probabilities.shape == (2, 10)
+    assert [r["digit"] for r in out.results] == [3, 4] and {r["model"] for r in out.results} == {"abababababab"}
+    assert out.results[0]["probabilities"] == [0.3, 0, 0, 0.7, 0, 0, 0, 0, 0, 0]
+    predictor.predict(two)
+    assert digits == [3, 4, 3, 4] and models == [first]  # each prediction counted; the model once
+    second = holder.current = FakeModel("cd" * 32, 8)
+    assert [r["digit"] for r in predictor.predict(two).results] == [8, 9]
+    assert models == [first, second] and predictor.ready_model() is second
+
+
+def test_predictor_images_name_the_file_that_is_not_an_image():
+    six = (SAMPLES / "6.png").read_bytes()
+    images = server_predictor.Predictor.images([six, thick_seven_png(), six])
+    assert images.images.shape == (4, 28, 28) and list(images.starts) == [0, 1, 3]  # the thick 7: two views
+    assert server_predictor.Predictor.images([six]).starts is None
+    with pytest.raises(server_predictor.UploadImageError) as several:
+        server_predictor.Predictor.images([six, b"hello"])
+    assert (several.value.index, several.value.count) == (1, 2)
+    assert str(several.value).startswith("file 2: not an image") and several.value.reason.startswith("not an image")
+    with pytest.raises(preprocess.ImageError) as one:  # an UploadImageError is an ImageError
+        server_predictor.Predictor.images([b"hello"])
+    assert str(one.value).startswith("not an image")
+
+
+def test_the_gate_is_given_to_the_model_holder_at_construction(mnist_model, monkeypatch, tmp_path):
+    built = []
+
+    class Recording(server_model.ModelHolder):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("gate", "not given"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(server_app, "ModelHolder", Recording)
+    np.savez(tmp_path / "eval.npz", x=np.zeros((20, 28, 28), np.uint8), y=np.zeros(20, np.uint8))
+    gated = server_app.create_app(str(mnist_model), gate_data=str(tmp_path / "eval.npz"))
+    server_app.create_app(str(mnist_model))
+    assert len(built) == 2 and built[1] is None
+    assert built[0] is gated.extensions["mlk_gate"] and type(built[0]).__name__ == "Gate"
+    assert gated.extensions["mlk_model"].current is not None  # the first model, through the gate it was given
+    assert gated.extensions["mlk_gate"].last_decision["decision"] == "initial"
 
 
 # ------------------------------------------------------------- the fast path of POST /api/predict
@@ -667,7 +761,7 @@ def _wsgi_call(wsgi, body, content_type, content_length=None):
 
 
 def test_the_predict_fast_path_answers_byte_for_byte_as_flask_does(mnist_model):
-    """POST /api/predict skips Flask for plain bodies (server/app.py); every body shape, good or bad, gets
+    """POST /api/predict skips Flask for plain bodies (server/fastpath.py); every body shape, good or bad, gets
     exactly the status line, headers and body Flask's own route gives, and the plain ones really skip Flask."""
     from flask import Flask
 
@@ -682,3 +776,11 @@ def test_the_predict_fast_path_answers_byte_for_byte_as_flask_does(mnist_model):
         assert fast == flask_only, name
         if name in ("one", "two", "raw PNG", "not an image", "quoted boundary"):
             assert not fast_used_flask, f"{name}: expected the fast path"
+
+
+def test_multipart_files_takes_at_most_max_files_parts():
+    end = f"--{_BOUNDARY}--\r\n".encode()
+    two = _part(b"one") + _part(b"two") + end
+    assert fastpath.multipart_files(two, _BOUNDARY, max_files=2) == [b"one", b"two"]
+    assert fastpath.multipart_files(two, _BOUNDARY, max_files=1) is None  # then Flask answers (and counts them)
+    assert fastpath.multipart_files(two, "other", max_files=2) is None

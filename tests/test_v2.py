@@ -130,6 +130,43 @@ def test_infer_encoded_images_same_as_the_upload_api(triton, client, compression
     assert np.allclose(result.as_numpy("probabilities"), [p["probabilities"] for p in uploaded], atol=2e-6)
 
 
+def test_v2_and_the_upload_api_are_one_pipeline(app, client, monkeypatch):
+    """The same files to /api/predict and to v2 (binary tensors) go through the app's one Predictor and give the
+    same numbers: v2's FP32 probabilities are /api/predict's before rounding to 6 decimals, its digits theirs."""
+    predictor = app.extensions["mlk_predictor"]
+    answered = []
+    real = predictor.predict
+
+    def spy(images):
+        answered.append(real(images))
+        return answered[-1]
+
+    monkeypatch.setattr(predictor, "predict", spy)
+    blobs = [(SAMPLES / "6.png").read_bytes(), thick_seven_png(), (SAMPLES / "photo-3.jpg").read_bytes()]
+    uploaded = client.post("/api/predict", data={"file": [(io.BytesIO(b), f"{i}.png") for i, b in enumerate(blobs)]},
+                           content_type="multipart/form-data").get_json()["predictions"]
+    elements = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    data, headers = binary_request({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
+                                                "parameters": {"binary_data_size": len(elements)}}],
+                                    "parameters": {"binary_data_output": True}}, elements)
+    response = client.post(URL, data=data, headers=headers, content_type="application/octet-stream")
+    assert response.status_code == 200, response.get_data()
+    raw = response.get_data()
+    size = int(response.headers["Inference-Header-Content-Length"])
+    head = json.loads(raw[:size])
+    assert [(o["name"], o["shape"], o["parameters"]["binary_data_size"]) for o in head["outputs"]] == [
+        ("probabilities", [3, 10], 120), ("digit", [3], 24)]
+    probabilities = np.frombuffer(raw[size:size + 120], "<f4").reshape(3, 10)
+    digits = np.frombuffer(raw[size + 120:], "<i8")
+
+    assert len(answered) == 2  # one predict() per request, both through the app's Predictor
+    assert np.array_equal(answered[0].probabilities, answered[1].probabilities)
+    assert answered[0].model is answered[1].model
+    assert digits.tolist() == [p["digit"] for p in uploaded] == [6, 7, 3]
+    assert np.abs(probabilities - np.array([p["probabilities"] for p in uploaded])).max() <= 5e-7 + 1e-7
+    assert head["parameters"]["model"] == uploaded[0]["model"]
+
+
 def test_only_the_requested_output_and_json_bytes_as_base64(client):
     png = (SAMPLES / "6.png").read_bytes()
     body = {"id": "x1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
