@@ -104,8 +104,7 @@ def programs(tmp):
         "trainer/evaluate.py": (["--modelpath", f"{tmp}/m.h5", "--data", f"{tmp}/test.npz"], "--batch"),
         "aggregator/aggregator.py": (["--dir", str(tmp), "--savefile", f"{tmp}/a.h5"], "--expect"),
         "server/server.py": (["--model", f"{tmp}/m.h5"], "--workers"),
-        "scripts/make-samples.py": (["--out", f"{tmp}/samples", "--dataset", f"{tmp}/mnist.npz", "--static", ""],
-                                    "--seed"),
+        "scripts/make-samples.py": (["--out", f"{tmp}/samples", "--dataset", f"{tmp}/mnist.npz"], "--seed"),
     }
 
 
