@@ -1,7 +1,9 @@
 """Turn any uploaded image into a 28x28 MNIST-style input, the way MNIST itself was made.
 
-Steps: decode (any mode Pillow opens, EXIF orientation applied, alpha composited onto white, or onto
-black under light strokes) -> grey levels, at most WORK_SIDE px on a side -> bright ink on dark ground
+Steps: decode (PNG, JPEG, GIF, BMP or WebP only; its first frame; EXIF orientation applied; the pixels it will
+decode counted against MAX_PIXELS and the request's PixelBudget before decoding; a big image box-reduced in
+8 bits to at most SHRINK_SIDE on a side before anything is a float) -> grey levels (alpha composited onto white,
+or onto black under light strokes), at most WORK_SIDE px on a side -> bright ink on dark ground
 (inverted when the border says the background is light) -> background removed (a photo's: a surface
 fitted to its paper, so uneven light is not ink) and levels within the noise dropped -> cropped to the
 ink -> very thin strokes thickened -> scaled to fit 20x20 keeping the aspect ratio -> placed in 28x28
@@ -9,20 +11,37 @@ with its centre of mass at (14, 14), where MNIST's is. An MNIST digit comes out 
 much thicker than MNIST's also give a second view, thinned; the server averages the model's answers.
 
 benchmarks/benchmark-uploads.py measures the accuracy and the time per upload style (photo, the
-page's canvas, thick strokes on a small canvas, pencil).
+page's canvas, thick strokes on a small canvas, pencil); benchmarks/benchmark-decode.py what decoding
+costs (time, memory) for small and hostile images.
 Only Pillow and NumPy; no TensorFlow, so it is cheap to import and to test.
 """
 
+import contextlib
 import io
-import struct
+import re
 import warnings
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 
-MAX_PIXELS = 40_000_000  # a 12000x12000 "decompression bomb" (144 MP) is refused before decoding
+MAX_PIXELS = 40_000_000  # an image over this (width x height, from its header) is refused before decoding
+REQUEST_PIXELS = MAX_PIXELS  # what one request's images may decode together (PixelBudget's default): one
+# image at the limit, or 32 of 1.25 MP; a 2 MB body holds eleven 40 MP PNGs of flat colour (180 kB each)
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # Pillow's names of the formats read: what cameras, phones,
+# browsers (a canvas' toBlob) and drawing programs send. Pillow's other plugins (TIFF, ICO, PSD, JPEG 2000,
+# FITS, EPS, ...) are never tried: some decode inside Image.open (an ICO's embedded PNG, whatever its header
+# says), some hold float pixels (TIFF, FITS: NaN), and each is more parser code facing the network.
+# A camera's MPO (several JPEGs in one file) opens as JPEG: its first picture is read.
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP or WebP"
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check (its warning above this, its error above twice
+# this, also on a GIF frame that grows the image) agrees with ours; decode() turns its warning into ImageError
 WORK_SIDE = 512  # larger images are reduced to about this before the pixel work (speed only)
+SHRINK_SIDE = 2 * WORK_SIDE  # a decoded image larger than this on a side is first box-reduced by an integer
+# factor to at most this, in 8 bits and in strips of STRIP pixels: no float array is ever larger than
+# SHRINK_SIDE^2 and no temporary larger than a strip (the old way composited a 40 MP RGBA PNG in floats at
+# full size: 650 MB of NumPy arrays). Images up to SHRINK_SIDE, every ordinary upload, are unchanged by it.
+STRIP = 1 << 20
 BOX = 20  # MNIST: the digit is scaled to fit a 20x20 box ...
 SIZE = 28  # ... inside a 28x28 image, centred by centre of mass
 INK_THRESHOLD = 0.2  # in a photo, after normalisation, levels below this are background (paper texture)
@@ -42,52 +61,175 @@ MAX_THIN = 2  # at most this many pixels (in the box) come off each side of a st
 
 # Where Pillow's getexif() finds an orientation (besides a TIFF's own tags): without them it is 1, upright.
 ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose's table)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 _INDEX = np.arange(SIZE, dtype=np.float32)  # row/column numbers for the centre of mass
 
 
 class ImageError(ValueError):
-    """The upload is not a usable image; the message says why (shown to the client)."""
+    """The upload is not a usable image; the message (one line) says why, shown to the client with `status`."""
+
+    status = 400
 
 
-def decode(data):
-    """bytes -> a loaded, upright PIL image. Raises ImageError for anything unusable."""
-    if not data:
-        raise ImageError("empty file")
+class UnsupportedImage(ImageError):
+    """An image in a format outside FORMATS (TIFF, ICO, PSD, ...): 415 Unsupported Media Type."""
+
+    status = 415
+
+
+class OverBudget(ImageError):
+    """The request's images together would decode to more pixels than its PixelBudget: 413."""
+
+    status = 413
+
+
+class PixelBudget:
+    """The pixels one request's images may decode together. Pass one to preprocess_views() for each of the
+    request's files: each draws what it will decode (after JPEG's draft: every pixel of a progressive JPEG,
+    whose decoder keeps them all) before decoding; OverBudget when the rest does not cover it."""
+
+    def __init__(self, total=REQUEST_PIXELS):
+        self.total = self.left = int(total)
+
+    def draw(self, pixels):
+        if pixels > self.left:
+            raise OverBudget(f"images too large together: over {self.total / 1e6:g} megapixels to decode "
+                             "in one request")
+        self.left -= pixels
+
+
+def _reason(err):
+    """An exception's text as one line for a client: no absolute path, at most 160 characters."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"(?:[A-Za-z]:)?(?:[\\/][\w.@+-]+){2,}", "<path>", text)
+    return (text[:157] + "...") if len(text) > 160 else (text or type(err).__name__)
+
+
+@contextlib.contextmanager
+def _clean_errors():
+    """Any failure of Pillow (or NumPy) on the image's data -> ImageError with a one-line reason, never a 500.
+    MemoryError is no fault of the image: it stays what it is."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise ImageError(f"image has zero size ({width}x{height})")
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"image too large: {width}x{height} pixels (limit {MAX_PIXELS // 1_000_000} megapixels)")
-            if image.format == "JPEG" and max(width, height) > 2 * WORK_SIDE:
-                # decode at 1/2, 1/4 or 1/8 scale (much faster), the longest side still >= 0.9 * WORK_SIDE
-                side = 0.9 * WORK_SIDE / max(width, height)
-                image.draft(image.mode, (max(1, int(width * side)), max(1, int(height * side))))
-            image.load()
-            if hasattr(image, "tag_v2") or any(key in image.info for key in ORIENTATION_KEYS):
-                image = ImageOps.exif_transpose(image)  # (parsing EXIF costs more than the rest for 28x28)
-    except ImageError:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # above MAX_PIXELS: ours, below
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": the image still reads
+            yield
+    except (ImageError, MemoryError):
         raise
-    except UnidentifiedImageError:
-        raise ImageError("not an image (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"image too large (limit {MAX_PIXELS // 1_000_000} megapixels)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error) as err:
-        raise ImageError(f"truncated or corrupt image ({err})") from None
+    except Exception as err:  # OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, ...
+        raise ImageError(f"truncated or corrupt image ({_reason(err)})") from None
+
+
+def _unidentified(data):
+    """The ImageError for bytes no allowed plugin opened: corrupt (they start as an allowed format does),
+    UnsupportedImage naming the format Pillow would take them for (its plugins' magic-number checks only: no
+    other plugin code runs), else not an image."""
+    Image.init()
+    prefix = data[:16]
+    refused = None
+    for name, (_, accept) in list(Image.OPEN.items()):
+        try:
+            matches = accept is not None and bool(accept(prefix))
+        except Exception:
+            matches = False
+        if matches and name in FORMATS:
+            return ImageError(f"truncated or corrupt image (not a readable {name} file)")
+        if matches and refused is None:
+            refused = name
+    if refused:
+        return UnsupportedImage(f"unsupported image format: {refused} (send {FORMAT_NAMES})")
+    return ImageError(f"not an image (send {FORMAT_NAMES})")
+
+
+def _open(data):
+    """Bytes -> an opened (header read, nothing decoded) Pillow image of FORMATS."""
+    try:
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise _unidentified(data) from None
+
+
+def decode(data, budget=None, shrink=False):
+    """bytes -> a loaded, upright PIL image (the first frame). Raises ImageError for anything unusable
+    (UnsupportedImage: 415, OverBudget: 413, else 400), before decoding when the pixel counts say so.
+    budget: a PixelBudget the pixels decoded are drawn from. shrink: a side over SHRINK_SIDE box-reduced to it
+    (_shrunk) before the image is made upright (what preprocess_views uses; without: the full size)."""
+    if not data:
+        raise ImageError("empty file")
+    with _clean_errors():
+        image = _open(data)
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"image has zero size ({width}x{height})")
+        if width * height > MAX_PIXELS:
+            raise ImageError(f"image too large: {width}x{height} pixels (limit {MAX_PIXELS // 1_000_000} megapixels)")
+        if image.format in ("JPEG", "MPO") and max(width, height) > 2 * WORK_SIDE:
+            # decode at 1/2, 1/4 or 1/8 scale (much faster), the longest side still >= 0.9 * WORK_SIDE
+            side = 0.9 * WORK_SIDE / max(width, height)
+            image.draft(image.mode, (max(1, int(width * side)), max(1, int(height * side))))
+        decoded = width * height if image.info.get("progressive") else image.width * image.height
+        if budget is not None:
+            budget.draw(decoded)
+        image.load()
+        orientation = 1
+        if hasattr(image, "tag_v2") or any(key in image.info for key in ORIENTATION_KEYS):
+            orientation = image.getexif().get(0x0112, 1)  # (parsing EXIF costs more than the rest for 28x28)
+        if shrink:
+            image = _shrunk(image)
+        if orientation in UPRIGHT:
+            image = image.transpose(UPRIGHT[orientation])
     if image.width <= 0 or image.height <= 0:
         raise ImageError("image has zero size")
     return image
 
 
+def _reducible(image):
+    """The mode a strip of the image is converted to before Image.reduce: the grey levels grey_image would
+    take (L; LA with alpha; I for 16-bit; F kept), so the reduction does a third or a quarter of the work."""
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        return "LA"
+    if image.mode.startswith("I"):
+        return "I"
+    return "F" if image.mode == "F" else "L"
+
+
+def _as_grey(strip, mode):
+    if mode == "LA":  # Pillow's reduce averages LA premultiplied (as La): compositing later is exact
+        return strip.convert("RGBA").convert("LA") if strip.mode not in ("LA", "RGBA") else strip.convert("LA")
+    if mode == "L" and strip.mode not in ("L", "1"):
+        return strip.convert("RGB").convert("L")  # as grey_image converts: CMYK, YCbCr, P, RGB ...
+    return strip.convert(mode) if strip.mode != mode else strip
+
+
+def _shrunk(image):
+    """A loaded image with a side over SHRINK_SIDE -> box-reduced by the smallest integer factor that brings
+    it to at most SHRINK_SIDE (Image.reduce: each output pixel the mean of a factor x factor box), as the grey
+    levels grey_image takes (_reducible), one strip of about STRIP pixels at a time. Smaller images: as they are."""
+    width, height = image.size
+    factor = -(-max(width, height) // SHRINK_SIDE)
+    if factor < 2:
+        return image
+    mode = _reducible(image)
+    out = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, STRIP // (width * factor))  # a multiple of factor: the strips' boxes are the image's
+    for top in range(0, height, rows):
+        strip = _as_grey(image.crop((0, top, width, min(height, top + rows))), mode)
+        out.paste(strip.reduce(factor), (0, top // factor))
+    return out
+
+
 def grey_image(image):
     """Any PIL image -> a PIL image of grey levels: mode L (8-bit) or F (16-bit and float modes, whose
     levels are kept), alpha composited onto white, or onto black when what is drawn on it is light."""
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+    has_alpha = image.mode in ALPHA_MODES or (
         image.mode == "P" and "transparency" in image.info
     )
     if has_alpha:
@@ -338,6 +480,8 @@ def work_image(image):
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     grey = np.asarray(image, dtype=np.float32)
+    if image.mode == "F" and not np.isfinite(grey).all():
+        raise ImageError("image has pixel values that are not numbers (NaN or infinity)")
     photo = min(image.size) >= LARGE and not flat_background(grey)
     if photo and image.mode == "L":
         grey = np.asarray(image.filter(ImageFilter.BoxBlur(1)), dtype=np.float32)
@@ -384,10 +528,15 @@ def digit_views(grey, photo):
     return np.stack([centre_in_frame(digit), centre_in_frame(thin)])
 
 
-def preprocess_views(data):
+def preprocess_views(data, budget=None):
     """Uploaded bytes -> float32 (k, 28, 28) in [0, 1]: the views of the digit the model scores (k = 1, or 2
-    for thick strokes); the prediction is the mean of their probabilities (mean_over_views). Raises ImageError."""
-    return digit_views(*work_image(grey_image(decode(data))))
+    for thick strokes); the prediction is the mean of their probabilities (mean_over_views). Raises ImageError
+    (its `status`: 400, UnsupportedImage 415, OverBudget 413). budget: the request's PixelBudget, one for all
+    its files (None: each image is held to MAX_PIXELS alone)."""
+    image = decode(data, budget, shrink=True)
+    with _clean_errors():
+        grey = grey_image(image)
+    return digit_views(*work_image(grey))
 
 
 def preprocess(data):

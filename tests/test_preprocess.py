@@ -1,16 +1,20 @@
 """server/preprocess.py on synthetic images: every Pillow mode, EXIF, alpha, polarity, crop, fit, centring."""
 
 import io
+import re
+import struct
 import sys
+import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import IcoImagePlugin, Image, ImageDraw, ImageFile, features
 
 import preprocess  # noqa: E402
 from helpers import mnist_path  # noqa: E402
-from preprocess import ImageError  # noqa: E402
+from preprocess import ImageError, OverBudget, PixelBudget, UnsupportedImage  # noqa: E402
 
 
 def encode(image, fmt="PNG", **kwargs):
@@ -73,6 +77,9 @@ def test_real_mnist_digits_come_out_as_they_went_in():
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "P", "CMYK", "I", "I;16", "1", "LA", "RGBA", "F"])
 def test_every_pillow_mode(mode):
+    """Every mode an upload decodes to, through preprocess(); I and F (32-bit integer and float: only TIFF and
+    other formats outside preprocess.FORMATS hold them, and those are refused) through the same steps after
+    decoding (grey_image, work_image, digit_in_frame), and their TIFF refused."""
     image = bar_digit(mode="RGB")
     if mode == "I;16":
         array = np.where(np.asarray(image.convert("L")) > 128, 60000, 1000).astype(np.uint16)
@@ -82,7 +89,12 @@ def test_every_pillow_mode(mode):
         image = image.convert("L").convert(mode)
     else:
         image = image.convert(mode)
-    fmt = "TIFF" if mode in ("CMYK", "F", "I") else "PNG"
+    if mode in ("I", "F"):
+        check_bar(preprocess.digit_in_frame(*preprocess.work_image(preprocess.grey_image(image))))
+        with pytest.raises(UnsupportedImage):
+            preprocess.preprocess(encode(image, "TIFF"))
+        return
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
     check_bar(preprocess.preprocess(encode(image, fmt)))
 
 
@@ -303,3 +315,278 @@ def test_a_solid_blob_loses_at_most_max_thin_of_its_width():
     assert views.shape == (2, 28, 28)
     widths = [int((view[14] > 0.5).sum()) for view in views]
     assert widths[0] >= 19 and abs(widths[0] - 2 * preprocess.MAX_THIN - widths[1]) <= 1, widths
+
+
+# ------------------------------------------------------------------- hostile inputs (issue 28, item 1)
+
+def lying_ico(size=(300, 200)):
+    """An ICO whose directory says 16x16 but whose one entry is a `size` PNG (Pillow's ICO plugin decodes
+    that PNG inside Image.open, before any pixel check could see its size)."""
+    inner = encode(Image.new("RGBA", size, (0, 0, 0, 255)))
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 22) + inner
+
+
+def growing_gif(width, height):
+    """A GIF whose logical screen is 10x10 but whose first frame is width x height (no pixel data: truncated)."""
+    head = b"GIF89a" + struct.pack("<HH", 10, 10) + bytes([0x80, 0, 0]) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"," + struct.pack("<HHHH", 0, 0, width, height) + b"\x00" + b"\x02\x02\x4c\x01\x00"
+    return head + frame + b";"
+
+
+@pytest.fixture
+def refused_plugins_never_run(monkeypatch):
+    """Every Pillow plugin outside preprocess.FORMATS replaced by one that records being called: the test
+    asserts none was (only their magic-number checks may run, to name the format)."""
+    Image.init()
+    called = []
+
+    def spy(name):
+        def factory(fp, filename=None):
+            called.append(name)
+            raise SyntaxError("spy")
+        return factory
+
+    for name, (_, accept) in list(Image.OPEN.items()):
+        if name not in preprocess.FORMATS:
+            monkeypatch.setitem(Image.OPEN, name, (spy(name), accept))
+    yield called
+    assert called == [], f"plugins outside the allow-list were run: {called}"
+
+
+def test_the_allow_list_and_pillows_own_limit():
+    assert preprocess.FORMATS == ("PNG", "JPEG", "GIF", "BMP", "WEBP")
+    assert Image.MAX_IMAGE_PIXELS == preprocess.MAX_PIXELS  # Pillow's bomb check agrees with ours
+    assert ImageError.status == 400 and UnsupportedImage.status == 415 and OverBudget.status == 413
+    assert issubclass(UnsupportedImage, ImageError) and issubclass(OverBudget, ImageError)
+
+
+def crafted(name):
+    """Bytes in a format Pillow reads but the server refuses, by Pillow's name for it."""
+    bar = bar_digit(size=(40, 30), box=(15, 5, 20, 25))
+    if name == "PSD":
+        return b"8BPS\x00\x01" + bytes(6) + struct.pack(">HIIHH", 1, 30, 40, 8, 1) + bytes(64)
+    if name == "FITS":
+        return b"".join(card.ljust(80).encode() for card in ["SIMPLE  = T", "BITPIX  = 8", "NAXIS   = 0", "END"])
+    if name == "ICO":
+        return lying_ico()
+    if name == "JPEG2000":
+        return encode(bar.convert("RGB"), "JPEG2000")
+    return encode(bar.convert("RGB"), name)
+
+
+@pytest.mark.parametrize("name", ["TIFF", "ICO", "PSD", "JPEG2000", "AVIF", "PPM", "PCX", "SGI", "FITS", "QOI"])
+def test_formats_outside_the_allow_list_are_refused_with_415(name, refused_plugins_never_run):
+    if name == "AVIF" and not features.check("avif") or name == "JPEG2000" and not features.check("jpg_2000"):
+        pytest.skip(f"this Pillow cannot write {name}")
+    with pytest.raises(UnsupportedImage) as caught:
+        preprocess.preprocess_views(crafted(name))
+    assert caught.value.status == 415
+    assert str(caught.value) == f"unsupported image format: {name} (send PNG, JPEG, GIF, BMP or WebP)"
+
+
+def test_formats_without_a_magic_number_are_not_an_image(refused_plugins_never_run):
+    """TGA (and Pillow's IM, SPIDER ...) have no magic number to name them by: 'not an image', 400."""
+    with pytest.raises(ImageError, match=r"^not an image \(send PNG, JPEG, GIF, BMP or WebP\)$") as caught:
+        preprocess.preprocess_views(encode(bar_digit(size=(40, 30)), "TGA"))
+    assert type(caught.value) is ImageError and caught.value.status == 400
+
+
+def test_the_lying_ico_is_refused_before_its_png_is_decoded(refused_plugins_never_run, monkeypatch):
+    """Pillow's ICO plugin alone decodes the ICO's 300x200 PNG inside Image.open (its size is the PNG's, not
+    the 16x16 the header says); the allow-list never lets it (nor any decoder) run at all."""
+    data = lying_ico()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow: "Image was not the expected size"
+        assert IcoImagePlugin.IcoImageFile(io.BytesIO(data)).size == (300, 200)
+    loads = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or load(self))
+    with pytest.raises(UnsupportedImage, match="ICO"):
+        preprocess.preprocess_views(data)
+    assert loads == []
+    preprocess.preprocess_views(encode(bar_digit()))
+    assert loads  # (the spy sees a decode)
+
+
+def test_a_nan_tiff_is_refused_by_the_allow_list_and_float_levels_must_be_finite():
+    """A float TIFF holding NaN was a 500; TIFF is refused now (415). No allowed format holds floats (PNG, JPEG,
+    GIF, BMP and WebP are integers), so NaN can only reach the float path through to_mnist: a clean 400."""
+    nan = np.full((30, 40), np.nan, np.float32)
+    nan[5:25, 18:22] = 1.0
+    with pytest.raises(UnsupportedImage):
+        preprocess.preprocess_views(encode(Image.fromarray(nan, "F"), "TIFF"))
+    for bad in (np.nan, np.inf, -np.inf):
+        grey = np.zeros((30, 40), np.float32)
+        grey[5:25, 18:22] = 1.0
+        grey[0, 0] = bad
+        with pytest.raises(ImageError, match="not numbers") as caught:
+            preprocess.to_mnist(grey)
+        assert caught.value.status == 400
+
+
+def test_only_the_first_frame_of_an_animation_is_decoded_and_charged():
+    """18 frames of 1500x1500 (40.5 MP together, over MAX_PIXELS): the first is the upload (it is the digit),
+    read and charged alone; a budget short of one frame refuses the next such file."""
+    frames = [bar_digit(size=(1500, 1500), box=(700 + i, 200, 800 + i, 1300)) for i in range(18)]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    data = out.getvalue()
+    assert Image.open(io.BytesIO(data)).n_frames == 18
+    budget = PixelBudget(4_000_000)
+    check_bar(preprocess.preprocess_views(data, budget)[0])
+    assert budget.left == 4_000_000 - 1500 * 1500
+    with pytest.raises(OverBudget):
+        preprocess.preprocess_views(data, budget)
+
+
+def test_a_gif_frame_larger_than_its_screen_is_counted_at_its_real_size():
+    """The pixel rule is on what will be decoded: a first frame that grows the 10x10 screen is counted at its
+    size (over MAX_PIXELS: refused by Pillow's check, turned into ours)."""
+    with pytest.raises(ImageError, match="too large") as caught:
+        preprocess.preprocess_views(growing_gif(7000, 7000))
+    assert type(caught.value) is ImageError
+    budget = PixelBudget(1_000_000)
+    with pytest.raises(OverBudget):
+        preprocess.preprocess_views(growing_gif(2000, 2000), budget)
+    assert budget.left == 1_000_000
+    with pytest.raises(ImageError, match="corrupt"):  # within the limits: read, and its missing data found
+        preprocess.preprocess_views(growing_gif(300, 300))
+
+
+def test_a_40_megapixel_png_is_read_within_a_memory_bound():
+    """6320x6320 RGBA (the page's canvas style, 160 MB as RGBA in Pillow): box-reduced in 8 bits, in strips,
+    before any float array; NumPy's peak stays under 60 MB (it was 650 MB: a float composite at full size)."""
+    side = 6320
+    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    ImageDraw.Draw(image).rectangle((3000, 600, 3300, 5600), fill=(0, 0, 0, 255))
+    data = encode(image, compress_level=1)
+    del image
+    tracemalloc.start()
+    try:
+        views = preprocess.preprocess_views(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 60 * 2**20, f"{peak / 2**20:.0f} MB"
+    check_bar(views[0])
+
+
+def test_a_budget_is_shared_by_the_parts_of_a_request():
+    data = encode(bar_digit(size=(2000, 1500), box=(900, 200, 1000, 1300)))  # 3 MP
+    budget = PixelBudget(7_000_000)
+    for _ in range(2):
+        check_bar(preprocess.preprocess_views(data, budget)[0])
+    assert budget.left == 1_000_000
+    with pytest.raises(OverBudget) as caught:
+        preprocess.preprocess_views(data, budget)
+    assert caught.value.status == 413 and "\n" not in str(caught.value)
+    assert str(caught.value) == "images too large together: over 7 megapixels to decode in one request"
+    assert budget.left == 1_000_000  # the refused image drew nothing
+    for _ in range(3):  # no budget: each image is held to MAX_PIXELS alone (the call the server made so far)
+        check_bar(preprocess.preprocess_views(data)[0])
+    assert PixelBudget().total == preprocess.REQUEST_PIXELS == preprocess.MAX_PIXELS
+
+
+def test_a_jpeg_is_charged_what_it_decodes():
+    """A baseline JPEG decodes at the draft's scale (3000x2000 at 1/4: 750x500); a progressive one keeps every
+    coefficient of the full size in libjpeg whatever the scale, so it is charged all its pixels."""
+    big = bar_digit(size=(3000, 2000), box=(1400, 300, 1500, 1700)).convert("RGB")
+    for progressive, charged in ((False, 750 * 500), (True, 3000 * 2000)):
+        budget = PixelBudget()
+        check_bar(preprocess.preprocess_views(encode(big, "JPEG", quality=90, progressive=progressive), budget)[0])
+        assert budget.total - budget.left == charged
+
+
+def big_drawing(kind):
+    image = Image.new("L", (2600, 2200), 255)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((900, 300, 1700, 1900), outline=0, width=150)
+    draw.line((1000, 1800, 1600, 400), fill=0, width=120)
+    if kind == "L":
+        return encode(image)
+    if kind == "RGBA":  # black strokes on transparency, as the page's canvas
+        rgba = Image.new("RGBA", image.size, (0, 0, 0, 0))
+        rgba.putalpha(Image.eval(image, lambda v: 255 - v))
+        return encode(rgba)
+    if kind == "GIF":  # palette with a transparent index
+        palette = Image.eval(image, lambda v: 1 if v < 128 else 0).convert("P")
+        palette.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+        return encode(palette, "GIF", transparency=0)
+    if kind == "I;16":
+        return encode(Image.fromarray((np.asarray(image, np.uint16) * 200 + 1000).astype(np.uint16)))
+    if kind == "JPEG-wide":  # 9000x700: wider than 8 times the draft's target, so the draft leaves 1125 px
+        wide = Image.new("L", (9000, 700), 230)
+        ImageDraw.Draw(wide).rectangle((4400, 100, 4600, 600), fill=20)
+        return encode(wide.convert("RGB"), "JPEG", quality=90)
+    return encode(image.convert(kind), "BMP" if kind == "RGB" else "WEBP", **({"lossless": True} if kind == "P" else {}))
+
+
+def nearest_match(view, other):
+    """(mean |difference|, correlation) of view with other moved by at most a pixel each way, at the best move:
+    the centring rounds the centre of mass to a pixel, and a reduction may move it across a half."""
+    moved = [np.roll(other, (dy, dx), axis=(0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    best = min(moved, key=lambda m: np.abs(view - m).mean())
+    return float(np.abs(view - best).mean()), float(np.corrcoef(view.ravel(), best.ravel())[0, 1])
+
+
+@pytest.mark.parametrize("kind", ["L", "RGBA", "GIF", "I;16", "RGB", "P", "JPEG-wide"])
+def test_big_images_shrunk_in_8_bits_read_as_before(kind):
+    """An image over SHRINK_SIDE is box-reduced as grey levels before anything is a float: the views are the
+    full-size path's (decode without shrink, then the same steps) up to rounding (and, for the JPEG drafted
+    to 1125x88, a pixel's move of the centring)."""
+    data = big_drawing(kind)
+    shrunk = preprocess.preprocess_views(data)
+    full = preprocess.digit_views(*preprocess.work_image(preprocess.grey_image(preprocess.decode(data))))
+    assert shrunk.shape == full.shape
+    for view, other in zip(shrunk, full):
+        difference, correlation = nearest_match(view, other)
+        assert difference < 0.03 and correlation > 0.97, (difference, correlation)
+        if kind != "JPEG-wide":
+            assert np.abs(view - other).max() < 0.06
+
+
+def test_images_up_to_the_shrink_side_are_untouched():
+    """Every ordinary upload (the page's 280x280 canvas, MNIST's 28x28, a photo drafted to under 1024 px) is
+    not reduced: the same views, to the bit, as decoding at full size."""
+    for data in (encode(ring()), encode(bar_digit()), encode(bar_digit(size=(1024, 700), box=(500, 50, 540, 650))),
+                 encode(bar_digit(size=(3000, 2000), box=(1400, 300, 1500, 1700)).convert("RGB"), "JPEG")):
+        full = preprocess.digit_views(*preprocess.work_image(preprocess.grey_image(preprocess.decode(data))))
+        assert np.array_equal(preprocess.preprocess_views(data), full)
+
+
+def test_exif_orientation_of_a_shrunk_image_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    lying = bar_digit(size=(2400, 4000), box=(400, 1200, 2000, 1600))  # a lying bar, stored rotated
+    check_bar(preprocess.preprocess(encode(lying, "PNG", exif=exif)))
+
+
+def mutations(data, seed, count):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        blob = bytearray(data)
+        for _ in range(int(rng.integers(1, 9))):
+            blob[int(rng.integers(0, len(blob)))] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            blob = blob[:int(rng.integers(1, len(blob)))]
+        yield bytes(blob)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_damaged_images_give_a_clean_one_line_error_never_anything_else(fmt):
+    """Random bytes overwritten and files cut short, 150 of each allowed format: the upload either reads
+    (finite views in [0, 1]) or raises ImageError with a 4xx status and one line, with no absolute path."""
+    data = encode(bar_digit(size=(48, 40), box=(20, 5, 26, 34)).convert("RGB"), fmt)
+    read = refused = 0
+    for blob in mutations(data, seed=len(fmt), count=150):
+        try:
+            views = preprocess.preprocess_views(blob)
+        except ImageError as err:
+            message = str(err)
+            assert err.status in (400, 413, 415) and message and "\n" not in message and len(message) <= 220, message
+            assert not re.search(r"(^|[\s(])/[\w.-]+/", message), message
+            refused += 1
+        else:
+            assert np.isfinite(views).all() and views.min() >= 0 and views.max() <= 1
+            read += 1
+    assert read + refused == 150
