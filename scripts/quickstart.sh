@@ -349,15 +349,28 @@ wait_jobs() {
   done
 }
 
-# wait_deployment STAGE NAME SELECTOR TIMEOUT: until the rollout is complete and a replica available
-wait_deployment() {
-  local stage="$1" name="$2" selector="$3" timeout="$4" deadline=$(($4 + SECONDS)) state
+# wait_ready STAGE deployment|pod NAME SELECTOR TIMEOUT: until the Deployment's rollout is complete with every
+# replica available, or the pod is Ready
+wait_ready() {
+  local stage="$1" kind="$2" name="$3" selector="$4" timeout="$5" deadline=$(($5 + SECONDS)) query want state
+  case "$kind" in
+    deployment)
+      query='go-template={{if ge .status.observedGeneration .metadata.generation}}{{if eq (or .status.updatedReplicas 0) .spec.replicas}}{{if eq (or .status.availableReplicas 0) .spec.replicas}}ready{{end}}{{end}}{{end}}'
+      want="ready"
+      ;;
+    pod)
+      query='jsonpath={.status.conditions[?(@.type=="Ready")].status}'
+      want="True"
+      ;;
+  esac
   reset_graces
   while :; do
-    state="$(k get deployment "$name" -o 'go-template={{if ge .status.observedGeneration .metadata.generation}}{{if eq (or .status.updatedReplicas 0) .spec.replicas}}{{if eq (or .status.availableReplicas 0) .spec.replicas}}ready{{end}}{{end}}{{end}}' 2>/dev/null)" || state=""
-    [[ "$state" != ready ]] || return 0
+    state="$(k get "$kind" "$name" -o "$query" 2>/dev/null)" || state=""
+    [[ "$state" != "$want" ]] || return 0
     check_stage "$stage" "$selector"
-    ((SECONDS < deadline)) || report "$stage" "$selector" "deployment $name not available within ${timeout}s$(volume_cause "$selector")"
+    if ((SECONDS >= deadline)); then
+      report "$stage" "$selector" "$kind $name not $([[ "$kind" == pod ]] && echo ready || echo available) within ${timeout}s$(volume_cause "$selector")"
+    fi
     sleep "$POLL"
   done
 }
@@ -394,19 +407,6 @@ wait_claim() {
 
 # delete_jobs NAME...: remove Jobs of an earlier run (and their pods) so they can be applied again
 delete_jobs() { k delete job "$@" --ignore-not-found=true --cascade=foreground --wait=true >/dev/null; }
-
-# wait_pod STAGE NAME SELECTOR TIMEOUT: until the pod is Ready
-wait_pod() {
-  local stage="$1" name="$2" selector="$3" timeout="$4" deadline=$(($4 + SECONDS)) ready
-  reset_graces
-  while :; do
-    ready="$(k get pod "$name" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" || ready=""
-    [[ "$ready" != True ]] || return 0
-    check_stage "$stage" "$selector"
-    ((SECONDS < deadline)) || report "$stage" "$selector" "pod $name not ready within ${timeout}s$(volume_cause "$selector")"
-    sleep "$POLL"
-  done
-}
 
 # configmap_only: the ConfigMap of a rendered file (the aggregator's worker count), nothing else
 configmap_only() {
@@ -511,7 +511,7 @@ prepare_volume() {
     fi
     export NODE_CIDR
     apply nfs "$root/manifests/2-nfs-networkpolicy.yaml"
-    wait_deployment nfs nfs-server "app.kubernetes.io/component=nfs-server" "$NFS_TIMEOUT"
+    wait_ready nfs deployment nfs-server "app.kubernetes.io/component=nfs-server" "$NFS_TIMEOUT"
     NFS_CLUSTER_IP="$(k get service nfs-server -o 'jsonpath={.spec.clusterIP}')" || NFS_CLUSTER_IP=""
     [[ -n "$NFS_CLUSTER_IP" ]] || fail nfs "service nfs-server has no ClusterIP"
     export NFS_CLUSTER_IP
@@ -530,53 +530,53 @@ prepare_volume() {
 # resume: the restore Job checks the round ledger on the volume; done_rounds is its last complete round
 resume_from_ledger() {
   local result sha
-say "== resume: checking the round ledger on the volume against its files"
-delete_jobs mnist-ledger-restore
-apply resume "$root/manifests/9999-ledger-restore.yaml"
-wait_jobs resume "app.kubernetes.io/component=ledger-restore" mnist-ledger-restore
-result="$(k logs job/mnist-ledger-restore --tail=1 2>/dev/null)" || result=""
-done_rounds="$(sed -n 's/^{"last_round": *\([0-9][0-9]*\),.*/\1/p' <<<"$result")"
-[[ -n "$done_rounds" ]] ||
-  fail resume "cannot read the last complete round from job mnist-ledger-restore's log: its last line is '${result:-nothing}', not {\"last_round\": n, ...}"
-if ((done_rounds == 0)); then
-  say "resume: the ledger has no complete round; starting at round 1"
-else
-  sha="$(sed -n 's/.*"sha256": *"\([0-9a-f]\{12\}\).*/\1/p' <<<"$result")"
-  say "resume: round $done_rounds is the last complete one (rounds/r$done_rounds.h5 ${sha:-?}..., now /mnt/aggregated-model.h5); the shards are on the volume"
-  ((done_rounds < ROUNDS)) || say "resume: all ROUNDS=$ROUNDS rounds are done; on to the accuracy test"
-fi
+  say "== resume: checking the round ledger on the volume against its files"
+  delete_jobs mnist-ledger-restore
+  apply resume "$root/manifests/9999-ledger-restore.yaml"
+  wait_jobs resume "app.kubernetes.io/component=ledger-restore" mnist-ledger-restore
+  result="$(k logs job/mnist-ledger-restore --tail=1 2>/dev/null)" || result=""
+  done_rounds="$(sed -n 's/^{"last_round": *\([0-9][0-9]*\),.*/\1/p' <<<"$result")"
+  [[ -n "$done_rounds" ]] ||
+    fail resume "cannot read the last complete round from job mnist-ledger-restore's log: its last line is '${result:-nothing}', not {\"last_round\": n, ...}"
+  if ((done_rounds == 0)); then
+    say "resume: the ledger has no complete round; starting at round 1"
+  else
+    sha="$(sed -n 's/.*"sha256": *"\([0-9a-f]\{12\}\).*/\1/p' <<<"$result")"
+    say "resume: round $done_rounds is the last complete one (rounds/r$done_rounds.h5 ${sha:-?}..., now /mnt/aggregated-model.h5); the shards are on the volume"
+    ((done_rounds < ROUNDS)) || say "resume: all ROUNDS=$ROUNDS rounds are done; on to the accuracy test"
+  fi
 }
 
 # offline data: MNIST_NPZ onto the volume as /mnt/mnist.npz, through a short-lived pod
 upload_dataset() {
   local copied size
-say "== dataset: $MNIST_NPZ onto the volume as /mnt/mnist.npz"
-k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
-apply dataset "$root/manifests/9999-dataset-upload.yaml"
-wait_pod dataset mnist-dataset-upload "app.kubernetes.io/component=dataset-upload" "$NFS_TIMEOUT"
-# Streamed through exec (no tar needed in the image), written to a temporary name, then renamed.
-copied="$(k exec -i mnist-dataset-upload -- python -c 'import os, shutil, sys
+  say "== dataset: $MNIST_NPZ onto the volume as /mnt/mnist.npz"
+  k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
+  apply dataset "$root/manifests/9999-dataset-upload.yaml"
+  wait_ready dataset pod mnist-dataset-upload "app.kubernetes.io/component=dataset-upload" "$NFS_TIMEOUT"
+  # Streamed through exec (no tar needed in the image), written to a temporary name, then renamed.
+  copied="$(k exec -i mnist-dataset-upload -- python -c 'import os, shutil, sys
 tmp = "/mnt/.mnist.npz.tmp"
 with open(tmp, "wb") as f:
-  shutil.copyfileobj(sys.stdin.buffer, f)
-  f.flush()
-  os.fsync(f.fileno())
+    shutil.copyfileobj(sys.stdin.buffer, f)
+    f.flush()
+    os.fsync(f.fileno())
 os.replace(tmp, "/mnt/mnist.npz")
 print(os.path.getsize("/mnt/mnist.npz"))' <"$MNIST_NPZ")" || fail dataset "could not copy $MNIST_NPZ into pod mnist-dataset-upload"
-size="$(wc -c <"$MNIST_NPZ")"
-[[ "$copied" == "$size" ]] || fail dataset "copied ${copied:-nothing} of $size bytes"
-k delete pod mnist-dataset-upload --wait=false >/dev/null || true
-export DATASET=/mnt/mnist.npz
-say "dataset: $size bytes on the volume; the splitter reads it instead of downloading"
+  size="$(wc -c <"$MNIST_NPZ")"
+  [[ "$copied" == "$size" ]] || fail dataset "copied ${copied:-nothing} of $size bytes"
+  k delete pod mnist-dataset-upload --wait=false >/dev/null || true
+  export DATASET=/mnt/mnist.npz
+  say "dataset: $size bytes on the volume; the splitter reads it instead of downloading"
 }
 
 # 4: the splitter Job writes WORKER_NUMBER shards and the test set
 split_data() {
-say "== splitter: $WORKER_NUMBER shards"
-delete_jobs mnist-splitter
-apply splitter "$root/manifests/4-splitter.yaml"
-wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
-say "splitter: done"
+  say "== splitter: $WORKER_NUMBER shards"
+  delete_jobs mnist-splitter
+  apply splitter "$root/manifests/4-splitter.yaml"
+  wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
+  say "splitter: done"
 }
 
 # apply_trainers ROUND: the round's trainer Jobs, one per shard (round > 1 starts from the aggregate)
@@ -640,7 +640,7 @@ serve() {
   # A running server reloads the model when the file changes (server/README.md): no restart needed.
   say "== server (Service type $SERVICE_TYPE)"
   apply server "$root/manifests/7-server.yaml"
-  wait_deployment server mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
+  wait_ready server deployment mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
   say "server: ready"
   case "$SERVICE_TYPE" in
     ClusterIP) forward_hint ;;
