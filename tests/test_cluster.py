@@ -456,43 +456,7 @@ def test_an_hour_old_event_of_an_earlier_run_is_ignored(kubeconfig, ns):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("exit_code, reason, retried", [(1, "BackoffLimitExceeded", True),
-                                                       (2, "PodFailurePolicy", False)])
-def test_failing_trainer_fails_fast_with_its_exit_code(kubeconfig, ns, exit_code, reason, retried):
-    """Trainer pods of this namespace end with an exit code (a kwok stage). Exit 1: the Job retries the
-    pod as its backoffLimit says, then fails. Exit 2 (bad input): the Job's podFailurePolicy fails it at
-    once, no retry. Either way the run stops naming the trainers' stage, the Job's reason and the code."""
-    stage = kwok_stage(f"fail-trainer-{exit_code}-{ns}", [
-        f"self.metadata.namespace == '{ns}'",
-        "self.metadata.labels['app.kubernetes.io/component'] == 'trainer'",
-        "self.status.phase == 'Running'",
-        "!has(self.metadata.deletionTimestamp)"],
-        """{{ $now := Now }}
-containerStatuses:
-{{ range .spec.containers }}
-- name: {{ .name | Quote }}
-  image: {{ .image | Quote }}
-  ready: false
-  restartCount: 0
-  state:
-    terminated: {exitCode: EXIT_CODE, reason: Error, message: "simulated crash", startedAt: {{ $now | Quote }}, finishedAt: {{ $now | Quote }}}
-{{ end }}
-phase: Failed""".replace("EXIT_CODE", str(exit_code)))
-    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
-    try:
-        proc = quickstart(kubeconfig, ns)
-    finally:
-        kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
-    assert proc.returncode == 1
-    assert proc.seconds < FAIL_FAST_LIMIT
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "stage trainers (round 1) failed: job mnist-trainer-" in last, proc.stderr
-    assert reason in last and f"exited {exit_code} (Error)" in last and "simulated crash" in last
-    failed_job = last.split("job ")[1].split()[0].rstrip(":")
-    pods = get_json(kubeconfig, "pods", "-l", f"job-name={failed_job}", namespace=ns)["items"]
-    assert (len(pods) > 1) == retried, [p["metadata"]["name"] for p in pods]
-
-
+# kwok stage statuses: every container ended with exit code 0, or with EXIT_CODE and MESSAGE
 SUCCEEDED = """{{ $now := Now }}
 containerStatuses:
 {{ range .spec.containers }}
@@ -506,6 +470,33 @@ containerStatuses:
 phase: Succeeded"""
 FAILED_WITH = SUCCEEDED.replace("exitCode: 0, reason: Completed", 'exitCode: EXIT_CODE, reason: Error, message: "MESSAGE"') \
     .replace("phase: Succeeded", "phase: Failed")
+
+
+@pytest.mark.parametrize("exit_code, reason, retried", [(1, "BackoffLimitExceeded", True),
+                                                       (2, "PodFailurePolicy", False)])
+def test_failing_trainer_fails_fast_with_its_exit_code(kubeconfig, ns, exit_code, reason, retried):
+    """Trainer pods of this namespace end with an exit code (a kwok stage). Exit 1: the Job retries the
+    pod as its backoffLimit says, then fails. Exit 2 (bad input): the Job's podFailurePolicy fails it at
+    once, no retry. Either way the run stops naming the trainers' stage, the Job's reason and the code."""
+    stage = kwok_stage(f"fail-trainer-{exit_code}-{ns}", [
+        f"self.metadata.namespace == '{ns}'",
+        "self.metadata.labels['app.kubernetes.io/component'] == 'trainer'",
+        "self.status.phase == 'Running'",
+        "!has(self.metadata.deletionTimestamp)"],
+        FAILED_WITH.replace("EXIT_CODE", str(exit_code)).replace("MESSAGE", "simulated crash"))
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
+    try:
+        proc = quickstart(kubeconfig, ns)
+    finally:
+        kubectl(kubeconfig, "delete", "stage", stage["metadata"]["name"])
+    assert proc.returncode == 1
+    assert proc.seconds < FAIL_FAST_LIMIT
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stage trainers (round 1) failed: job mnist-trainer-" in last, proc.stderr
+    assert reason in last and f"exited {exit_code} (Error)" in last and "simulated crash" in last
+    failed_job = last.split("job ")[1].split()[0].rstrip(":")
+    pods = get_json(kubeconfig, "pods", "-l", f"job-name={failed_job}", namespace=ns)["items"]
+    assert (len(pods) > 1) == retried, [p["metadata"]["name"] for p in pods]
 
 
 def test_min_workers_run_goes_on_without_a_failed_trainer_job(kubeconfig, ns):
