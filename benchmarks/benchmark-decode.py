@@ -2,12 +2,13 @@
 """What decoding an upload costs: CPU time and peak memory of server/preprocess.py's preprocess_views() on
 small and hostile images, each in a fresh process.
 
-    .venv/bin/python benchmarks/benchmark-decode.py [--old REV] [--repeat 3] [--cases png-40mp,jpeg-12mp]
+    .venv/bin/python benchmarks/benchmark-decode.py [--old REV] [--repeat 3] [--cases png-40mp,jpeg-12mp] [--no-budget]
 
 Cases (generated in memory, digits drawn on them): a 28x28 PNG digit (MNIST-like), a 400x400 drawing, a 1 MP
 and a 40 MP RGBA PNG (the page's canvas style: black strokes on transparency), a 12 MP JPEG photo (baseline and
 progressive), and one request of 11 of the 40 MP PNGs (what fits in a 2 MB body), decoded in turn with one
-PixelBudget as the server does (old code: no budget), stopping at the first refused image as the server does.
+PixelBudget (none with --no-budget, or for code without one), stopping at the first refused image as the
+server does.
 Per case, each in its own child process: bytes, CPU seconds (median of --repeat runs; one run when the first
 took over 2 s), the Python/NumPy peak (tracemalloc: NumPy's arrays, not Pillow's image memory), the growth of
 the process' peak RSS (VmHWM: everything, Pillow's image memory too) and the outcome (views, or status and reason).
@@ -104,6 +105,8 @@ def build_parser():
     parser.add_argument("--old", metavar="REV", help="also measure `git show REV:server/preprocess.py` (e.g. HEAD~3)")
     parser.add_argument("--repeat", type=int_at_least(1), default=3, help="runs per case for the CPU time (default 3)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    parser.add_argument("--no-budget", action="store_true",
+                        help="call preprocess_views(blob) without a PixelBudget (each image held to 40 MP alone)")
     parser.add_argument("--child", nargs=2, metavar=("MODULE", "FOLDER"), help=argparse.SUPPRESS)
     return parser
 
@@ -118,10 +121,10 @@ def load_module(path):
     return module
 
 
-def run_request(module, blobs):
-    """preprocess_views() of each file in turn, one PixelBudget for all when the module has one; stops at the
-    first refused file, as the server does. -> outcome text."""
-    budget = module.PixelBudget() if hasattr(module, "PixelBudget") else None
+def run_request(module, blobs, budgeted=True):
+    """preprocess_views() of each file in turn, one PixelBudget for all when the module has one (and budgeted);
+    stops at the first refused file, as the server does. -> outcome text."""
+    budget = module.PixelBudget() if budgeted and hasattr(module, "PixelBudget") else None
     views = 0
     for index, blob in enumerate(blobs):
         try:
@@ -145,20 +148,20 @@ def peak_rss_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def child(module_path, blobs_dir, repeat):
+def child(module_path, blobs_dir, repeat, budgeted):
     blobs = [path.read_bytes() for path in sorted(Path(blobs_dir).iterdir())]
     module = load_module(module_path)
     before = peak_rss_kib()
     times = []
     for _ in range(repeat):
         started = time.process_time()
-        outcome = run_request(module, blobs)
+        outcome = run_request(module, blobs, budgeted)
         times.append(time.process_time() - started)
         if times[0] > 2.0:
             break
     grown = peak_rss_kib() - before
     tracemalloc.start()
-    run_request(module, blobs)
+    run_request(module, blobs, budgeted)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     print(json.dumps({"cpu": statistics.median(times), "traced_mb": peak / 2**20, "rss_mb": grown / 1024,
@@ -168,8 +171,9 @@ def child(module_path, blobs_dir, repeat):
 
 # --- the parent ------------------------------------------------------------------------------------
 
-def measure(module_path, blobs_path, repeat):
-    proc = subprocess.run([sys.executable, __file__, "--repeat", str(repeat), "--child", str(module_path), str(blobs_path)],
+def measure(module_path, blobs_path, repeat, budgeted):
+    flags = [] if budgeted else ["--no-budget"]
+    proc = subprocess.run([sys.executable, __file__, "--repeat", str(repeat), *flags, "--child", str(module_path), str(blobs_path)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
@@ -188,7 +192,7 @@ def main(argv=None):
     if isinstance(args, int):
         return args
     if args.child:
-        return child(*args.child, args.repeat)
+        return child(*args.child, args.repeat, not args.no_budget)
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
     if unknown or not names:
@@ -222,7 +226,7 @@ def main(argv=None):
             sizes = "+".join(f"{len(b) / 1000:.0f}" for b in blobs[:1]) + (f" x {len(blobs)}" if len(blobs) > 1 else "")
             print(f"{name}: {description}, {sizes} kB")
             for label, module in modules:
-                print(row(name, label, measure(module, path, args.repeat)), flush=True)
+                print(row(name, label, measure(module, path, args.repeat, not args.no_budget)), flush=True)
     return 0
 
 
