@@ -7,13 +7,11 @@ and draws the training history, ROOT/rounds/history.png.
 """
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from mlk import InputError, load_checked_model, load_shard, run, to_model_input
+from mlk import InputError, exit_now, load_checked_model, load_shard, run, to_model_input
 from mlkcommon import LedgerFormatError, Parser, atomic_path, read_ledger, sha256_file, utc_iso, write_bytes_atomic
 
 DEFAULT_DATA = "/mnt/data/test.npz"  # the test shard on the shared volume (docs/CONTRACTS.md)
@@ -191,7 +189,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # results written and flushed: skip the teardown of TensorFlow's modules (~0.5 CPU-s)
+    exit_now(main())

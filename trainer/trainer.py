@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from mlk import InputError, import_keras, load_checked_model, load_shard, run, to_model_input
+from mlk import InputError, exit_now, import_keras, load_checked_model, load_shard, run, to_model_input
 from mlkcommon import Parser, atomic_path, fingerprint, int_at_least, read_mlk_attrs, write_mlk_attrs
 
 # Model / training constants (chosen for accuracy per CPU-second; see docs/benchmarks.md).
@@ -240,9 +240,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # The model is saved (renamed into place) and the output flushed: skip the interpreter's teardown of
-    # TensorFlow's modules, about half a CPU-second per trainer process, paid every round.
-    os._exit(code)
+    exit_now(main())
