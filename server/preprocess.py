@@ -111,6 +111,23 @@ def _reason(err):
     return (text[:157] + "...") if len(text) > 160 else (text or type(err).__name__)
 
 
+def _too_large(size=None):
+    limit = f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
+    return f"image too large: {size[0]}x{size[1]} pixels {limit}" if size else f"image too large {limit}"
+
+
+def _bomb_size(err):
+    """The (width, height) Pillow's bomb check refused: the `size` its _decompression_bomb_check was called with
+    (in Image.open, or a GIF's first frame growing the screen), found in the traceback; None if not there."""
+    size, frame = None, err.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == "_decompression_bomb_check":
+            size = frame.tb_frame.f_locals.get("size")
+        frame = frame.tb_next
+    ok = isinstance(size, tuple) and len(size) == 2 and all(isinstance(side, int) for side in size)
+    return size if ok else None
+
+
 @contextlib.contextmanager
 def _clean_errors():
     """Any failure of Pillow (or NumPy) on the image's data -> ImageError with a one-line reason, never a 500.
@@ -122,8 +139,8 @@ def _clean_errors():
             yield
     except (ImageError, MemoryError):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"image too large (limit {MAX_PIXELS // 1_000_000} megapixels)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(_too_large(_bomb_size(err))) from None
     except Exception as err:  # OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, ...
         raise ImageError(f"truncated or corrupt image ({_reason(err)})") from None
 
@@ -170,7 +187,7 @@ def decode(data, budget=None, shrink=False):
         if width <= 0 or height <= 0:
             raise ImageError(f"image has zero size ({width}x{height})")
         if width * height > MAX_PIXELS:
-            raise ImageError(f"image too large: {width}x{height} pixels (limit {MAX_PIXELS // 1_000_000} megapixels)")
+            raise ImageError(_too_large((width, height)))
         if image.format in ("JPEG", "MPO") and max(width, height) > 2 * WORK_SIDE:
             # decode at 1/2, 1/4 or 1/8 scale (much faster), the longest side still >= 0.9 * WORK_SIDE
             side = 0.9 * WORK_SIDE / max(width, height)
