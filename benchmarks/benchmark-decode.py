@@ -78,7 +78,8 @@ def photo_jpeg(progressive):
     """4000x3000 (12 MP): paper under uneven light with sensor noise, a dark pen digit, JPEG quality 85 (under 2 MB)."""
     width, height = 4000, 3000
     rng = np.random.default_rng(0)
-    light = np.linspace(215, 185, width, dtype=np.float32)[None, :] + np.linspace(-10, 10, height, dtype=np.float32)[:, None]
+    light = (np.linspace(215, 185, width, dtype=np.float32)[None, :]
+             + np.linspace(-10, 10, height, dtype=np.float32)[:, None])
     ink = Image.new("L", (width, height), 0)
     draw_digit(ImageDraw.Draw(ink), height, 60, 150, left=0.4, top=0.15)
     grey = light - np.asarray(ink, np.float32) + rng.normal(0, 3, (height, width)).astype(np.float32)
@@ -173,8 +174,8 @@ def child(module_path, blobs_dir, repeat, budgeted):
 
 def measure(module_path, blobs_path, repeat, budgeted):
     flags = [] if budgeted else ["--no-budget"]
-    proc = subprocess.run([sys.executable, __file__, "--repeat", str(repeat), *flags, "--child", str(module_path), str(blobs_path)],
-                          capture_output=True, text=True)
+    command = [sys.executable, __file__, "--repeat", str(repeat), *flags, "--child", str(module_path), str(blobs_path)]
+    proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -183,8 +184,8 @@ def measure(module_path, blobs_path, repeat, budgeted):
 def row(name, label, figures):
     if "error" in figures:
         return f"  {label:<8} {name:<24} child failed: {figures['error']}"
-    return (f"  {label:<8} {name:<24} {figures['cpu']:7.3f} s {figures['traced_mb']:8.1f} MB {figures['rss_mb']:8.1f} MB"
-            f"   {figures['outcome'][:90]}")
+    return (f"  {label:<8} {name:<24} {figures['cpu']:7.3f} s {figures['traced_mb']:8.1f} MB "
+            f"{figures['rss_mb']:8.1f} MB   {figures['outcome'][:90]}")
 
 
 def main(argv=None):

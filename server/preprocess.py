@@ -25,7 +25,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
-MAX_PIXELS = 40_000_000  # an image over this (width x height, from its header) is refused before decoding
+MAX_PIXELS = 40_000_000  # an image over this (width x height of what would be decoded) is refused before decoding
 REQUEST_PIXELS = MAX_PIXELS  # what one request's images may decode together (PixelBudget's default): one
 # image at the limit, or 32 of 1.25 MP; a 2 MB body holds eleven 40 MP PNGs of flat colour (180 kB each)
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # Pillow's names of the formats read: what cameras, phones,

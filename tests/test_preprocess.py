@@ -524,7 +524,9 @@ def big_drawing(kind):
         wide = Image.new("L", (9000, 700), 230)
         ImageDraw.Draw(wide).rectangle((4400, 100, 4600, 600), fill=20)
         return encode(wide.convert("RGB"), "JPEG", quality=90)
-    return encode(image.convert(kind), "BMP" if kind == "RGB" else "WEBP", **({"lossless": True} if kind == "P" else {}))
+    if kind == "RGB":
+        return encode(image.convert("RGB"), "BMP")
+    return encode(image.convert(kind), "WEBP", lossless=True)  # "P": a palette image, as WebP stores it
 
 
 def nearest_match(view, other):
