@@ -2,12 +2,15 @@
 
     python aggregator.py --dir /mnt/model --savefile /mnt/aggregated-model.h5 [--expect N]
         [--min-workers K --deadline S] [--drop-outliers]
+        [--aggregation fedavg|median|trimmed-mean|krum] [--server-optimizer none|fedavgm|fedadam]
 
 Reads and writes the weights with h5py + numpy only (no TensorFlow), so it starts fast.
 The output is a copy of the first input with every weight replaced by the weighted average
 and mlk_ attributes describing the inputs (see docs/CONTRACTS.md). Each round is also kept in the
 round ledger next to --savefile: rounds/r{n}.h5, copies of its inputs in rounds/r{n}/, and an entry in
 rounds/ledger.json with a per-worker report (update norm, cosine to the other workers, outlier flag).
+Instead of the average, --aggregation can take a robust rule, and --server-optimizer can take a server-side
+step over the round's pseudo-gradient (strategies.py; the optimiser's state is kept as rounds/r{n}-opt.npz).
 """
 
 import argparse
@@ -16,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import h5py
 import numpy as np
 
 import ledger as ledger_mod
+import strategies
 from mlkcommon import (Parser, atomic_path, attr_value, error, fingerprint, parse_args, read_mlk_attrs,
                        sha256_file, write_mlk_attrs)
 
@@ -45,6 +50,14 @@ OUTLIER_RULE = (f"with at least {OUTLIER_MIN_WORKERS} workers, take the layer in
                 f"minus the round's starting weights) have the highest cosine similarity; a worker is an outlier when "
                 f"its highest cosine with another worker in that layer is below {OUTLIER_AGREEMENT_FRACTION:g} times "
                 f"that best, or when its update norm is more than {OUTLIER_NORM_RATIO:g} times the median update norm")
+
+
+DEFAULT_TRIM_BETA = 0.2
+DEFAULT_KRUM_F = 1
+DEFAULT_KRUM_M = 1
+DEFAULT_SERVER_LR = 1.0
+DEFAULT_SERVER_MOMENTUM = 0.9
+STATE_DATE = (1980, 1, 1, 0, 0, 0)  # the zip entries' time stamp in rounds/r{n}-opt.npz: equal states, equal bytes
 
 
 class AggregateError(Exception):
@@ -84,6 +97,28 @@ def build_parser():
                         "(default: report only)")
     p.add_argument("--allow-mixed-init", action="store_true",
                    help="average models even if they started from different initial weights")
+    p.add_argument("--aggregation", choices=strategies.RULES, default="fedavg",
+                   help="how the models become one (strategies.py): fedavg, the sample-weighted mean (default); "
+                        "median, coordinate-wise; trimmed-mean, coordinate-wise without the floor(beta*n) largest "
+                        "and smallest values; krum, the mean of the m models closest to their n-f-2 nearest others")
+    p.add_argument("--trim-beta", type=float, default=None, metavar="BETA",
+                   help=f"with --aggregation trimmed-mean: the fraction 0 <= beta < 0.5 trimmed at each end "
+                        f"(default {DEFAULT_TRIM_BETA:g})")
+    p.add_argument("--krum-f", type=int, default=None, metavar="F",
+                   help=f"with --aggregation krum: the Byzantine workers tolerated, needs n > 2F+2 models "
+                        f"(default {DEFAULT_KRUM_F})")
+    p.add_argument("--krum-m", type=int, default=None, metavar="M",
+                   help=f"with --aggregation krum: how many of the best-scored models are averaged (multi-Krum; "
+                        f"default {DEFAULT_KRUM_M})")
+    p.add_argument("--server-optimizer", choices=strategies.OPTIMIZERS, default="none",
+                   help="a server-side step over the pseudo-gradient (aggregate minus the round's start "
+                        "rounds/r{n-1}.h5): none (default), fedavgm (momentum), fedadam (Adam, Reddi et al. 2021)")
+    p.add_argument("--server-lr", type=float, default=None, metavar="LR",
+                   help=f"with --server-optimizer: the server learning rate (default {DEFAULT_SERVER_LR:g}; "
+                        "fedadam moves each weight by about LR a round, so 0.01-0.1 suit it)")
+    p.add_argument("--server-momentum", type=float, default=None, metavar="MOMENTUM",
+                   help=f"with --server-optimizer fedavgm: the momentum, 0 <= momentum < 1 "
+                        f"(default {DEFAULT_SERVER_MOMENTUM:g})")
     return p
 
 
@@ -359,16 +394,162 @@ def print_report(names, report, dropped):
 # --- averaging ---------------------------------------------------------------------------------
 
 def fedavg(models):
-    """Sample-weighted mean of every weight array (float64 accumulate, original dtype out)."""
-    total = sum(m["samples"] for m in models)
-    out = {}
-    for name, ref in models[0]["weights"].items():
-        acc = np.zeros(ref.shape, dtype=np.float64)
-        for m in models:
-            acc += m["weights"][name].astype(np.float64) * (m["samples"] / total)
-        out[name] = np.rint(acc).astype(ref.dtype) if np.issubdtype(ref.dtype, np.integer) \
-            else acc.astype(ref.dtype)
-    return out
+    """Sample-weighted mean of every weight array (strategies.fedavg: float64 accumulate, original dtype out)."""
+    names = list(models[0]["weights"])
+    averaged = strategies.fedavg([[m["weights"][k] for k in names] for m in models], [m["samples"] for m in models])
+    return dict(zip(names, averaged))
+
+
+@dataclass
+class Method:
+    """What --aggregation and --server-optimizer ask for, checked: the rule and its parameters, the server
+    optimiser (a strategies.FedAvgM / FedAdam) or None. default: plain FedAvg without an optimiser, the
+    aggregator's behaviour before issue 31 (its ledger entries carry neither "aggregation" nor "server_optimizer")."""
+    rule: str = "fedavg"
+    beta: float | None = None
+    f: int | None = None
+    m: int | None = None
+    optimizer: object = None
+
+    @property
+    def default(self):
+        return self.rule == "fedavg" and self.optimizer is None
+
+
+def method_of(args):
+    """The Method the flags ask for; a parameter flag without its rule or optimiser, or a bad value: AggregateError."""
+    rule, name = args.aggregation, args.server_optimizer
+    needs = {"--trim-beta": (args.trim_beta, rule == "trimmed-mean", "--aggregation trimmed-mean"),
+             "--krum-f": (args.krum_f, rule == "krum", "--aggregation krum"),
+             "--krum-m": (args.krum_m, rule == "krum", "--aggregation krum"),
+             "--server-lr": (args.server_lr, name != "none", "--server-optimizer fedavgm or fedadam"),
+             "--server-momentum": (args.server_momentum, name == "fedavgm", "--server-optimizer fedavgm")}
+    for flag, (value, applies, what) in needs.items():
+        if value is not None and not applies:
+            raise AggregateError(f"{flag} needs {what}")
+    method = Method(rule)
+    try:
+        if rule == "trimmed-mean":
+            method.beta = DEFAULT_TRIM_BETA if args.trim_beta is None else args.trim_beta
+            strategies.trim_count(1, method.beta)
+        if rule == "krum":
+            method.f = DEFAULT_KRUM_F if args.krum_f is None else args.krum_f
+            method.m = DEFAULT_KRUM_M if args.krum_m is None else args.krum_m
+            if method.f < 0 or method.m < 1:
+                raise ValueError(f"--krum-f must be >= 0 and --krum-m >= 1, got {method.f} and {method.m}")
+        lr = DEFAULT_SERVER_LR if args.server_lr is None else args.server_lr
+        if name == "fedavgm":
+            method.optimizer = strategies.FedAvgM(
+                lr, DEFAULT_SERVER_MOMENTUM if args.server_momentum is None else args.server_momentum)
+        elif name == "fedadam":
+            method.optimizer = strategies.FedAdam(lr)
+    except ValueError as e:
+        raise AggregateError(str(e)) from None
+    if rule == "krum" and args.expect is not None and args.expect <= 2 * method.f + 2:
+        raise AggregateError(f"--aggregation krum with --krum-f {method.f} needs more than {2 * method.f + 2} "
+                             f"models, and --expect is {args.expect}")
+    return method
+
+
+def aggregate_models(method, models, names_of_files):
+    """(averaged {name: array}, the ledger's "aggregation" record or None) of the kept models by method's rule."""
+    if method.rule == "fedavg":
+        return fedavg(models), None
+    order = models[0]["order"]
+    lists = [[m["weights"][k] for k in order] for m in models]
+    try:
+        if method.rule == "median":
+            out, record = strategies.median(lists), {"rule": "median"}
+        elif method.rule == "trimmed-mean":
+            k = strategies.trim_count(len(lists), method.beta)
+            out, record = strategies.trimmed_mean(lists, method.beta), {"rule": "trimmed-mean", "beta": method.beta,
+                                                                        "trimmed": k}
+            if k == 0:
+                print(f"{PROG}: trimmed mean of {len(lists)} models with beta {method.beta:g} trims nothing "
+                      f"(floor({method.beta:g} x {len(lists)}) = 0): a plain mean", flush=True)
+        else:
+            chosen = strategies.krum_select(lists, method.f, method.m)
+            out = strategies.mean([lists[i] for i in chosen])
+            record = {"rule": "krum", "f": method.f, "m": method.m, "selected": [names_of_files[i] for i in chosen]}
+            print(f"{PROG}: krum (f={method.f}, m={method.m}) selected {', '.join(record['selected'])}", flush=True)
+    except ValueError as e:
+        raise AggregateError(f"--aggregation {method.rule}: {e}") from None
+    return dict(zip(order, out)), record
+
+
+# --- the server optimiser's state, rounds/r{n}-opt.npz ----------------------------------------------
+
+def write_state(path, state):
+    """Save an optimiser state ({slot: [arrays]}) as an .npz (a zip of .npy files "SLOT.INDEX.npy", read by
+    np.load), atomically, with fixed zip time stamps: the same state always has the same bytes and sha256."""
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+            for slot in sorted(state):
+                for i, array in enumerate(state[slot]):
+                    with z.open(zipfile.ZipInfo(f"{slot}.{i:04d}.npy", date_time=STATE_DATE), "w") as f:
+                        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def read_state(path, optimizer):
+    """The {slot: [arrays]} write_state saved, with the optimiser's slots; ValueError when it is not one."""
+    found = {}
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            slot, _, index = key.partition(".")
+            found.setdefault(slot, {})[int(index)] = z[key]
+    if sorted(found) != sorted(optimizer.slots):
+        raise ValueError(f"holds {sorted(found)}, not {optimizer.name}'s state {sorted(optimizer.slots)}")
+    return {slot: [arrays[i] for i in range(len(arrays))] for slot, arrays in found.items()}
+
+
+def previous_state(root, n, optimizer, start_digest):
+    """(state, its ledger file name) that round n's optimiser step continues from: round n-1's, as its ledger
+    entry records it (sha256 checked, as ledger.py verify does), when that round used the same optimiser and
+    round n starts from that round's recorded aggregate; (None, None) to start afresh."""
+    if n <= 1:
+        return None, None
+    prev = next((e for e in ledger_mod.load(root)["rounds"] if e.get("round") == n - 1), None)
+    recorded = (prev or {}).get("server_optimizer") or {}
+    if recorded.get("name") != optimizer.name:
+        why = "no ledger entry" if prev is None else f"server optimizer {recorded.get('name') or 'none'}"
+        print(f"{PROG}: round {n - 1} has {why}: {optimizer.name} starts from a fresh state", flush=True)
+        return None, None
+    name, digest = (recorded.get("state") or {}).get("file"), (recorded.get("state") or {}).get("sha256")
+    path = Path(root) / str(name)
+    if not name or not digest:
+        raise ledger_mod.LedgerError(f"{ledger_mod.ledger_path(root)}: round {n - 1}'s server_optimizer records "
+                                     "no state file and sha256")
+    if not path.is_file():
+        raise ledger_mod.LedgerError(f"{path}: recorded in the ledger (round {n - 1}) but missing; refusing to "
+                                     f"continue {optimizer.name}")
+    if sha256_file(path) != digest:
+        raise ledger_mod.LedgerError(f"{path}: sha256 differs from the ledger's (round {n - 1}): the file was "
+                                     f"changed or replaced; refusing to continue {optimizer.name}")
+    if (prev.get("aggregate") or {}).get("sha256") != start_digest:
+        raise AggregateError(f"{Path(root) / ledger_mod.round_file(n - 1)} is not the aggregate the ledger records "
+                             f"for round {n - 1}: its {optimizer.name} state does not apply")
+    try:
+        return read_state(path, optimizer), name
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise AggregateError(f"{path}: not an optimizer state: {e}") from None
+
+
+def server_step(method, root, n, start, start_digest, averaged, order):
+    """Round n's optimiser step from start over the aggregate: (new weights {name: array}, the ledger's
+    "server_optimizer" record without its "state", the new state)."""
+    optimizer = method.optimizer
+    if start is None:
+        raise AggregateError(f"--server-optimizer {optimizer.name} needs the round's starting weights "
+                             f"{Path(root) / ledger_mod.round_file(n - 1)} (the workers' init; see above)")
+    state, state_from = previous_state(root, n, optimizer, start_digest)
+    try:
+        new, state = optimizer.step([start[k] for k in order], [averaged[k] for k in order], state)
+    except ValueError as e:
+        raise AggregateError(f"--server-optimizer {optimizer.name}: {e}") from None
+    record = {"name": optimizer.name, **optimizer.params(), "state_from": state_from}
+    print(f"{PROG}: {optimizer.name} step (" + ", ".join(f"{k} {v:g}" for k, v in optimizer.params().items())
+          + f") from {'a fresh state' if state_from is None else state_from}", flush=True)
+    return dict(zip(order, new)), record, state
 
 
 def write_aggregate(savefile, template, averaged, models, paths, extra=None):
@@ -448,10 +629,12 @@ class Round:
                 "mlk_dropped": ",".join(self.dropped)}
 
 
-def record_round(root, rnd, savefile, agg_started):
-    """Keep round rnd.n (rounds/r{n}.h5 = the aggregate in savefile, rounds/r{n}/ = its inputs) and write its
-    ledger entry, which replaces any entry of round n or later (a re-run). The ledger is written last: an entry
-    means every file it names is complete."""
+def record_round(root, rnd, savefile, agg_started, aggregation=None, optimizer=None, state=None):
+    """Keep round rnd.n (rounds/r{n}.h5 = the aggregate in savefile, rounds/r{n}/ = its inputs; with a server
+    optimizer its state, rounds/r{n}-opt.npz) and write its ledger entry, which replaces any entry of round n or
+    later (a re-run). The ledger is written last: an entry means every file it names is complete. aggregation
+    (the rule's record) and optimizer (the optimiser's record) are None for the defaults, and then the entry
+    has no "aggregation" / "server_optimizer" at all."""
     n, paths, models = rnd.n, rnd.paths, rnd.models
     rounds_dir = root / ledger_mod.ROUNDS_DIR
     kept_dir = rounds_dir / f"r{n}"
@@ -463,6 +646,16 @@ def record_round(root, rnd, savefile, agg_started):
         copy_atomic(p, kept_dir / p.name)
     round_path = root / ledger_mod.round_file(n)
     copy_atomic(savefile, round_path)
+    method = {}
+    if aggregation is not None:
+        method["aggregation"] = aggregation
+    if optimizer is not None:
+        state_path = root / ledger_mod.state_file(n)
+        write_state(state_path, state)
+        record = {k: v for k, v in optimizer.items() if k != "state_from"}
+        method["server_optimizer"] = {**record, "state": {"file": ledger_mod.state_file(n),
+                                                          "sha256": sha256_file(state_path)},
+                                      "state_from": optimizer.get("state_from")}
     aggregated_at = time.time()
     starts = [m["attrs"].get("mlk_train_started") for m in models]
     starts = [float(t) for t in starts if isinstance(t, (int, float))]
@@ -490,6 +683,7 @@ def record_round(root, rnd, savefile, agg_started):
         } for p, m, digest, r, u in zip(paths, models, rnd.digests, rnd.report, rnd.used)],
         "dropped": rnd.dropped,
         "outlier_rule": OUTLIER_RULE,
+        **method,
         "samples": sum(m["samples"] for m in rnd.kept[0]),
         "started_at": ledger_mod.iso(started),
         "aggregated_at": ledger_mod.iso(aggregated_at),
@@ -519,6 +713,7 @@ def main(argv=None):
         min_workers = None
         if args.expect is None and (args.min_workers is not None or args.deadline is not None):
             raise AggregateError("--min-workers and --deadline need --expect N (how many workers the round has)")
+        method = method_of(args)
         book = ledger_mod.load(root)  # a damaged ledger is refused before anything is written
         if args.expect is not None:
             if args.expect < 1:
@@ -564,13 +759,19 @@ def main(argv=None):
             raise AggregateError(f"--drop-outliers would leave {sum(rnd.used)} of {len(paths)} models, fewer than "
                                  f"{floor} (outliers: {', '.join(dropped)})")
         kept_models, kept_paths = rnd.kept
-        averaged = fedavg(kept_models)
+        averaged, aggregation = aggregate_models(method, kept_models, [p.name for p in kept_paths])
+        optimizer = state = None
+        if method.optimizer is not None:
+            averaged, optimizer, state = server_step(method, root, n, start, rnd.start_digest, averaged,
+                                                     kept_models[0]["order"])
         write_aggregate(savefile, kept_paths[0], averaged, kept_models, kept_paths, rnd.mlk_attrs())
-        record_round(root, rnd, savefile, agg_started)
+        record_round(root, rnd, savefile, agg_started, aggregation, optimizer, state)
     except (AggregateError, ledger_mod.LedgerError) as e:
         return error(PROG, e)
     total = sum(m["samples"] for m in kept_models)
-    print(f"{PROG}: wrote {savefile}: average of {len(kept_models)} models, {total} samples, "
+    how = "average" if method.default else " + ".join(
+        ([] if method.rule == "fedavg" else [method.rule]) + ([method.optimizer.name] if method.optimizer else []))
+    print(f"{PROG}: wrote {savefile}: {how} of {len(kept_models)} models, {total} samples, "
           f"round {n}" + (f", {len(paths) - len(kept_models)} outlier(s) dropped" if dropped else "")
           + (f", missing: {', '.join(missing)}" if missing else ""), flush=True)
     print(f"{PROG}: kept as {root / ledger_mod.round_file(n)}; ledger {ledger_mod.ledger_path(root)}", flush=True)

@@ -36,6 +36,12 @@ def round_file(n):
     return f"{ROUNDS_DIR}/r{n}.h5"
 
 
+def state_file(n):
+    """The ledger's name (relative to ROOT) of the server optimiser's state after round n (aggregator.py
+    --server-optimizer), read back by round n+1."""
+    return f"{ROUNDS_DIR}/r{n}-opt.npz"
+
+
 def iso(unix_time):
     """Unix time -> 'YYYY-MM-DDTHH:MM:SSZ' (UTC), None stays None."""
     if unix_time is None:
@@ -67,12 +73,18 @@ def save(root, ledger):
 
 
 def recorded_files(entry):
-    """(relative file name, sha256) of every file a round entry records: start, aggregate, kept worker copies."""
+    """(relative file name, sha256) of every file a round entry records: start, aggregate, the server optimiser's
+    state (with --server-optimizer), kept worker copies."""
     found = []
     for key in ("start", "aggregate"):
         item = entry.get(key)
         if item:
             found.append((item.get("file"), item.get("sha256")))
+    optimizer = entry.get("server_optimizer")
+    if optimizer:
+        state = optimizer.get("state") if isinstance(optimizer, dict) else None
+        state = state if isinstance(state, dict) else {}
+        found.append((state.get("file"), state.get("sha256")))
     for worker in entry.get("workers") or []:
         if worker.get("kept"):
             found.append((worker["kept"], worker.get("sha256")))
@@ -107,7 +119,9 @@ def verify(root):
 
 def restore(root):
     """verify(), then copy the last complete round's aggregate onto ROOT/aggregated-model.h5 (atomically),
-    so the next round's trainers start from it. Returns what verify() returns."""
+    so the next round's trainers start from it. Returns what verify() returns. A server optimiser's state
+    (rounds/r{n}-opt.npz, verified with the rest) stays where it is: the aggregator reads round n+1's from the
+    ledger's entry n, so a resumed run continues exactly."""
     n, digest = verify(root)
     if n:
         with atomic_path(Path(root) / AGGREGATE_NAME) as tmp:

@@ -246,3 +246,86 @@ def test_cli_exit_code_without_traceback(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "no *.h5 models" in r.stderr
+
+
+# --- --aggregation (aggregator/strategies.py; the rules themselves: tests/test_strategies.py) ---------------
+
+def weight_lists(paths):
+    """Each file's weights as a list in Keras order (what strategies.py takes), and that order."""
+    models = [aggregator.read_model(p) for p in paths]
+    order = models[0]["order"]
+    return [[m["weights"][k] for k in order] for m in models], order
+
+
+def ledger_entry(root):
+    return json.loads((root / "rounds/ledger.json").read_text())["rounds"][-1]
+
+
+def test_default_records_no_rule_or_optimizer(workdir, tmp_path, capsys):
+    assert run(["--dir", workdir, "--savefile", tmp_path / "agg.h5"], capsys)[0] == 0
+    e = ledger_entry(tmp_path)
+    assert "aggregation" not in e and "server_optimizer" not in e
+    assert not list((tmp_path / "rounds").glob("*-opt.npz"))
+    # fedavg named explicitly is the same computation, to the byte
+    first = (tmp_path / "agg.h5").read_bytes()
+    assert run(["--dir", workdir, "--savefile", tmp_path / "agg.h5", "--aggregation", "fedavg",
+                "--server-optimizer", "none"], capsys)[0] == 0
+    assert (tmp_path / "agg.h5").read_bytes() == first and "aggregation" not in ledger_entry(tmp_path)
+
+
+@pytest.mark.parametrize("argv, rule, record", [
+    (["--aggregation", "median"], lambda ws: aggregator.strategies.median(ws), {"rule": "median"}),
+    (["--aggregation", "trimmed-mean", "--trim-beta", "0.34"], lambda ws: aggregator.strategies.median(ws),
+     {"rule": "trimmed-mean", "beta": 0.34, "trimmed": 1}),  # 3 workers, k = floor(1.02) = 1: the median
+    (["--aggregation", "trimmed-mean"], lambda ws: aggregator.strategies.mean(ws),
+     {"rule": "trimmed-mean", "beta": 0.2, "trimmed": 0}),  # the default beta trims nothing of 3
+    (["--aggregation", "krum", "--krum-f", "0"], None, {"rule": "krum", "f": 0, "m": 1}),
+    (["--aggregation", "krum", "--krum-f", "0", "--krum-m", "3"], lambda ws: aggregator.strategies.mean(ws),
+     {"rule": "krum", "f": 0, "m": 3, "selected": None}),
+])
+def test_a_rule_writes_its_result_and_records_it(workdir, tmp_path, capsys, argv, rule, record):
+    out = tmp_path / "agg.h5"
+    rc, stdout, err = run(["--dir", workdir, "--savefile", out, *argv], capsys)
+    assert rc == 0, err
+    inputs, order = weight_lists(sorted(workdir.glob("*-model.h5")))
+    e = ledger_entry(tmp_path)
+    got = e["aggregation"]
+    if record["rule"] == "krum":  # the selection is checked against strategies.krum_select on the same weights
+        chosen = aggregator.strategies.krum_select(inputs, record["f"], record["m"])
+        assert got.pop("selected") == [f"{i}-model.h5" for i in chosen]
+        record = {k: v for k, v in record.items() if k != "selected"}
+        rule = rule or (lambda ws: ws[chosen[0]])
+        assert "krum (f=" in stdout
+    assert got == record
+    written, _ = weight_lists([out])
+    for a, b in zip(written[0], rule(inputs)):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    with h5py.File(out, "r") as f:
+        assert f.attrs["mlk_workers"] == 3 and f.attrs["mlk_samples"] == 1000
+    assert "server_optimizer" not in e and e["samples"] == 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trim-beta", "0.1"], "--trim-beta needs --aggregation trimmed-mean"),
+    (["--aggregation", "median", "--krum-f", "1"], "--krum-f needs --aggregation krum"),
+    (["--krum-m", "2"], "--krum-m needs --aggregation krum"),
+    (["--server-lr", "0.5"], "--server-lr needs --server-optimizer"),
+    (["--server-optimizer", "fedadam", "--server-momentum", "0.5"], "--server-momentum needs --server-optimizer fedavgm"),
+    (["--aggregation", "trimmed-mean", "--trim-beta", "0.5"], "[0, 0.5)"),
+    (["--aggregation", "krum", "--krum-m", "0"], "--krum-m"),
+    (["--aggregation", "krum"], "more than 2f+2 = 4 models, got 3"),  # the default f = 1 needs 5 workers
+    (["--aggregation", "krum", "--expect", "4"], "needs more than 4 models, and --expect is 4"),
+    (["--aggregation", "krum", "--krum-f", "0", "--krum-m", "4"], "between 1 and n - f = 3"),
+    (["--server-optimizer", "fedavgm", "--server-momentum", "1"], "momentum"),
+    (["--server-optimizer", "fedadam", "--server-lr", "0"], "server lr"),
+    (["--server-optimizer", "fedavgm"], "needs the round's starting weights"),  # no rounds/r0.h5 here
+])
+def test_rule_and_optimizer_refusals(workdir, tmp_path, capsys, argv, message):
+    err = refusal(tmp_path, capsys, argv)
+    assert message in err, err
+    assert not (tmp_path / "rounds").exists()
+
+
+def test_unknown_rule_is_a_usage_error(workdir, tmp_path, capsys):
+    rc, _, err = run(["--dir", workdir, "--savefile", tmp_path / "agg.h5", "--aggregation", "bogus"], capsys)
+    assert rc == 2 and "invalid choice" in err and err.count("\n") == 1

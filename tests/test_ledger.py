@@ -459,3 +459,128 @@ def test_evaluate_refuses_a_bad_ledger_before_tensorflow(tmp_path):
                            "--data", str(tmp_path / "none.npz")], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a round ledger" in proc.stderr
+
+
+# --- the server optimiser's state (--server-optimizer; aggregator/strategies.py) ------------------------------
+
+def start_root(root):
+    """ROOT as round_one makes it: rounds/r0.h5 and model/ with round 1's 3 workers."""
+    (root / "model").mkdir(parents=True)
+    (root / "rounds").mkdir()
+    start = tiny_model(7)
+    start.save(str(root / "rounds/r0.h5"))
+    fp = h5_fingerprint(root / "rounds/r0.h5")
+    for i, n in enumerate((100, 200, 300)):
+        save_worker(moved(start, i, 0.01), root / f"model/{i}-model.h5", n, fp)
+    return root
+
+
+def next_workers(root, rnd):
+    """Round rnd's 3 workers, moved (seeded by the round) from ROOT/aggregated-model.h5, as trainers would."""
+    fp = h5_fingerprint(root / "aggregated-model.h5")
+    prev = keras.models.load_model(root / "aggregated-model.h5", compile=False)
+    for i, n in enumerate((100, 200, 300)):
+        save_worker(moved(prev, 10 * rnd + i, 0.01), root / f"model/{i}-model.h5", n, fp, rnd=rnd)
+
+
+def run_round(root, rnd, *flags, capsys=None):
+    if rnd > 1:
+        next_workers(root, rnd)
+    rc, out = aggregate(root, "--expect", 3, *flags, capsys=capsys)
+    assert rc == 0, out.err if out else rc
+    return out
+
+
+def test_fedavgm_round_records_its_state_and_steps_from_the_start(tmp_path, capsys):
+    root = start_root(tmp_path / "root")
+    start = h5_weights(root / "rounds/r0.h5")
+    inputs = [aggregator.read_model(root / f"model/{i}-model.h5") for i in range(3)]
+    out = run_round(root, 1, "--server-optimizer", "fedavgm", "--server-lr", "2", "--server-momentum", "0.5",
+                    capsys=capsys)
+    assert "fedavgm step" in out.out and "a fresh state" in out.out
+    e = entries(root)[0]
+    assert "aggregation" not in e
+    assert e["server_optimizer"] == {"name": "fedavgm", "server_lr": 2.0, "momentum": 0.5,
+                                     "state": {"file": "rounds/r1-opt.npz",
+                                               "sha256": ledger.sha256_file(root / "rounds/r1-opt.npz")},
+                                     "state_from": None}
+    # round 1: v = delta = fedavg - start; new = start + 2 * v
+    avg = aggregator.fedavg(inputs)
+    got = h5_weights(root / "rounds/r1.h5")
+    with np.load(root / "rounds/r1-opt.npz") as z:
+        assert sorted(z.files) == [f"v.{i:04d}" for i in range(len(start))]
+    for k in start:
+        delta = avg[k].astype(np.float64) - start[k]
+        np.testing.assert_allclose(got[k], start[k] + 2 * delta, rtol=1e-6, atol=1e-7)
+    assert got[k].dtype == np.float32
+    # round 2 continues from round 1's state
+    out = run_round(root, 2, "--server-optimizer", "fedavgm", "--server-lr", "2", "--server-momentum", "0.5",
+                    capsys=capsys)
+    assert entries(root)[1]["server_optimizer"]["state_from"] == "rounds/r1-opt.npz"
+    assert "from rounds/r1-opt.npz" in out.out
+
+
+def test_fedadam_resumed_after_restore_equals_an_uninterrupted_run_bit_for_bit(tmp_path, capsys):
+    """3 rounds of FedAdam in one go, and 2 rounds + a round 3 killed after writing its state and the aggregate
+    (not the ledger) + ledger.py restore + round 3 again: the same round-3 weights, bit for bit."""
+    flags = ("--server-optimizer", "fedadam", "--server-lr", "0.01")
+    one_go = start_root(tmp_path / "one-go")
+    for rnd in (1, 2, 3):
+        run_round(one_go, rnd, *flags, capsys=capsys)
+    resumed = start_root(tmp_path / "resumed")
+    for rnd in (1, 2):
+        run_round(resumed, rnd, *flags, capsys=capsys)
+    (resumed / "aggregated-model.h5").write_bytes(b"round 3's aggregate, half written when the pod was killed")
+    (resumed / "rounds/r3-opt.npz").write_bytes(b"round 3's state, never recorded")
+    rc, stdout, err = run_ledger("restore", "--dir", resumed)
+    assert rc == 0 and json.loads(stdout.splitlines()[-1])["last_round"] == 2, err
+    run_round(resumed, 3, *flags, capsys=capsys)
+    a, b = h5_weights(one_go / "rounds/r3.h5"), h5_weights(resumed / "rounds/r3.h5")
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    # the state files are the same bytes too (fixed zip time stamps), so their sha256 in the ledgers agree
+    for rnd in (1, 2, 3):
+        assert (one_go / f"rounds/r{rnd}-opt.npz").read_bytes() == (resumed / f"rounds/r{rnd}-opt.npz").read_bytes()
+    e3 = entries(resumed)[2]["server_optimizer"]
+    assert e3 == entries(one_go)[2]["server_optimizer"] and e3["state_from"] == "rounds/r2-opt.npz"
+    # and the state mattered: a fresh FedAdam step over round 3's inputs gives other weights
+    models = [aggregator.read_model(resumed / f"rounds/r3/{i}-model.h5") for i in range(3)]
+    order = models[0]["order"]
+    start = h5_weights(resumed / "rounds/r2.h5")
+    fresh, _ = aggregator.strategies.FedAdam(0.01).step([start[k] for k in order],
+                                                         [aggregator.fedavg(models)[k] for k in order], None)
+    assert any(f.tobytes() != b[k].tobytes() for f, k in zip(fresh, order))
+
+
+def test_a_tampered_state_is_refused_by_verify_restore_and_the_next_round(tmp_path, capsys):
+    root = start_root(tmp_path / "root")
+    run_round(root, 1, "--server-optimizer", "fedadam", "--server-lr", "0.01", capsys=capsys)
+    assert run_ledger("verify", "--dir", root)[0] == 0
+    data = bytearray((root / "rounds/r1-opt.npz").read_bytes())
+    data[-200] ^= 1
+    (root / "rounds/r1-opt.npz").write_bytes(bytes(data))
+    for command in ("verify", "restore"):
+        rc, out, err = run_ledger(command, "--dir", root)
+        assert rc == 2 and "rounds/r1-opt.npz" in err and "sha256 differs" in err and err.count("\n") == 1
+    next_workers(root, 2)
+    rc, out = aggregate(root, "--expect", 3, "--server-optimizer", "fedadam", "--server-lr", "0.01", capsys=capsys)
+    assert rc == 2 and "rounds/r1-opt.npz" in out.err and "sha256 differs" in out.err and out.err.count("\n") == 1
+    assert len(entries(root)) == 1 and not (root / "rounds/r2.h5").exists()
+    (root / "rounds/r1-opt.npz").unlink()
+    rc, out = aggregate(root, "--expect", 3, "--server-optimizer", "fedadam", "--server-lr", "0.01", capsys=capsys)
+    assert rc == 2 and "rounds/r1-opt.npz" in out.err and "missing" in out.err
+
+
+def test_another_optimizer_or_none_before_starts_afresh(tmp_path, capsys):
+    root = start_root(tmp_path / "root")
+    run_round(root, 1, capsys=capsys)  # plain FedAvg
+    out = run_round(root, 2, "--server-optimizer", "fedavgm", capsys=capsys)
+    assert "round 1 has server optimizer none" in out.out
+    assert entries(root)[1]["server_optimizer"]["state_from"] is None
+    assert entries(root)[1]["server_optimizer"]["momentum"] == 0.9 and entries(root)[1]["server_optimizer"][
+        "server_lr"] == 1.0
+    out = run_round(root, 3, "--server-optimizer", "fedadam", "--server-lr", "0.01", "--aggregation", "median",
+                    capsys=capsys)
+    assert "round 2 has server optimizer fedavgm" in out.out
+    e = entries(root)[2]
+    assert e["server_optimizer"]["state_from"] is None and e["aggregation"] == {"rule": "median"}
+    assert run_ledger("verify", "--dir", root)[0] == 0
