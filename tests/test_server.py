@@ -76,7 +76,10 @@ def test_page_has_upload_form_canvas_and_sample_links(client):
     assert response.status_code == 200
     html = response.get_data(as_text=True)
     assert 'action="/upload"' in html and 'name="file"' in html and 'enctype="multipart/form-data"' in html
-    assert '<canvas id="pad"' in html and "pointerdown" in html and "/api/predict" in html
+    assert '<canvas id="pad"' in html and 'src="/static/page.js"' in html and 'href="/static/page.css"' in html
+    script = client.get("/static/page.js").get_data(as_text=True)  # a file: the CSP allows no inline script
+    assert "pointerdown" in script and "/api/predict" in script
+    assert "<script>" not in html and "<style" not in html and "style=" not in html
     assert 'name="viewport"' in html
     for name in ("4.png", "6.png", "photo-3.jpg"):
         assert f"/static/samples/{name}" in html
