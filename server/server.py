@@ -1,13 +1,19 @@
 """Command line and launcher of the prediction server: nginx in front, the app under gunicorn behind it.
 
-    python server.py --model /mnt/aggregated-model.h5 [--host 0.0.0.0] [--port 5000] [--workers N] [--threads T]
-                     [--header-timeout S] [--body-timeout S] [--keepalive-timeout S]
+    python server.py --model /mnt/aggregated-model.h5 [--host 0.0.0.0] [--port 5000] [--internal-port 9090]
+                     [--workers N] [--threads T] [--header-timeout S] [--body-timeout S] [--keepalive-timeout S]
+                     [--connection-deadline S]
                      [--gate-data TEST.npz [--gate-epsilon E] [--gate-state DIR]]
 
 nginx (Debian's `nginx-light`) listens on --host:--port and reads every request whole -- headers
 within --header-timeout, then the body (at most 2 MB, in memory) -- before it hands it to gunicorn
 over a unix socket in a private run directory, so slow or stalled clients hold only a cheap nginx
-connection, never a gunicorn worker (docs/serving.md). This process writes nginx's config
+connection, never a gunicorn worker (docs/serving.md). It answers methods a route does not serve itself
+(405, JSON, Allow), adds the security headers to every answer, and serves /metrics and the full
+/api/model only on --host:--internal-port (for Prometheus; the public port never marks a request
+internal). No connection lives longer than about --connection-deadline seconds: this process reloads
+nginx gracefully when one of its connections is older than half of it, and the replaced worker closes
+what it still holds after the other half. This process writes nginx's config
 from nginx.conf beside it, starts nginx, runs the gunicorn master, and stops nginx when gunicorn
 stops (and gunicorn when nginx dies). gunicorn's workers are `sync` workers, one request at a time, so a
 busy worker takes no new connection and nginx's next one goes to an idle worker (--threads T > 1: `gthread`
@@ -43,6 +49,8 @@ DEFAULT_THREADS = 1  # sync workers: p99 11-15 ms on 2 cores where 2 gthread wor
 HEADER_TIMEOUT = 10  # s: the request line and all headers, from connecting
 BODY_TIMEOUT = 10  # s: the longest pause between two reads of the body
 KEEPALIVE_TIMEOUT = 15  # s: an idle keep-alive connection
+CONNECTION_DEADLINE = 120  # s: the longest life of any connection, a slow upload's included (about: + 2 s)
+INTERNAL_PORT = 9090  # /metrics and the full /api/model (Prometheus scrapes it; the Service does not expose it)
 UPSTREAM_KEEPALIVE = 20  # s: nginx closes its idle connections to gunicorn first ...
 GUNICORN_KEEPALIVE = 30  # s: ... so gunicorn never closes one nginx is about to reuse
 NGINX_PACKAGE = "nginx-light"
@@ -56,6 +64,8 @@ def build_parser():
     parser.add_argument("--model", required=True, help="the aggregated model .h5 (may appear later; reloaded when replaced)")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--internal-port", type=int, default=INTERNAL_PORT,
+                        help=f"port on --host for /metrics and the full /api/model (default {INTERNAL_PORT})")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"gunicorn worker processes, one model each (default {DEFAULT_WORKERS})")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
@@ -66,6 +76,9 @@ def build_parser():
                         help=f"longest pause in seconds while a client sends the body (default {BODY_TIMEOUT})")
     parser.add_argument("--keepalive-timeout", type=int, default=KEEPALIVE_TIMEOUT,
                         help=f"seconds an idle keep-alive connection stays open (default {KEEPALIVE_TIMEOUT})")
+    parser.add_argument("--connection-deadline", type=int, default=CONNECTION_DEADLINE,
+                        help="seconds any connection may last, a slow upload's included; one that finishes its "
+                        f"requests within half of it is never cut (default {CONNECTION_DEADLINE})")
     parser.add_argument("--gate-data", help="promotion gate: a replaced model is served only if its accuracy on this "
                         "shard .npz (e.g. /mnt/data/test.npz) is >= the current one's - epsilon (gate.py)")
     parser.add_argument("--gate-epsilon", type=float, default=DEFAULT_EPSILON,
@@ -104,6 +117,8 @@ def nginx_config(args, run_dir, socket_path):
         "RUN_DIR": run_dir,
         "SOCKET": socket_path,
         "LISTEN": listen_address(args.host, args.port),
+        "INTERNAL_LISTEN": listen_address(args.host, args.internal_port),
+        "DEADLINE_HALF": max(1, args.connection_deadline // 2),
         "HEADER_TIMEOUT": args.header_timeout,
         "BODY_TIMEOUT": args.body_timeout,
         "KEEPALIVE_TIMEOUT": args.keepalive_timeout,
@@ -184,8 +199,71 @@ class Nginx:
         try:
             self.proc.wait(grace)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its workers too (its own session, its own group)
+            except OSError:
+                self.proc.kill()
             self.proc.wait()
+
+    def enforce_deadline(self, half, period=1.0):
+        """Bound the life of every connection, which nginx 1.22 cannot (its body timeout is a pause limit):
+        every `period` s, note when each TCP connection of nginx's workers was first seen; when one is older
+        than `half` s, reload nginx gracefully (SIGHUP: a new worker takes new connections, the old one
+        finishes what it holds and closes the rest after worker_shutdown_timeout, also `half`). At most one
+        reload per `half` s, so a connection lasts at most about 2 x half + period. Connections that end
+        within `half` s never cause a reload, so a server without slow clients is never reloaded."""
+        def run():
+            first_seen, last_reload = {}, 0.0
+            while self.proc.poll() is None and not self.stopping:
+                time.sleep(period)
+                now = time.monotonic()
+                inodes = self._tcp_connections()
+                if inodes is None:
+                    continue
+                first_seen = {inode: first_seen.get(inode, now) for inode in inodes}
+                oldest = now - min(first_seen.values(), default=now)
+                if oldest >= half and now - last_reload >= half and not self.stopping:
+                    print(f"nginx: a connection open for {oldest:.0f} s: reloading nginx, the old worker closes "
+                          f"what it holds within {half} s (--connection-deadline)", file=sys.stderr, flush=True)
+                    last_reload = now
+                    try:
+                        self.proc.send_signal(signal.SIGHUP)
+                    except OSError:
+                        return
+        threading.Thread(target=run, daemon=True).start()
+
+    def _tcp_connections(self):
+        """Inodes of the TCP sockets nginx's workers hold, listening ones excepted (None: /proc unreadable)."""
+        master = self.proc.pid
+        try:
+            with open(f"/proc/{master}/task/{master}/children") as f:
+                workers = f.read().split()
+            held = set()
+            for pid in workers:
+                try:
+                    for fd in os.listdir(f"/proc/{pid}/fd"):
+                        try:
+                            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                        except OSError:
+                            continue
+                        if link.startswith("socket:["):
+                            held.add(link[8:-1])
+                except OSError:  # a worker that just exited
+                    continue
+            tcp = set()
+            for table in ("tcp", "tcp6"):
+                try:
+                    with open(f"/proc/{master}/net/{table}") as f:
+                        next(f)
+                        for line in f:
+                            fields = line.split()
+                            if fields[3] != "0A":  # 0A: LISTEN
+                                tcp.add(fields[9])
+                except FileNotFoundError:
+                    continue
+        except OSError:
+            return None
+        return held & tcp
 
 
 # ---------------------------------------------------------------------------------------- gunicorn
@@ -298,6 +376,10 @@ def main(argv=None) -> int:
     problems = []
     if not 1 <= args.port <= 65535:
         problems.append(f"--port must be 1-65535, got {args.port}")
+    if not 1 <= args.internal_port <= 65535:
+        problems.append(f"--internal-port must be 1-65535, got {args.internal_port}")
+    elif args.internal_port == args.port:
+        problems.append(f"--internal-port must differ from --port, both are {args.port}")
     if args.workers < 1:
         problems.append(f"--workers must be >= 1, got {args.workers}")
     if args.threads < 1:
@@ -305,6 +387,8 @@ def main(argv=None) -> int:
     for flag in ("header_timeout", "body_timeout", "keepalive_timeout"):
         if not 1 <= getattr(args, flag) <= 3600:
             problems.append(f"--{flag.replace('_', '-')} must be 1-3600 seconds, got {getattr(args, flag)}")
+    if not 4 <= args.connection_deadline <= 86400:
+        problems.append(f"--connection-deadline must be 4-86400 seconds, got {args.connection_deadline}")
     if os.path.isdir(args.model):
         problems.append(f"--model {args.model} is a directory, expected the .h5 file")
     if not 0 <= args.gate_epsilon <= 1:
@@ -358,6 +442,7 @@ def main(argv=None) -> int:
             os.kill(os.getpid(), signal.SIGTERM)  # the gunicorn master stops gracefully
 
         nginx.watch(nginx_died)
+        nginx.enforce_deadline(max(1, args.connection_deadline // 2))
         try:
             serve(args, run_dir, socket_path, before_stop=lambda: nginx.stop(grace=DRAIN_SECONDS))
         except SystemExit as exit_:  # gunicorn exits this way when a worker cannot boot

@@ -1,4 +1,5 @@
-"""The production server (server.py under gunicorn) in headless Chromium: upload a sample, draw a digit.
+"""The production server (server.py under gunicorn) in headless Chromium: upload a sample, draw a digit, under
+the Content-Security-Policy nginx sends (no inline scripts or styles), with no violation reported.
 
 Screenshots go to artifacts/ (git-ignored; CI keeps them as test artefacts).
 """
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -21,16 +23,21 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update"]
 
 pytestmark = pytest.mark.slow
+Server = namedtuple("Server", "url internal")  # the public port; the internal one (/metrics, the full /api/model)
+# Recorded in the page before its own scripts run: every CSP violation the browser reports.
+CSP_WATCH = ("window.__cspViolations = []; document.addEventListener('securitypolicyviolation', "
+             "function (e) { window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI); });")
 
 
 @pytest.fixture(scope="module")
 def live_server(mnist_model, tmp_path_factory):
-    port = free_port()
+    port, internal_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "server/server.py"), "--model", str(mnist_model),
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                                 "--host", "127.0.0.1", "--port", str(port), "--internal-port", str(internal_port),
+                                 "--workers", "2"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -46,7 +53,7 @@ def live_server(mnist_model, tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"server not ready in 180 s: {log.read_text()[-2000:]}")
             time.sleep(0.3)
-        yield url
+        yield Server(url, f"http://127.0.0.1:{internal_port}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -66,26 +73,34 @@ def browser():
 
 
 def test_production_server_is_gunicorn_with_merged_metrics(live_server):
-    # every worker of the gunicorn server answers; /metrics adds up all of them (multiprocess mode)
+    # every worker of the gunicorn server answers; /metrics (on the internal port) adds up all of them
+    # (multiprocess mode)
     for _ in range(20):
         with open(ROOT / "samples/6.png", "rb") as f:
-            assert requests.post(live_server + "/api/predict", files={"file": f}, timeout=30).json()["digit"] == 6
-    text = requests.get(live_server + "/metrics", timeout=10).text
+            assert requests.post(live_server.url + "/api/predict", files={"file": f}, timeout=30).json()["digit"] == 6
+    text = requests.get(live_server.internal + "/metrics", timeout=10).text
     line = next(l for l in text.splitlines() if l.startswith('mlk_predictions_total{digit="6"}'))
     assert float(line.split()[-1]) >= 20
-    assert requests.get(live_server + "/api/model", timeout=10).json()["samples"] == 12000
+    assert requests.get(live_server.url + "/api/model", timeout=10).json()["samples"] == 12000
 
 
 def test_upload_sample_then_draw_a_digit(live_server, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1000, "height": 800})
-    page.goto(live_server + "/")
+    console = []
+    page.on("console", lambda message: console.append(message.text))
+    page.add_init_script(CSP_WATCH)
+    csp = page.goto(live_server.url + "/").headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "style-src 'self'" in csp and "unsafe-inline" not in csp
     page.set_input_files('input[name="file"]', str(ROOT / "samples/6.png"))
     with page.expect_navigation():
         page.click('input[type="submit"]')
     result = page.locator("#upload-result")
     assert "predict 6" in result.inner_text().replace("\n", " ")
     assert result.locator(".bar").count() == 10
+    # the bars' widths are data attributes the page's script applies (no style attributes under the CSP)
+    assert result.locator(".bar.top span").evaluate("e => parseFloat(e.style.width)") > 50
+    assert page.evaluate("window.__cspViolations") == []
 
     # draw a 7: a top stroke, then a long diagonal down to the left
     box = page.locator("#pad").bounding_box()
@@ -110,13 +125,18 @@ def test_upload_sample_then_draw_a_digit(live_server, browser):
     assert page.locator("#draw-result").is_hidden()
     page.click("#predict")
     assert page.locator("#draw-error").inner_text() == "Draw a digit first."
+    assert page.evaluate("window.__cspViolations") == []
+    assert not [m for m in console if "Content Security Policy" in m or "Refused to" in m], console
+    # ... and the watch would have seen one: an inline style is refused and reported
+    page.evaluate("document.body.insertAdjacentHTML('beforeend', '<p style=\"color: red\">x</p>')")
+    page.wait_for_function("window.__cspViolations.length > 0", timeout=5000)
     page.close()
 
 
 def test_page_fits_a_phone(live_server, browser):
     page = browser.new_page(viewport={"width": 375, "height": 740}, device_scale_factor=2, has_touch=True,
                             is_mobile=True)
-    page.goto(live_server + "/")
+    page.goto(live_server.url + "/")
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     pad = page.locator("#pad").bounding_box()
     assert 200 <= pad["width"] <= 375
