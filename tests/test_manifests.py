@@ -560,7 +560,11 @@ def test_server_probes_and_load_balancer():
     dep, svc = docs_of(MANIFESTS / "7-server.yaml")
     c = pod_spec(dep)["containers"][0]
     port = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert port == {"http": 5000}
+    assert port == {"http": 5000, "metrics": 9090}
+    # Prometheus scrapes the internal port (/metrics is served only there); the Service exposes only http
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9090"
+    assert "--internal-port" not in c["args"]  # server.py's default, 9090
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     # liveness is nginx's own answer (never queued behind uploads), and it exists there
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
