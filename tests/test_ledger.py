@@ -584,3 +584,11 @@ def test_another_optimizer_or_none_before_starts_afresh(tmp_path, capsys):
     e = entries(root)[2]
     assert e["server_optimizer"]["state_from"] is None and e["aggregation"] == {"rule": "median"}
     assert run_ledger("verify", "--dir", root)[0] == 0
+
+
+def test_fedavgm_with_lr_1_and_momentum_0_writes_the_plain_average(tmp_path, capsys):
+    plain, stepped = start_root(tmp_path / "plain"), start_root(tmp_path / "stepped")
+    run_round(plain, 1, capsys=capsys)
+    run_round(stepped, 1, "--server-optimizer", "fedavgm", "--server-lr", "1", "--server-momentum", "0", capsys=capsys)
+    a, b = h5_weights(plain / "rounds/r1.h5"), h5_weights(stepped / "rounds/r1.h5")
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)

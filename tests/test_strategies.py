@@ -218,3 +218,13 @@ def test_integer_arrays_are_rounded():
     ints = [[np.array([1, 2], dtype=np.int64)], [np.array([2, 2], dtype=np.int64)]]
     out = strategies.fedavg(ints, [1, 1])  # (1.5, 2) -> rint (2, 2)
     assert out[0].dtype == np.int64 and out[0].tolist() == [2, 2]
+
+
+def test_robust_rules_resist_one_far_worker_where_fedavg_does_not():
+    """Four honest workers near 0 and one at 1000 (claiming most samples): FedAvg follows it, the robust rules do not."""
+    honest = [model([0.1 * i, -0.1 * i], [0.05 * i]) for i in range(4)]  # coordinates in [-0.3, 0.3]
+    models = honest + [model([1000, 1000], [1000])]
+    assert strategies.fedavg(models, [1, 1, 1, 1, 96])[0][0] > 900
+    for out in (strategies.median(models), strategies.trimmed_mean(models, 0.2), strategies.krum(models, 1, 3)):
+        assert all(np.all(np.abs(a) <= 0.3 + 1e-6) for a in out)
+    assert 4 not in strategies.krum_select(models, 1, 4)
