@@ -18,12 +18,16 @@ preprocess.py, and the command line and the gunicorn launcher in server.py.
 
 import io
 import logging
+import math
 import os
+import re
 import sys
 import time
 
 from flask import Blueprint, Flask, Request, jsonify, render_template, request, send_file
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mlkcommon import LEDGER_FORMAT, read_ledger  # noqa: E402
@@ -36,19 +40,27 @@ import v2  # noqa: E402
 
 MAX_BODY = 2 * 1024 * 1024  # bytes; larger requests get 413
 MAX_FILES = 32  # image files per request (multipart `file` parts)
+MAX_PARTS = 1000  # multipart parts of any name per request (werkzeug's max_form_parts): more is a 400
+INTERNAL_HEADER = "X-Mlk-Internal"  # "1": the request came in on nginx's internal port (server/nginx.conf sets
+# it there and clears it on the public port): /metrics answers, /api/model gives its full answer
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"))
+# the mlk_http_requests_total `method` label: one of these, or "other" (a client cannot add label values)
 
 log = logging.getLogger("mlk.server")
 
 
 def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_epsilon=gate_module.DEFAULT_EPSILON,
-               background_reload=False, gate_state=None):
+               background_reload=False, gate_state=None, trust_internal_header=True):
     """The Flask app. Loads the model now if it exists; otherwise when it appears.
 
     gate_data: the evaluation set of the promotion gate (gate.py); None: every replaced file is served.
     gate_state: the gate's directory shared by every worker and replica (--gate-state; needs gate_data), where
     the admitted model is kept: a restart serves it, not a file the gate rejected. None: decisions in memory.
     background_reload: a replaced file is loaded and gated by a thread, not by the request that noticed it
-    (model.ModelHolder; server.py's one-request-at-a-time workers)."""
+    (model.ModelHolder; server.py's one-request-at-a-time workers).
+    trust_internal_header: a request with `X-Mlk-Internal: 1` (INTERNAL_HEADER) is internal (/metrics, the full
+    /api/model). True behind server.py's nginx, which sets the header on its internal port only and clears it
+    on the public one, and in tests (the client sends it); False: no request is internal."""
     metrics = Metrics()
     gate = build_gate(gate_data, gate_epsilon, gate_state, metrics)
     holder = ModelHolder(model_path, check_interval, background=background_reload, gate=gate)
@@ -65,9 +77,11 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
     app.extensions.update(mlk_model=holder, mlk_gate=gate, mlk_predictor=predictor)
     count_requests(app, metrics)
     answer_errors(app, pages)
+    app.extensions["mlk_internal"] = (lambda: request.headers.get(INTERNAL_HEADER) == "1") if trust_internal_header \
+        else (lambda: False)
     app.register_blueprint(page_routes(predictor, pages))
     app.register_blueprint(api_routes(predictor, pages))
-    app.register_blueprint(status_routes(predictor, ledger, gate, metrics))
+    app.register_blueprint(status_routes(predictor, ledger, gate, metrics, app.extensions["mlk_internal"]))
     app.register_blueprint(history_routes(ledger, pages))
     app.register_blueprint(v2.create_blueprint(predictor, max_items=MAX_FILES, max_body=MAX_BODY))
     app.wsgi_app = fastpath.FastPath(app.wsgi_app, lambda blobs: predict_answer(predictor, blobs),
@@ -104,8 +118,9 @@ class Metrics:
         self.loads.inc()
 
     def record(self, route, method, status, seconds):
-        """One answered request: its count by route, method and status; its latency by route (if timed)."""
-        self.requests.labels(route, method, str(status)).inc()
+        """One answered request: its count by route, method (METHODS, else "other") and status; its latency
+        by route (if timed)."""
+        self.requests.labels(route, method if method in METHODS else "other", str(status)).inc()
         if seconds is not None:
             self.latency.labels(route).observe(seconds)
 
@@ -202,11 +217,21 @@ class Pages:
                       served_workers=worker_notes(served_round) if served_round else [])
         return render_template("index.html", **values)
 
-    def error(self, status, message):
-        """The page with the error for /upload (a form's answer), {"error": message} everywhere else."""
+    def error(self, status, message, headers=None):
+        """The page with the error for /upload (a form's answer), {"error": message} everywhere else; the
+        message as one_line() makes it."""
+        message = one_line(message)
         if request.path == "/upload":
-            return self.page(error=message, result=None, model=None), status
-        return jsonify(error=message), status
+            return self.page(error=message, result=None, model=None), status, headers or {}
+        return jsonify(error=message), status, headers or {}
+
+
+def one_line(text, limit=300):
+    """A message as a client gets it: one line, no absolute path (shown as <path>), at most `limit` characters.
+    Answers are worded not to need this; it is the net under them (and under werkzeug's descriptions)."""
+    text = " ".join(str(text).split())
+    text = re.sub(r"(?:[A-Za-z]:)?(?:[\\/][\w.@+~-]+){2,}/?", "<path>", text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def answer_errors(app, pages):
@@ -216,12 +241,18 @@ def answer_errors(app, pages):
     def http_error(err):
         if isinstance(err, RequestEntityTooLarge):
             return pages.error(413, f"request body too large (limit {MAX_BODY // (1024 * 1024)} MB)")
-        return pages.error(err.code or 400, err.description or err.name)
+        headers = {}
+        if isinstance(err, MethodNotAllowed) and err.valid_methods:
+            headers["Allow"] = ", ".join(sorted(err.valid_methods))
+        return pages.error(err.code or 400, HTTP_MESSAGES.get(err.code) or err.name.lower(), headers)
 
     @app.errorhandler(Exception)
     def unexpected(err):  # last resort: log it, answer JSON, keep the worker alive
         log.exception("unexpected error")
         return pages.error(500, "internal error")
+
+
+HTTP_MESSAGES = {404: "no such route", 405: "method not allowed"}  # werkzeug's descriptions are sentences
 
 
 class InMemoryRequest(Request):
@@ -232,18 +263,49 @@ class InMemoryRequest(Request):
 
 
 def uploads():
-    """The images of this request as bytes: multipart `file` fields, or a raw image/* body. Raises ImageError."""
+    """The images of this request as bytes: multipart `file` parts, or a raw image/* body. Raises ImageError."""
     content_type = request.mimetype or ""
     if content_type.startswith("image/"):
         return [request.get_data(cache=False)]
     if content_type != "multipart/form-data":
         raise ImageError("send the image as multipart field 'file' or as a raw body with an image/* content type")
-    files = request.files.getlist("file")
+    files = multipart_files(request.get_data(cache=False), request.mimetype_params.get("boundary"))
     if not files:
         raise ImageError("missing multipart field 'file'")
     if len(files) > MAX_FILES:
         raise ImageError(f"too many files ({len(files)}; limit {MAX_FILES})")
-    return [f.read() for f in files]
+    return files
+
+
+def multipart_files(body, boundary):
+    """The `file` parts of a multipart/form-data body, in order, as bytes: with a filename (a file input,
+    curl -F file=@x.png) or without (curl -F file=<x.png); other parts are skipped. werkzeug's own parser
+    (request.files) would put a part without a filename in request.form, decoded as text. Raises ImageError
+    for a body that is not multipart (no boundary, malformed, cut short) or has over MAX_PARTS parts."""
+    if not boundary:
+        raise ImageError("multipart body without a boundary parameter in its Content-Type")
+    try:
+        decoder = MultipartDecoder(boundary.encode("latin-1"), max_form_memory_size=None, max_parts=MAX_PARTS)
+        decoder.receive_data(body)
+        decoder.receive_data(None)
+        files, name, chunks = [], None, []
+        event = decoder.next_event()
+        while not isinstance(event, (Epilogue, NeedData)):
+            if isinstance(event, (Field, File)):
+                name, chunks = event.name, []
+            elif isinstance(event, Data):
+                chunks.append(event.data)
+                if not event.more_data and name == "file":
+                    files.append(b"".join(chunks))
+            event = decoder.next_event()
+    except RequestEntityTooLarge:
+        raise ImageError(f"too many multipart parts (limit {MAX_PARTS})") from None
+    except (ValueError, UnicodeError) as err:
+        log.warning("malformed multipart body: %s", err)
+        raise ImageError("malformed multipart body") from None
+    if isinstance(event, NeedData):
+        raise ImageError("malformed multipart body (it ends before its closing boundary)")
+    return files
 
 
 def predict_answer(predictor, blobs):
@@ -252,10 +314,17 @@ def predict_answer(predictor, blobs):
     try:
         results = predictor.predict(Predictor.images(blobs)).results
     except ImageError as err:
-        return 400, {"error": str(err)}
+        return image_status(err), {"error": one_line(err)}
     except ModelNotReady as err:
         return 503, {"error": str(err)}
     return 200, results[0] if len(blobs) == 1 else {"predictions": results}
+
+
+def image_status(err):
+    """The status an ImageError is answered with: its own (preprocess.py: 400, 413 over the request's pixel
+    budget, 415 a format not read), 400 when it has none."""
+    status = getattr(err, "status", 400)
+    return status if status in (400, 413, 415) else 400
 
 
 # ------------------------------------------------------------------------------------------ routes
@@ -274,7 +343,7 @@ def page_routes(predictor, pages):
         try:
             predicted = predictor.predict(Predictor.images(uploads()[:1]))
         except ImageError as err:
-            return pages.error(400, str(err))
+            return pages.error(image_status(err), str(err))
         except ModelNotReady as err:
             return pages.error(503, str(err))
         return pages.page(result=predicted.results[0], error=None, model=predicted.model)
@@ -291,16 +360,17 @@ def api_routes(predictor, pages):
         try:
             blobs = uploads()
         except ImageError as err:
-            return pages.error(400, str(err))
+            return pages.error(image_status(err), str(err))
         status, payload = predict_answer(predictor, blobs)
         return jsonify(payload), status
 
     return bp
 
 
-def status_routes(predictor, ledger, gate, metrics):
+def status_routes(predictor, ledger, gate, metrics, internal):
     """/healthz (the process answers), /readyz (a model is served), /api/model (which, with its round and the
-    gate's record) and /metrics."""
+    gate's record: in full to internal requests, its public fields to others) and /metrics (internal requests
+    only). internal(): whether this request is internal (INTERNAL_HEADER)."""
     bp = Blueprint("status", __name__)
 
     @bp.get("/healthz")
@@ -311,14 +381,18 @@ def status_routes(predictor, ledger, gate, metrics):
     def readyz():
         model = predictor.ready_model()
         if model is None:
-            return jsonify(status="not ready", error=predictor.not_ready()), 503
+            return jsonify(status="not ready", error=predictor.not_ready_detail() if internal() else
+                           predictor.not_ready()), 503
         return jsonify(status="ready", model=model_id(model.sha256))
 
     @bp.get("/api/model")
     def api_model():
         model = predictor.model()
+        full = internal()
         if model is None:
-            return jsonify(error=predictor.not_ready(), path=predictor.holder.path), 503
+            if full:
+                return jsonify(error=predictor.not_ready_detail(), path=predictor.holder.path), 503
+            return jsonify(error=predictor.not_ready()), 503
         info = model.info()
         rounds = ledger.rounds()
         entry = ledger.entry_for(model.sha256)
@@ -326,14 +400,36 @@ def status_routes(predictor, ledger, gate, metrics):
                           "history": "/api/history" if rounds else None,
                           "plot": "/history.png" if rounds and ledger.has_plot() else None}
         info["gate"] = gate.info(model) if gate is not None else None
-        return jsonify(info)
+        return jsonify(info if full else public_model_info(info))
 
     @bp.get("/metrics")
     def metrics_text():
+        if not internal():
+            return jsonify(error="no such route"), 404
         body, content_type = metrics.text()
         return body, 200, {"Content-Type": content_type}
 
     return bp
+
+
+PUBLIC_MODEL_FIELDS = ("sha256", "loaded_at", "runtime", "kind", "workers", "round", "samples", "epochs", "ledger")
+PUBLIC_GATE_FIELDS = ("epsilon", "promotions", "rejections", "served_accuracy", "restored")
+PUBLIC_DECISION_FIELDS = ("at", "decision", "candidate", "current", "seconds")
+
+
+def public_model_info(info):
+    """/api/model for any client: which model (id, sha256), its round, workers, samples and epochs, the ledger's
+    links, the gate's decisions in summary; not the file's path, its attributes (worker file names), the gate's
+    evaluation-set path, state directory or errors, nor a decision's reason (which names files)."""
+    public = {key: info.get(key) for key in PUBLIC_MODEL_FIELDS}
+    public["model"] = model_id(info["sha256"])
+    gate = info.get("gate")
+    if gate is not None:
+        decision = gate.get("last_decision")
+        gate = {key: gate.get(key) for key in PUBLIC_GATE_FIELDS}
+        gate["last_decision"] = None if decision is None else {key: decision.get(key) for key in PUBLIC_DECISION_FIELDS}
+    public["gate"] = gate
+    return public
 
 
 def history_routes(ledger, pages):
@@ -344,13 +440,13 @@ def history_routes(ledger, pages):
     def api_history():
         rounds = ledger.rounds()
         if not rounds:
-            return pages.error(404, f"no training history ({ledger.path} absent, empty or unreadable)")
+            return pages.error(404, "no training history (the round ledger is absent, empty or unreadable)")
         return jsonify({"format": LEDGER_FORMAT, "rounds": rounds})
 
     @bp.get("/history.png")
     def history_png():
         if not ledger.has_plot():
-            return pages.error(404, f"no history plot ({ledger.plot_path} absent)")
+            return pages.error(404, "no history plot")
         with open(ledger.plot_path, "rb") as f:  # read whole: the aggregator may replace it meanwhile
             return send_file(io.BytesIO(f.read()), mimetype="image/png", max_age=0)
 
@@ -380,8 +476,8 @@ class Ledger:
         if cached[0] == signature:
             return cached[1]
         try:
-            rounds = read_ledger(self.path)["rounds"]
-        except (OSError, ValueError) as err:  # LedgerFormatError is a ValueError
+            rounds = [finite(entry) for entry in read_ledger(self.path)["rounds"]]
+        except (OSError, ValueError, RecursionError) as err:  # LedgerFormatError is a ValueError
             log.error("ignoring the round ledger %s: %s", self.path, err)
             rounds = []
         self._cached = (signature, rounds)
@@ -399,8 +495,27 @@ class Ledger:
         return os.path.isfile(self.plot_path)
 
 
+def finite(value):
+    """A ledger value with every float that is not finite (NaN, Infinity: Python's json reads them) and every
+    integer beyond 64 bits as None, so /api/history and /api/model answer standard JSON and the page formats
+    only numbers it can ("%.4f" of a 400-digit integer is an OverflowError)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -2 ** 63 <= value < 2 ** 64 else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
+
+
 def _number(value, fmt):
-    return fmt % value if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return ""
+    if isinstance(value, int) and abs(value) > 10 ** 18:  # "%.4f" of a 400-digit int: OverflowError
+        return ""
+    return fmt % value
 
 
 def worker_notes(entry):

@@ -19,7 +19,8 @@ from werkzeug.http import parse_options_header
 
 PATH = "/api/predict"
 
-STATUS_LINES = {200: "200 OK", 400: "400 BAD REQUEST", 500: "500 INTERNAL SERVER ERROR",
+STATUS_LINES = {200: "200 OK", 400: "400 BAD REQUEST", 413: "413 REQUEST ENTITY TOO LARGE",
+                415: "415 UNSUPPORTED MEDIA TYPE", 500: "500 INTERNAL SERVER ERROR",
                 503: "503 SERVICE UNAVAILABLE"}  # as werkzeug spells them
 
 log = logging.getLogger("mlk.server")
@@ -28,7 +29,8 @@ log = logging.getLogger("mlk.server")
 class FastPath:
     """The WSGI app: POST /api/predict with a plain body here, everything else to flask_wsgi.
 
-    answer(list of bytes) -> (status, JSON payload): the route's own answer (status one of STATUS_LINES);
+    answer(list of bytes) -> (status, JSON payload): the route's own answer (status one of STATUS_LINES: 400 a
+    bad image, 413 over the request's pixel budget, 415 an image format not read, 503 no model);
     record(status, seconds): count the request in the route's metrics, as Flask's after_request would;
     max_body: the largest Content-Length taken (Flask's MAX_CONTENT_LENGTH); max_files: the most `file` parts.
     """
@@ -80,8 +82,8 @@ def multipart_files(body, boundary, max_files):
     """The `file` parts of a multipart/form-data body as bytes, as werkzeug would give them to the route;
     None when the body is anything but the plain shape browsers, curl and requests send (then werkzeug
     parses it): a preamble-free `--boundary CRLF`, parts with only Content-Disposition (form-data,
-    name "file", a filename) and Content-Type headers, CRLF line breaks, a closing delimiter, at most
-    max_files parts."""
+    name "file", with a filename or without: curl -F file=<x.png) and Content-Type headers, CRLF line
+    breaks, a closing delimiter, at most max_files parts."""
     if not boundary or not 1 <= len(boundary) <= 70:
         return None
     try:
@@ -109,7 +111,7 @@ def multipart_files(body, boundary, max_files):
 
 
 def is_file_part(head):
-    """Part headers (bytes) naming a `file` form field with a filename and nothing else werkzeug reads."""
+    """Part headers (bytes) naming a `file` form field (with a filename or not) and nothing else werkzeug reads."""
     disposition = None
     for line in head.split(b"\r\n"):
         name, colon, value = line.partition(b":")
@@ -123,5 +125,4 @@ def is_file_part(head):
                 return False
         elif name != b"content-type":
             return False
-    return (disposition is not None and disposition[0].lower() == "form-data"
-            and disposition[1].get("name") == "file" and disposition[1].get("filename") is not None)
+    return disposition is not None and disposition[0].lower() == "form-data" and disposition[1].get("name") == "file"

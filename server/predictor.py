@@ -13,6 +13,7 @@ answers them in its own words (400 and 503).
 
 from collections import namedtuple
 
+import preprocess
 from preprocess import ImageError, mean_over_views, preprocess_views, stack_views
 
 MODEL_ID_CHARS = 12  # a model is named by the first hex digits of its file's sha256
@@ -36,12 +37,13 @@ def prediction_json(probabilities, model_sha256):
 
 
 class UploadImageError(ImageError):
-    """An upload that is not a usable image: `index` (0-based) of `count` uploads, `reason` from preprocess.py.
+    """An upload that is not a usable image: `index` (0-based) of `count` uploads, `reason` from preprocess.py,
+    `status` the ImageError's (400; 413 over the request's pixel budget; 415 a format not read).
     str(): the reason, prefixed with "file N: " when there were several uploads (the upload API's wording)."""
 
-    def __init__(self, index, count, reason):
+    def __init__(self, index, count, reason, status=400):
         super().__init__(f"file {index + 1}: {reason}" if count > 1 else reason)
-        self.index, self.count, self.reason = index, count, reason
+        self.index, self.count, self.reason, self.status = index, count, reason, status
 
 
 class ModelNotReady(Exception):
@@ -86,19 +88,28 @@ class Predictor:
         return self.holder.current or self.model()
 
     def not_ready(self):
-        """Why there is no model: the last load's error, or that none is loaded yet."""
+        """Why there is no model, in words for any client: none loaded yet, or the file missing or unusable (the
+        details, which name the file, are in the log and in not_ready_detail)."""
+        return "model not loaded yet" if self.holder.last_error is None else \
+            "no model: its file is missing or cannot be loaded (details in the server log)"
+
+    def not_ready_detail(self):
+        """Why there is no model, in full: the last load's error (with the file's path), or that none is loaded yet."""
         return self.holder.last_error or "model not loaded yet"
 
     @staticmethod
     def images(blobs):
-        """Encoded image files (bytes) -> Images: each preprocessed (preprocess_views), all stacked.
+        """Encoded image files (bytes) of one request -> Images: each preprocessed (preprocess_views), all
+        stacked, their pixels drawn from one preprocess.PixelBudget for the request (when preprocess.py has it).
         Raises UploadImageError for the first file that is not a usable image."""
         views = []
+        budget_class = getattr(preprocess, "PixelBudget", None)
+        extra = {"budget": budget_class()} if budget_class is not None else {}
         for index, blob in enumerate(blobs):
             try:
-                views.append(preprocess_views(blob))
+                views.append(preprocess_views(blob, **extra))
             except ImageError as err:
-                raise UploadImageError(index, len(blobs), str(err)) from None
+                raise UploadImageError(index, len(blobs), str(err), getattr(err, "status", 400)) from None
         return Images(*stack_views(views))
 
     @staticmethod

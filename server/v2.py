@@ -71,6 +71,27 @@ def bad(message):
     return ProtocolError(400, message)
 
 
+def one_line(text, limit=200):
+    """A message (or an exception's text) as one line of at most `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(value, limit=40):
+    """What a client sent, quoted for an error message: repr() (one line), at most `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def boolean_parameter(params, name, default, where):
+    """A boolean parameter of the binary tensor data extension (binary_data, binary_data_output): a JSON
+    boolean, or absent (default); anything else (the string "false", 0, ...) is a 400."""
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise bad(f"{where}\"{name}\" must be a boolean (true or false), got {shown(value)}")
+    return value
+
+
 # ------------------------------------------------------------------------------------ request body
 
 
@@ -80,14 +101,19 @@ def decompress(raw, encoding, limit):
     if encoding == "identity":
         return raw
     if encoding not in ("gzip", "deflate"):
-        raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r} (gzip, deflate or none)")
+        raise ProtocolError(415, f"unsupported Content-Encoding {shown(encoding)} (gzip, deflate or none)")
     decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
         out = decoder.decompress(raw, limit + 1)
     except zlib.error as err:
-        raise bad(f"body is not valid {encoding} data ({err})") from None
+        raise bad(f"body is not valid {encoding} data ({one_line(err)})") from None
     if len(out) > limit or decoder.unconsumed_tail:
         raise ProtocolError(413, f"request body too large once decompressed (limit {limit // (1024 * 1024)} MB)")
+    if not decoder.eof:
+        raise bad(f"body is not valid {encoding} data (it ends before the end of the compressed stream)")
+    if decoder.unused_data:
+        raise bad(f"body is not valid {encoding} data ({len(decoder.unused_data)} bytes after the compressed "
+                  "stream)")
     return out
 
 
@@ -95,12 +121,11 @@ def split_body(raw, header_length):
     """(JSON header bytes, binary tail) per the binary tensor data extension's header."""
     if header_length is None:
         return raw, b""
-    try:
-        size = int(header_length)
-    except ValueError:
-        size = -1
+    text = header_length.strip()
+    size = int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else -1
     if not 0 <= size <= len(raw):
-        raise bad(f"{HEADER_LENGTH} must be an integer between 0 and the body size ({len(raw)}), got {header_length!r}")
+        raise bad(f"{HEADER_LENGTH} must be an integer between 0 and the body size ({len(raw)}), "
+                  f"got {shown(header_length)}")
     return raw[:size], raw[size:]
 
 
@@ -109,22 +134,27 @@ def parse_request(raw, header_length):
     head, tail = split_body(raw, header_length)
     try:
         body = json.loads(head)
+    except RecursionError:
+        raise bad("request is not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as err:
-        raise bad(f"request is not valid JSON ({err})") from None
+        raise bad(f"request is not valid JSON ({one_line(err)})") from None
     if not isinstance(body, dict):
         raise bad("request must be a JSON object with \"inputs\"")
     if "id" in body and not isinstance(body["id"], str):
         raise bad("\"id\" must be a string")
+    inputs = body.get("inputs") if isinstance(body.get("inputs"), list) else []
     for where, params in [("request", body.get("parameters"))] + [
-            (f"input {i + 1}", t.get("parameters")) for i, t in enumerate(body.get("inputs") or []) if isinstance(t, dict)]:
+            (f"input {i + 1}", t.get("parameters")) for i, t in enumerate(inputs) if isinstance(t, dict)]:
         if params is not None and not isinstance(params, dict):
             raise bad(f"{where} \"parameters\" must be an object")
     return body, tail
 
 
 def positive_shape(shape):
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise bad(f"\"shape\" must be a list of non-negative integers, got {json.dumps(shape)}")
+    """A tensor's shape: a list of integers each representable as an unsigned 64-bit integer (the spec)."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 64
+                                              for d in shape):
+        raise bad(f"\"shape\" must be a list of non-negative 64-bit integers, got {shown(shape)}")
     return shape
 
 
@@ -157,10 +187,10 @@ def read_input_tensor(tensor, tail, offset, max_items):
     """The `input` tensor -> float32 (n, 28, 28) in [0, 1], and the new offset into the binary tail."""
     datatype = tensor.get("datatype")
     if datatype not in ("FP32", "UINT8"):
-        raise bad(f"input {INPUT_TENSOR!r}: datatype must be FP32 or UINT8, got {datatype!r}")
+        raise bad(f"input {INPUT_TENSOR!r}: datatype must be FP32 or UINT8, got {shown(datatype)}")
     shape = positive_shape(tensor.get("shape"))
     if shape[1:] not in ([28, 28], [PIXELS]):
-        raise bad(f"input {INPUT_TENSOR!r}: shape must be [n, 28, 28] or [n, 784], got {shape}")
+        raise bad(f"input {INPUT_TENSOR!r}: shape must be [n, 28, 28] or [n, 784], got {shown(shape)}")
     n = batch_size(shape[0], max_items)
     count = n * PIXELS
     size = (tensor.get("parameters") or {}).get("binary_data_size")
@@ -168,7 +198,7 @@ def read_input_tensor(tensor, tail, offset, max_items):
         itemsize = 4 if datatype == "FP32" else 1
         if not isinstance(size, int) or isinstance(size, bool) or size != count * itemsize:
             raise bad(f"input {INPUT_TENSOR!r}: binary_data_size must be {count * itemsize} for shape {shape} "
-                      f"{datatype}, got {size!r}")
+                      f"{datatype}, got {shown(size)}")
         if offset + size > len(tail):
             raise bad(f"input {INPUT_TENSOR!r}: binary data ends after {len(tail) - offset} of {size} bytes")
         values = np.frombuffer(tail, dtype="<f4" if datatype == "FP32" else np.uint8, count=count, offset=offset)
@@ -181,6 +211,9 @@ def read_input_tensor(tensor, tail, offset, max_items):
             raise bad(f"input {INPUT_TENSOR!r}: {len(flat)} values for shape {shape} ({count} expected)")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
             raise bad(f"input {INPUT_TENSOR!r}: data must be numbers")
+        if any(isinstance(v, int) and not -256 <= v <= 256 for v in flat):  # 10**400: float64 overflows
+            raise bad(f"input {INPUT_TENSOR!r}: {datatype} values must be in "
+                      f"{'[0, 1]' if datatype == 'FP32' else '0-255'}")
         values = np.asarray(flat, dtype=np.float64)
     if datatype == "FP32":
         values = values.astype(np.float32)
@@ -199,16 +232,16 @@ def read_image_tensor(tensor, tail, offset, max_items):
     """The `image` tensor -> list of n encoded files (bytes), and the new offset into the binary tail."""
     datatype = tensor.get("datatype")
     if datatype != "BYTES":
-        raise bad(f"input {IMAGE_TENSOR!r}: datatype must be BYTES, got {datatype!r}")
+        raise bad(f"input {IMAGE_TENSOR!r}: datatype must be BYTES, got {shown(datatype)}")
     shape = positive_shape(tensor.get("shape"))
     if len(shape) != 1:
-        raise bad(f"input {IMAGE_TENSOR!r}: shape must be [n], got {shape}")
+        raise bad(f"input {IMAGE_TENSOR!r}: shape must be [n], got {shown(shape)}")
     n = batch_size(shape[0], max_items)
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     blobs = []
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
-            raise bad(f"input {IMAGE_TENSOR!r}: binary_data_size {size!r} does not fit the "
+            raise bad(f"input {IMAGE_TENSOR!r}: binary_data_size {shown(size)} does not fit the "
                       f"{len(tail) - offset} bytes of binary data left")
         end, pos = offset + size, offset
         while pos < end:  # elements: 4-byte little-endian length, then the bytes
@@ -223,9 +256,19 @@ def read_image_tensor(tensor, tail, offset, max_items):
     else:
         if "data" not in tensor:
             raise bad(f"input {IMAGE_TENSOR!r}: no \"data\" and no binary_data_size")
+        content_type = (tensor.get("parameters") or {}).get("content_type")
+        if content_type not in (None, "base64"):
+            raise bad(f"input {IMAGE_TENSOR!r}: parameter \"content_type\" must be \"base64\" or absent, "
+                      f"got {shown(content_type)}")
         for index, item in enumerate(flat_json_data(tensor["data"], f"input {IMAGE_TENSOR!r}")):
             if not isinstance(item, str):
-                raise bad(f"input {IMAGE_TENSOR!r}: element {index + 1} must be a base64 string")
+                raise bad(f"input {IMAGE_TENSOR!r}: element {index + 1} must be a string")
+            if content_type is None:  # the spec's JSON string: the element is its UTF-8 bytes (as Triton reads it)
+                try:
+                    blobs.append(item.encode("utf-8"))
+                except UnicodeEncodeError:  # a lone surrogate ("\ud800") has no UTF-8 form
+                    raise bad(f"input {IMAGE_TENSOR!r}: element {index + 1} is not valid Unicode text") from None
+                continue
             try:
                 blobs.append(base64.b64decode(item, validate=True))
             except (binascii.Error, ValueError):
@@ -236,8 +279,8 @@ def read_image_tensor(tensor, tail, offset, max_items):
 
 
 def requested_outputs(body):
-    """[(name, binary)] in the order the request asks for them (default: both outputs)."""
-    default_binary = bool((body.get("parameters") or {}).get("binary_data_output", False))
+    """[(name, binary)] in the order the request asks for them (default: both outputs), each name once."""
+    default_binary = boolean_parameter(body.get("parameters") or {}, "binary_data_output", False, "request ")
     wanted = body.get("outputs")
     if wanted is None:
         return [(name, default_binary) for name in OUTPUTS]
@@ -246,12 +289,14 @@ def requested_outputs(body):
     result = []
     for item in wanted:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in OUTPUTS:
-            raise bad(f"unknown output {name!r} (outputs: {', '.join(OUTPUTS)})")
+        if not isinstance(name, str) or name not in OUTPUTS:
+            raise bad(f"unknown output {shown(name)} (outputs: {', '.join(OUTPUTS)})")
+        if any(name == seen for seen, _ in result):
+            raise bad(f"output {name!r} is requested twice")
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise bad(f"output {name!r}: \"parameters\" must be an object")
-        result.append((name, bool(params.get("binary_data", default_binary))))
+        result.append((name, boolean_parameter(params, "binary_data", default_binary, f"output {name!r}: ")))
     return result
 
 
@@ -266,11 +311,11 @@ def create_blueprint(predictor, max_items, max_body):
 
     @bp.errorhandler(ProtocolError)
     def protocol_error(err):
-        return jsonify(error=err.message), err.status
+        return jsonify(error=one_line(err.message, 300)), err.status
 
     def check_model(name):
         if name != MODEL_NAME:
-            raise ProtocolError(404, f"unknown model {name!r} (this server serves {MODEL_NAME!r})")
+            raise ProtocolError(404, f"unknown model {shown(name)} (this server serves {MODEL_NAME!r})")
 
     @bp.get("")
     def server_metadata():
@@ -321,10 +366,11 @@ def create_blueprint(predictor, max_items, max_body):
             blobs, offset = read_image_tensor(tensor, tail, 0, max_items)
             try:  # preprocessed as uploads to /api/predict (a thick-stroked one: the mean of its two views)
                 images = Predictor.images(blobs)
-            except UploadImageError as err:
-                raise bad(f"input {IMAGE_TENSOR!r} element {err.index + 1}: {err.reason}") from None
+            except UploadImageError as err:  # 400; 413 over the request's pixel budget; 415 a format not read
+                raise ProtocolError(err.status if err.status in (400, 413, 415) else 400,
+                                    f"input {IMAGE_TENSOR!r} element {err.index + 1}: {err.reason}") from None
         else:
-            raise bad(f"unknown input {tensor_name!r} (inputs: {INPUT_TENSOR!r}, {IMAGE_TENSOR!r})")
+            raise bad(f"unknown input {shown(tensor_name)} (inputs: {INPUT_TENSOR!r}, {IMAGE_TENSOR!r})")
         if offset != len(tail):
             raise bad(f"{len(tail) - offset} bytes of binary data after the last input's binary_data_size")
         try:

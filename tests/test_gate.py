@@ -17,6 +17,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 import app as server_app  # noqa: E402
+
+INTERNAL = {server_app.INTERNAL_HEADER: "1"}
+
+
+def internal_client(app):
+    """A test client whose requests carry the internal header (as nginx's internal port sets it): /metrics and
+    the gate's full record in /api/model (its data path, state, reasons)."""
+    client = app.test_client()
+    client.environ_base["HTTP_X_MLK_INTERNAL"] = "1"
+    return client
 import gate as gate_module  # noqa: E402
 import server  # noqa: E402
 
@@ -73,7 +83,7 @@ def test_shuffled_model_rejected_better_model_promoted(tmp_path, models, mnist_m
     served = tmp_path / "aggregated-model.h5"
     shutil.copyfile(models["weak"], served)
     app = server_app.create_app(str(served), check_interval=0, gate_data=str(gate_data))
-    client = app.test_client()
+    client = internal_client(app)
 
     info = client.get("/api/model").get_json()
     assert info["sha256"] == sha256(models["weak"])
@@ -95,6 +105,12 @@ def test_shuffled_model_rejected_better_model_promoted(tmp_path, models, mnist_m
     assert decision["candidate"]["sha256"] == sha256(models["shuffled"]) and decision["candidate"]["accuracy"] < 0.2
     assert decision["current"] == {"sha256": sha256(models["weak"]), "accuracy": weak_accuracy}
     assert info["gate"]["rejections"] == 1 and info["gate"]["promotions"] == 0
+    # a visitor (no internal header) gets the decision in summary: no evaluation-set path, state or reason
+    public = app.test_client().get("/api/model")
+    gate = public.get_json()["gate"]
+    assert str(tmp_path) not in public.get_data(as_text=True) and "reason" not in gate["last_decision"]
+    assert not {"data", "state", "state_error"} & set(gate) and gate["rejections"] == 1
+    assert gate["last_decision"] == {key: decision[key] for key in ("at", "decision", "candidate", "current", "seconds")}
     assert client.get("/readyz").status_code == 200 and client.get("/v2/health/ready").status_code == 200
     assert metric(client, "mlk_gate_rejections") == 1 and metric(client, "mlk_gate_promotions") == 0
     assert metric(client, "mlk_gate_candidate_accuracy") == decision["candidate"]["accuracy"]
@@ -124,7 +140,7 @@ def test_shuffled_model_rejected_better_model_promoted(tmp_path, models, mnist_m
 def test_epsilon_decides(tmp_path, models, gate_data):
     served = tmp_path / "aggregated-model.h5"
     shutil.copyfile(models["weak"], served)
-    client = server_app.create_app(str(served), check_interval=0, gate_data=str(gate_data), gate_epsilon=1.0).test_client()
+    client = internal_client(server_app.create_app(str(served), check_interval=0, gate_data=str(gate_data), gate_epsilon=1.0))
     client.get("/api/model")
     drop(models["shuffled"], served)
     info = client.get("/api/model").get_json()
@@ -134,7 +150,7 @@ def test_epsilon_decides(tmp_path, models, gate_data):
 def test_without_gate_data_every_file_is_served(tmp_path, models):
     served = tmp_path / "aggregated-model.h5"
     shutil.copyfile(models["weak"], served)
-    client = server_app.create_app(str(served), check_interval=0).test_client()
+    client = internal_client(server_app.create_app(str(served), check_interval=0))
     assert client.get("/api/model").get_json()["gate"] is None
     drop(models["shuffled"], served)
     assert client.get("/api/model").get_json()["sha256"] == sha256(models["shuffled"])
@@ -144,7 +160,7 @@ def test_without_gate_data_every_file_is_served(tmp_path, models):
 def test_missing_gate_data_promotes_ungated_and_says_so(tmp_path, models):
     served = tmp_path / "aggregated-model.h5"
     shutil.copyfile(models["weak"], served)
-    client = server_app.create_app(str(served), check_interval=0, gate_data=str(tmp_path / "none.npz")).test_client()
+    client = internal_client(server_app.create_app(str(served), check_interval=0, gate_data=str(tmp_path / "none.npz")))
     first = client.get("/api/model").get_json()["gate"]["last_decision"]
     assert first["decision"] == "initial" and "ungated" in first["reason"] and first["candidate"]["accuracy"] is None
     drop(models["shuffled"], served)
@@ -239,7 +255,7 @@ def predicted_model(client):
 def test_a_rejected_candidate_stays_rejected_after_a_restart(tmp_path, models, gate_data, caplog):
     served, state = tmp_path / "aggregated-model.h5", tmp_path / "gate"
     shutil.copyfile(models["weak"], served)
-    client = state_app(served, state, gate_data).test_client()
+    client = internal_client(state_app(served, state, gate_data))
     gate = client.get("/api/model").get_json()["gate"]
     assert gate["last_decision"]["decision"] == "initial"
     assert (gate["state"], gate["restored"], gate["state_error"]) == (str(state), False, None)
@@ -254,7 +270,7 @@ def test_a_rejected_candidate_stays_rejected_after_a_restart(tmp_path, models, g
 
     # a restarted worker (or a new pod): the file on disk is the rejected one; it serves the admitted model
     caplog.clear()
-    restarted = state_app(served, state, gate_data).test_client()
+    restarted = internal_client(state_app(served, state, gate_data))
     info = restarted.get("/api/model").get_json()
     assert info["sha256"] == weak and info["path"] == str(state / "models" / f"{weak}.h5")
     assert info["gate"]["restored"] is True and info["gate"]["rejections"] == 1 and info["gate"]["promotions"] == 0
@@ -266,7 +282,7 @@ def test_a_rejected_candidate_stays_rejected_after_a_restart(tmp_path, models, g
 
     # restarted again with the admitted bytes back in the file: restored, the file adopted, nothing to decide
     drop(models["weak"], served)
-    again = state_app(served, state, gate_data).test_client()
+    again = internal_client(state_app(served, state, gate_data))
     info = again.get("/api/model").get_json()
     assert info["sha256"] == weak and info["path"] == str(served)
     assert info["gate"]["last_decision"]["decision"] == "restored" and info["gate"]["restored"] is True
@@ -279,8 +295,8 @@ def test_two_replicas_on_one_state_serve_the_same_model(tmp_path, models, mnist_
 
     served, state = tmp_path / "aggregated-model.h5", tmp_path / "gate"
     shutil.copyfile(models["weak"], served)
-    a = state_app(served, state, gate_data).test_client()
-    b = state_app(served, state, gate_data).test_client()  # started second: restores what a recorded
+    a = internal_client(state_app(served, state, gate_data))
+    b = internal_client(state_app(served, state, gate_data))  # started second: restores what a recorded
     weak, good, shuffled = sha256(models["weak"]), sha256(mnist_model), sha256(models["shuffled"])
     assert b.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "restored"
 
@@ -334,7 +350,7 @@ def test_an_unusable_state_is_one_warning_and_decisions_as_without_it(tmp_path, 
         (state / "models" / f"{weak}.h5").unlink()
     else:
         shutil.copyfile(models["shuffled"], state / "models" / f"{weak}.h5")
-    client = state_app(served, state, gate_data).test_client()
+    client = internal_client(state_app(served, state, gate_data))
     response = client.get("/api/model")
     assert response.status_code == 200
     info = response.get_json()
@@ -473,7 +489,7 @@ def test_server_workers_restore_the_admitted_model_not_the_rejected_file(tmp_pat
 
     served, state = tmp_path / "aggregated-model.h5", tmp_path / "gate"
     shutil.copyfile(models["weak"], served)
-    client = state_app(served, state, gate_data).test_client()
+    client = internal_client(state_app(served, state, gate_data))
     drop(models["shuffled"], served)
     assert client.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "rejected"
     log = tmp_path / "server.log"
@@ -482,7 +498,7 @@ def test_server_workers_restore_the_admitted_model_not_the_rejected_file(tmp_pat
         for _ in range(10):  # nginx spreads them over both workers
             info = requests.get(url + "/api/model", timeout=10).json()
             assert info["sha256"] == sha256(models["weak"]), info
-            assert info["gate"]["restored"] is True and info["gate"]["state"] == str(state)
+            assert info["gate"]["restored"] is True and "state" not in info["gate"]  # a visitor's answer
             assert info["gate"]["last_decision"]["decision"] == "rejected"
     finally:
         proc.terminate()

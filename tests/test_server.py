@@ -30,6 +30,7 @@ import preprocess  # noqa: E402
 import server  # noqa: E402
 
 SAMPLES = ROOT / "samples"
+INTERNAL = {server_app.INTERNAL_HEADER: "1"}  # as nginx's internal port sets it: /metrics, the full /api/model
 
 
 def png_bytes(array_or_image, fmt="PNG"):
@@ -94,7 +95,7 @@ def test_healthz_and_readyz(client):
 
 
 def test_api_model_reports_file_hash_and_aggregator_attributes(client, mnist_model):
-    info = client.get("/api/model").get_json()
+    info = client.get("/api/model", headers=INTERNAL).get_json()
     assert info["sha256"] == hashlib.sha256(mnist_model.read_bytes()).hexdigest()
     assert info["path"] == str(mnist_model)
     assert info["workers"] == 1 and info["round"] == 1 and info["samples"] == 12000 and info["kind"] == "aggregated"
@@ -164,7 +165,7 @@ def test_canvas_style_image_black_strokes_on_transparent(client, mnist_test):
 def test_metrics_count_requests_latency_and_predictions(client):
     post_files(client, "/api/predict", (SAMPLES / "6.png").read_bytes())
     client.post("/api/predict", data={}, content_type="multipart/form-data")
-    text = client.get("/metrics").get_data(as_text=True)
+    text = client.get("/metrics", headers=INTERNAL).get_data(as_text=True)
     assert 'mlk_http_requests_total{method="POST",route="/api/predict",status="200"}' in text
     assert 'mlk_http_requests_total{method="POST",route="/api/predict",status="400"}' in text
     assert 'mlk_http_request_duration_seconds_bucket{le="0.05",route="/api/predict"}' in text
@@ -213,7 +214,7 @@ def test_bad_image_gets_400_json(client, kind):
 
 def test_bomb_is_small_but_refused_before_decoding(client):
     assert len(bomb_png()) < 100_000
-    assert "12000x12000" in post_files(client, "/api/predict", bomb_png()).get_json()["error"]
+    assert "too large" in post_files(client, "/api/predict", bomb_png()).get_json()["error"]
 
 
 def test_missing_field_and_wrong_content_type(client):
@@ -285,9 +286,13 @@ def test_missing_model_then_appears(tmp_path, mnist_model):
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
     not_ready = client.get("/readyz")
-    assert not_ready.status_code == 503 and "does not exist" in not_ready.get_json()["error"]
+    assert not_ready.status_code == 503 and not_ready.get_json()["error"].startswith("no model: its file is missing")
+    assert str(tmp_path) not in not_ready.get_data(as_text=True)  # the path: to the log and internal requests
+    detail = client.get("/readyz", headers=INTERNAL).get_json()["error"]
+    assert "does not exist" in detail and str(path) in detail
     assert post_files(client, "/api/predict", (SAMPLES / "6.png").read_bytes()).status_code == 503
-    assert client.get("/api/model").status_code == 503
+    assert client.get("/api/model").status_code == 503 and "path" not in client.get("/api/model").get_json()
+    assert client.get("/api/model", headers=INTERNAL).get_json()["path"] == str(path)
     assert client.get("/").status_code == 200
     replace(mnist_model, path)
     assert client.get("/readyz").status_code == 200
@@ -330,7 +335,7 @@ def test_hot_reload_swaps_model_without_failing_requests(tmp_path, mnist_model):
     assert len(statuses) > 3 and set(digits) <= {3, 6}
     info = app.test_client().get("/api/model").get_json()
     assert info["sha256"] == hashlib.sha256(always_three.read_bytes()).hexdigest()
-    assert "mlk_model_loads_total 2.0" in app.test_client().get("/metrics").get_data(as_text=True)
+    assert "mlk_model_loads_total 2.0" in app.test_client().get("/metrics", headers=INTERNAL).get_data(as_text=True)
 
 
 def reload_threads():
@@ -618,7 +623,8 @@ def test_every_prediction_route_uses_prediction_json(client, monkeypatch):
     page = post_files(client, "/upload", six)
     assert len(calls) == 5 and page.status_code == 200
     v2_image = client.post("/v2/models/mnist/infer", json={"inputs": [{
-        "name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(six).decode()]}]})
+        "name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(six).decode()],
+        "parameters": {"content_type": "base64"}}]})
     v2_arrays = client.post("/v2/models/mnist/infer", json={"inputs": [{
         "name": "input", "datatype": "UINT8", "shape": [2, 784], "data": [0] * (2 * 784)}]})
     assert v2_image.status_code == v2_arrays.status_code == 200
@@ -667,8 +673,9 @@ def test_predictor_results_metric_hooks_and_not_ready():
     with pytest.raises(server_predictor.ModelNotReady, match="^model not loaded yet$"):
         predictor.predict(two)
     holder.last_error = "cannot load /m.h5: OSError: gone"
-    with pytest.raises(server_predictor.ModelNotReady, match="^cannot load /m.h5: OSError: gone$"):
-        predictor.predict(two)
+    with pytest.raises(server_predictor.ModelNotReady, match="^no model: its file is missing or cannot be loaded"):
+        predictor.predict(two)  # the reason without the path, which is in the log and not_ready_detail
+    assert predictor.not_ready_detail() == "cannot load /m.h5: OSError: gone"
     assert digits == [] and models == [] and predictor.ready_model() is None
     first = holder.current = FakeModel("ab" * 32, 3)
     out = predictor.predict(two)
@@ -787,3 +794,142 @@ def test_multipart_files_takes_at_most_max_files_parts():
     assert fastpath.multipart_files(two, _BOUNDARY, max_files=2) == [b"one", b"two"]
     assert fastpath.multipart_files(two, _BOUNDARY, max_files=1) is None  # then Flask answers (and counts them)
     assert fastpath.multipart_files(two, "other", max_files=2) is None
+
+
+# ------------------------------------------------------------ what a hostile client can send (issue 28)
+
+
+def _one_line_json_error(response):
+    """The answer's {"error": ...}: one line, no absolute path (the contract of every error answer)."""
+    assert response.is_json, response.get_data()
+    error = response.get_json()["error"]
+    assert isinstance(error, str) and "\n" not in error and "\r" not in error
+    assert not any(root in error for root in ("/tmp", "/work", "/home", "/var", "/nonexistent")), error
+    return error
+
+
+def test_a_file_part_without_a_filename_is_an_upload(client):
+    """curl -F file=<x.png sends the part without a filename: the same answer as with one, on the fast path and
+    through Flask (a preamble makes the fast path hand the body to Flask)."""
+    six = (SAMPLES / "6.png").read_bytes()
+    end = f"--{_BOUNDARY}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={_BOUNDARY}"
+    named = client.post("/api/predict", data=_part(six) + end, content_type=content_type)
+    unnamed = client.post("/api/predict", data=_part(six, filename=None) + end, content_type=content_type)
+    through_flask = client.post("/api/predict", data=b"preamble\r\n" + _part(six, filename=None) + end,
+                                content_type=content_type)
+    assert named.status_code == unnamed.status_code == through_flask.status_code == 200
+    assert named.get_json() == unnamed.get_json() == through_flask.get_json() and named.get_json()["digit"] == 6
+    form = client.post("/upload", data=_part(six, filename=None) + end, content_type=content_type)
+    assert form.status_code == 200 and "6" in form.get_data(as_text=True)
+
+
+def test_1001_small_parts_are_too_many_parts_not_a_body_too_large(client):
+    parts = b"".join(_part(b"x", name=f"n{i}", filename=None) for i in range(1001))
+    body = parts + f"--{_BOUNDARY}--\r\n".encode()
+    assert len(body) < 200_000
+    response = client.post("/api/predict", data=body, content_type=f"multipart/form-data; boundary={_BOUNDARY}")
+    assert response.status_code == 400
+    assert _one_line_json_error(response) == f"too many multipart parts (limit {server_app.MAX_PARTS})"
+
+
+@pytest.mark.parametrize("body", [b"--bnd\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",  # cut short
+                                  b"--bnd\r\nno colon here\r\n\r\nabc\r\n--bnd--\r\n", b"\r\n\r\n--", b"--bnd--\r\n"])
+def test_malformed_multipart_is_a_one_line_400(client, body):
+    response = client.post("/api/predict", data=b"junk\r\n" + body, content_type="multipart/form-data; boundary=bnd")
+    assert response.status_code == 400
+    _one_line_json_error(response)
+
+
+def test_an_unknown_method_is_one_metric_label_and_unknown_routes_one_route(mnist_model):
+    client = server_app.create_app(str(mnist_model)).test_client()  # metrics of its own
+    for method in ("ZZZAAA", "YYYBBB", "M-SEARCH"):
+        assert client.open("/api/predict", method=method).status_code == 405
+    for path in ("/a", "/b/c", "/nonexistent/rounds/ledger.json"):
+        assert client.get(path).status_code == 404
+    text = client.get("/metrics", headers=INTERNAL).get_data(as_text=True)
+    assert "ZZZAAA" not in text and "YYYBBB" not in text and "M-SEARCH" not in text
+    assert 'mlk_http_requests_total{method="other",route="other",status="405"} 3.0' in text
+    assert "/nonexistent" not in text and 'route="/a"' not in text and 'route="other",status="404"' in text
+
+
+def test_metrics_answer_internal_requests_only(mnist_model):
+    application = server_app.create_app(str(mnist_model))
+    client = application.test_client()
+    hidden = client.get("/metrics")
+    assert hidden.status_code == 404 and _one_line_json_error(hidden) == "no such route"
+    assert client.get("/metrics", headers={server_app.INTERNAL_HEADER: "yes"}).status_code == 404
+    shown = client.get("/metrics", headers=INTERNAL)
+    assert shown.status_code == 200 and "mlk_http_requests_total" in shown.get_data(as_text=True)
+    untrusting = server_app.create_app(str(mnist_model), trust_internal_header=False).test_client()
+    assert untrusting.get("/metrics", headers=INTERNAL).status_code == 404
+    assert "path" not in untrusting.get("/api/model", headers=INTERNAL).get_json()
+
+
+def test_api_model_without_the_internal_header_has_no_paths_or_internals(client, mnist_model):
+    public = client.get("/api/model")
+    info = public.get_json()
+    full = client.get("/api/model", headers=INTERNAL).get_json()
+    assert str(mnist_model) not in public.get_data(as_text=True) and str(mnist_model.parent) not in public.get_data(
+        as_text=True)
+    assert "path" not in info and "attributes" not in info and full["path"] == str(mnist_model)
+    assert info["model"] == info["sha256"][:12] and info["sha256"] == full["sha256"]
+    for key in ("round", "workers", "samples", "epochs", "ledger", "gate", "kind", "loaded_at", "runtime"):
+        assert info[key] == full[key], key
+    assert (info["round"], info["workers"], info["samples"]) == (1, 1, 12000)
+
+
+def test_405_says_allow_and_keeps_its_json(client):
+    response = client.get("/api/predict")
+    assert response.status_code == 405 and response.headers["Allow"] == "OPTIONS, POST"
+    assert _one_line_json_error(response) == "method not allowed"
+    infer = client.get("/v2/models/mnist/infer")
+    assert infer.status_code == 405 and "POST" in infer.headers["Allow"].split(", ") and infer.is_json
+    assert set(client.delete("/").headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+
+
+def test_a_404_names_no_path(client):
+    response = client.get("/nonexistent/rounds/ledger.json")
+    assert response.status_code == 404 and _one_line_json_error(response) == "no such route"
+
+
+def tiff_bytes():
+    return png_bytes(Image.new("L", (28, 28), 0), "TIFF")
+
+
+def test_an_unsupported_format_is_415_on_every_prediction_route(client):
+    """preprocess.py's UnsupportedImage (a TIFF, an ICO, ...) carries status 415: the fast path, Flask's route,
+    the page and v2 answer it; a request's files share one pixel budget (413 over it)."""
+    tiff = tiff_bytes()
+    end = f"--{_BOUNDARY}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={_BOUNDARY}"
+    fast = client.post("/api/predict", data=tiff, content_type="image/tiff")
+    flask = client.post("/api/predict", data=b"pre\r\n" + _part(tiff) + end, content_type=content_type)
+    page = client.post("/upload", data=_part(tiff) + end, content_type=content_type)
+    v2 = client.post("/v2/models/mnist/infer", json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                     "data": [base64.b64encode(tiff).decode()], "parameters": {"content_type": "base64"}}]})
+    assert (fast.status_code, flask.status_code, page.status_code, v2.status_code) == (415, 415, 415, 415)
+    assert "unsupported image format" in _one_line_json_error(fast) and fast.get_json() == flask.get_json()
+    assert "unsupported image format" in _one_line_json_error(v2)
+
+
+def test_one_pixel_budget_for_all_the_files_of_a_request(client):
+    """Two 25-megapixel PNGs (flat: 25 kB each) are 50 MP, over the request's 40 MP: 413, before the second is
+    decoded; one of them alone is fine."""
+    big = png_bytes(Image.new("L", (5000, 5000), 0))
+    assert len(big) < 100_000
+    alone = post_files(client, "/api/predict", big)
+    assert alone.status_code == 200, alone.get_data()
+    both = post_files(client, "/api/predict", big, big)
+    assert both.status_code == 413 and "megapixels" in _one_line_json_error(both)
+
+
+def test_error_answers_are_one_line_without_paths(client):
+    answers = [client.post("/api/predict", data=b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, content_type="image/png"),
+               client.post("/api/predict", data=b"x", content_type="text/plain"),
+               client.get("/history.png"), client.get("/api/history"), client.put("/readyz"),
+               client.post("/v2/models/mnist/infer", data=b"{\n\n", content_type="application/json"),
+               client.post("/v2/models/mni\nst/infer", json={})]
+    for response in answers:
+        assert 400 <= response.status_code < 500
+        _one_line_json_error(response)

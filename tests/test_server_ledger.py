@@ -151,3 +151,39 @@ def test_ledger_rewritten_is_read_again(served):
     write_ledger(root, [entry(1, "a" * 64), entry(2, sha, 0.99)])
     info = client.get("/api/model").get_json()
     assert info["ledger"]["round"] == 2 and info["ledger"]["entry"]["test_accuracy"] == 0.99
+
+
+def test_a_ledger_with_nan_infinity_or_huge_numbers_breaks_nothing(served):
+    """Python's json reads NaN, Infinity and 400-digit integers: the page, /upload, /api/history and /api/model
+    still answer (those values as null: standard JSON), where "%.4f" of them was a 500."""
+    root, sha = served
+    rounds_dir = root / "rounds"
+    rounds_dir.mkdir()
+    huge = "9" * 400
+    (rounds_dir / "ledger.json").write_text(
+        '{"format": "mlk-ledger/1", "rounds": [{"round": 1, "aggregate": {"sha256": "%s"}, "samples": NaN, '
+        '"test_accuracy": NaN, "round_seconds": Infinity, "expected_workers": %s, "workers": [{"file": "0-model.h5", '
+        '"accuracy": -Infinity}]}, {"round": 2, "samples": %s, "test_accuracy": %s, "round_seconds": 1e999}]}'
+        % (sha, huge, huge, huge))
+    client = client_for(root)
+    page = client.get("/")
+    assert page.status_code == 200 and "Serving round 1" in page.get_data(as_text=True)
+    upload = client.post("/upload", data=(ROOT / "server/static/samples/6.png").read_bytes(), content_type="image/png")
+    assert upload.status_code == 200
+    history = client.get("/api/history")
+    assert history.status_code == 200
+    text = history.get_data(as_text=True)
+    assert "NaN" not in text and "Infinity" not in text and huge not in text
+    first, second = json.loads(text)["rounds"]
+    assert first["samples"] is None and first["test_accuracy"] is None and first["workers"][0]["accuracy"] is None
+    assert second["samples"] is None and second["round_seconds"] is None
+    info = client.get("/api/model")
+    assert info.status_code == 200 and info.get_json()["ledger"]["round"] == 1 and "NaN" not in info.get_data(as_text=True)
+
+
+def test_history_errors_name_no_path(served):
+    root, _ = served
+    client = client_for(root)
+    for path in ("/api/history", "/history.png"):
+        error = client.get(path).get_json()["error"]
+        assert str(root) not in error and "/" not in error.replace("/api/", "")
