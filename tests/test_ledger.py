@@ -56,10 +56,8 @@ def moved(start_model, seed, scale, shared=1.0):
     return model
 
 
-@pytest.fixture
-def round_one(tmp_path):
-    """ROOT with rounds/r0.h5 (the start) and model/ holding 3 workers that moved from it."""
-    root = tmp_path / "root"
+def first_round_at(root):
+    """ROOT with rounds/r0.h5 (the start) and model/ holding 3 workers that moved from it: (root, start, fp)."""
     (root / "model").mkdir(parents=True)
     (root / "rounds").mkdir()
     start = tiny_model(7)
@@ -68,6 +66,11 @@ def round_one(tmp_path):
     for i, n in enumerate((100, 200, 300)):
         save_worker(moved(start, i, 0.01), root / f"model/{i}-model.h5", n, fp)
     return root, start, fp
+
+
+@pytest.fixture
+def round_one(tmp_path):
+    return first_round_at(tmp_path / "root")
 
 
 def aggregate(root, *extra, capsys=None):
@@ -465,14 +468,7 @@ def test_evaluate_refuses_a_bad_ledger_before_tensorflow(tmp_path):
 
 def start_root(root):
     """ROOT as round_one makes it: rounds/r0.h5 and model/ with round 1's 3 workers."""
-    (root / "model").mkdir(parents=True)
-    (root / "rounds").mkdir()
-    start = tiny_model(7)
-    start.save(str(root / "rounds/r0.h5"))
-    fp = h5_fingerprint(root / "rounds/r0.h5")
-    for i, n in enumerate((100, 200, 300)):
-        save_worker(moved(start, i, 0.01), root / f"model/{i}-model.h5", n, fp)
-    return root
+    return first_round_at(root)[0]
 
 
 def next_workers(root, rnd):
