@@ -456,20 +456,29 @@ def test_an_hour_old_event_of_an_earlier_run_is_ignored(kubeconfig, ns):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-# kwok stage statuses: every container ended with exit code 0, or with EXIT_CODE and MESSAGE
-SUCCEEDED = """{{ $now := Now }}
-containerStatuses:
+# kwok stage statuses: every container in one state, the pod in one phase
+STATUSES = """containerStatuses:
 {{ range .spec.containers }}
 - name: {{ .name | Quote }}
   image: {{ .image | Quote }}
   ready: false
   restartCount: 0
   state:
-    terminated: {exitCode: 0, reason: Completed, startedAt: {{ $now | Quote }}, finishedAt: {{ $now | Quote }}}
+    STATE
 {{ end }}
-phase: Succeeded"""
-FAILED_WITH = SUCCEEDED.replace("exitCode: 0, reason: Completed", 'exitCode: EXIT_CODE, reason: Error, message: "MESSAGE"') \
-    .replace("phase: Succeeded", "phase: Failed")
+phase: PHASE"""
+
+
+def statuses(state, phase):
+    return ("{{ $now := Now }}\n" if "$now" in state else "") + STATUSES.replace("STATE", state).replace("PHASE", phase)
+
+
+ENDED = "exitCode: 0, reason: Completed, startedAt: {{ $now | Quote }}, finishedAt: {{ $now | Quote }}"
+SUCCEEDED = statuses("terminated: {" + ENDED + "}", "Succeeded")
+# ... or ended with EXIT_CODE and MESSAGE
+FAILED_WITH = statuses("terminated: {" + ENDED.replace("exitCode: 0, reason: Completed",
+                                                       'exitCode: EXIT_CODE, reason: Error, message: "MESSAGE"') + "}",
+                       "Failed")
 
 
 @pytest.mark.parametrize("exit_code, reason, retried", [(1, "BackoffLimitExceeded", True),
@@ -585,16 +594,7 @@ def test_image_that_cannot_be_pulled_fails_fast(kubeconfig, ns):
         "self.spec.containers.exists(c, c.image == 'localhost/mlk/nfs-server:0.1.0')",
         "self.status.phase == 'Pending'",
         "!has(self.metadata.deletionTimestamp)"],
-        """containerStatuses:
-{{ range .spec.containers }}
-- name: {{ .name | Quote }}
-  image: {{ .image | Quote }}
-  ready: false
-  restartCount: 0
-  state:
-    waiting: {reason: ErrImagePull, message: "failed to pull and unpack image: not found"}
-{{ end }}
-phase: Pending""")
+        statuses('waiting: {reason: ErrImagePull, message: "failed to pull and unpack image: not found"}', "Pending"))
     kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(stage))
     try:
         proc = quickstart(kubeconfig, ns, NFS_TIMEOUT="3000", PULL_GRACE="5")
