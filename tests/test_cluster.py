@@ -314,7 +314,7 @@ def kwok_stage(name, selector_cel, status):
 
 def pod_ready_template():
     """kwok's own status for a pod that becomes Running and Ready (its pod/fast stage set)."""
-    text = (SCRIPTS / "local-cluster.sh").read_text()
+    text = (SCRIPTS / "versions.env").read_text()  # the local clusters' pins
     version = text.split('KWOK_VERSION="', 1)[1].split('"', 1)[0]
     cache = Path(os.environ.get("LOCAL_CLUSTER_CACHE", REPO / ".cache" / "local-cluster"))
     stage = cache / "gomod" / f"sigs.k8s.io/kwok@{version}" / "kustomize/stage/pod/fast/pod-ready.yaml"
