@@ -213,11 +213,11 @@ class Nginx:
         reload per `half` s, so a connection lasts at most about 2 x half + period. Connections that end
         within `half` s never cause a reload, so a server without slow clients is never reloaded."""
         def run():
-            first_seen, last_reload = {}, 0.0
+            first_seen, last_reload, retired = {}, 0.0, set()
             while self.proc.poll() is None and not self.stopping:
                 time.sleep(period)
                 now = time.monotonic()
-                inodes = self._tcp_connections()
+                workers, inodes = self._tcp_connections(retired)
                 if inodes is None:
                     continue
                 first_seen = {inode: first_seen.get(inode, now) for inode in inodes}
@@ -226,18 +226,20 @@ class Nginx:
                     print(f"nginx: a connection open for {oldest:.0f} s: reloading nginx, the old worker closes "
                           f"what it holds within {half} s (--connection-deadline)", file=sys.stderr, flush=True)
                     last_reload = now
+                    retired |= workers  # they close what they hold by themselves: not counted again
                     try:
                         self.proc.send_signal(signal.SIGHUP)
                     except OSError:
                         return
         threading.Thread(target=run, daemon=True).start()
 
-    def _tcp_connections(self):
-        """Inodes of the TCP sockets nginx's workers hold, listening ones excepted (None: /proc unreadable)."""
+    def _tcp_connections(self, retired):
+        """(nginx's workers but the retired ones, the inodes of the TCP sockets they hold, listening ones
+        excepted); (set(), None) when /proc is unreadable."""
         master = self.proc.pid
         try:
             with open(f"/proc/{master}/task/{master}/children") as f:
-                workers = f.read().split()
+                workers = set(f.read().split()) - retired
             held = set()
             for pid in workers:
                 try:
@@ -262,8 +264,8 @@ class Nginx:
                 except FileNotFoundError:
                     continue
         except OSError:
-            return None
-        return held & tcp
+            return set(), None
+        return workers, held & tcp
 
 
 # ---------------------------------------------------------------------------------------- gunicorn
