@@ -6,7 +6,10 @@
 For --seconds (20) it holds --slow-headers (64) connections that send a request line and then one
 header line every --interval (1 s) without ever finishing the headers, and --slow-bodies (64)
 connections that send complete headers (Content-Length: 100000) and then one body byte every
---interval; each is re-opened when the server closes it. Meanwhile one good client alternates
+--interval; each is re-opened when the server closes it. The slow connections come from 127.0.0.2-127.0.0.5
+(loopback aliases, round robin: at most 32 slow bodies per address, the server's cap per client address,
+so all of them are held; benchmark-fairness.py is the one-address attack). Meanwhile one good client
+(127.0.0.1) alternates
 GET /healthz and POST /api/predict (one 28x28 PNG) on a keep-alive connection. Also measured: when
 the server closes a connection whose body stalls completely, and an idle keep-alive connection.
 
@@ -67,6 +70,7 @@ class Attack:
 
     def __init__(self, host, port, slow_headers, slow_bodies, interval):
         self.host, self.port, self.interval = host, port, interval
+        self.sources = attacker_addresses(host)
         self.counts = {"header": slow_headers, "body": slow_bodies}
         self.opened = {"header": 0, "body": 0}
         self.closed = {"header": [], "body": []}  # seconds each connection lived until the server closed it
@@ -83,17 +87,18 @@ class Attack:
         self.thread.join(timeout=30)
 
     async def _main(self):
-        tasks = [asyncio.create_task(self._keep_one(kind)) for kind, n in self.counts.items() for _ in range(n)]
+        tasks = [asyncio.create_task(self._keep_one(kind, self.sources[i % len(self.sources)]))
+                 for kind, n in self.counts.items() for i in range(n)]
         while not self.stop.is_set():
             await asyncio.sleep(0.1)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _keep_one(self, kind):
+    async def _keep_one(self, kind, source):
         while not self.stop.is_set():
             try:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.open_connection(self.host, self.port, local_addr=source)
             except OSError:
                 self.failed_connects += 1
                 await asyncio.sleep(0.2)
@@ -129,6 +134,16 @@ class Attack:
             sent += 1
             writer.write(f"X-Slow-{sent}: y\r\n".encode() if kind == "header" else b"x")
         return False
+
+
+def attacker_addresses(host):
+    """Where the slow connections come from: (address, 0) for 127.0.0.2-5 when host is IPv4 loopback
+    (Linux routes all of 127/8 to lo, no set-up), else [None] (the system's choice)."""
+    try:
+        ipv4_loopback = all(info[4][0].startswith("127.") for info in socket.getaddrinfo(host, None, socket.AF_INET))
+    except OSError:
+        ipv4_loopback = False
+    return [(f"127.0.0.{i}", 0) for i in range(2, 6)] if ipv4_loopback else [None]
 
 
 # ------------------------------------------------------------------------------- the good client
@@ -401,7 +416,7 @@ def main(argv=None) -> int:
                 args.dataset, Path(tmp))
         port = free_port()
         command = [sys.executable, str(ROOT / "server/server.py"), "--model", str(model), "--host", "127.0.0.1",
-                   "--port", str(port)]
+                   "--port", str(port), "--internal-port", str(free_port())]
         print("server:", " ".join(command[1:]), flush=True)
         proc = subprocess.Popen(command, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         try:
