@@ -238,8 +238,7 @@ class Nginx:
         excepted); (set(), None) when /proc is unreadable."""
         master = self.proc.pid
         try:
-            with open(f"/proc/{master}/task/{master}/children") as f:
-                workers = set(f.read().split()) - retired
+            workers = _children(master) - retired
             held = set()
             for pid in workers:
                 try:
@@ -266,6 +265,24 @@ class Nginx:
         except OSError:
             return set(), None
         return workers, held & tcp
+
+
+def _children(pid):
+    """The pids (strings) of pid's children: /proc/PID/task/PID/children, else every /proc/*/stat's parent."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return set(f.read().split())
+    except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN
+        found = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            found.add(entry)
+                except (OSError, ValueError, IndexError):
+                    continue
+        return found
 
 
 # ---------------------------------------------------------------------------------------- gunicorn
