@@ -107,13 +107,16 @@ def seconds_until_closed(s, limit):
 
 @pytest.fixture(scope="module")
 def server(mnist_model, tmp_path_factory):
-    proc, port = start_server(mnist_model, tmp_path_factory.mktemp("slow") / "server.log")  # default timeouts: 10 s headers, 10 s body pauses
+    log = tmp_path_factory.mktemp("slow") / "server.log"
+    proc, port = start_server(mnist_model, log)  # default timeouts: 10 s headers, 10 s body pauses
     INTERNAL_PORTS[port] = proc.internal_port
+    LOGS[port] = log
     yield port
     stop_server(proc)
 
 
 INTERNAL_PORTS = {}  # the `server` fixture's public port -> its internal port
+LOGS = {}  # ... -> its server.py's stderr
 
 
 @pytest.fixture(scope="module")
@@ -405,3 +408,23 @@ def test_one_client_address_cannot_take_every_request_slot(server):
             s.close()
     time.sleep(0.5)
     assert request(server, "GET", "/healthz")[0] == 200
+
+
+def test_bad_internal_port_and_deadline_flags_are_one_line_errors(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("server_launcher", ROOT / "server" / "server.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    for flags, message in ((["--port", "5000", "--internal-port", "5000"], "--internal-port must differ from --port"),
+                           (["--internal-port", "0"], "--internal-port must be 1-65535"),
+                           (["--connection-deadline", "3"], "--connection-deadline must be 4-86400 seconds")):
+        assert launcher.main(["--model", "m.h5", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("server.py: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_no_reload_without_an_old_connection(server):
+    """The connection deadline reloads nginx only when a connection outlives half of it (60 s by default):
+    none of this module's connections did, so the module's server was never reloaded."""
+    assert "reloading nginx" not in LOGS[server].read_text()
