@@ -92,6 +92,8 @@ def multipart_files(body, boundary, max_files):
         return None
     if not body.startswith(delimiter[2:] + b"\r\n"):
         return None
+    if body.count(delimiter[2:]) != body.count(delimiter) + 1:
+        return None  # "--boundary" inside a part after LF or CR alone: werkzeug's delimiter too (found by fuzzing)
     blobs, position = [], len(delimiter)  # just past the first delimiter's CRLF
     while True:
         headers_end = body.find(b"\r\n\r\n", position)
@@ -116,6 +118,10 @@ def is_file_part(head):
     for line in head.split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if not colon or b"\n" in line or b"\r" in line or line[:1] in (b" ", b"\t"):
+            return False
+        try:
+            line.decode()  # werkzeug refuses a header line that is not UTF-8 (found by fuzzing)
+        except UnicodeDecodeError:
             return False
         name = name.strip(b" \t").lower()
         if name == b"content-disposition" and disposition is None:

@@ -746,6 +746,9 @@ def _fast_path_cases():
         "epilogue": _part(one) + end + b"trailing", "truncated": _part(one), "empty": b"",
         "33 files": b"".join(_part(one) for _ in range(33)) + end, "extra header": _part(one, extra="X-Foo: 1\r\n") + end,
         "empty file": _part(b"") + end, "bad PNG": _part(b"\x89PNG\r\n\x1a\n" + b"\0" * 10) + end,
+        # found by benchmarks/fuzz-server.py: werkzeug's delimiter after LF or CR alone
+        "LF delimiter in a part": _part(b"\n--" + _BOUNDARY.encode() + b"\r\n" + one) + end,
+        "CR delimiter in a part": _part(b"\r--" + _BOUNDARY.encode() + b"\r\n" + one) + end,
     }
     cases = [(name, body, multipart, None) for name, body in bodies.items()]
     cases += [("raw PNG", one, "image/png", None), ("raw not an image", b"zz", "image/jpeg", None),
@@ -786,6 +789,25 @@ def test_the_predict_fast_path_answers_byte_for_byte_as_flask_does(mnist_model):
         assert fast == flask_only, name
         if name in ("one", "two", "raw PNG", "not an image", "quoted boundary"):
             assert not fast_used_flask, f"{name}: expected the fast path"
+
+
+def test_the_fast_path_leaves_to_werkzeug_what_werkzeug_reads_otherwise():
+    """Found by benchmarks/fuzz-server.py (the fast path predicted where Flask answered 400): "--boundary" after
+    a lone LF or CR inside a part is a delimiter to werkzeug, and werkzeug refuses a part header line that is not
+    UTF-8; the fast path hands both to Flask."""
+    end = f"--{_BOUNDARY}--\r\n".encode()
+    for inner in (b"\n--" + _BOUNDARY.encode() + b"\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv",
+                  b"\r--" + _BOUNDARY.encode() + b"\r\n"):
+        body = _part(b"data" + inner) + end
+        assert fastpath.multipart_files(body, _BOUNDARY, max_files=32) is None
+    header = (f"--{_BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"\r\nContent-Type: text/plai\x1dz:C"
+              .encode("latin-1") + b"\x8c\xa4n\r\n\r\nxx\r\n" + end)
+    assert fastpath.multipart_files(header, _BOUNDARY, max_files=32) is None
+    with pytest.raises(preprocess.ImageError, match="^malformed multipart body$"):
+        server_app.multipart_files(header, _BOUNDARY)
+    plain = _part(b"a--" + _BOUNDARY.encode() + b"b") + end  # the boundary after no line break: still data
+    assert fastpath.multipart_files(plain, _BOUNDARY, max_files=32) is None  # (rare; Flask reads it the same)
+    assert server_app.multipart_files(plain, _BOUNDARY) == [b"a--" + _BOUNDARY.encode() + b"b"]
 
 
 def test_multipart_files_takes_at_most_max_files_parts():
