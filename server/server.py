@@ -205,9 +205,10 @@ class Nginx:
                 self.proc.kill()
             self.proc.wait()
 
-    def enforce_deadline(self, half, period=1.0):
-        """Bound the life of every connection, which nginx 1.22 cannot (its body timeout is a pause limit):
-        every `period` s, note when each TCP connection of nginx's workers was first seen; when one is older
+    def enforce_deadline(self, half, port, period=1.0):
+        """Bound the life of every client connection to `port` (the public one: Prometheus' kept-alive scrapes
+        on the internal port cause no reloads), which nginx 1.22 cannot (its body timeout is a pause limit):
+        every `period` s, note when each such TCP connection of nginx's workers was first seen; when one is older
         than `half` s, reload nginx gracefully (SIGHUP: a new worker takes new connections, the old one
         finishes what it holds and closes the rest after worker_shutdown_timeout, also `half`). At most one
         reload per `half` s, so a connection lasts at most about 2 x half + period. Connections that end
@@ -217,7 +218,7 @@ class Nginx:
             while self.proc.poll() is None and not self.stopping:
                 time.sleep(period)
                 now = time.monotonic()
-                workers, inodes = self._tcp_connections(retired)
+                workers, inodes = self._tcp_connections(retired, port)
                 if inodes is None:
                     continue
                 first_seen = {inode: first_seen.get(inode, now) for inode in inodes}
@@ -233,9 +234,9 @@ class Nginx:
                         return
         threading.Thread(target=run, daemon=True).start()
 
-    def _tcp_connections(self, retired):
-        """(nginx's workers but the retired ones, the inodes of the TCP sockets they hold, listening ones
-        excepted); (set(), None) when /proc is unreadable."""
+    def _tcp_connections(self, retired, port):
+        """(nginx's workers but the retired ones, the inodes of the TCP sockets they hold on local `port`,
+        listening ones excepted); (set(), None) when /proc is unreadable."""
         master = self.proc.pid
         try:
             workers = _children(master) - retired
@@ -257,8 +258,8 @@ class Nginx:
                     with open(f"/proc/{master}/net/{table}") as f:
                         next(f)
                         for line in f:
-                            fields = line.split()
-                            if fields[3] != "0A":  # 0A: LISTEN
+                            fields = line.split()  # local address "HEXIP:HEXPORT", ..., state, ..., inode
+                            if fields[3] != "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
                                 tcp.add(fields[9])
                 except FileNotFoundError:
                     continue
@@ -461,7 +462,7 @@ def main(argv=None) -> int:
             os.kill(os.getpid(), signal.SIGTERM)  # the gunicorn master stops gracefully
 
         nginx.watch(nginx_died)
-        nginx.enforce_deadline(max(1, args.connection_deadline // 2))
+        nginx.enforce_deadline(max(1, args.connection_deadline // 2), args.port)
         try:
             serve(args, run_dir, socket_path, before_stop=lambda: nginx.stop(grace=DRAIN_SECONDS))
         except SystemExit as exit_:  # gunicorn exits this way when a worker cannot boot
