@@ -7,14 +7,14 @@
 
 `out.results[i]` is the answer of upload i as /api/predict returns it; `out.probabilities` the same
 probabilities unrounded (v2 sends them as an FP32 tensor, with the results' digits). A bad image raises
-`UploadImageError` (an ImageError naming which file), no model yet raises `ModelNotReady`: each route
-answers them in its own words (400 and 503).
+`UploadImageError` (an ImageError naming which file, with preprocess.py's status: 400; 413 over the
+request's pixel budget; 415 a format not read), no model yet raises `ModelNotReady`: each route answers them
+in its own words (that status, and 503).
 """
 
 from collections import namedtuple
 
-import preprocess
-from preprocess import ImageError, mean_over_views, preprocess_views, stack_views
+from preprocess import ImageError, PixelBudget, mean_over_views, preprocess_views, stack_views
 
 MODEL_ID_CHARS = 12  # a model is named by the first hex digits of its file's sha256
 
@@ -100,14 +100,13 @@ class Predictor:
     @staticmethod
     def images(blobs):
         """Encoded image files (bytes) of one request -> Images: each preprocessed (preprocess_views), all
-        stacked, their pixels drawn from one preprocess.PixelBudget for the request (when preprocess.py has it).
+        stacked, their pixels drawn from one preprocess.PixelBudget for the request (413 over it).
         Raises UploadImageError for the first file that is not a usable image."""
         views = []
-        budget_class = getattr(preprocess, "PixelBudget", None)
-        extra = {"budget": budget_class()} if budget_class is not None else {}
+        budget = PixelBudget()
         for index, blob in enumerate(blobs):
             try:
-                views.append(preprocess_views(blob, **extra))
+                views.append(preprocess_views(blob, budget=budget))
             except ImageError as err:
                 raise UploadImageError(index, len(blobs), str(err), getattr(err, "status", 400)) from None
         return Images(*stack_views(views))
