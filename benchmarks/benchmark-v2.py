@@ -153,7 +153,8 @@ def main(argv=None) -> int:
                            check=True, stdout=subprocess.DEVNULL)
         port = bench.free_port()
         command = [sys.executable, str(ROOT / "server/server.py"), "--model", str(model), "--host", "127.0.0.1",
-                   "--port", str(port), "--workers", str(args.workers), "--threads", str(args.threads)]
+                   "--port", str(port), "--internal-port", str(bench.free_port()), "--workers", str(args.workers),
+                   "--threads", str(args.threads)]
         print("server:", " ".join(command[1:]), flush=True)
         proc = subprocess.Popen(command, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         try:

@@ -12,6 +12,7 @@
 #   WORK_DIR [./work]   data/, model/, logs/, aggregated-model.h5
 #   SERVE [1]           1: start server/server.py on the result; 0: stop after the accuracy test
 #   PORT [5000]         the server's port
+#   INTERNAL_PORT [9090]  the server's internal port (/metrics and the full /api/model; docs/serving.md)
 #   SERVER_HOST [127.0.0.1]  the address it listens on (0.0.0.0: reachable from other machines too)
 #   VENV [<repo>/.venv] the virtualenv (created/updated by scripts/bootstrap.sh)
 #   MIN_WORKERS [WORKER_NUMBER]  a round goes on with this many workers' models (a count, or a fraction of
@@ -46,19 +47,22 @@ MNIST_NPZ="${MNIST_NPZ:-}"
 WORK_DIR="${WORK_DIR:-./work}"
 SERVE="${SERVE:-1}"
 PORT="${PORT:-5000}"
+INTERNAL_PORT="${INTERNAL_PORT:-9090}"
 SERVER_HOST="${SERVER_HOST:-127.0.0.1}"
 VENV="${VENV:-$root/.venv}"
 MIN_WORKERS="${MIN_WORKERS:-$WORKER_NUMBER}"
 ROUND_DEADLINE="${ROUND_DEADLINE:-}"
 RESUME="${RESUME:-0}"
 
-for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT; do
+for name in WORKER_NUMBER EPOCH BATCH ROUNDS PORT INTERNAL_PORT; do
   value="${!name}"
   if ! positive_int "$value"; then
     fail config "$name must be a positive integer, got '$value'"
   fi
 done
 ((PORT <= 65535)) || fail config "PORT must be at most 65535, got '$PORT'"
+((INTERNAL_PORT <= 65535 && INTERNAL_PORT != PORT)) ||
+  fail config "INTERNAL_PORT must be at most 65535 and differ from PORT ($PORT), got '$INTERNAL_PORT'"
 [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
 [[ -n "$WORK_DIR" ]] || fail config "WORK_DIR must not be empty"
 MIN_WORKERS="$(min_workers_count "$MIN_WORKERS" "$WORKER_NUMBER")" ||
@@ -218,10 +222,11 @@ echo "   history: $work/rounds/ledger.json, plot $work/rounds/history.png"
 # --- serve ------------------------------------------------------------------------------------
 if [[ "$SERVE" == 1 ]]; then
   if [[ -f "$root/server/server.py" ]]; then
-    say "serving the model at http://$SERVER_HOST:$PORT/ (Ctrl-C to stop; again later without training: .venv/bin/python server/server.py --model $work/aggregated-model.h5 --host $SERVER_HOST --port $PORT)"
+    say "serving the model at http://$SERVER_HOST:$PORT/, metrics at http://$SERVER_HOST:$INTERNAL_PORT/metrics (Ctrl-C to stop; again later without training: .venv/bin/python server/server.py --model $work/aggregated-model.h5 --host $SERVER_HOST --port $PORT --internal-port $INTERNAL_PORT)"
     trap - EXIT INT TERM
     set +m
-    exec "$py" "$root/server/server.py" --model "$work/aggregated-model.h5" --host "$SERVER_HOST" --port "$PORT"
+    exec "$py" "$root/server/server.py" --model "$work/aggregated-model.h5" --host "$SERVER_HOST" --port "$PORT" \
+      --internal-port "$INTERNAL_PORT"
   fi
   say "the prediction server (server/server.py) is not available yet; stopping after the accuracy test"
 fi

@@ -234,7 +234,8 @@ def test_mnist_lookup_reports_a_failed_download_in_one_line(tmp_path, monkeypatc
 # --- failure paths -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, value", [("WORKER_NUMBER", "0"), ("EPOCH", "-1"), ("BATCH", "ten"),
-                                         ("ROUNDS", "1.5"), ("PORT", "70000"), ("SERVE", "yes")])
+                                         ("ROUNDS", "1.5"), ("PORT", "70000"), ("SERVE", "yes"),
+                                         ("INTERNAL_PORT", "5000")])
 def test_bad_setting_is_refused_before_any_work(tmp_path, name, value):
     work = tmp_path / "work"
     proc = run({"SERVE": "0", "WORK_DIR": str(work), name: value}, timeout=30)

@@ -59,6 +59,14 @@ def http(method, url, body=None, headers=None, timeout=60):
         return err.code, err.headers, err.read()
 
 
+INTERNAL = {}  # public base URL -> the same server's internal URL (--internal): /metrics and the full /api/model
+
+
+def internal(base):
+    """Where /metrics and the full /api/model answer: the server's internal port (server.py --internal-port)."""
+    return INTERNAL.get(base, base)
+
+
 def get_json(base, path):
     status, _, body = http("GET", base + path)
     try:
@@ -154,7 +162,7 @@ def check_v2(base, x, y, sample, sample_digit, min_accuracy):
 
 
 def check_ledger(base, expect_round):
-    status, info = get_json(base, "/api/model")
+    status, info = get_json(internal(base), "/api/model")
     ledger = (info or {}).get("ledger") or {}
     entry = ledger.get("entry") or {}
     check(status == 200 and ledger.get("round") == expect_round
@@ -176,7 +184,7 @@ def sha256(path):
 
 
 def metric(base, name):
-    _, _, body = http("GET", base + "/metrics")
+    _, _, body = http("GET", internal(base) + "/metrics")
     for line in body.decode().splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
@@ -198,7 +206,7 @@ def poll_decision(base, candidate, timeout):
         ready, _, _ = http("GET", base + "/readyz")
         if ready != 200:
             raise CheckFailed(f"/readyz {ready} while a candidate is judged")
-        status, info = get_json(base, "/api/model")
+        status, info = get_json(internal(base), "/api/model")
         decision = ((info or {}).get("gate") or {}).get("last_decision") or {}
         if status == 200 and (decision.get("candidate") or {}).get("sha256") == candidate:
             return info
@@ -209,7 +217,7 @@ def poll_decision(base, candidate, timeout):
 def check_gate(base, model_path, x_train, y_train, x_test, y_test, timeout):
     import keras
 
-    status, info = get_json(base, "/api/model")
+    status, info = get_json(internal(base), "/api/model")
     check(status == 200 and info.get("gate") is not None, "/api/model has a gate (the server runs with --gate-data)")
     served = info["sha256"]
     check(served == sha256(model_path), f"serving {served[:12]} = {model_path}")
@@ -228,7 +236,7 @@ def check_gate(base, model_path, x_train, y_train, x_test, y_test, timeout):
           and decision["current"]["sha256"] == served,
           f"label-shuffled {candidate[:12]} rejected: accuracy {decision['candidate']['accuracy']} < "
           f"{decision['current']['accuracy']} - {decision['epsilon']}")
-    answers = [get_json(base, "/api/model") for _ in range(10)]  # every worker keeps the current model
+    answers = [get_json(internal(base), "/api/model") for _ in range(10)]  # every worker keeps the current model
     check(all(status == 200 and info["sha256"] == served for status, info in answers),
           f"10 more /api/model answers all serve {served[:12]}")
     check(metric(base, "mlk_gate_rejections") >= rejections + 1,
@@ -246,7 +254,7 @@ def check_gate(base, model_path, x_train, y_train, x_test, y_test, timeout):
     deadline = time.monotonic() + timeout
     streak = 0
     while streak < 10 and time.monotonic() < deadline:  # until every worker serves it
-        status, info = get_json(base, "/api/model")
+        status, info = get_json(internal(base), "/api/model")
         streak = streak + 1 if status == 200 and info["sha256"] == candidate else 0
         time.sleep(0.2)
     check(streak >= 10, f"10 /api/model answers in a row serve {candidate[:12]}")
@@ -257,6 +265,8 @@ def check_gate(base, model_path, x_train, y_train, x_test, y_test, timeout):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="check_v2_gate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help="the server's base URL, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--internal", help="the server's internal base URL (/metrics, the full /api/model; "
+                        "server.py --internal-port), e.g. http://127.0.0.1:9090 (default: the base URL)")
     parser.add_argument("--model", required=True, help="the served model file (written by the gate check)")
     parser.add_argument("--test", required=True, help="the gate's test set .npz (x, y)")
     parser.add_argument("--train", required=True, help="a training shard .npz (x, y) for the label-shuffled model")
@@ -282,6 +292,8 @@ def main(argv=None):
         if not os.path.isfile(path):
             error(f"{path}: no such file")
     base = args.base.rstrip("/")
+    if args.internal:
+        INTERNAL[base] = args.internal.rstrip("/")
     try:
         with np.load(args.test) as npz:
             x_test, y_test = npz["x"], npz["y"]

@@ -531,11 +531,12 @@ fi
 
 # Server: the Deployment's container, port published on 127.0.0.1, ready on its readinessProbe.
 server() {
-  local name="$run_id-server" port ready path probe_port waited=0
+  local name="$run_id-server" port iport ready path probe_port waited=0
   port="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  iport="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   read -r path probe_port < <("$py" "$here/e2e_pod.py" probe "$work/7-server.yaml" readinessProbe --kind Deployment) \
     || fail "7-server.yaml has no httpGet readinessProbe"
-  pod_args "$work/7-server.yaml" --kind Deployment --publish "127.0.0.1:$port"
+  pod_args "$work/7-server.yaml" --kind Deployment --publish "127.0.0.1:$port" --publish "127.0.0.1:$iport"
   containers+=("$name")
   log "server: podman run -d ${args[*]}"
   podman run -d --name "$name" "${args[@]}" >/dev/null || fail "starting the server"
@@ -550,6 +551,7 @@ server() {
   done
   log "server ready on $path (probe port $probe_port, published 127.0.0.1:$port): $ready"
   server_port="$port"
+  internal_port="$iport" # the pod's containerPort "metrics": /metrics and the full /api/model
 }
 timed server server
 
@@ -583,6 +585,7 @@ v2_gate() {
     --volume "$volume:/mnt" --volume "$here/check_v2_gate.py:/check_v2_gate.py:ro" \
     --volume "$root/server/static/samples/6.png:/6.png:ro" \
     --entrypoint python "$IMAGE_REGISTRY/trainer:$IMAGE_TAG" /check_v2_gate.py "http://127.0.0.1:$server_port" \
+    --internal "http://127.0.0.1:$internal_port" \
     --model /mnt/aggregated-model.h5 --test /mnt/data/test.npz --train /mnt/data/0.npz --sample /6.png:6 \
     --expect-round 2 >"$work/v2-gate.log" 2>&1 || rc=$?
   sed 's/^/    [v2 + gate] /' "$work/v2-gate.log"

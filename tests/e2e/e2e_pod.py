@@ -6,7 +6,7 @@ security context's user, read-only root filesystem, dropped capabilities, no-new
 resource limits, emptyDir volumes (-> tmpfs) and the claim's mount (-> one shared podman volume).
 
   e2e_pod.py run-args FILE.yaml --volume VOL [--kind Job] [--init I] [--configmaps F.yaml ...]
-                      [--add-volume SRC:DST[:ro]] [--add-env K=V] [--publish HOST_IP:HOST_PORT] [--no-limits]
+                      [--add-volume SRC:DST[:ro]] [--add-env K=V] [--publish HOST_IP:HOST_PORT...] [--no-limits]
       prints the options, the image and the args, NUL-separated (read with mapfile -d ''):
       the first container, or with --init I the pod's I-th init container; env from a ConfigMap
       (configMapKeyRef) is looked up in the ConfigMaps of FILE and the --configmaps files, and
@@ -185,9 +185,10 @@ def run_args(opts):
         out += ["--env", extra]
     if opts.publish:
         ports = [p["containerPort"] for p in c.get("ports") or []]
-        if not ports:
-            raise Refusal("--publish given but the container declares no ports")
-        out += ["--publish", f"{opts.publish}:{ports[0]}"]
+        if len(ports) < len(opts.publish):
+            raise Refusal(f"--publish given {len(opts.publish)} times but the container declares {len(ports)} port(s)")
+        for host, port in zip(opts.publish, ports):
+            out += ["--publish", f"{host}:{port}"]
 
     if c.get("command"):
         out += ["--entrypoint", json.dumps([expand(str(a), env) for a in c["command"]])]
@@ -225,7 +226,8 @@ def build_parser():
     r.add_argument("--configmaps", action="append", help="more rendered files holding ConfigMaps")
     r.add_argument("--add-volume", action="append")
     r.add_argument("--add-env", action="append")
-    r.add_argument("--publish", help="HOST_IP:HOST_PORT for the first containerPort")
+    r.add_argument("--publish", action="append",
+                   help="HOST_IP:HOST_PORT for the first containerPort; again for the second, and so on")
     r.add_argument("--no-limits", action="store_true", help="ignore resources.limits")
     p = sub.add_parser("probe")
     p.add_argument("file")
