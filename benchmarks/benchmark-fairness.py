@@ -114,35 +114,7 @@ class Attacker:
 
 def good_client(host, port, body, seconds):
     """GET /healthz and POST /api/predict alternating from GOOD on one keep-alive connection."""
-    latencies, failures = [], []
-    deadline = time.perf_counter() + seconds
-
-    def connect():
-        return http.client.HTTPConnection(host, port, timeout=5, source_address=(GOOD, 0))
-
-    conn, i = connect(), 0
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        try:
-            if i % 2 == 0:
-                conn.request("GET", "/healthz")
-            else:
-                conn.request("POST", "/api/predict", body=body,
-                             headers={"Content-Type": f"multipart/form-data; boundary={slow.BOUNDARY}"})
-            response = conn.getresponse()
-            response.read()
-            status = response.status
-        except (OSError, http.client.HTTPException) as err:
-            status = type(err).__name__
-            conn.close()
-            conn = connect()
-        latencies.append(time.perf_counter() - t0)
-        if status != 200:
-            failures.append(status)
-        i += 1
-        time.sleep(0.01)
-    conn.close()
-    return latencies, failures
+    return slow.good_client(host, port, body, seconds, source=GOOD)
 
 
 def run(args, host, port, body):

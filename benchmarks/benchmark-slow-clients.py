@@ -149,12 +149,16 @@ def attacker_addresses(host):
 # ------------------------------------------------------------------------------- the good client
 
 
-def good_client(host, port, body, seconds, stop_early=None):
-    """Alternate GET /healthz and POST /api/predict on one keep-alive connection for `seconds`."""
+def good_client(host, port, body, seconds, source=None):
+    """Alternate GET /healthz and POST /api/predict on one keep-alive connection for `seconds` (from the
+    address `source`, else the system's choice)."""
     latencies, failures, lock = [], [], threading.Lock()
     deadline = time.perf_counter() + seconds
-    conn = http.client.HTTPConnection(host, port, timeout=5)
-    i = 0
+
+    def connect():
+        return http.client.HTTPConnection(host, port, timeout=5, source_address=(source, 0) if source else None)
+
+    conn, i = connect(), 0
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         try:
@@ -169,7 +173,7 @@ def good_client(host, port, body, seconds, stop_early=None):
         except (OSError, http.client.HTTPException) as err:
             status = type(err).__name__
             conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn = connect()
         elapsed = time.perf_counter() - t0
         with lock:
             latencies.append(elapsed)
