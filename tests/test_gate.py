@@ -493,7 +493,7 @@ def test_server_workers_restore_the_admitted_model_not_the_rejected_file(tmp_pat
     drop(models["shuffled"], served)
     assert client.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "rejected"
     log = tmp_path / "server.log"
-    proc, url = start_real_server(served, log, "--gate-data", str(gate_data), "--gate-state", str(state))
+    proc, url, _ = start_real_server(served, log, "--gate-data", str(gate_data), "--gate-state", str(state))
     try:
         for _ in range(10):  # nginx spreads them over both workers
             info = requests.get(url + "/api/model", timeout=10).json()
@@ -507,8 +507,8 @@ def test_server_workers_restore_the_admitted_model_not_the_rejected_file(tmp_pat
 
 
 def start_real_server(model, log, *flags):
-    """server.py (nginx + 2 gunicorn workers) on a free port, its output in `log`; (process, url) once /readyz
-    says ready (180 s at most)."""
+    """server.py (nginx + 2 gunicorn workers) on a free port and a free internal port, its output in `log`;
+    (process, url, internal url) once /readyz says ready (180 s at most)."""
     import time
 
     import requests
@@ -516,11 +516,14 @@ def start_real_server(model, log, *flags):
     from helpers import free_port
 
     port = free_port()
+    internal_port = free_port()
+    while internal_port == port:
+        internal_port = free_port()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HDF5_USE_FILE_LOCKING="FALSE")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "server/server.py"), "--model", str(model), "--host",
-                                 "127.0.0.1", "--port", str(port), "--workers", "2", *flags],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 "127.0.0.1", "--port", str(port), "--internal-port", str(internal_port),
+                                 "--workers", "2", *flags], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -529,7 +532,7 @@ def start_real_server(model, log, *flags):
             pytest.fail(f"server.py not ready: {log.read_text()[-2000:]}")
         try:
             if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
+                return proc, url, f"http://127.0.0.1:{internal_port}"
         except requests.RequestException:
             pass
         time.sleep(0.3)
@@ -561,9 +564,10 @@ def test_check_v2_gate_passes_against_the_real_server(tmp_path, mnist_model, mni
         {"round": 1, "aggregate": {"file": "rounds/r1.h5", "sha256": sha256(served)}, "test_accuracy": 0.98}]}))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HDF5_USE_FILE_LOCKING="FALSE")
     log = tmp_path / "server.log"
-    proc, url = start_real_server(served, log, "--gate-data", str(tmp_path / "data" / "test.npz"))
+    proc, url, internal_url = start_real_server(served, log, "--gate-data", str(tmp_path / "data" / "test.npz"))
     try:
-        check = subprocess.run([sys.executable, str(ROOT / "tests/e2e/check_v2_gate.py"), url, "--model", str(served),
+        check = subprocess.run([sys.executable, str(ROOT / "tests/e2e/check_v2_gate.py"), url, "--internal", internal_url,
+                                "--model", str(served),
                                 "--test", str(tmp_path / "data" / "test.npz"), "--train", str(tmp_path / "data" / "0.npz"),
                                 "--sample", f"{ROOT / 'server/static/samples/6.png'}:6", "--expect-round", "1"],
                                capture_output=True, text=True, env=env, timeout=900)
