@@ -15,7 +15,7 @@ import json
 import logging
 import time
 
-from werkzeug.http import parse_options_header
+from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 
 PATH = "/api/predict"
 
@@ -74,7 +74,8 @@ class FastPath:
 def json_answer(start_response, status, payload):
     """The payload as Flask's jsonify writes it (sorted keys, compact, ASCII, a final newline)."""
     data = (json.dumps(payload, ensure_ascii=True, sort_keys=True, separators=(",", ":")) + "\n").encode()
-    start_response(STATUS_LINES[status], [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    line = STATUS_LINES.get(status) or f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}"
+    start_response(line, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
     return [data]
 
 

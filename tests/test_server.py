@@ -955,3 +955,14 @@ def test_error_answers_are_one_line_without_paths(client):
     for response in answers:
         assert 400 <= response.status_code < 500
         _one_line_json_error(response)
+
+
+@pytest.mark.parametrize("status", [200, 400, 413, 415, 418, 500, 503])
+def test_the_fast_path_spells_every_status_line_as_werkzeug_does(status):
+    """STATUS_LINES for the statuses an answer has (413 and 415 since preprocess.py's statuses), and any other
+    spelled the same way rather than a KeyError out of the WSGI layer."""
+    from werkzeug.wrappers import Response
+
+    started = []
+    fastpath.json_answer(lambda line, headers: started.append(line), status, {"error": "x"})
+    assert started == [Response(status=status).status]
