@@ -244,6 +244,8 @@ def answer_errors(app, pages):
         headers = {}
         if isinstance(err, MethodNotAllowed) and err.valid_methods:
             headers["Allow"] = ", ".join(sorted(err.valid_methods))
+        if err.code not in HTTP_MESSAGES:  # the client gets werkzeug's name for it; the log its description
+            log.warning("%s %s: %s %s", request.method, request.path, err.code, one_line(err.description))
         return pages.error(err.code or 400, HTTP_MESSAGES.get(err.code) or err.name.lower(), headers)
 
     @app.errorhandler(Exception)
