@@ -142,7 +142,9 @@ def check_v2(base, x, y, sample, sample_digit, min_accuracy):
     status, headers, body = infer(base, request, (struct.pack("<I", len(blob)) + blob) * 2)
     digits = outputs_of(headers, body)[1]["digit"].tolist() if status == 200 else None
     check(digits == [sample_digit] * 2, f"infer BYTES [2] binary ({os.path.basename(sample)} twice) -> {status} {digits}")
-    request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(blob).decode()]}]}
+    # JSON BYTES elements are strings (their UTF-8 bytes); a binary file goes base64 with content_type "base64"
+    request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(blob).decode()],
+                           "parameters": {"content_type": "base64"}}]}
     status, headers, body = infer(base, request)
     digits = outputs_of(headers, body)[1]["digit"].tolist() if status == 200 else None
     check(digits == [sample_digit], f"infer BYTES [1] base64 JSON -> {status} {digits}")
