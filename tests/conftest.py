@@ -1,4 +1,5 @@
-"""Fixtures for the server tests: one small model trained on real MNIST by the project's trainer."""
+"""Fixtures for the server tests: one small model trained on real MNIST by the project's trainer, and the
+app serving it with Flask's test client."""
 
 import os
 import subprocess
@@ -50,3 +51,18 @@ def mnist_test(mnist_npz):
     """(x_test, y_test) of real MNIST."""
     with np.load(mnist_npz) as npz:
         return npz["x_test"], npz["y_test"]
+
+
+@pytest.fixture(scope="module")
+def app(mnist_model):
+    """The server's Flask app (create_app) serving mnist_model, once per test module."""
+    import app as server_app  # server/ is on pytest.ini's pythonpath
+
+    application = server_app.create_app(str(mnist_model))
+    application.testing = True
+    return application
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()

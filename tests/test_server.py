@@ -52,18 +52,6 @@ def bomb_png():
     return png_bytes(Image.new("1", (12000, 12000)))
 
 
-@pytest.fixture(scope="module")
-def app(mnist_model):
-    application = server_app.create_app(str(mnist_model))
-    application.testing = True
-    return application
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
-
 def post_files(client, url, *blobs, field="file"):
     data = {field: [(io.BytesIO(blob), f"f{i}.png") for i, blob in enumerate(blobs)]}
     return client.post(url, data=data, content_type="multipart/form-data")

@@ -24,17 +24,6 @@ SAMPLES = ROOT / "server" / "static" / "samples"
 URL = "/v2/models/mnist/infer"
 
 
-@pytest.fixture(scope="module")
-def app(mnist_model):
-    application = server_app.create_app(str(mnist_model))
-    application.testing = True
-    return application
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
 
 @pytest.fixture(scope="module")
 def triton(app):
