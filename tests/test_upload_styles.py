@@ -5,7 +5,6 @@ real figures; here a model trained in seconds on a few thousand digits bounds th
 import importlib.util
 import io
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +65,15 @@ def digit_height(mask):
 
 
 def test_the_canvas_style_is_what_the_page_posts():
-    """Same size and pen as the page's drawing pad (server/templates/index.html), which posts the canvas
-    itself as a PNG (toBlob, "image/png"): if the page changes, change CANVAS_* in make-samples.py."""
+    """Same size and pen as the page's drawing pad (server/templates/index.html, its script server/static/page.js),
+    which posts the canvas itself as a PNG (toBlob, "image/png"): if the page changes, change CANVAS_* in
+    make-samples.py."""
     page = (ROOT / "server/templates/index.html").read_text()
+    script = (ROOT / "server/static/page.js").read_text()
     pad = re.search(r'<canvas id="pad" width="(\d+)" height="(\d+)"', page)
     assert pad and int(pad[1]) == int(pad[2]) == samples.CANVAS_SIDE
-    assert int(re.search(r"lineWidth = (\d+)", page)[1]) == samples.CANVAS_LINE_WIDTH
-    assert '"image/png"' in page and "toBlob" in page
+    assert int(re.search(r"lineWidth = (\d+)", script)[1]) == samples.CANVAS_LINE_WIDTH
+    assert '"image/png"' in script and "toBlob" in script
 
 
 def test_canvas_is_black_strokes_of_the_pen_width_on_transparency(digits):
