@@ -18,21 +18,17 @@ Loopback addresses only.
 """
 
 import asyncio
-import http.client
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
 
 import _repo  # benchmarks/_repo.py: common/, the stage folders and tests/ on sys.path
-from helpers import MnistUnavailable, mnist_path
 from mlkcommon import Parser, parse_args
 
 ROOT = _repo.ROOT
@@ -162,29 +158,7 @@ def main(argv=None) -> int:
         parser.error("--uploads must be >= 1, --seconds and --interval > 0")
     if args.model and args.url:
         parser.error("give --model or --url, not both")
-    host = port = None
-    if args.url:
-        parsed = urllib.parse.urlsplit(args.url)
-        host, port = parsed.hostname, parsed.port or 80
-        if parsed.scheme != "http" or not host:
-            parser.error(f"--url {args.url}: expected http://HOST:PORT")
-        try:
-            loopback = all(info[4][0].startswith("127.") for info in
-                           socket.getaddrinfo(host, port, socket.AF_INET, proto=socket.IPPROTO_TCP))
-        except OSError as err:
-            parser.error(f"--url {args.url}: {err}")
-        if not loopback:
-            parser.error(f"--url {args.url}: only IPv4 loopback addresses (the clients are {GOOD} and {ATTACKER})")
-    if not args.dataset:
-        try:
-            args.dataset = str(mnist_path())
-        except MnistUnavailable as err:
-            parser.error(str(err))
-    if not os.path.isfile(args.dataset):
-        parser.error(f"dataset {args.dataset} not found")
-    if args.model and not os.path.isfile(args.model):
-        parser.error(f"--model {args.model}: no such file")
-    body = slow.multipart_png(args.dataset)
+    host, port, body = slow.target_and_body(parser, args, ipv4_only=True)
     if args.url:
         return run(args, host, port, body)
     with tempfile.TemporaryDirectory(prefix="mlk-fair-") as tmp:

@@ -374,6 +374,36 @@ def run(args, host, port, pid, body):
     return 1 if missed else 0
 
 
+def target_and_body(parser, args, ipv4_only=False):
+    """Check --url (a loopback address, IPv4 only with ipv4_only: the clients run here), --dataset (default:
+    helpers.mnist_path()) and --model; -> (host, port) of --url (None, None without it) and the multipart
+    body of one test digit. A bad value is a usage error (one line, exit 2)."""
+    host = port = None
+    if args.url:
+        parsed = urllib.parse.urlsplit(args.url)
+        host, port = parsed.hostname, parsed.port or 80
+        if parsed.scheme != "http" or not host:
+            parser.error(f"--url {args.url}: expected http://HOST:PORT")
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET if ipv4_only else 0, proto=socket.IPPROTO_TCP)
+            loopback = all(info[4][0].startswith("127.") or (info[4][0] == "::1" and not ipv4_only) for info in infos)
+        except OSError as err:
+            parser.error(f"--url {args.url}: {err}")
+        if not loopback:
+            parser.error(f"--url {args.url}: only {'IPv4 ' if ipv4_only else ''}loopback addresses (the clients run "
+                         "on this machine)")
+    if not args.dataset:
+        try:
+            args.dataset = str(mnist_path())
+        except MnistUnavailable as err:
+            parser.error(str(err))
+    if not os.path.isfile(args.dataset):
+        parser.error(f"dataset {args.dataset} not found")
+    if args.model and not os.path.isfile(args.model):
+        parser.error(f"--model {args.model}: no such file")
+    return host, port, multipart_png(args.dataset)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -388,29 +418,7 @@ def main(argv=None) -> int:
         parser.error("give --model or --url, not both")
     if args.pid is not None and not args.url:
         parser.error("--pid goes with --url")
-    host = port = None
-    if args.url:
-        parsed = urllib.parse.urlsplit(args.url)
-        host, port = parsed.hostname, parsed.port or 80
-        if parsed.scheme != "http" or not host:
-            parser.error(f"--url {args.url}: expected http://HOST:PORT")
-        try:
-            loopback = all(info[4][0].startswith("127.") or info[4][0] == "::1"
-                           for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP))
-        except OSError as err:
-            parser.error(f"--url {args.url}: {err}")
-        if not loopback:
-            parser.error(f"--url {args.url}: only loopback addresses are attacked")
-    if not args.dataset:
-        try:
-            args.dataset = str(mnist_path())
-        except MnistUnavailable as err:
-            parser.error(str(err))
-    if not os.path.isfile(args.dataset):
-        parser.error(f"dataset {args.dataset} not found")
-    if args.model and not os.path.isfile(args.model):
-        parser.error(f"--model {args.model}: no such file")
-    body = multipart_png(args.dataset)
+    host, port, body = target_and_body(parser, args)
     if args.url:
         return run(args, host, port, args.pid, body)
     with tempfile.TemporaryDirectory(prefix="mlk-slow-") as tmp:

@@ -17,7 +17,6 @@ The command line is argparse through mlkcommon's Parser: a usage error is one li
 exit 1 when the target is missed.
 """
 
-import io
 import os
 import sys
 import time

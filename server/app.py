@@ -26,7 +26,6 @@ import time
 
 from flask import Blueprint, Flask, Request, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
-from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -1,8 +1,6 @@
 """trainer/evaluate.py: JSON result matches a direct computation; bad input exits 2."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

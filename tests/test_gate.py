@@ -297,7 +297,7 @@ def test_two_replicas_on_one_state_serve_the_same_model(tmp_path, models, mnist_
     shutil.copyfile(models["weak"], served)
     a = internal_client(state_app(served, state, gate_data))
     b = internal_client(state_app(served, state, gate_data))  # started second: restores what a recorded
-    weak, good, shuffled = sha256(models["weak"]), sha256(mnist_model), sha256(models["shuffled"])
+    good, shuffled = sha256(mnist_model), sha256(models["shuffled"])
     assert b.get("/api/model").get_json()["gate"]["last_decision"]["decision"] == "restored"
 
     # a promotes a better model while b does not look; then a bad one arrives, and b sees only that
@@ -481,11 +481,9 @@ def test_server_workers_restore_the_admitted_model_not_the_rejected_file(tmp_pat
     """server.py with 2 workers and --gate-state, started while the file on disk is one the gate rejected
     (the state prepared by an app in this process, as a previous pod would have): every worker serves the
     admitted model."""
-    import time
 
     import requests
 
-    from helpers import free_port
 
     served, state = tmp_path / "aggregated-model.h5", tmp_path / "gate"
     shutil.copyfile(models["weak"], served)
@@ -546,11 +544,8 @@ def test_check_v2_gate_passes_against_the_real_server(tmp_path, mnist_model, mni
     """tests/e2e/check_v2_gate.py (what the container run calls) against server.py with 2 workers and
     --gate-data, the volume's layout in tmp_path: it must pass, and the served file end up replaced."""
     import json
-    import time
 
-    import requests
 
-    from helpers import free_port
 
     (tmp_path / "data").mkdir()
     (tmp_path / "rounds").mkdir()

@@ -1,9 +1,6 @@
 """server/model.py runs the model with LiteRT, converted in memory at load: the same probabilities as Keras,
 reported in /api/model; a model LiteRT cannot take is served by TensorFlow instead."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 

@@ -3,7 +3,6 @@ label skew, MNIST_NPZ, stale shards, every refusal, and the checked download via
 
 import hashlib
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,6 @@ import gzip
 import io
 import json
 import struct
-import sys
 import threading
 from pathlib import Path
 
