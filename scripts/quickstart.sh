@@ -467,6 +467,56 @@ wait_round() {
   fi
 }
 
+# --- where the time goes ------------------------------------------------------------------------
+# Each stage's pods, noted when the quickstart sees the stage done (before a later round deletes them),
+# give the summary's breakdown (docs/kubernetes.md, "Where the time goes"). One line per pod:
+#   NAME CREATED SCHEDULED STARTED FINISHED   the main container's run; a Deployment's pod: FINISHED is
+#                                             the time it became Ready; "-" for what is not there
+# shellcheck disable=SC2016  # a Go template: its $s is not the shell's
+timeline_template='{{range .items}}{{.metadata.name}} {{.metadata.creationTimestamp}} {{$s := "-"}}{{$r := "-"}}{{range .status.conditions}}{{if and (eq .type "PodScheduled") (eq .status "True")}}{{$s = .lastTransitionTime}}{{end}}{{if and (eq .type "Ready") (eq .status "True")}}{{$r = .lastTransitionTime}}{{end}}{{end}}{{$s}} {{$b := "-"}}{{$e := $r}}{{range .status.containerStatuses}}{{with .state.running}}{{$b = .startedAt}}{{end}}{{with .state.terminated}}{{$b = .startedAt}}{{$e = .finishedAt}}{{end}}{{end}}{{$b}} {{$e}}
+{{end}}'
+timeline=() # one line per pod: STAGE POD then seconds: create schedule start boot work notice (docs/kubernetes.md)
+stage_applied=0
+
+# epoch TIME: a Kubernetes or log timestamp as seconds since 1970 (with fractions), "-" for "-"
+epoch() { if [[ "$1" == - || -z "$1" ]]; then echo -; else date -u -d "$1" +%s.%N 2>/dev/null || echo -; fi; }
+
+# span FROM TO: TO - FROM in seconds, one decimal; "-" when either is unknown
+span() { if [[ "$1" == - || "$2" == - ]]; then echo -; else awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; fi; }
+
+# applying: the moment a stage is applied, from which its breakdown counts
+applying() { stage_applied="$(date -u +%s.%N)"; }
+
+# note_timeline STAGE SELECTOR: the stage's pods into the breakdown: from the stage's apply to each pod
+# created (create: the Job or ReplicaSet controller), scheduled (schedule), its container started (start:
+# the image, the volumes, the container), the program's first log line (boot: the interpreter and its
+# imports), its container finished or the pod Ready (work), and now, when the quickstart saw it (notice).
+# Kubernetes' times are whole seconds, the logs' finer: a value is good to about a second.
+note_timeline() {
+  local stage="$1" selector="$2" noticed pod created scheduled started finished first
+  noticed="$(date -u +%s.%N)"
+  while read -r pod created scheduled started finished; do
+    [[ -n "$pod" ]] || continue
+    first="$(k logs "pod/$pod" --timestamps --limit-bytes=512 2>/dev/null | head -n 1 | cut -d' ' -f1 || true)"
+    created="$(epoch "$created")" scheduled="$(epoch "$scheduled")" started="$(epoch "$started")" first="$(epoch "${first:--}")"
+    finished="$(epoch "$finished")"
+    timeline+=("$stage	$pod	$(span "$stage_applied" "$created")	$(span "$created" "$scheduled")	$(span "$scheduled" "$started")	$(span "$started" "$first")	$(span "$first" "$finished")	$(span "$finished" "$noticed")")
+  done < <(k get pods -l "$selector" -o "go-template=$timeline_template" 2>/dev/null || true)
+}
+
+# print_timeline: the breakdown, one line per pod, and the run's total
+print_timeline() {
+  local line f
+  ((${#timeline[@]})) || return 0
+  say "where the time went (seconds; create: apply to the pod created, schedule: to scheduled, start: to container started, boot: to the program's first log line, work: to done or Ready, notice: to the quickstart seeing it; docs/kubernetes.md)"
+  say "$(printf '  %-24s %-34s %6s %8s %6s %6s %7s %7s' stage pod create schedule start boot work notice)"
+  for line in "${timeline[@]}"; do
+    IFS=$'\t' read -ra f <<<"$line"
+    say "$(printf '  %-24s %-34s %6s %8s %6s %6s %7s %7s' "${f[@]}")"
+  done
+  say "total: ${SECONDS}s from start to this summary"
+}
+
 forward_hint() {
   say "server: reach it with: ${kubectl_cmd[*]} port-forward service/mnist-server-svc 8080:80   then open http://localhost:8080/"
 }
@@ -497,6 +547,7 @@ prepare_volume() {
     wait_claim volume nfs
   else
     say "== nfs: NFS server ($NFS_BACKEND), its service and who may reach it"
+    applying
     apply nfs "$nfs_manifest"
     wait_claim nfs nfs-server-disk
     apply nfs "$root/manifests/2-nfs-service.yaml"
@@ -512,6 +563,7 @@ prepare_volume() {
     export NODE_CIDR
     apply nfs "$root/manifests/2-nfs-networkpolicy.yaml"
     wait_ready nfs deployment nfs-server "app.kubernetes.io/component=nfs-server" "$NFS_TIMEOUT"
+    note_timeline nfs-server "app.kubernetes.io/component=nfs-server"
     NFS_CLUSTER_IP="$(k get service nfs-server -o 'jsonpath={.spec.clusterIP}')" || NFS_CLUSTER_IP=""
     [[ -n "$NFS_CLUSTER_IP" ]] || fail nfs "service nfs-server has no ClusterIP"
     export NFS_CLUSTER_IP
@@ -552,8 +604,10 @@ upload_dataset() {
   local copied size
   say "== dataset: $MNIST_NPZ onto the volume as /mnt/mnist.npz"
   k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
+  applying
   apply dataset "$root/manifests/9999-dataset-upload.yaml"
   wait_ready dataset pod mnist-dataset-upload "app.kubernetes.io/component=dataset-upload" "$NFS_TIMEOUT"
+  note_timeline dataset "app.kubernetes.io/component=dataset-upload"
   # Streamed through exec (no tar needed in the image), written to a temporary name, then renamed.
   copied="$(k exec -i mnist-dataset-upload -- python -c 'import os, shutil, sys
 tmp = "/mnt/.mnist.npz.tmp"
@@ -574,8 +628,10 @@ print(os.path.getsize("/mnt/mnist.npz"))' <"$MNIST_NPZ")" || fail dataset "could
 split_data() {
   say "== splitter: $WORKER_NUMBER shards"
   delete_jobs mnist-splitter
+  applying
   apply splitter "$root/manifests/4-splitter.yaml"
   wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
+  note_timeline splitter "app.kubernetes.io/component=splitter"
   say "splitter: done"
 }
 
@@ -601,18 +657,25 @@ train_rounds() {
     if ((min_workers < WORKER_NUMBER)); then # the aggregator beside the trainers closes the round
       say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator (at least $min_workers models, ROUND_DEADLINE=${ROUND_DEADLINE}s)"
       delete_jobs "${trainers[@]}" mnist-aggregator
+      applying
       apply_trainers "$round"
       apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
       wait_round "$round"
+      note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
+      note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
     else # every trainer, then the aggregator
       say "== round $round/$ROUNDS: $WORKER_NUMBER trainers"
       delete_jobs "${trainers[@]}"
+      applying
       apply_trainers "$round"
       wait_jobs "trainers (round $round)" "app.kubernetes.io/component=trainer" "${trainers[@]}"
+      note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
       say "round $round: $WORKER_NUMBER trainers done"
       delete_jobs mnist-aggregator
+      applying
       apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
       wait_jobs "aggregator (round $round)" "app.kubernetes.io/component=aggregator" mnist-aggregator
+      note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
       say "round $round: aggregated model written"
     fi
   done
@@ -624,8 +687,10 @@ accuracy_test() {
   local result
   say "== accuracy test"
   delete_jobs mnist-accuracy-test
+  applying
   apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
   wait_jobs accuracy-test "app.kubernetes.io/component=accuracy-test" mnist-accuracy-test
+  note_timeline accuracy-test "app.kubernetes.io/component=accuracy-test"
   if result="$(k logs job/mnist-accuracy-test --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
     say "accuracy test: $result"
     say "history: every round's accuracy, its workers' and its timings in /mnt/rounds/ledger.json, plotted in /mnt/rounds/history.png (docs/kubernetes.md, \"Round ledger\")"
@@ -639,9 +704,12 @@ serve() {
   local port node svc_uid deadline detect_deadline address acted
   # A running server reloads the model when the file changes (server/README.md): no restart needed.
   say "== server (Service type $SERVICE_TYPE)"
+  applying
   apply server "$root/manifests/7-server.yaml"
   wait_ready server deployment mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
   say "server: ready"
+  note_timeline server "app.kubernetes.io/component=server"
+  print_timeline
   case "$SERVICE_TYPE" in
     ClusterIP) forward_hint ;;
     NodePort)
@@ -697,6 +765,7 @@ main() {
   train_rounds
   accuracy_test
   if [[ "$SERVE" == 0 ]]; then
+    print_timeline
     say "done (SERVE=0: no server)"
     return 0
   fi

@@ -82,6 +82,11 @@ elif args[:2] == ["logs", "job/mnist-ledger-restore"]:
     print(env("FAKE_LEDGER", '{"last_round": 0, "sha256": null}'))
 elif args[:2] == ["logs", "-l"]:
     print(f"[pod/{args[2]}] Traceback: fake trainer crash")
+elif args[:2] == ["get", "pods"] and "creationTimestamp" in template:  # the breakdown: a pod per stage
+    component = args[args.index("-l") + 1].rsplit("=", 1)[1]
+    out(f"{component}-p1 2026-01-02T03:04:01Z 2026-01-02T03:04:02Z 2026-01-02T03:04:05Z 2026-01-02T03:04:20Z\n")
+elif args[:1] == ["logs"] and "--timestamps" in args:  # its first log line
+    print("2026-01-02T03:04:07.500000000Z data: /mnt/data/0.npz: 20000 samples")
 elif args[:3] == ["auth", "can-i", "create"]:
     print(env("FAKE_CAN_I", "yes"))
 elif args[:2] == ["config", "current-context"]:
@@ -580,3 +585,30 @@ def test_teardown_delete_disk_without_zone_says_the_gce_disk_survives(fake):
     assert proc.returncode == 0, proc.stderr
     assert "GCE disk ml-kube-disk, if you made one, is NOT deleted: set GCE_DISK_ZONE" in proc.stdout
     assert "data is deleted, GCE" not in proc.stdout
+
+
+def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
+    """The summary's breakdown (docs/kubernetes.md, "Where the time goes"): a line per stage's pod, taken
+    before a later round deletes it, with the seconds from scheduled to started (3), to the program's
+    first log line (2.5) and to done (12.5), read from the pod's status and its log's timestamps."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if "where the time went" in line)
+    assert lines[head + 1].split()[2:] == ["stage", "pod", "create", "schedule", "start", "boot", "work", "notice"]
+    rows = [line.split(": ", 1)[1].split() for line in lines[head + 2:] if "-p1 " in line]
+    stages = [" ".join(r[:-7]) for r in rows]
+    assert stages == ["nfs-server", "splitter", "round 1 trainers", "round 1 aggregator", "round 2 trainers",
+                      "round 2 aggregator", "accuracy-test", "server"]
+    for row in rows:
+        pod, create, schedule, start, boot, work, notice = row[-7:]
+        assert pod.endswith("-p1")
+        assert (schedule, start, boot, work) == ("1.0", "3.0", "2.5", "12.5")
+        # the pods' clock is January's, the quickstart's today's: apply is after, noticing long after
+        assert float(create) < 0 < float(notice)
+    # the Jobs of round 1 are noted before round 2 deletes them
+    calls = [" ".join(c) for c in proc.calls]
+    noted = next(i for i, c in enumerate(calls) if c.startswith("get pods -l app.kubernetes.io/component=trainer"))
+    deleted = [i for i, c in enumerate(calls) if c.startswith("delete job mnist-trainer-0")]
+    assert deleted[0] < noted < deleted[1]
+    assert "total: " in lines[head + 2 + len(rows)]

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Kubernetes' overhead: the local pipeline and the quickstart on the real node, back to back, at the same
+settings, each timed from its start to the served page; prints the ratio and where the Kubernetes run's
+time went (the quickstart's own breakdown, summed over each stage's last pod: the critical path).
+
+    .venv/bin/python benchmarks/benchmark-kubernetes.py [--workers 2 --epoch 1 --rounds 2 --batch 100]
+        [--backend pvc|rwx] [--kubeconfig FILE] [--mnist PATH]
+
+Without --kubeconfig it starts the local control plane mlk-real and the real node (docs/real-node.md;
+the stage images must be built: scripts/build-images.sh) and stops them at the end if it started them.
+Issue target: the Kubernetes run within 1.5x the local one."""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from _repo import ROOT as REPO
+from helpers import MnistUnavailable, mnist_path
+
+SCRIPTS = REPO / "scripts"
+COLUMNS = ("create", "schedule", "start", "boot", "work", "notice")
+ROW = re.compile(r"^\S+ quickstart:   (?P<stage>.+?) +(?P<pod>\S+)" + r" +(\S+)" * len(COLUMNS) + r"$")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epoch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--backend", choices=("pvc", "rwx"), default="pvc",
+                   help="the quickstart's NFS_BACKEND (rwx: StorageClass local-rwx of the real node)")
+    p.add_argument("--kubeconfig", help="a cluster with the real node up (default: start mlk-real here)")
+    p.add_argument("--mnist", help="a Keras-layout mnist.npz (default: tests/helpers.py's mnist_path())")
+    args = p.parse_args(argv)
+    if args.mnist is None:
+        try:
+            args.mnist = str(mnist_path())
+        except MnistUnavailable as e:
+            p.error(str(e))
+    if not Path(args.mnist).is_file():
+        p.error(f"--mnist {args.mnist}: no such file")
+    return args
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(args):
+    return {"WORKER_NUMBER": str(args.workers), "EPOCH": str(args.epoch), "ROUNDS": str(args.rounds),
+            "BATCH": str(args.batch), "MNIST_NPZ": args.mnist, "SERVE": "1"}
+
+
+def run_local(args):
+    """scripts/local-quickstart.sh until its server answers /readyz with 200; seconds."""
+    port, internal = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="mlk-bench-k8s-") as work:
+        env = dict(os.environ, **settings(args), WORK_DIR=work, PORT=str(port), INTERNAL_PORT=str(internal))
+        log = open(Path(work) / "run.log", "w")
+        start = time.monotonic()
+        proc = subprocess.Popen(["bash", str(SCRIPTS / "local-quickstart.sh")], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    sys.exit(f"local-quickstart.sh exited {proc.returncode}:\n{(Path(work) / 'run.log').read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                        if r.status == 200:
+                            return time.monotonic() - start
+                except OSError:
+                    pass
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+
+
+def run(cmd, timeout=3600, **env):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **env), stdin=subprocess.DEVNULL)
+
+
+class Cluster:
+    """The cluster with the real node: given, or started here (and stopped again)."""
+
+    def __init__(self, kubeconfig):
+        self.given, self.config, self.started = kubeconfig, kubeconfig, []
+
+    def __enter__(self):
+        if not self.config:
+            proc = run([SCRIPTS / "local-cluster.sh", "up"], LOCAL_CLUSTER_NAME="mlk-real")
+            if proc.returncode:
+                sys.exit(f"local-cluster.sh up failed:\n{proc.stderr[-3000:]}")
+            if "already running" not in proc.stderr:
+                self.started.append("cluster")
+            self.config = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+            proc = run([SCRIPTS / "real-node.sh", "up", "--exclusive", self.config])
+            if proc.returncode:
+                self.__exit__()
+                sys.exit(f"real-node.sh up failed:\n{proc.stderr[-3000:]}")
+            if "kubelet already running" not in proc.stderr:
+                self.started.append("node")
+        return self.config
+
+    def __exit__(self, *exc):
+        if "node" in self.started:
+            run([SCRIPTS / "real-node.sh", "down"], timeout=600)
+        if "cluster" in self.started:
+            run([SCRIPTS / "local-cluster.sh", "down"], timeout=600, LOCAL_CLUSTER_NAME="mlk-real")
+
+
+def run_kubernetes(args, kubeconfig):
+    """scripts/quickstart.sh in a namespace of its own until the server is ready; seconds and its output."""
+    kubectl = str(REPO / ".venv" / "bin" / "kubectl") if (REPO / ".venv" / "bin" / "kubectl").exists() else "kubectl"
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    run([kubectl, "--kubeconfig", kubeconfig, "create", "namespace", ns])
+    env = dict(settings(args), KUBECTL=f"{kubectl} --kubeconfig {kubeconfig} -n {ns}", NFS_BACKEND=args.backend,
+               SERVICE_TYPE="ClusterIP")
+    if args.backend == "rwx":
+        env["STORAGE_CLASS"] = "local-rwx"
+    try:
+        start = time.monotonic()
+        proc = run(["bash", SCRIPTS / "quickstart.sh"], **env)
+        took = time.monotonic() - start
+        if proc.returncode:
+            sys.exit(f"quickstart.sh exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        return took, proc.stdout
+    finally:
+        run(["bash", SCRIPTS / "teardown.sh"], timeout=600, **env, DELETE_DISK="1")
+        run([kubectl, "--kubeconfig", kubeconfig, "delete", "namespace", ns, "--timeout=120s"], timeout=180)
+
+
+def breakdown(output):
+    """The quickstart's rows, and per column the sum over each stage's last pod (by when it was done)."""
+    rows = []
+    for line in output.splitlines():
+        m = ROW.match(line)
+        if m and m["pod"] != "pod":
+            values = [None if v == "-" else float(v) for v in m.groups()[2:]]
+            rows.append((m["stage"], m["pod"], values))
+    critical = {}
+    for stage, pod, values in rows:
+        done = sum(v for v in values[:5] if v is not None)
+        if stage not in critical or done > critical[stage][0]:
+            critical[stage] = (done, values)
+    totals = [sum(values[i] or 0 for _, values in critical.values()) for i in range(len(COLUMNS))]
+    return rows, totals
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(f"settings: {args.workers} workers x {args.epoch} epochs x {args.rounds} rounds, batch {args.batch}, "
+          f"backend {args.backend}", flush=True)
+    local = run_local(args)
+    print(f"local pipeline (scripts/local-quickstart.sh, SERVE=1): {local:.1f} s to the served page", flush=True)
+    with Cluster(args.kubeconfig) as kubeconfig:
+        kube, output = run_kubernetes(args, kubeconfig)
+    print(f"real node (scripts/quickstart.sh, NFS_BACKEND={args.backend}): {kube:.1f} s to the served page")
+    rows, totals = breakdown(output)
+    print(f"ratio: {kube / local:.2f}x (target <= 1.5x)")
+    print(f"\n{'stage':<24} {'pod':<34} " + " ".join(f"{c:>8}" for c in COLUMNS))
+    for stage, pod, values in rows:
+        print(f"{stage:<24} {pod:<34} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>8}" for v in values))
+    print(f"{'critical path (s)':<59} " + " ".join(f"{t:>8.1f}" for t in totals))
+    rest = kube - sum(totals)
+    print(f"work {totals[4]:.1f} s of {kube:.1f} s; Kubernetes and the quickstart's waiting "
+          f"{kube - totals[4]:.1f} s, of which {rest:.1f} s outside the stages' pods (applies, deletes, checks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
