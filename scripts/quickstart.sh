@@ -328,6 +328,21 @@ job_failure() {
   echo "job $job failed: $(grep -m1 '^Failed:' <<<"$state" | cut -d: -f2-) $(terminated_summary "job-name=$job")"
 }
 
+# pause WHAT...: until the next check: POLL seconds, or less when WHAT is done first. kubectl watches
+# (wait, rollout status), so a stage done is noticed at once rather than up to POLL later. WHAT is
+# "job J..." (every J complete), "pod P" (Ready) or "deployment D" (its rollout complete).
+pause() {
+  local started=$SECONDS kind="$1" done=1
+  shift
+  case "$kind" in
+    job) k wait --for=condition=Complete --timeout="${POLL}s" "${@/#/job/}" >/dev/null 2>&1 || done=0 ;;
+    pod) k wait --for=condition=Ready --timeout="${POLL}s" "pod/$1" >/dev/null 2>&1 || done=0 ;;
+    deployment) k rollout status "deployment/$1" --timeout="${POLL}s" >/dev/null 2>&1 || done=0 ;;
+  esac
+  # not done (a failure, an object not there yet): the rest of POLL, so that no check runs back to back
+  ((done || SECONDS - started >= POLL)) || sleep $((POLL - (SECONDS - started)))
+}
+
 # wait_jobs STAGE SELECTOR JOB...: until every JOB is complete, under one JOB_TIMEOUT
 wait_jobs() {
   local stage="$1" selector="$2" deadline=$((SECONDS + JOB_TIMEOUT)) job state pending
@@ -345,7 +360,7 @@ wait_jobs() {
     ((pending)) || return 0
     check_stage "$stage" "$selector"
     ((SECONDS < deadline)) || report "$stage" "$selector" "not complete within JOB_TIMEOUT=${JOB_TIMEOUT}s"
-    sleep "$POLL"
+    pause job "$@"
   done
 }
 
@@ -371,7 +386,7 @@ wait_ready() {
     if ((SECONDS >= deadline)); then
       report "$stage" "$selector" "$kind $name not $([[ "$kind" == pod ]] && echo ready || echo available) within ${timeout}s$(volume_cause "$selector")"
     fi
-    sleep "$POLL"
+    pause "$kind" "$name"
   done
 }
 
@@ -446,7 +461,7 @@ wait_round() {
     check_stage "trainers (round $round)" "app.kubernetes.io/component=trainer"
     check_stage "aggregator (round $round)" "app.kubernetes.io/component=aggregator"
     ((SECONDS < deadline)) || report "round $round" "app.kubernetes.io/component in (trainer,aggregator)" "not complete within ${limit}s"
-    sleep "$POLL"
+    pause job mnist-aggregator
   done
   local gone=()
   for job in "${trainers[@]}"; do # closed without them: stop those still running

@@ -87,6 +87,12 @@ elif args[:2] == ["get", "pods"] and "creationTimestamp" in template:  # the bre
     out(f"{component}-p1 2026-01-02T03:04:01Z 2026-01-02T03:04:02Z 2026-01-02T03:04:05Z 2026-01-02T03:04:20Z\n")
 elif args[:1] == ["logs"] and "--timestamps" in args:  # its first log line
     print("2026-01-02T03:04:07.500000000Z data: /mnt/data/0.npz: 20000 samples")
+elif args[:1] == ["wait"] or args[:2] == ["rollout", "status"]:  # watching a Job or Deployment not done
+    if any(j and f"job/{j}" in args for j in env("FAKE_RUNNING_JOB", "").split(",")) or (
+            env("FAKE_WAITING") and "deployment/nfs-server" in args):
+        import time
+        time.sleep(float(next(a for a in args if a.startswith("--timeout="))[10:-1]))
+        sys.exit(1)
 elif args[:3] == ["auth", "can-i", "create"]:
     print(env("FAKE_CAN_I", "yes"))
 elif args[:2] == ["config", "current-context"]:
@@ -111,8 +117,8 @@ def fake(tmp_path):
                             "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND",
                             "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET",
                             "MIN_WORKERS", "ROUND_DEADLINE", "RESUME", "GCE_PROJECT", "NODE_CIDR")}
-        env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied),
-                   POLL="0", **env_overrides)
+        env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied), POLL="0")
+        env.update(env_overrides)
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
         proc.calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         proc.applied = [list(yaml.safe_load_all(p.read_text())) for p in sorted(applied.glob("apply-*.yaml"))]
@@ -612,3 +618,15 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
     deleted = [i for i, c in enumerate(calls) if c.startswith("delete job mnist-trainer-0")]
     assert deleted[0] < noted < deleted[1]
     assert "total: " in lines[head + 2 + len(rows)]
+
+
+def test_quickstart_between_checks_watches_the_stage_instead_of_sleeping(fake):
+    """Between two checks of a stage that is not done, the quickstart waits in `kubectl wait` on its
+    Jobs (and `kubectl rollout status` on a Deployment), so that it sees the stage done at once."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_RUNNING_JOB="mnist-splitter", JOB_TIMEOUT="1", POLL="1")
+    assert proc.returncode == 1 and "stage splitter failed: not complete within JOB_TIMEOUT=1s" in proc.stderr
+    waits = [c for c in proc.calls if c[:1] == ["wait"]]
+    assert waits and all(c == ["wait", "--for=condition=Complete", "--timeout=1s", "job/mnist-splitter"] for c in waits)
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_WAITING="ErrImagePull", PULL_GRACE="1", POLL="1")
+    assert proc.returncode == 1
+    assert ["rollout", "status", "deployment/nfs-server", "--timeout=1s"] in proc.calls
