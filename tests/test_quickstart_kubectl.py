@@ -623,8 +623,8 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
 def test_quickstart_between_checks_watches_the_stage_instead_of_sleeping(fake):
     """Between two checks of a stage that is not done, the quickstart waits in `kubectl wait` on its
     Jobs (and `kubectl rollout status` on a Deployment), so that it sees the stage done at once."""
-    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_RUNNING_JOB="mnist-splitter", JOB_TIMEOUT="1", POLL="1")
-    assert proc.returncode == 1 and "stage splitter failed: not complete within JOB_TIMEOUT=1s" in proc.stderr
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_RUNNING_JOB="mnist-splitter", JOB_TIMEOUT="5", POLL="1")
+    assert proc.returncode == 1 and "stage splitter failed: not complete within JOB_TIMEOUT=5s" in proc.stderr
     waits = [c for c in proc.calls if c[:1] == ["wait"]]
     assert waits and all(c == ["wait", "--for=condition=Complete", "--timeout=1s", "job/mnist-splitter"] for c in waits)
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_WAITING="ErrImagePull", PULL_GRACE="1", POLL="1")
