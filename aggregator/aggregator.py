@@ -176,7 +176,7 @@ def wait_for_models(directory, expect, timeout, exclude=None, min_workers=None, 
                     on_count=None):
     """Wait until `expect` models are present, or, once `deadline` seconds have passed, at least `min_workers`
     (default: expect). Fewer than min_workers when max(timeout, deadline) has passed: AggregateError.
-    on_count(present): called whenever the count of models present changes (the live progress file)."""
+    on_count(present): called at every poll (POLL_SECONDS) with the count of models present (the live progress file)."""
     min_workers = expect if min_workers is None else min_workers
     deadline = timeout if deadline is None else deadline
     started = time.monotonic()
@@ -195,9 +195,9 @@ def wait_for_models(directory, expect, timeout, exclude=None, min_workers=None, 
             print(f"{PROG}: round deadline ({deadline:g}s) passed with {len(files)}/{expect} models present "
                   f"(at least {min_workers} needed): averaging those", flush=True)
             return files
+        if on_count is not None:
+            on_count(len(files))
         if len(files) != last:
-            if on_count is not None:
-                on_count(len(files))
             print(f"{PROG}: waiting for models: {len(files)}/{expect} present in {directory}",
                   flush=True)
             last = len(files)
