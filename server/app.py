@@ -461,7 +461,7 @@ def live_routes(predictor, ledger, live, pages):
             attr_round = model.attrs.get("mlk_round")
             served = {"model": model_id(model.sha256),
                       "round": entry["round"] if entry else (int(attr_round) if str(attr_round).isdigit() else None),
-                      "test_accuracy": entry.get("test_accuracy") if entry else None}
+                      "test_accuracy": progress_module.number(entry.get("test_accuracy")) if entry else None}
         response = jsonify(live.snapshot(served))
         response.headers["Cache-Control"] = "no-store"
         return response

@@ -49,6 +49,11 @@ def number(value):
     return value
 
 
+def integer(value):
+    """A whole number (int, not bool, within 2**53) as itself, anything else None."""
+    return value if isinstance(value, int) and number(value) is not None else None
+
+
 def text(value, limit=200):
     return value[:limit] if isinstance(value, str) else None
 
@@ -67,7 +72,7 @@ class LiveProgress:
     def _ledger_rounds(self):
         doc = read_json(os.path.join(self.root, "rounds", "ledger.json"), MAX_LEDGER_BYTES)
         rounds = doc.get("rounds") if doc else None
-        return [e for e in rounds if isinstance(e, dict) and number(e.get("round")) is not None] \
+        return [e for e in rounds if isinstance(e, dict) and integer(e.get("round")) is not None] \
             if isinstance(rounds, list) else []
 
     def workers(self, round_state, ledger):
@@ -88,8 +93,9 @@ class LiveProgress:
             if doc is None or doc.get("kind") != "worker":
                 continue
             worker = {"worker": text(doc.get("worker")) or os.path.basename(path).replace(".progress.json", ".h5")}
-            for key in ("round", "epoch", "epochs", "step", "steps", "loss", "eta_seconds", "elapsed_seconds",
-                        "updated_at"):
+            for key in ("round", "epoch", "epochs", "step", "steps"):
+                worker[key] = integer(doc.get(key))
+            for key in ("loss", "eta_seconds", "elapsed_seconds", "updated_at"):
                 worker[key] = number(doc.get(key))
             state = doc.get("state") if doc.get("state") in ("training", "done") else "training"
             updated = worker["updated_at"]
@@ -110,7 +116,8 @@ class LiveProgress:
         doc = read_json(os.path.join(self.root, "aggregated-model.progress.json"))
         if doc is None or doc.get("kind") != "round" or doc.get("state") not in ROUND_STATES:
             return None
-        state = {key: number(doc.get(key)) for key in ("round", "present", "expected", "min_workers", "updated_at")}
+        state = {key: integer(doc.get(key)) for key in ("round", "present", "expected", "min_workers")}
+        state["updated_at"] = number(doc.get("updated_at"))
         state.update(state=doc["state"], missing=names(doc.get("missing")), flagged=names(doc.get("flagged")),
                      dropped=names(doc.get("dropped")), error=text(doc.get("error"), 300))
         if state["state"] == "aggregated":

@@ -7,12 +7,27 @@ import shutil
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 
 import app as server_app  # noqa: E402
 import progress  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SPEC = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
+
+
+def conforms(doc):
+    """doc as /api/progress's 200 schema in docs/openapi.yaml describes it (its $refs resolved in the file)."""
+    schema = SPEC["paths"]["/api/progress"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    root = {**schema, "components": SPEC["components"]}
+    jsonschema.Draft202012Validator(root).validate(doc)
+    return doc
+
+
+def progress_of(client):
+    return conforms(client.get("/api/progress").get_json())
 
 
 def write(path, doc):
@@ -52,7 +67,7 @@ def test_before_the_first_aggregate_the_page_says_training_and_readyz_answers_tr
     client = client_for(tmp_path)
     # nothing written yet: not a run under way, so not ready
     assert client.get("/readyz").status_code == 503
-    assert client.get("/api/progress").get_json()["phase"] == "waiting"
+    assert progress_of(client)["phase"] == "waiting"
     worker(tmp_path, 0)
     worker(tmp_path, 1, step=10)
     html = client.get("/").get_data(as_text=True)
@@ -63,7 +78,7 @@ def test_before_the_first_aggregate_the_page_says_training_and_readyz_answers_tr
     assert client.post("/api/predict", data=sample, content_type="image/png").status_code == 503  # no model yet
     live = client.get("/api/progress")
     assert live.headers["Cache-Control"] == "no-store"
-    doc = live.get_json()
+    doc = conforms(live.get_json())
     assert doc["format"] == "mlk-live/1" and doc["phase"] == "training" and doc["training"] is True
     assert doc["round"] == 1 and doc["served"] is None and doc["curve"] == []
     assert [(w["worker"], w["state"], w["step"], w["steps"]) for w in doc["workers"]] == [
@@ -77,7 +92,7 @@ def test_before_the_first_aggregate_the_page_says_training_and_readyz_answers_tr
     worker(tmp_path, 0, age=progress.STALE_SECONDS + 5)
     worker(tmp_path, 1, state="done", step=20)
     assert client.get("/readyz").status_code == 503
-    assert [w["state"] for w in client.get("/api/progress").get_json()["workers"]] == ["lost", "done"]
+    assert [w["state"] for w in progress_of(client)["workers"]] == ["lost", "done"]
 
 
 def test_round_states_late_lost_flagged_and_the_curve(tmp_path):
@@ -86,17 +101,17 @@ def test_round_states_late_lost_flagged_and_the_curve(tmp_path):
     worker(tmp_path, 2, step=3, age=200)  # stopped long before: lost
     round_state(tmp_path, "waiting", present=1)
     client = client_for(tmp_path)
-    doc = client.get("/api/progress").get_json()
+    doc = progress_of(client)
     assert doc["round_state"]["state"] == "waiting" and doc["round_state"]["present"] == 1
     assert client.get("/readyz").get_json()["status"] == "training"
     round_state(tmp_path, "aggregated", missing=["1-model.h5", "2-model.h5"], flagged=[], dropped=[])
-    states = {w["worker"]: w["state"] for w in client.get("/api/progress").get_json()["workers"]}
+    states = {w["worker"]: w["state"] for w in progress_of(client)["workers"]}
     assert states == {"0-model.h5": "done", "1-model.h5": "late", "2-model.h5": "lost"}
     ledger = {"format": "mlk-ledger/1", "rounds": [
         {"round": 1, "test_accuracy": 0.97, "round_seconds": 30.5,
          "workers": [{"file": "0-model.h5", "outlier": True}]}]}
     write(tmp_path / "rounds" / "ledger.json", ledger)
-    doc = client.get("/api/progress").get_json()
+    doc = progress_of(client)
     assert doc["round_state"]["state"] == "scored"  # its ledger entry has a test accuracy
     assert doc["curve"] == [{"round": 1, "test_accuracy": 0.97, "round_seconds": 30.5}]
     assert {w["worker"]: w["state"] for w in doc["workers"]}["0-model.h5"] == "flagged"
@@ -112,7 +127,7 @@ def test_damaged_progress_files_are_skipped_or_sanitised_never_an_error(tmp_path
     (tmp_path / "rounds" / "ledger.json").write_bytes(junk)
     answer = client_for(tmp_path).get("/api/progress")
     assert answer.status_code == 200
-    doc = answer.get_json()
+    doc = conforms(answer.get_json())
     for w in doc["workers"]:
         assert w["round"] is None and w["step"] is None  # not numbers: null
     assert doc["curve"] == [] and doc["round_state"] is None
@@ -122,7 +137,7 @@ def test_a_served_model_is_named_with_its_round(tmp_path, mnist_model):
     shutil.copyfile(mnist_model, tmp_path / "aggregated-model.h5")
     worker(tmp_path, 0, rnd=2)
     client = client_for(tmp_path)
-    doc = client.get("/api/progress").get_json()
+    doc = progress_of(client)
     assert doc["phase"] == "serving" and doc["training"] is True and doc["round"] == 2
     assert doc["served"]["round"] == 1 and len(doc["served"]["model"]) == 12
     assert client.get("/readyz").get_json()["status"] == "ready"
