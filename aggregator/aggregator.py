@@ -791,7 +791,7 @@ def main(argv=None):
         progress("aggregated", missing=missing, flagged=[p.name for p, r in zip(paths, report) if r["outlier"]],
                  dropped=dropped)
     except (AggregateError, ledger_mod.LedgerError) as e:
-        if live:
+        if live.get("state"):  # a round under way failed (a bad flag or --dir writes nothing)
             progress("failed", error=str(e))
         return error(PROG, e)
     total = sum(m["samples"] for m in kept_models)
