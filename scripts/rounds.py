@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import live
+
 ROOT = Path(__file__).resolve().parent.parent
 LOG_TAIL_LINES = 15  # a failed trainer's last lines shown on the terminal
 
@@ -211,9 +213,10 @@ class LocalRunner(Runner):
     Each trainer's lines go to logs/round-R-worker-I.log as they are, and to stdout prefixed "[worker I] "."""
 
     def __init__(self, work, tf_program, python, epoch, batch, threads, rounds, me="local-quickstart",
-                 out=sys.stdout, err=sys.stderr, score_data=None):
+                 out=sys.stdout, err=sys.stderr, score_data=None, live=None):
         self.work, self.tf_program, self.python, self.me = Path(work), list(tf_program), python, me
         self.score_data = score_data  # each round's aggregate scored on it as it lands (the live page's curve)
+        self.live = live  # (progress.LiveProgress, live.Terminal): each worker's line while waiting, or None
         self.epoch, self.batch, self.threads, self.rounds = epoch, batch, threads, rounds
         self.out, self.err = out, err
         self.procs, self.events, self.lock = {}, queue.Queue(), threading.Lock()
@@ -248,10 +251,20 @@ class LocalRunner(Runner):
         self.events.put((worker, proc.wait()))
 
     def next_exit(self, timeout):
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:  # every second: the workers' progress lines (scripts/live.py)
+            wait = 1.0 if give_up is None else min(1.0, max(0.0, give_up - time.monotonic()))
+            try:
+                return self.events.get(timeout=wait)
+            except queue.Empty:
+                self.show_progress()
+                if give_up is not None and time.monotonic() >= give_up:
+                    return None
+
+    def show_progress(self):
+        if self.live is not None:
+            progress, terminal = self.live
+            terminal.update(live.lines_of(progress.snapshot()))
 
     def stop(self, workers):
         for worker in workers:
@@ -278,6 +291,7 @@ class LocalRunner(Runner):
         return f"worker {worker} exited with code {code} (log: {log})"
 
     def aggregate(self, round_, rules, missing):
+        self.show_progress()  # the workers' last lines (done, or stopped)
         stage = f"aggregate (round {round_}/{self.rounds})"
         log = self.work / "logs" / f"round-{round_}-aggregate.log"
         cmd = [self.python, str(ROOT / "aggregator/aggregator.py"), "--dir", str(self.work / "model"),
@@ -307,6 +321,7 @@ class LocalRunner(Runner):
         lines = log.read_text(errors="replace").splitlines()
         self.out.write(f"round {round_} scored: {lines[-1] if lines else '?'}\n")
         self.out.flush()
+        self.show_progress()
 
 
 def positive(text):
@@ -346,9 +361,12 @@ def main(argv=None):
     except ValueError as err:
         print(f"rounds.py: error: {err}", file=sys.stderr)
         return 2
-    report = Reporter(args.me)
+    terminal = live.Terminal(sys.stdout)  # the workers' live lines below the others (refreshed on a terminal)
+    out, err = live.Stream(terminal, sys.stdout), live.Stream(terminal, sys.stderr)
+    report = Reporter(args.me, out=out, err=err)
     runner = LocalRunner(args.work, args.tf_program, args.python, args.epoch, args.batch, args.threads, args.rounds,
-                         args.me, score_data=args.score_data)
+                         args.me, out=out, err=err, score_data=args.score_data,
+                         live=(live.load_progress_module().LiveProgress(args.work), terminal))
 
     def stopped(signum, frame):  # the quickstart was interrupted: no trainer outlives it
         runner.stop_all()

@@ -163,3 +163,9 @@ class LiveProgress:
                 and now - round_state["updated_at"] <= STALE_SECONDS:  # the aggregator rewrites it every poll
             return True
         return any(w["state"] == "training" for w in self.workers(None, ledger))
+
+
+if __name__ == "__main__":  # scripts/live.py runs this file in a pod that mounts the volume: python - /mnt
+    import sys
+
+    print(json.dumps(LiveProgress(sys.argv[1] if len(sys.argv) > 1 else "/mnt").snapshot()))
