@@ -106,9 +106,10 @@ def main(argv=None):
     delays.sort()
     result = {"samples": len(delays), "median_s": round(statistics.median(delays), 3),
               "p90_s": round(delays[int(0.9 * (len(delays) - 1))], 3), "max_s": round(delays[-1], 3),
-              "mean_s": round(statistics.fmean(delays), 3)}
+              "mean_s": round(statistics.fmean(delays), 3),
+              "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(f"file written -> page shows it: median {result['median_s']:.2f} s, p90 {result['p90_s']:.2f} s, "
-          f"max {result['max_s']:.2f} s over {len(delays)} changes")
+          f"max {result['max_s']:.2f} s over {len(delays)} changes; load average {result['load_average'][0]:.1f}")
     print(json.dumps(result))
     return 0
 

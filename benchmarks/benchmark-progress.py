@@ -86,10 +86,11 @@ def main(argv=None):
             "cost_seconds": round(cost, 3), "cost_percent": round(100 * cost / medians["no-progress"], 2),
             "cost_ms_per_step": round(1000 * cost / steps, 3),
             "same_weights": len(prints["progress"] | prints["no-progress"]) == 1,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
         }
         print(f"median training time: with progress {medians['progress']:.2f} s, without {medians['no-progress']:.2f} s"
               f" -> {cost:+.2f} s ({result['cost_percent']:+.2f} %, {result['cost_ms_per_step']:+.3f} ms a step); "
-              f"same weights: {result['same_weights']}")
+              f"same weights: {result['same_weights']}; load average {result['load_average'][0]:.1f}")
         print(json.dumps(result))
     return 0
 
