@@ -7,7 +7,10 @@ with its progress file (the default) and with --no-progress, alternately, each r
 
 Per mode: the training seconds each run recorded (mlk_train_seconds, the fit loop only: no start-up), their
 median, the difference of the medians, and whether both modes saved bit-identical weights (they must: the
-progress callback only reads). Prints figures only (no targets: the machine is shared); exit 2 on bad input.
+progress callback only reads). On a loaded machine that difference is mostly noise, so the script also times
+the progress code itself in this process, where load does not enter: trainer.Progress.write per batch (a
+clock check; one write a second) and one write (JSON + temporary file + rename), and says what they add to
+a run's measured steps. Prints figures only (no targets: the machine is shared); exit 2 on bad input.
 """
 
 import json
@@ -16,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,25 @@ def weights_fingerprint(path):
     import keras
 
     return fingerprint(keras.models.load_model(path, compile=False).get_weights())
+
+
+def micro(tmp, calls=200000, writes=2000):
+    """(microseconds per batch call that writes nothing, milliseconds per write): the progress code alone, on a
+    fake clock (still: every call within the second, so skipped)."""
+    import trainer
+
+    now = [0.0]
+    progress = trainer.Progress(tmp / "m.progress.json", "0-model.h5", 1, 1, calls, clock=lambda: now[0])
+    progress.write("training", 1, 0, force=True)
+    started = time.perf_counter()
+    for i in range(calls):
+        progress.write("training", 1, i + 1, 0.5)
+    per_call = (time.perf_counter() - started) / calls
+    started = time.perf_counter()
+    for i in range(writes):
+        progress.write("training", 1, i + 1, 0.5, force=True)
+    per_write = (time.perf_counter() - started) / writes
+    return per_call * 1e6, per_write * 1e3
 
 
 def main(argv=None):
@@ -88,9 +111,18 @@ def main(argv=None):
             "same_weights": len(prints["progress"] | prints["no-progress"]) == 1,
             "load_average": [round(x, 2) for x in os.getloadavg()],
         }
+        per_call_us, per_write_ms = micro(tmp)
+        step_ms = 1000 * medians["no-progress"] / steps
+        # per step: the call, and a write every 1000/step_ms steps (once a second)
+        added = per_call_us / 1000 + per_write_ms * min(1.0, step_ms / 1000)
+        result.update(per_batch_call_us=round(per_call_us, 2), per_write_ms=round(per_write_ms, 3),
+                      step_ms=round(step_ms, 2), added_percent_of_a_step=round(100 * added / step_ms, 4))
         print(f"median training time: with progress {medians['progress']:.2f} s, without {medians['no-progress']:.2f} s"
               f" -> {cost:+.2f} s ({result['cost_percent']:+.2f} %, {result['cost_ms_per_step']:+.3f} ms a step); "
               f"same weights: {result['same_weights']}; load average {result['load_average'][0]:.1f}")
+        print(f"the progress code itself: {per_call_us:.2f} us a batch, "
+              f"{per_write_ms:.3f} ms a write; at {step_ms:.1f} ms a step: {result['added_percent_of_a_step']:.4f} % "
+              f"of the training time")
         print(json.dumps(result))
     return 0
 
