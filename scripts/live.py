@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,8 +93,9 @@ class Terminal:
     """The live lines below everything else written: on a terminal, redrawn in place (ANSI: cursor up, clear
     line); elsewhere, a line printed only when its key changes. write() prints other text above the block."""
 
-    def __init__(self, out=sys.stdout, tty=None):
+    def __init__(self, out=sys.stdout, tty=None, width=None):
         self.out = out
+        self.width = width  # a tty's line width (None: the terminal's, asked at each draw)
         self.tty = out.isatty() if tty is None else tty
         self.block = []  # the lines shown (tty)
         self.keys = {}  # line key -> printed (plain)
@@ -104,8 +106,9 @@ class Terminal:
             self.out.write(f"\x1b[{len(self.block)}F\x1b[J")  # to the block's first line, clear to the end
 
     def _draw(self):
-        if self.tty and self.block:
-            self.out.write("".join(f"{line}\n" for line in self.block))
+        if self.tty and self.block:  # each line cut to the terminal's width: a wrapped line would break the redraw
+            width = self.width or max(20, shutil.get_terminal_size().columns - 1)
+            self.out.write("".join(f"{line[:width]}\n" for line in self.block))
 
     def write(self, text, stream=None):
         with self.lock:

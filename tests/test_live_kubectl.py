@@ -104,13 +104,16 @@ def test_worker_lines_and_the_terminal_plain_and_in_place():
     lines = plain.getvalue().splitlines()
     assert len(lines) == 3 and lines[2].endswith("loss 0.1234  done")
     screen = io.StringIO()
-    terminal = live.Terminal(screen, tty=True)
+    terminal = live.Terminal(screen, tty=True, width=200)
     terminal.update(pairs)
     terminal.write("a line of the run\n")
     terminal.update(pairs)
     # drawn; then cleared (2 lines up, clear to the end), the line written, redrawn; cleared and redrawn again
     block = pairs[0][1] + "\n" + pairs[1][1] + "\n"
     assert screen.getvalue() == block + "\x1b[2F\x1b[J" + "a line of the run\n" + block + "\x1b[2F\x1b[J" + block
+    narrow = io.StringIO()
+    live.Terminal(narrow, tty=True, width=30).update(pairs)  # cut to the width: a wrapped line breaks the redraw
+    assert narrow.getvalue() == pairs[0][1][:30] + "\n" + pairs[1][1][:30] + "\n"
 
 
 def test_kube_watch_reads_the_volume_through_exec_prints_lines_and_applies_the_configmap(kube):
