@@ -253,6 +253,7 @@ if [[ "$SERVE" == 1 ]]; then
   if [[ -n "$server_pid" ]]; then
     check_server
     say "serving the model at http://$SERVER_HOST:$PORT/, metrics at http://$SERVER_HOST:$INTERNAL_PORT/metrics (Ctrl-C to stop; again later without training: .venv/bin/python server/server.py --model $work/aggregated-model.h5 --host $SERVER_HOST --port $PORT --internal-port $INTERNAL_PORT)"
+    trap 'printf "\n%s: stopping the server\n" "$me" >&2; exit 0' INT TERM # the EXIT trap stops it
     rc=0
     wait "$server_pid" || rc=$?
     server_pid=""
