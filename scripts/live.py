@@ -310,7 +310,12 @@ def main(argv=None):
             stopped.append(True)
 
         threading.Thread(target=copy_stdin, daemon=True).start()
-    watch_cluster(cluster, terminal, args.interval, args.configmap, lambda: bool(stopped))
+    try:
+        watch_cluster(cluster, terminal, args.interval, args.configmap, lambda: bool(stopped))
+    except Exception as err:  # noqa: BLE001  (a view only: the quickstart's own lines must still get through)
+        print(f"live.py: warning: live progress stopped: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        while args.passthrough and not stopped:
+            time.sleep(0.2)
     terminal.close()
     return 0
 

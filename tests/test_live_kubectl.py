@@ -187,3 +187,13 @@ def test_quickstart_without_python3_warns_and_runs(kube, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "python3 not found: no live progress lines and no ConfigMap mlk-progress" in proc.stderr
     assert kube["configmaps"]() == []
+
+
+def test_passthrough_keeps_the_quickstarts_lines_when_the_cluster_cannot_be_read(tmp_path):
+    """No kubectl at all: no snapshot, no ConfigMap, but every line of the quickstart still gets through, in
+    order, and the watch ends with its input."""
+    lines = "".join(f"line {i}\n" for i in range(200))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/live.py"), "kube", "--kubectl", str(tmp_path / "none"),
+                           "--interval", "0.1", "--passthrough"], input=lines, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout == lines, proc.stderr
