@@ -28,8 +28,8 @@ import numpy as np
 
 import ledger as ledger_mod
 import strategies
-from mlkcommon import (Parser, atomic_path, attr_value, error, fingerprint, parse_args, read_mlk_attrs,
-                       sha256_file, write_mlk_attrs)
+from mlkcommon import (Parser, atomic_path, attr_value, error, fingerprint, parse_args, progress_path, read_mlk_attrs,
+                       sha256_file, write_mlk_attrs, write_progress)
 
 PROG = "aggregator"
 POLL_SECONDS = 2.0
@@ -172,9 +172,11 @@ class StaleFilter:
         return fresh
 
 
-def wait_for_models(directory, expect, timeout, exclude=None, min_workers=None, deadline=None, stale=None):
+def wait_for_models(directory, expect, timeout, exclude=None, min_workers=None, deadline=None, stale=None,
+                    on_count=None):
     """Wait until `expect` models are present, or, once `deadline` seconds have passed, at least `min_workers`
-    (default: expect). Fewer than min_workers when max(timeout, deadline) has passed: AggregateError."""
+    (default: expect). Fewer than min_workers when max(timeout, deadline) has passed: AggregateError.
+    on_count(present): called at every poll (POLL_SECONDS) with the count of models present (the live progress file)."""
     min_workers = expect if min_workers is None else min_workers
     deadline = timeout if deadline is None else deadline
     started = time.monotonic()
@@ -193,6 +195,8 @@ def wait_for_models(directory, expect, timeout, exclude=None, min_workers=None, 
             print(f"{PROG}: round deadline ({deadline:g}s) passed with {len(files)}/{expect} models present "
                   f"(at least {min_workers} needed): averaging those", flush=True)
             return files
+        if on_count is not None:
+            on_count(len(files))
         if len(files) != last:
             print(f"{PROG}: waiting for models: {len(files)}/{expect} present in {directory}",
                   flush=True)
@@ -697,10 +701,23 @@ def record_round(root, rnd, savefile, agg_started, aggregation=None, optimizer=N
     return round_path
 
 
+def next_round(book):
+    """The round the ledger expects next (its last round + 1; 1 for a new ledger), the live state's round until
+    the models tell."""
+    done = [e.get("round") for e in book["rounds"] if isinstance(e, dict) and isinstance(e.get("round"), int)]
+    return max(done, default=0) + 1
+
+
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):  # usage error (exit 2, one line) or --help (exit 0)
         return args
+    live = {}  # the round's live state beside the aggregate (docs/CONTRACTS.md "Live progress"), once known
+
+    def progress(state, **fields):
+        live.update(fields, state=state)
+        write_progress(progress_path(args.savefile), live)
+
     try:
         directory = Path(args.dir)
         if not directory.is_dir():
@@ -715,6 +732,7 @@ def main(argv=None):
             raise AggregateError("--min-workers and --deadline need --expect N (how many workers the round has)")
         method = method_of(args)
         book = ledger_mod.load(root)  # a damaged ledger is refused before anything is written
+        live.update(kind="round", round=next_round(book), expected=args.expect, min_workers=args.expect)
         if args.expect is not None:
             if args.expect < 1:
                 raise AggregateError(f"--expect must be >= 1, got {args.expect}")
@@ -725,6 +743,7 @@ def main(argv=None):
             min_workers = args.expect if args.min_workers is None else args.min_workers
             if isinstance(min_workers, float):
                 min_workers = max(1, math.ceil(min_workers * args.expect))
+            live["min_workers"] = min_workers
             if min_workers > args.expect:
                 raise AggregateError(f"--min-workers {min_workers} is more than --expect {args.expect}")
             stale = None
@@ -732,12 +751,14 @@ def main(argv=None):
                 recorded = {w.get("sha256") for e in book["rounds"] if isinstance(e, dict)
                             for w in e.get("workers") or []}
                 stale = StaleFilter(recorded)
-            paths = wait_for_models(directory, args.expect, args.timeout, exclude, min_workers, args.deadline, stale)
+            paths = wait_for_models(directory, args.expect, args.timeout, exclude, min_workers, args.deadline, stale,
+                                    on_count=lambda present: progress("waiting", present=present))
         else:
             paths = model_files(directory, exclude)
         if not paths:
             raise AggregateError(f"no *.h5 models in {directory}")
         agg_started = time.monotonic()
+        progress("averaging", present=len(paths))
         models, digests = [], []
         for p in paths:
             models.append(read_model(p))
@@ -746,6 +767,7 @@ def main(argv=None):
                   flush=True)
         check_compatible(models, paths, args.allow_mixed_init)
         n = max(m["round"] for m in models)
+        live["round"] = n
         start_path = root / ledger_mod.round_file(n - 1)
         start = read_start(start_path, models)
         report = worker_report(models, start, [p.name for p in paths])
@@ -766,7 +788,11 @@ def main(argv=None):
                                                      kept_models[0]["order"])
         write_aggregate(savefile, kept_paths[0], averaged, kept_models, kept_paths, rnd.mlk_attrs())
         record_round(root, rnd, savefile, agg_started, aggregation, optimizer, state)
+        progress("aggregated", missing=missing, flagged=[p.name for p, r in zip(paths, report) if r["outlier"]],
+                 dropped=dropped)
     except (AggregateError, ledger_mod.LedgerError) as e:
+        if live.get("state"):  # a round under way failed (a bad flag or --dir writes nothing)
+            progress("failed", error=str(e))
         return error(PROG, e)
     total = sum(m["samples"] for m in kept_models)
     how = "average" if method.default else " + ".join(

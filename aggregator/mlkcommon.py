@@ -212,3 +212,27 @@ def write_mlk_attrs(target, attrs, replace=False):
                 del f.attrs[key]
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+# --- live progress (docs/CONTRACTS.md "Live progress") -------------------------------------------
+
+PROGRESS_FORMAT = "mlk-progress/1"
+PROGRESS_SUFFIX = ".progress.json"  # beside the stage's output: model/0-model.h5 -> model/0-model.progress.json
+PROGRESS_INTERVAL = 1.0  # seconds: a stage rewrites its progress file at most this often
+
+
+def progress_path(output):
+    """The progress file of a stage writing `output` (an .h5): the same name with .progress.json."""
+    output = str(output)
+    return (output[:-3] if output.endswith(".h5") else output) + PROGRESS_SUFFIX
+
+
+def write_progress(path, doc):
+    """Write a progress document (a dict; "format" and "updated_at" are added) atomically. Progress is a view,
+    never a reason to fail: an OSError (a full or read-only volume) is returned, not raised."""
+    doc = {"format": PROGRESS_FORMAT, **doc, "updated_at": round(time.time(), 3)}
+    try:
+        write_bytes_atomic(path, (json.dumps(doc, separators=(",", ":"), allow_nan=False) + "\n").encode())
+    except (OSError, ValueError) as err:
+        return err
+    return None

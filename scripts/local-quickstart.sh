@@ -10,7 +10,8 @@
 #   ROUNDS [2]          rounds; round r's trainers start from round r-1's aggregated model
 #   MNIST_NPZ []        local Keras-layout mnist.npz (unset: the splitter downloads it)
 #   WORK_DIR [./work]   data/, model/, logs/, aggregated-model.h5
-#   SERVE [1]           1: start server/server.py on the result; 0: stop after the accuracy test
+#   SERVE [1]           1: start server/server.py first, so its page shows the run live (--progress-dir WORK_DIR),
+#                       and keep it serving the result; 0: no server, stop after the accuracy test
 #   PORT [5000]         the server's port
 #   INTERNAL_PORT [9090]  the server's internal port (/metrics and the full /api/model; docs/serving.md)
 #   SERVER_HOST [127.0.0.1]  the address it listens on (0.0.0.0: reachable from other machines too)
@@ -104,7 +105,13 @@ stop_zygote() {
   zygote_pid=""
   zygote_dir=""
 }
-trap 'stop_rounds; stop_zygote' EXIT
+server_pid=""
+# shellcheck disable=SC2317  # called by the EXIT trap
+stop_server() {
+  [[ -z "$server_pid" ]] || kill -TERM -- "-$server_pid" 2>/dev/null || true
+  server_pid=""
+}
+trap 'stop_rounds; stop_zygote; stop_server' EXIT
 trap 'printf "\n%s: interrupted; stopping trainers\n" "$me" >&2; exit 130' INT TERM
 
 # run_logged STAGE LOG CMD...: run a stage, show its output and keep it in LOG
@@ -162,9 +169,30 @@ if [[ "$RESUME" == 1 ]]; then
   first_round=$((last_round + 1))
   say "resuming: rounds 1..$last_round are complete and verified; continuing with round $first_round of $ROUNDS"
 else
-  rm -rf "$work/rounds" "$work/aggregated-model.h5" || fail setup "cannot clear $work/rounds"
+  rm -rf "$work/rounds" "$work/aggregated-model.h5" "$work/aggregated-model.progress.json" "$work/model" ||
+    fail setup "cannot clear $work/rounds"
+  mkdir -p "$work/model" || fail setup "cannot create $work/model"
 fi
 finish setup
+
+# --- the server, first: its page shows the run as it happens -----------------------------------
+# Started before the split (SERVE=1), so the page says "training" from the start and follows every round
+# (server.py --progress-dir: the progress files the trainers and the aggregator write in WORK_DIR); it picks
+# up each aggregate as it lands and keeps serving the last one when training ends. Its log: logs/server.log.
+start_server() {
+  say "serving at http://$SERVER_HOST:$PORT/ from now on (the page shows training live; log: $work/logs/server.log)"
+  "$py" "$root/server/server.py" --model "$work/aggregated-model.h5" --host "$SERVER_HOST" --port "$PORT" \
+    --internal-port "$INTERNAL_PORT" --progress-dir "$work" </dev/null >"$work/logs/server.log" 2>&1 &
+  server_pid=$!
+}
+check_server() { # the server must still run; else its log's last lines and the stage fails
+  [[ -z "$server_pid" ]] || kill -0 "$server_pid" 2>/dev/null && return 0
+  tail -n 5 "$work/logs/server.log" >&2 || true
+  fail serve "server/server.py exited (log: $work/logs/server.log)"
+}
+if [[ "$SERVE" == 1 && -f "$root/server/server.py" ]]; then
+  start_server
+fi
 
 # --- split ------------------------------------------------------------------------------------
 begin split
@@ -173,6 +201,7 @@ dataset=()
 run_logged split "$work/logs/split.log" \
   "$py" "$root/splitter/splitter.py" --n_container "$WORKER_NUMBER" --savedir "$work/data" "${dataset[@]}"
 finish split
+check_server
 
 # --- rounds of parallel training + aggregation ------------------------------------------------
 # The round loop and its rules (K of N, the round deadline, lost and late workers) are scripts/rounds.py's;
@@ -184,7 +213,7 @@ k_of_n=()
 if ((first_round <= ROUNDS)); then
   "$py" "$root/scripts/rounds.py" local --work "$work" --workers "$WORKER_NUMBER" --epoch "$EPOCH" \
     --batch "$BATCH" --rounds "$ROUNDS" --first-round "$first_round" --threads "$threads" --python "$py" \
-    --me "$me" --timings "$timings" "${k_of_n[@]}" -- "${tf_program[@]}" </dev/null &
+    --me "$me" --timings "$timings" --score-data "$work/data/test.npz" "${k_of_n[@]}" -- "${tf_program[@]}" </dev/null &
   rounds_pid=$!
   rc=0
   wait "$rounds_pid" || rc=$?
@@ -221,12 +250,14 @@ echo "   history: $work/rounds/ledger.json, plot $work/rounds/history.png"
 
 # --- serve ------------------------------------------------------------------------------------
 if [[ "$SERVE" == 1 ]]; then
-  if [[ -f "$root/server/server.py" ]]; then
+  if [[ -n "$server_pid" ]]; then
+    check_server
     say "serving the model at http://$SERVER_HOST:$PORT/, metrics at http://$SERVER_HOST:$INTERNAL_PORT/metrics (Ctrl-C to stop; again later without training: .venv/bin/python server/server.py --model $work/aggregated-model.h5 --host $SERVER_HOST --port $PORT --internal-port $INTERNAL_PORT)"
-    trap - EXIT INT TERM
-    set +m
-    exec "$py" "$root/server/server.py" --model "$work/aggregated-model.h5" --host "$SERVER_HOST" --port "$PORT" \
-      --internal-port "$INTERNAL_PORT"
+    trap 'printf "\n%s: stopping the server\n" "$me" >&2; exit 0' INT TERM # the EXIT trap stops it
+    rc=0
+    wait "$server_pid" || rc=$?
+    server_pid=""
+    exit "$rc"
   fi
   say "the prediction server (server/server.py) is not available yet; stopping after the accuracy test"
 fi

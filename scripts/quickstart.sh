@@ -697,6 +697,31 @@ train_rounds() {
   unset INIT_MODEL
 }
 
+# The live progress (scripts/live.py kube): this script's output goes through it from start_live to stop_live,
+# so its lines stay above the workers' live lines; it also keeps the ConfigMap mlk-progress up to date.
+live_pid=""
+start_live() {
+  if ! command -v python3 >/dev/null 2>&1; then
+    warn "python3 not found: no live progress lines and no ConfigMap mlk-progress"
+    return 0
+  fi
+  exec 3>&1
+  exec 1> >(python3 "$root/scripts/live.py" kube --kubectl "${kubectl_cmd[*]}" --interval "$((POLL > 0 ? POLL : 1))" \
+    --passthrough)
+  live_pid=$!
+}
+stop_live() { # back to the terminal; the watch prints what it still has and ends with its input
+  [[ -n "$live_pid" ]] || return 0
+  exec 1>&3 3>&-
+  wait "$live_pid" 2>/dev/null || true
+  live_pid=""
+}
+live_accuracy() { # live_accuracy JSON: the accuracy test's result into the ConfigMap mlk-progress
+  command -v python3 >/dev/null 2>&1 || return 0
+  python3 "$root/scripts/live.py" kube --kubectl "${kubectl_cmd[*]}" --once --accuracy "$1" ||
+    warn "could not update the ConfigMap mlk-progress with the accuracy"
+}
+
 # the accuracy test Job on the aggregate; its last log line is the result
 accuracy_test() {
   local result
@@ -708,6 +733,7 @@ accuracy_test() {
   note_timeline accuracy-test "app.kubernetes.io/component=accuracy-test"
   if result="$(k logs job/mnist-accuracy-test --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
     say "accuracy test: $result"
+    live_accuracy "$result"
     say "history: every round's accuracy, its workers' and its timings in /mnt/rounds/ledger.json, plotted in /mnt/rounds/history.png (docs/kubernetes.md, \"Round ledger\")"
   else
     warn "accuracy test completed, but its log could not be read (kubectl logs job/mnist-accuracy-test)"
@@ -777,7 +803,10 @@ main() {
   else # resuming: the shards are there; only the ConfigMap (the aggregator's worker count) is applied
     apply config "$root/manifests/4-splitter.yaml" configmap_only
   fi
+  trap stop_live EXIT
+  start_live
   train_rounds
+  stop_live
   accuracy_test
   if [[ "$SERVE" == 0 ]]; then
     print_timeline

@@ -1,7 +1,8 @@
 """The round loop, written once: rounds of WORKER_NUMBER trainers, each round closed by one aggregation.
 
     rounds.py local --work DIR --workers N --epoch E --batch B --rounds R [--first-round F]
-                    [--min-workers K] [--deadline SECONDS] [--threads T] [--python PY] -- TF_PROGRAM...
+                    [--min-workers K] [--deadline SECONDS] [--threads T] [--python PY] [--score-data TEST.npz]
+                    -- TF_PROGRAM...
 
 The rules (`decide`) are the same for every runner:
   - a round closes when no trainer is still running, with the failed ones recorded as missing;
@@ -29,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+import live
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_TAIL_LINES = 15  # a failed trainer's last lines shown on the terminal
@@ -99,6 +102,11 @@ class Runner:
     def aggregate(self, round_, rules, missing):
         """Average the round's models; raise RoundFailed("aggregate ...") when that fails."""
         raise NotImplementedError
+
+    score_data = None  # a test set: each round is scored as it lands (score), else not by the round loop
+
+    def score(self, round_):
+        """Score the round's aggregate (its ledger entry's test accuracy); raise RoundFailed when that fails."""
 
 
 @dataclass
@@ -187,6 +195,11 @@ def run_rounds(runner, rules, rounds, first_round=1, report=None, clock=time.mon
         started = report.begin(stage)
         runner.aggregate(round_, rules, decision.missing)
         report.finish(stage, started)
+        if runner.score_data:
+            stage = f"score (round {round_}/{rounds})"
+            started = report.begin(stage)
+            runner.score(round_)
+            report.finish(stage, started)
         missing[round_] = decision.missing
     return missing
 
@@ -200,8 +213,10 @@ class LocalRunner(Runner):
     Each trainer's lines go to logs/round-R-worker-I.log as they are, and to stdout prefixed "[worker I] "."""
 
     def __init__(self, work, tf_program, python, epoch, batch, threads, rounds, me="local-quickstart",
-                 out=sys.stdout, err=sys.stderr):
+                 out=sys.stdout, err=sys.stderr, score_data=None, live=None):
         self.work, self.tf_program, self.python, self.me = Path(work), list(tf_program), python, me
+        self.score_data = score_data  # each round's aggregate scored on it as it lands (the live page's curve)
+        self.live = live  # (progress.LiveProgress, live.Terminal): each worker's line while waiting, or None
         self.epoch, self.batch, self.threads, self.rounds = epoch, batch, threads, rounds
         self.out, self.err = out, err
         self.procs, self.events, self.lock = {}, queue.Queue(), threading.Lock()
@@ -236,10 +251,20 @@ class LocalRunner(Runner):
         self.events.put((worker, proc.wait()))
 
     def next_exit(self, timeout):
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:  # every second: the workers' progress lines (scripts/live.py)
+            wait = 1.0 if give_up is None else min(1.0, max(0.0, give_up - time.monotonic()))
+            try:
+                return self.events.get(timeout=wait)
+            except queue.Empty:
+                self.show_progress()
+                if give_up is not None and time.monotonic() >= give_up:
+                    return None
+
+    def show_progress(self):
+        if self.live is not None:
+            progress, terminal = self.live
+            terminal.update(live.lines_of(progress.snapshot()))
 
     def stop(self, workers):
         for worker in workers:
@@ -266,6 +291,7 @@ class LocalRunner(Runner):
         return f"worker {worker} exited with code {code} (log: {log})"
 
     def aggregate(self, round_, rules, missing):
+        self.show_progress()  # the workers' last lines (done, or stopped)
         stage = f"aggregate (round {round_}/{self.rounds})"
         log = self.work / "logs" / f"round-{round_}-aggregate.log"
         cmd = [self.python, str(ROOT / "aggregator/aggregator.py"), "--dir", str(self.work / "model"),
@@ -281,6 +307,21 @@ class LocalRunner(Runner):
             code = proc.wait()
         if code != 0:
             raise RoundFailed(stage, f"exit code {code} (log: {log})")
+
+    def score(self, round_):
+        """Fill the ledger's test accuracies of this round (evaluate.py --ledger) now, not after the last round,
+        so the page's accuracy curve grows as rounds land. The final accuracy stage then finds them filled."""
+        log = self.work / "logs" / f"round-{round_}-score.log"
+        cmd = [*self.tf_program, "evaluate.py", "--data", str(self.score_data),
+               "--ledger", str(self.work / "rounds" / "ledger.json")]
+        with open(log, "wb") as f:
+            code = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise RoundFailed(f"score (round {round_}/{self.rounds})", f"exit code {code} (log: {log})")
+        lines = log.read_text(errors="replace").splitlines()
+        self.out.write(f"round {round_} scored: {lines[-1] if lines else '?'}\n")
+        self.out.flush()
+        self.show_progress()
 
 
 def positive(text):
@@ -305,6 +346,8 @@ def build_parser():
     local.add_argument("--threads", type=positive, default=1, help="TensorFlow threads per trainer")
     local.add_argument("--python", default=sys.executable, help="the Python that runs the aggregator")
     local.add_argument("--me", default="local-quickstart", help="the name in messages")
+    local.add_argument("--score-data", help="score each round's aggregate on this test set as it lands "
+                       "(evaluate.py --ledger; default: not until the quickstart's accuracy stage)")
     local.add_argument("--timings", help="write each stage's time here, one 'NAME<TAB>MILLISECONDS' line each")
     local.add_argument("tf_program", nargs="+", help="the command that runs trainer.py (after --)")
     return p
@@ -318,9 +361,12 @@ def main(argv=None):
     except ValueError as err:
         print(f"rounds.py: error: {err}", file=sys.stderr)
         return 2
-    report = Reporter(args.me)
+    terminal = live.Terminal(sys.stdout)  # the workers' live lines below the others (refreshed on a terminal)
+    out, err = live.Stream(terminal, sys.stdout), live.Stream(terminal, sys.stderr)
+    report = Reporter(args.me, out=out, err=err)
     runner = LocalRunner(args.work, args.tf_program, args.python, args.epoch, args.batch, args.threads, args.rounds,
-                         args.me)
+                         args.me, out=out, err=err, score_data=args.score_data,
+                         live=(live.load_progress_module().LiveProgress(args.work), terminal))
 
     def stopped(signum, frame):  # the quickstart was interrupted: no trainer outlives it
         runner.stop_all()

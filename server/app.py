@@ -8,6 +8,7 @@ per concern:
     api      POST /api/predict              JSON predictions; its hot path is fastpath.py, in front of Flask
     status   /healthz, /readyz, /api/model, /metrics
     history  /api/history, /history.png     the round ledger beside the model (`Ledger`)
+    live     /api/progress                  the run as it happens (progress.py; --progress-dir)
     v2       /v2/...                        the Open Inference Protocol (v2.py)
 
 Routes, request and response fields, errors and limits: docs/CONTRACTS.md, "HTTP API". Each prediction is
@@ -35,6 +36,7 @@ from predictor import ModelNotReady, Predictor, model_id  # noqa: E402
 from preprocess import ImageError  # noqa: E402
 import fastpath  # noqa: E402
 import gate as gate_module  # noqa: E402
+import progress as progress_module  # noqa: E402
 import v2  # noqa: E402
 
 MAX_BODY = 2 * 1024 * 1024  # bytes; larger requests get 413
@@ -49,7 +51,7 @@ log = logging.getLogger("mlk.server")
 
 
 def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_epsilon=gate_module.DEFAULT_EPSILON,
-               background_reload=False, gate_state=None, trust_internal_header=True):
+               background_reload=False, gate_state=None, trust_internal_header=True, progress_dir=None):
     """The Flask app. Loads the model now if it exists; otherwise when it appears.
 
     gate_data: the evaluation set of the promotion gate (gate.py); None: every replaced file is served.
@@ -59,13 +61,16 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
     (model.ModelHolder; server.py's one-request-at-a-time workers).
     trust_internal_header: a request with `X-Mlk-Internal: 1` (INTERNAL_HEADER) is internal (/metrics, the full
     /api/model). True behind server.py's nginx, which sets the header on its internal port only and clears it
-    on the public one, and in tests (the client sends it); False: no request is internal."""
+    on the public one, and in tests (the client sends it); False: no request is internal.
+    progress_dir: the shared volume's root (--progress-dir), whose progress files /api/progress and the page's
+    live card show; None: no live progress (/api/progress 404)."""
     metrics = Metrics()
     gate = build_gate(gate_data, gate_epsilon, gate_state, metrics)
     holder = ModelHolder(model_path, check_interval, background=background_reload, gate=gate)
     predictor = Predictor(holder, Batcher(), on_digit=metrics.count_prediction, on_new_model=metrics.count_load)
     ledger = Ledger(model_path)
-    pages = Pages(ledger)
+    live = progress_module.LiveProgress(progress_dir) if progress_dir else None
+    pages = Pages(ledger, live=live is not None)
     predictor.model()  # the model now, if its file is there
 
     app = Flask(__name__, template_folder="templates", static_folder="static")
@@ -80,8 +85,9 @@ def create_app(model_path, check_interval=CHECK_INTERVAL, gate_data=None, gate_e
         else (lambda: False)
     app.register_blueprint(page_routes(predictor, pages))
     app.register_blueprint(api_routes(predictor, pages))
-    app.register_blueprint(status_routes(predictor, ledger, gate, metrics, app.extensions["mlk_internal"]))
+    app.register_blueprint(status_routes(predictor, ledger, gate, metrics, app.extensions["mlk_internal"], live))
     app.register_blueprint(history_routes(ledger, pages))
+    app.register_blueprint(live_routes(predictor, ledger, live, pages))
     app.register_blueprint(v2.create_blueprint(predictor, max_items=MAX_FILES, max_body=MAX_BODY))
     app.wsgi_app = fastpath.FastPath(app.wsgi_app, lambda blobs: predict_answer(predictor, blobs),
                                      metrics.recorder(fastpath.PATH, "POST"), max_body=MAX_BODY, max_files=MAX_FILES)
@@ -204,8 +210,9 @@ def count_requests(app, metrics):
 class Pages:
     """The HTML page (templates/index.html, with the round ledger's history) and every error answer."""
 
-    def __init__(self, ledger):
+    def __init__(self, ledger, live=False):
         self.ledger = ledger
+        self.live = live  # the live card (page.js polls /api/progress)
 
     def page(self, **values):
         ledger, model = self.ledger, values.get("model")
@@ -213,7 +220,7 @@ class Pages:
         served_round = ledger.entry_for(model.sha256) if model else None
         values.update(history=history_rows(rounds, model.sha256 if model else None),
                       history_plot=bool(rounds) and ledger.has_plot(), served_round=served_round,
-                      served_workers=worker_notes(served_round) if served_round else [])
+                      served_workers=worker_notes(served_round) if served_round else [], live=self.live)
         return render_template("index.html", **values)
 
     def error(self, status, message, headers=None):
@@ -368,10 +375,11 @@ def api_routes(predictor, pages):
     return bp
 
 
-def status_routes(predictor, ledger, gate, metrics, internal):
-    """/healthz (the process answers), /readyz (a model is served), /api/model (which, with its round and the
-    gate's record: in full to internal requests, its public fields to others) and /metrics (internal requests
-    only). internal(): whether this request is internal (INTERNAL_HEADER)."""
+def status_routes(predictor, ledger, gate, metrics, internal, live=None):
+    """/healthz (the process answers), /readyz (a model is served; or, with --progress-dir, a run is training
+    and no model file exists yet: 200 "training"), /api/model (which, with its round and the gate's record: in
+    full to internal requests, its public fields to others) and /metrics (internal requests only). internal():
+    whether this request is internal (INTERNAL_HEADER)."""
     bp = Blueprint("status", __name__)
 
     @bp.get("/healthz")
@@ -381,6 +389,11 @@ def status_routes(predictor, ledger, gate, metrics, internal):
     @bp.get("/readyz")
     def readyz():
         model = predictor.ready_model()
+        if model is None and live is not None and not os.path.exists(predictor.holder.path) and live.live():
+            # The page is what there is to serve while the first aggregate is trained (predictions: 503).
+            # Only while no model file exists: a file that cannot be loaded (or one a restart must gate) is
+            # still not ready, so a rollout never replaces a serving pod by one without its model.
+            return jsonify(status="training", model=None)
         if model is None:
             return jsonify(status="not ready", error=predictor.not_ready_detail() if internal() else
                            predictor.not_ready()), 503
@@ -431,6 +444,29 @@ def public_model_info(info):
         gate["last_decision"] = None if decision is None else {key: decision.get(key) for key in PUBLIC_DECISION_FIELDS}
     public["gate"] = gate
     return public
+
+
+def live_routes(predictor, ledger, live, pages):
+    """/api/progress: the run as it happens (progress.py), with the served model; 404 without --progress-dir."""
+    bp = Blueprint("live", __name__)
+
+    @bp.get("/api/progress")
+    def api_progress():
+        if live is None:
+            return pages.error(404, "no live progress (the server runs without --progress-dir)")
+        model = predictor.model()
+        served = None
+        if model is not None:
+            entry = ledger.entry_for(model.sha256)
+            attr_round = model.attrs.get("mlk_round")
+            served = {"model": model_id(model.sha256),
+                      "round": entry["round"] if entry else (int(attr_round) if str(attr_round).isdigit() else None),
+                      "test_accuracy": progress_module.number(entry.get("test_accuracy")) if entry else None}
+        response = jsonify(live.snapshot(served))
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    return bp
 
 
 def history_routes(ledger, pages):

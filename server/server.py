@@ -3,7 +3,7 @@
     python server.py --model /mnt/aggregated-model.h5 [--host 0.0.0.0] [--port 5000] [--internal-port 9090]
                      [--workers N] [--threads T] [--header-timeout S] [--body-timeout S] [--keepalive-timeout S]
                      [--connection-deadline S]
-                     [--gate-data TEST.npz [--gate-epsilon E] [--gate-state DIR]]
+                     [--gate-data TEST.npz [--gate-epsilon E] [--gate-state DIR]] [--progress-dir DIR]
 
 nginx (Debian's `nginx-light`) listens on --host:--port and reads every request whole -- headers
 within --header-timeout, then the body (at most 2 MB, in memory) -- before it hands it to gunicorn
@@ -86,6 +86,10 @@ def build_parser():
     parser.add_argument("--gate-state", help="with --gate-data: a directory on the volume every replica shares "
                         "(e.g. /mnt/gate), where the admitted model is kept, so a restarted worker, a new pod or "
                         "another replica serves it and never a file the gate rejected (gate.py)")
+    parser.add_argument("--progress-dir", metavar="DIR",
+                        help="the shared volume's root (e.g. /mnt; WORK_DIR locally) whose progress files the page "
+                        "and /api/progress show live; while a run trains and no model file exists yet, /readyz "
+                        "answers 200 \"training\" (docs/CONTRACTS.md \"Live progress\"); default: none")
     return parser
 
 
@@ -314,6 +318,7 @@ def serve(args, run_dir, socket_path, before_stop=None):
     os.makedirs(ready_dir, exist_ok=True)
     gate_data = os.path.abspath(args.gate_data) if args.gate_data else None
     gate_state = os.path.abspath(args.gate_state) if args.gate_state else None
+    progress_dir = os.path.abspath(args.progress_dir) if args.progress_dir else None
 
     class Server(BaseApplication):
         def load_config(self):
@@ -345,7 +350,7 @@ def serve(args, run_dir, socket_path, before_stop=None):
             from app import create_app
 
             app = create_app(model_path, gate_data=gate_data, gate_epsilon=args.gate_epsilon, background_reload=True,
-                             gate_state=gate_state)
+                             gate_state=gate_state, progress_dir=progress_dir)
             warm_up()  # create_app loaded the model and ran it (model.WARM_BATCHES); now the upload path
             # TensorFlow and Keras leave ~10^6 long-lived objects: keep them out of the cyclic
             # garbage collector's scans, which otherwise show up as latency spikes.
@@ -415,6 +420,8 @@ def main(argv=None) -> int:
         problems.append(f"--gate-epsilon must be between 0 and 1, got {args.gate_epsilon}")
     if args.gate_data and os.path.isdir(args.gate_data):
         problems.append(f"--gate-data {args.gate_data} is a directory, expected the test set .npz")
+    if args.progress_dir is not None and not os.path.isdir(args.progress_dir):
+        problems.append(f"--progress-dir {args.progress_dir} is not a directory")
     if args.gate_state and not args.gate_data:
         problems.append("--gate-state needs --gate-data (it keeps the gate's decisions)")
     if args.gate_state and not problems:  # created here if missing: only once every flag is right

@@ -67,7 +67,8 @@ def test_lays_out_work_dir_like_the_volume(real_run):
                  "aggregated-model.h5"):
         assert (work / name).is_file(), name
     assert not (work / "data/2.npz").exists()
-    assert sorted(p.name for p in (work / "model").iterdir()) == ["0-model.h5", "1-model.h5"]
+    assert sorted(p.name for p in (work / "model").iterdir()) == [  # each beside its live progress (issue 32)
+        "0-model.h5", "0-model.progress.json", "1-model.h5", "1-model.progress.json"]
     with np.load(work / "data/test.npz") as d:
         assert d["x"].shape == (1000, 28, 28)
     assert sum(attrs(work / f"model/{i}-model.h5")["mlk_samples"] for i in range(2)) == 6000

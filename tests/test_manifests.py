@@ -864,6 +864,9 @@ def test_the_pipeline_runs_with_the_manifests_args(tmp_path):
     (mnt / "model").mkdir(parents=True)
     stale = mnt / "model" / "7-model.h5"
     stale.write_bytes(b"left by an earlier run with more workers")
+    stale_progress = [mnt / "model" / "7-model.progress.json", mnt / "aggregated-model.progress.json"]
+    for path in stale_progress:  # an earlier run's live progress (issue 32): cleared with its models
+        path.write_text("{}")
     rng = np.random.default_rng(0)
     dataset = tmp_path / "mnist.npz"
     np.savez(dataset, x_train=rng.integers(0, 256, (240, 28, 28), dtype=np.uint8),
@@ -888,12 +891,13 @@ def test_the_pipeline_runs_with_the_manifests_args(tmp_path):
     by_name, configmaps = rendered_set(2)
     splitter = pod_spec(by_name["mnist-splitter"])
     run(splitter["initContainers"][0], configmaps)
-    assert not stale.exists()
+    assert not stale.exists() and not any(path.exists() for path in stale_progress)
     run(splitter["containers"][0], configmaps)
     assert sorted(p.name for p in (mnt / "data").iterdir()) == ["0.npz", "1.npz", "test.npz"]
     for i in range(2):
         run(pod_spec(by_name[f"mnist-trainer-{i}"])["containers"][0], configmaps)
-    assert sorted(p.name for p in (mnt / "model").iterdir()) == ["0-model.h5", "1-model.h5"]
+    assert sorted(p.name for p in (mnt / "model").iterdir()) == [  # each beside its live progress (issue 32)
+        "0-model.h5", "0-model.progress.json", "1-model.h5", "1-model.progress.json"]
     run(pod_spec(by_name["mnist-aggregator"])["containers"][0], configmaps)
     aggregated = mnt / "aggregated-model.h5"
     assert aggregated.is_file()

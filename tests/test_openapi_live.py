@@ -23,7 +23,11 @@ def live_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("openapi")
     model = folder / "model.h5"
     helpers.tiny_model(7).save(model)
-    proc, port = start_server(model, folder / "server.log")
+    (folder / "model").mkdir()  # a trainer's live progress, so /api/progress answers 200 (docs/CONTRACTS.md)
+    (folder / "model" / "0-model.progress.json").write_text(
+        '{"format": "mlk-progress/1", "kind": "worker", "worker": "0-model.h5", "round": 1, "state": "done", '
+        '"epoch": 1, "epochs": 1, "step": 10, "steps": 10, "loss": 0.5, "eta_seconds": 0, "updated_at": 1}')
+    proc, port = start_server(model, folder / "server.log", "--progress-dir", str(folder))
     yield f"http://127.0.0.1:{port}"
     stop_server(proc)
 

@@ -51,7 +51,8 @@ def test_writes_loadable_model_with_contract_attributes(trained, shard):
     assert a["mlk_epochs"] == 1 and a["mlk_batch"] == 50 and a["mlk_seed"] == trainer.DEFAULT_SEED
     assert a["mlk_data"] == "0.npz"
     assert re.fullmatch(r"[0-9a-f]{64}", a["mlk_init_fingerprint"])
-    assert list(trained.parent.iterdir()) == [trained]  # no temp leftovers
+    # no temp leftovers; the live progress beside the model (issue 32)
+    assert sorted(trained.parent.iterdir()) == [trained, trained.with_name("0-model.progress.json")]
 
 
 def test_fingerprint_is_that_of_the_seeded_initial_weights(trained):
@@ -215,7 +216,8 @@ def test_threads_sizes_tensorflows_pools_and_the_model_folder_is_created(shard, 
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "threads: intra-op 1, inter-op 1" in proc.stdout
-    assert attrs(out)["mlk_kind"] == "worker" and list(out.parent.iterdir()) == [out]
+    assert attrs(out)["mlk_kind"] == "worker"
+    assert sorted(out.parent.iterdir()) == [out, out.with_name("0-model.progress.json")]
 
 
 def test_thickened_widens_the_strokes_of_about_the_fraction_asked_and_is_seeded():

@@ -5,12 +5,14 @@ Every worker of a round starts from the same initial weights (built from --seed,
 See docs/CONTRACTS.md for the file formats and the attributes written into the .h5 file.
 """
 
+import math
 import os
 import sys
 import time
 
 from mlk import InputError, exit_now, import_keras, load_checked_model, load_shard, run, to_model_input
-from mlkcommon import Parser, atomic_path, fingerprint, int_at_least, read_mlk_attrs, write_mlk_attrs
+from mlkcommon import (PROGRESS_INTERVAL, Parser, atomic_path, fingerprint, int_at_least, progress_path, read_mlk_attrs,
+                       write_mlk_attrs, write_progress)
 
 # Model / training constants (chosen for accuracy per CPU-second; see docs/benchmarks.md).
 DEFAULT_SEED = 2019
@@ -36,6 +38,10 @@ def build_parser():
                         "(the round ledger's rounds/r0.h5)")
     parser.add_argument("--wait-data", type=float, default=0, metavar="SECONDS",
                         help="wait up to SECONDS for --data to appear (the splitter writes it; default 0: no wait)")
+    parser.add_argument("--progress", metavar="PATH",
+                        help="write live progress here, at most once a second (default: beside --savemodel, "
+                             "0-model.h5 -> 0-model.progress.json; docs/CONTRACTS.md \"Live progress\")")
+    parser.add_argument("--no-progress", action="store_true", help="write no progress file")
     return parser
 
 
@@ -144,6 +150,52 @@ def epoch_logger(keras, epochs, samples):
     return EpochLine()
 
 
+class Progress:
+    """The worker's live progress file (docs/CONTRACTS.md "Live progress"): written atomically, at most once per
+    PROGRESS_INTERVAL seconds while training, and at once when the state changes."""
+
+    def __init__(self, path, worker, training_round, epochs, steps_per_epoch, clock=time.monotonic):
+        self.path, self.clock = path, clock
+        self.fixed = {"kind": "worker", "worker": worker, "round": training_round, "epochs": epochs,
+                      "steps": epochs * steps_per_epoch}
+        self.steps_per_epoch = steps_per_epoch
+        self.started = self.last = None
+        self.warned = False
+
+    def write(self, state, epoch, step, loss=None, force=False):
+        now = self.clock()
+        if self.started is None:
+            self.started = now
+        if not force and self.last is not None and now - self.last < PROGRESS_INTERVAL:
+            return False
+        self.last = now
+        elapsed = now - self.started
+        steps = self.fixed["steps"]
+        eta = 0.0 if state == "done" else (elapsed / step * (steps - step) if step else None)
+        loss = None if loss is None or not math.isfinite(float(loss)) else round(float(loss), 5)
+        err = write_progress(self.path, {**self.fixed, "state": state, "epoch": epoch, "step": step, "loss": loss,
+                                         "elapsed_seconds": round(elapsed, 2),
+                                         "eta_seconds": None if eta is None else round(eta, 1)})
+        if err is not None and not self.warned:  # a view only: training goes on
+            print(f"warning: cannot write progress {self.path}: {err}", flush=True)
+            self.warned = True
+        return err is None
+
+    def callback(self, keras):
+        """A Keras callback calling write() after each batch (it returns at once within the interval)."""
+        progress = self
+
+        class ProgressFile(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch = epoch
+
+            def on_train_batch_end(self, batch, logs=None):
+                loss = (logs or {}).get("loss")
+                progress.write("training", self.epoch + 1, self.epoch * progress.steps_per_epoch + batch + 1, loss)
+
+        return ProgressFile()
+
+
 def save_atomically(model, path, attrs):
     """model.save to a hidden temporary .h5 beside `path` (the aggregator skips dot files), add the mlk_*
     attributes, then rename it into place."""
@@ -214,6 +266,12 @@ def train(args):
     on_terminal = sys.stdout.isatty()
     train_started = time.time()
     callbacks = [] if on_terminal else [epoch_logger(keras, args.epoch, len(x))]
+    progress = None
+    if not args.no_progress:
+        progress = Progress(args.progress or progress_path(args.savemodel), os.path.basename(args.savemodel),
+                            training_round, args.epoch, -(-len(x) // args.batch))
+        progress.write("training", 1, 0, force=True)
+        callbacks.append(progress.callback(keras))
     rng = augmentation_rng(args.seed, training_round, args.data)
     for epoch in range(args.epoch):  # one fit per epoch, each on freshly thickened and shifted images
         model.fit(shifted(thickened(x, rng), rng), y, batch_size=args.batch, epochs=epoch + 1, initial_epoch=epoch,
@@ -232,7 +290,16 @@ def train(args):
         "mlk_train_started": round(train_started, 3),  # unix time; the ledger's round timings use it
         "mlk_train_seconds": round(time.time() - train_started, 3),
     })
+    if progress is not None:
+        progress.write("done", args.epoch, progress.fixed["steps"], model_loss(model), force=True)
     print(f"saved: {args.savemodel}", flush=True)
+
+
+def model_loss(model):
+    """The last training loss Keras recorded (model.history of the last fit), None if none."""
+    history = getattr(getattr(model, "history", None), "history", None) or {}
+    losses = history.get("loss") or []
+    return losses[-1] if losses else None
 
 
 def main(argv=None) -> int:
