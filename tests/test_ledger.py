@@ -587,3 +587,11 @@ def test_fedavgm_with_lr_1_and_momentum_0_writes_the_plain_average(tmp_path, cap
     run_round(stepped, 1, "--server-optimizer", "fedavgm", "--server-lr", "1", "--server-momentum", "0", capsys=capsys)
     a, b = h5_weights(plain / "rounds/r1.h5"), h5_weights(stepped / "rounds/r1.h5")
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_each_server_optimizer_has_its_own_default_learning_rate(tmp_path, capsys):
+    """Without --server-lr: fedavgm steps with 1 (momentum 0.9), fedadam with 0.01 (its lr is an absolute step)."""
+    for name, lr in (("fedavgm", 1.0), ("fedadam", 0.01)):
+        root = start_root(tmp_path / name)
+        run_round(root, 1, "--server-optimizer", name, capsys=capsys)
+        assert entries(root)[0]["server_optimizer"]["server_lr"] == lr
