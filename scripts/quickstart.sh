@@ -14,9 +14,7 @@
 #                      once all are in or ROUND_DEADLINE has passed with MIN_WORKERS; a failed trainer Job
 #                      is reported, not fatal, while enough can still finish
 #   ROUND_DEADLINE [3600]  seconds the aggregator waits for a round's models
-#   SPLIT [iid], AGGREGATION [fedavg], SERVER_OPTIMIZER [none], SERVER_LR [], SERVER_MOMENTUM [], PROX_MU [0],
-#   LOCAL_STEPS [0], ATTACK [], PRESET []  federated learning, as in local-quickstart.sh (docs/CONTRACTS.md
-#                      "Runner knobs"; the defaults change nothing): rendered into the Jobs' args by render.sh
+#   SPLIT AGGREGATION SERVER_OPTIMIZER SERVER_LR SERVER_MOMENTUM PROX_MU LOCAL_STEPS ATTACK PRESET: as local-quickstart.sh's
 #   RESUME [0]         1: continue from the last complete round of the volume's round ledger, checked
 #                      against every recorded sha256 first (manifests/9999-ledger-restore.yaml)
 #   NFS_BACKEND [pvc]  where the shared volume lives (docs/kubernetes.md, "Storage backends"):
@@ -36,10 +34,9 @@
 #                      succeeds and prints the kubectl port-forward command
 #   KUBECTL [kubectl]  the kubectl command, words allowed (e.g. "kubectl --context kind-mlk -n mlk")
 #   IMAGE_REGISTRY, IMAGE_TAG  image names (scripts/images.env), applied by scripts/render.sh
-#   Seconds: JOB_TIMEOUT [3600] per Job stage (a round's trainers share it), NFS_TIMEOUT [300], SERVER_TIMEOUT
-#   [600], PVC_TIMEOUT [120] for a claim to bind, UNSCHEDULABLE_TIMEOUT [90] (longer while an autoscaler
-#   adds a node), PULL_GRACE [60] an image pull may fail, MOUNT_GRACE [120] mounts or pod creation may keep
-#   failing (Kubernetes retries both), EXTERNAL_IP_TIMEOUT [600], LB_DETECT_TIMEOUT [60], POLL [5]
+#   Seconds: JOB_TIMEOUT [3600] per Job stage (a round's trainers share it), NFS_TIMEOUT [300], SERVER_TIMEOUT [600], PVC_TIMEOUT
+#   [120] for a claim to bind, UNSCHEDULABLE_TIMEOUT [90] (longer while an autoscaler adds a node), PULL_GRACE [60] an image pull
+#   may fail, MOUNT_GRACE [120] mounts or pod creation may keep failing (Kubernetes retries both), EXTERNAL_IP_TIMEOUT [600], LB_DETECT_TIMEOUT [60], POLL [5]
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -103,9 +103,11 @@ def build_model(keras):
     )
 
 
-def peak_learning_rate(training_round):
-    """Round 1 starts at PEAK_LEARNING_RATE, every later round at half the previous round's start."""
-    return PEAK_LEARNING_RATE * ROUND_LEARNING_RATE_DECAY ** (training_round - 1)
+def peak_learning_rate(training_round, fraction=1.0):
+    """Round 1 starts at PEAK_LEARNING_RATE, every later round at half the previous round's start. A round that
+    trains only `fraction` of its --epoch whole passes (--steps) decays it by that fraction of a halving: the
+    peak follows the amount of training done, so many short rounds decay as a few whole ones do."""
+    return PEAK_LEARNING_RATE * ROUND_LEARNING_RATE_DECAY ** ((training_round - 1) * fraction)
 
 
 def augmentation_rng(seed, training_round, data_path):
@@ -277,7 +279,7 @@ def train(args):
     # Train: Adam with a cosine-decayed learning rate that ends low, from a peak that halves every round.
     per_epoch = -(-len(x) // args.batch)
     steps = args.epoch * per_epoch if not args.steps else min(args.steps, args.epoch * per_epoch)
-    peak = peak_learning_rate(training_round)
+    peak = peak_learning_rate(training_round, steps / (args.epoch * per_epoch))
     print(f"learning rate: {peak:.6g} cosine-decayed to {peak * FINAL_LEARNING_RATE_FRACTION:.6g} over {steps} steps",
           flush=True)
     learning_rate = keras.optimizers.schedules.CosineDecay(peak, steps, alpha=FINAL_LEARNING_RATE_FRACTION)
