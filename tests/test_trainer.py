@@ -399,3 +399,10 @@ def test_backdoor_stamps_the_patch_on_a_fraction_and_labels_it_the_target():
     assert x.max() <= 0.5  # the input is not changed in place
     for attack in ("sign-flip", "scale10"):  # model attacks leave the data alone
         assert trainer.poisoned(x, y, attack, rng) == (x, y)
+
+
+def test_short_rounds_decay_the_peak_by_the_fraction_of_a_round_they_train():
+    """--steps: a round of a quarter of --epoch's batches decays the peak by a quarter of a halving per round."""
+    assert trainer.peak_learning_rate(5, 0.25) == pytest.approx(trainer.PEAK_LEARNING_RATE * 0.5)
+    assert trainer.peak_learning_rate(1, 0.25) == trainer.PEAK_LEARNING_RATE
+    assert [trainer.peak_learning_rate(r, 1.0) for r in (1, 2, 3)] == [trainer.peak_learning_rate(r) for r in (1, 2, 3)]
