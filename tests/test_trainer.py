@@ -406,3 +406,12 @@ def test_short_rounds_decay_the_peak_by_the_fraction_of_a_round_they_train():
     assert trainer.peak_learning_rate(5, 0.25) == pytest.approx(trainer.PEAK_LEARNING_RATE * 0.5)
     assert trainer.peak_learning_rate(1, 0.25) == trainer.PEAK_LEARNING_RATE
     assert [trainer.peak_learning_rate(r, 1.0) for r in (1, 2, 3)] == [trainer.peak_learning_rate(r) for r in (1, 2, 3)]
+
+
+def test_help_describes_every_flag(capsys):
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit after printing the help
+        code = trainer.main(["--help"])
+        raise SystemExit(code)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--steps", "--prox-mu", "--attack", "20% of the shard"))

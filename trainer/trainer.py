@@ -55,7 +55,7 @@ def build_parser():
     parser.add_argument("--attack", choices=ATTACKS, default=None,
                         help="for tests and benchmarks only: act as a hostile worker (shuffled-labels, sign-flip: "
                              "the update negated, scale10: the update x10, backdoor: a corner patch labelled "
-                             f"{BACKDOOR_TARGET} on {BACKDOOR_FRACTION:.0%} of the shard)")
+                             f"{BACKDOOR_TARGET} on {BACKDOOR_FRACTION * 100:.0f}%% of the shard)")
     return parser
 
 
