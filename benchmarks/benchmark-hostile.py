@@ -16,7 +16,7 @@ per split x attack the ledger's outlier flag rates (aggregator's OUTLIER_RULE: t
 workers flagged). Targets (issue 31): a robust rule within 0.5 points of the clean run; FedAvg shows the damage;
 >= 95 % of attackers flagged and <= 2 % of honest workers. The whole matrix is printed, targets missed included.
 
-Usage: nice -n 5 .venv/bin/python benchmarks/benchmark-hostile.py [--seeds 5] [--steps 100] [--json OUT.json]
+Usage: nice -n 5 .venv/bin/python benchmarks/benchmark-hostile.py [--seeds 5] [--steps 50] [--json OUT.json]
 MNIST: $MNIST_NPZ, else ../shared/datasets/mnist.npz beside the repository (tests/helpers.py's mnist_path()).
 """
 
@@ -51,7 +51,7 @@ BACKDOOR_PROBE = 2000  # patched test digits (not 7) the backdoor's success is m
 def build_parser():
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5, help="seeds per split (default 5)")
-    p.add_argument("--steps", type=int, default=100, help="batches of 100 each worker trains in the round (default 100)")
+    p.add_argument("--steps", type=int, default=50, help="batches of 100 each worker trains in the round (default 50)")
     p.add_argument("--warm-epochs", type=int, default=1, help="epochs of the clean warm-start round (default 1)")
     p.add_argument("--warm-steps", type=int, default=0, help="at most this many batches in the warm-start round "
                    "(default 0: --warm-epochs whole)")
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
         report(saved["runs"], saved["seeds"], saved["steps"], saved["warm_accuracy"], saved["seconds"],
                saved.get("load_before", "?"))
         return 0
-    if args.seeds < 1 or args.steps < 1 or args.warm_epochs < 1:
-        print(f"{PROG}: error: --seeds, --steps and --warm-epochs must be >= 1", file=sys.stderr)
+    if args.seeds < 1 or args.steps < 1 or args.warm_epochs < 1 or args.warm_steps < 0:
+        print(f"{PROG}: error: --seeds, --steps and --warm-epochs must be >= 1, --warm-steps >= 0", file=sys.stderr)
         return 2
     try:
         mnist = mnist_path()
