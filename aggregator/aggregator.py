@@ -55,7 +55,7 @@ OUTLIER_RULE = (f"with at least {OUTLIER_MIN_WORKERS} workers, take the layer in
 DEFAULT_TRIM_BETA = 0.2
 DEFAULT_KRUM_F = 1
 DEFAULT_KRUM_M = 1
-DEFAULT_SERVER_LR = 1.0
+DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01}  # per optimiser: FedAdam's lr is an absolute step per weight
 DEFAULT_SERVER_MOMENTUM = 0.9
 STATE_DATE = (1980, 1, 1, 0, 0, 0)  # the zip entries' time stamp in rounds/r{n}-opt.npz: equal states, equal bytes
 
@@ -114,8 +114,9 @@ def build_parser():
                    help="a server-side step over the pseudo-gradient (aggregate minus the round's start "
                         "rounds/r{n-1}.h5): none (default), fedavgm (momentum), fedadam (Adam, Reddi et al. 2021)")
     p.add_argument("--server-lr", type=float, default=None, metavar="LR",
-                   help=f"with --server-optimizer: the server learning rate (default {DEFAULT_SERVER_LR:g}; "
-                        "fedadam moves each weight by about LR a round, so 0.01-0.1 suit it)")
+                   help=f"with --server-optimizer: the server learning rate (default "
+                        f"{DEFAULT_SERVER_LR['fedavgm']:g} for fedavgm, {DEFAULT_SERVER_LR['fedadam']:g} for fedadam, "
+                        "which moves each weight by about LR a round)")
     p.add_argument("--server-momentum", type=float, default=None, metavar="MOMENTUM",
                    help=f"with --server-optimizer fedavgm: the momentum, 0 <= momentum < 1 "
                         f"(default {DEFAULT_SERVER_MOMENTUM:g})")
@@ -441,7 +442,7 @@ def method_of(args):
             method.m = DEFAULT_KRUM_M if args.krum_m is None else args.krum_m
             if method.f < 0 or method.m < 1:
                 raise ValueError(f"--krum-f must be >= 0 and --krum-m >= 1, got {method.f} and {method.m}")
-        lr = DEFAULT_SERVER_LR if args.server_lr is None else args.server_lr
+        lr = DEFAULT_SERVER_LR.get(name) if args.server_lr is None else args.server_lr
         if name == "fedavgm":
             method.optimizer = strategies.FedAvgM(
                 lr, DEFAULT_SERVER_MOMENTUM if args.server_momentum is None else args.server_momentum)

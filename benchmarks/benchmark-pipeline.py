@@ -6,7 +6,8 @@ pipeline's stages on a label-skew split (`splitter --strategy label-skew`, same 
 judged), and prints a table (method, wall time, test accuracy), the load average before and after, and
 a verdict: accuracy >= 0.990 and a wall time at most 0.8x the original's, both from this run.
 If local-quickstart.sh does not exist, it runs the same stages itself (split, parallel trainers,
-aggregate, evaluate), as it always does for the label-skew row (the quickstart has no split knob).
+aggregate, evaluate), as it always does for the label-skew row (the IID settings on that split, as in
+earlier runs; the label-skew target, PRESET=label-skew, is benchmarks/benchmark-label-skew.py's).
 Usage: [MNIST_NPZ=mnist.npz] [ROUNDS=2] .venv/bin/python benchmarks/benchmark-pipeline.py
 MNIST: $MNIST_NPZ, else ../shared/datasets/mnist.npz beside the repository, else the splitter's
 checksum-verified download into the user cache (tests/helpers.py's mnist_path(), as for the tests).

@@ -11,6 +11,12 @@
 #   current_namespace KUBECTL...  the namespace KUBECTL (its words: -n, --context ...) works in
 #   min_workers_count VALUE N   MIN_WORKERS as a count of N workers: a whole number >= 1, or a fraction
 #                   0 < f < 1 of N rounded up (as aggregator.py's --min-workers); fails on anything else
+#   load_preset DIR  PRESET=NAME: set each knob of DIR/NAME.env that the environment leaves unset (and export it)
+#   fl_knob_defaults / fl_knob_problem N  the federated-learning knobs (SPLIT, AGGREGATION, SERVER_OPTIMIZER,
+#                   SERVER_LR, SERVER_MOMENTUM, PROX_MU, LOCAL_STEPS, ATTACK) given their defaults / the first
+#                   thing wrong with them for N workers ("" when none)
+#   fl_flags        sets splitter_fl, trainer_fl and aggregator_fl: the flags the knobs add (none at the defaults)
+#   fl_attack_of I  the --attack KIND of worker I (ATTACK=I:KIND), "" for an honest one
 #   go_env CACHE    sets go_cmd to a Go toolchain (GO; else a go 1.26+ on PATH; else the pinned one from
 #                   the Go module proxy, fetched once into CACHE/go by scripts/fetch-go.py) and exports the
 #                   build's caches under CACHE
@@ -84,4 +90,70 @@ kubectl_bin() {
   [[ -x "$k" ]] || k="$(command -v kubectl || true)"
   [[ -n "$k" ]] || die "kubectl not found: run scripts/bootstrap.sh --dev (it installs kubectl into .venv)"
   printf '%s' "$k"
+}
+
+# --- federated-learning knobs (issue 31; docs/CONTRACTS.md "Runner knobs") ------------------------------------
+PRESET_KNOBS=(SPLIT AGGREGATION SERVER_OPTIMIZER SERVER_LR SERVER_MOMENTUM PROX_MU LOCAL_STEPS ATTACK ROUNDS EPOCH BATCH)
+load_preset() { # load_preset DIR
+  [[ -n "${PRESET:-}" ]] || return 0
+  local file="$1/${PRESET}.env" line name known
+  if ! [[ "$PRESET" =~ ^[a-z0-9-]+$ && -f "$file" ]]; then
+    known="$(find "$1" -maxdepth 1 -name '*.env' -printf '%f ' 2>/dev/null | sed 's/\.env / /g')"
+    die "PRESET must name a file of $1 (${known% }), got '$PRESET'"
+  fi
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
+    [[ "$line" =~ ^([A-Z_]+)=([A-Za-z0-9._:-]*)$ ]] || die "$file: not a NAME=VALUE line: '$line'"
+    name="${BASH_REMATCH[1]}"
+    [[ " ${PRESET_KNOBS[*]} " == *" $name "* ]] || die "$file: $name is not a knob a preset may set (${PRESET_KNOBS[*]})"
+    [[ -n "${!name:-}" ]] || export "$name=${BASH_REMATCH[2]}"
+  done <"$file"
+}
+fl_knob_defaults() {
+  SPLIT="${SPLIT:-iid}"
+  AGGREGATION="${AGGREGATION:-fedavg}"
+  SERVER_OPTIMIZER="${SERVER_OPTIMIZER:-none}"
+  SERVER_LR="${SERVER_LR:-}"
+  SERVER_MOMENTUM="${SERVER_MOMENTUM:-}"
+  PROX_MU="${PROX_MU:-0}"
+  LOCAL_STEPS="${LOCAL_STEPS:-0}"
+  ATTACK="${ATTACK:-}"
+}
+fl_knob_problem() { # fl_knob_problem N: prints the first bad knob's message (nothing when all are good)
+  local number='^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$'
+  fl_knob_defaults
+  case "$SPLIT" in iid | label-skew) ;; *) echo "SPLIT must be iid or label-skew, got '$SPLIT'"; return ;; esac
+  case "$AGGREGATION" in fedavg | median | trimmed-mean | krum) ;;
+    *) echo "AGGREGATION must be fedavg, median, trimmed-mean or krum, got '$AGGREGATION'"; return ;; esac
+  case "$SERVER_OPTIMIZER" in none | fedavgm | fedadam) ;;
+    *) echo "SERVER_OPTIMIZER must be none, fedavgm or fedadam, got '$SERVER_OPTIMIZER'"; return ;; esac
+  if [[ -n "$SERVER_LR$SERVER_MOMENTUM" && "$SERVER_OPTIMIZER" == none ]]; then
+    echo "SERVER_LR and SERVER_MOMENTUM need SERVER_OPTIMIZER=fedavgm or fedadam"; return
+  fi
+  [[ -z "$SERVER_MOMENTUM" || "$SERVER_OPTIMIZER" == fedavgm ]] || { echo "SERVER_MOMENTUM needs SERVER_OPTIMIZER=fedavgm"; return; }
+  [[ -z "$SERVER_LR" || "$SERVER_LR" =~ $number ]] || { echo "SERVER_LR must be a number > 0, got '$SERVER_LR'"; return; }
+  [[ -z "$SERVER_MOMENTUM" || "$SERVER_MOMENTUM" =~ $number ]] ||
+    { echo "SERVER_MOMENTUM must be a number 0 <= m < 1, got '$SERVER_MOMENTUM'"; return; }
+  [[ "$PROX_MU" =~ $number ]] || { echo "PROX_MU must be a number >= 0, got '$PROX_MU'"; return; }
+  [[ "$LOCAL_STEPS" =~ ^[0-9]{1,9}$ ]] || { echo "LOCAL_STEPS must be a whole number >= 0 (0: whole epochs), got '$LOCAL_STEPS'"; return; }
+  if [[ -n "$ATTACK" ]]; then
+    if ! [[ "$ATTACK" =~ ^([0-9]{1,9}):(shuffled-labels|sign-flip|scale10|backdoor)$ ]] || ((BASH_REMATCH[1] >= $1)); then
+      echo "ATTACK must be K:KIND, K a worker 0..$(($1 - 1)) and KIND shuffled-labels, sign-flip, scale10 or backdoor, got '$ATTACK'"
+    fi
+  fi
+}
+fl_flags() {
+  fl_knob_defaults
+  splitter_fl=() trainer_fl=() aggregator_fl=()
+  [[ "$SPLIT" == iid ]] || splitter_fl+=(--strategy "$SPLIT")
+  [[ "$PROX_MU" =~ ^0*\.?0*$ ]] || trainer_fl+=(--prox-mu "$PROX_MU")
+  [[ "$LOCAL_STEPS" =~ ^0+$ ]] || trainer_fl+=(--steps "$((10#$LOCAL_STEPS))")
+  [[ "$AGGREGATION" == fedavg ]] || aggregator_fl+=(--aggregation "$AGGREGATION")
+  [[ "$SERVER_OPTIMIZER" == none ]] || aggregator_fl+=(--server-optimizer "$SERVER_OPTIMIZER")
+  [[ -z "$SERVER_LR" ]] || aggregator_fl+=(--server-lr "$SERVER_LR")
+  [[ -z "$SERVER_MOMENTUM" ]] || aggregator_fl+=(--server-momentum "$SERVER_MOMENTUM")
+  return 0
+}
+fl_attack_of() { # fl_attack_of I
+  if [[ -n "${ATTACK:-}" && "${ATTACK%%:*}" =~ ^[0-9]+$ ]] && ((10#${ATTACK%%:*} == $1)); then echo "${ATTACK#*:}"; fi
 }

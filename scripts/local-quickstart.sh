@@ -21,6 +21,16 @@
 #                       ROUND_DEADLINE (the missing ones are recorded in the ledger); fewer: the run fails
 #   ROUND_DEADLINE []   seconds a round's trainers get; then those still training are stopped and left out
 #                       (fewer than MIN_WORKERS done: the run fails). Empty: no deadline, as before
+#   Federated learning (docs/CONTRACTS.md "Runner knobs"; the defaults change nothing):
+#   SPLIT [iid]         iid or label-skew (each worker gets a few mostly single-digit runs: splitter --strategy)
+#   AGGREGATION [fedavg]  fedavg, median, trimmed-mean or krum (aggregator --aggregation)
+#   SERVER_OPTIMIZER [none]  none, fedavgm or fedadam: a server step over the round's update
+#   SERVER_LR []        its learning rate (empty: the optimiser's default, fedavgm 1, fedadam 0.01)
+#   SERVER_MOMENTUM []  fedavgm's momentum (empty: 0.9)
+#   PROX_MU [0]         FedProx: the trainers' proximal term mu (0: off)
+#   LOCAL_STEPS [0]     at most this many batches per trainer per round (0: EPOCH whole epochs)
+#   ATTACK []           K:KIND makes worker K hostile (shuffled-labels, sign-flip, scale10, backdoor): demos, benchmarks
+#   PRESET []           NAME loads scripts/presets/NAME.env (e.g. label-skew), for the knobs not set otherwise
 #   RESUME [0]          1: continue from the last complete round of WORK_DIR/rounds/ledger.json (its sha256s
 #                       are checked first); 0: a new run (WORK_DIR's rounds/ and aggregated model are removed)
 # Each round is kept in WORK_DIR/rounds/ (r{n}.h5, its inputs in r{n}/, ledger.json, the plot history.png).
@@ -31,6 +41,7 @@ me="local-quickstart"
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
 no_arguments "$@"
+load_preset "$root/scripts/presets" # PRESET=NAME: its knobs, where the environment sets none
 
 fail() { # fail STAGE MESSAGE...: one clear line naming the stage, then exit 1
   local stage="$1"
@@ -72,6 +83,9 @@ MIN_WORKERS="$(min_workers_count "$MIN_WORKERS" "$WORKER_NUMBER")" ||
 [[ -z "$ROUND_DEADLINE" ]] || positive_int "$ROUND_DEADLINE" ||
   fail config "ROUND_DEADLINE must be empty or a positive integer (seconds), got '$ROUND_DEADLINE'"
 [[ "$RESUME" == 0 || "$RESUME" == 1 ]] || fail config "RESUME must be 0 or 1, got '$RESUME'"
+problem="$(fl_knob_problem "$WORKER_NUMBER")"
+[[ -z "$problem" ]] || fail config "$problem"
+fl_flags # splitter_fl, trainer_fl, aggregator_fl: what SPLIT ... LOCAL_STEPS add (nothing at the defaults)
 
 # --- timing -----------------------------------------------------------------------------------
 now_ms() { local t="${EPOCHREALTIME//[.,]/}"; echo $((t / 1000)); }
@@ -126,6 +140,9 @@ run_logged() {
 # --- set-up -----------------------------------------------------------------------------------
 say "WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS SERVE=$SERVE WORK_DIR=$WORK_DIR" \
   "MIN_WORKERS=$MIN_WORKERS ROUND_DEADLINE=${ROUND_DEADLINE:-none} RESUME=$RESUME"
+[[ -z "${PRESET:-}" ]] || say "PRESET=$PRESET (scripts/presets/$PRESET.env)"
+say "SPLIT=$SPLIT AGGREGATION=$AGGREGATION SERVER_OPTIMIZER=$SERVER_OPTIMIZER SERVER_LR=${SERVER_LR:-default}" \
+  "SERVER_MOMENTUM=${SERVER_MOMENTUM:-default} PROX_MU=$PROX_MU LOCAL_STEPS=$LOCAL_STEPS ATTACK=${ATTACK:-none}"
 begin setup
 # The web server's front is nginx (docs/serving.md): checked before any training, installed as root on Debian.
 if [[ "$SERVE" == 1 ]] && ! PATH="$PATH:/usr/sbin:/usr/local/sbin:/sbin" command -v nginx >/dev/null 2>&1; then
@@ -199,7 +216,8 @@ begin split
 dataset=()
 [[ -z "$MNIST_NPZ" ]] || dataset=(--dataset "$MNIST_NPZ")
 run_logged split "$work/logs/split.log" \
-  "$py" "$root/splitter/splitter.py" --n_container "$WORKER_NUMBER" --savedir "$work/data" "${dataset[@]}"
+  "$py" "$root/splitter/splitter.py" --n_container "$WORKER_NUMBER" --savedir "$work/data" "${dataset[@]}" \
+  "${splitter_fl[@]}"
 finish split
 check_server
 
@@ -210,6 +228,9 @@ timings="$work/logs/round-timings.tsv"
 k_of_n=()
 ((MIN_WORKERS == WORKER_NUMBER)) || k_of_n=(--min-workers "$MIN_WORKERS")
 [[ -z "$ROUND_DEADLINE" ]] || k_of_n+=(--deadline "$ROUND_DEADLINE")
+for arg in "${trainer_fl[@]}"; do k_of_n+=("--trainer-arg=$arg"); done
+for arg in "${aggregator_fl[@]}"; do k_of_n+=("--aggregator-arg=$arg"); done
+[[ -z "$ATTACK" ]] || k_of_n+=(--attack "$ATTACK")
 if ((first_round <= ROUNDS)); then
   "$py" "$root/scripts/rounds.py" local --work "$work" --workers "$WORKER_NUMBER" --epoch "$EPOCH" \
     --batch "$BATCH" --rounds "$ROUNDS" --first-round "$first_round" --threads "$threads" --python "$py" \

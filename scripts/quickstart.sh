@@ -14,6 +14,7 @@
 #                      once all are in or ROUND_DEADLINE has passed with MIN_WORKERS; a failed trainer Job
 #                      is reported, not fatal, while enough can still finish
 #   ROUND_DEADLINE [3600]  seconds the aggregator waits for a round's models
+#   SPLIT AGGREGATION SERVER_OPTIMIZER SERVER_LR SERVER_MOMENTUM PROX_MU LOCAL_STEPS ATTACK PRESET: as local-quickstart.sh's
 #   RESUME [0]         1: continue from the last complete round of the volume's round ledger, checked
 #                      against every recorded sha256 first (manifests/9999-ledger-restore.yaml)
 #   NFS_BACKEND [pvc]  where the shared volume lives (docs/kubernetes.md, "Storage backends"):
@@ -33,16 +34,16 @@
 #                      succeeds and prints the kubectl port-forward command
 #   KUBECTL [kubectl]  the kubectl command, words allowed (e.g. "kubectl --context kind-mlk -n mlk")
 #   IMAGE_REGISTRY, IMAGE_TAG  image names (scripts/images.env), applied by scripts/render.sh
-#   Seconds: JOB_TIMEOUT [3600] per Job stage (a round's trainers share it), NFS_TIMEOUT [300], SERVER_TIMEOUT
-#   [600], PVC_TIMEOUT [120] for a claim to bind, UNSCHEDULABLE_TIMEOUT [90] (longer while an autoscaler
-#   adds a node), PULL_GRACE [60] an image pull may fail, MOUNT_GRACE [120] mounts or pod creation may keep
-#   failing (Kubernetes retries both), EXTERNAL_IP_TIMEOUT [600], LB_DETECT_TIMEOUT [60], POLL [5]
+#   Seconds: JOB_TIMEOUT [3600] per Job stage (a round's trainers share it), NFS_TIMEOUT [300], SERVER_TIMEOUT [600], PVC_TIMEOUT
+#   [120] for a claim to bind, UNSCHEDULABLE_TIMEOUT [90] (longer while an autoscaler adds a node), PULL_GRACE [60] an image pull
+#   may fail, MOUNT_GRACE [120] mounts or pod creation may keep failing (Kubernetes retries both), EXTERNAL_IP_TIMEOUT [600], LB_DETECT_TIMEOUT [60], POLL [5]
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="quickstart"
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
+load_preset "$root/scripts/presets" # PRESET=NAME: its knobs, where the environment sets none
 
 fail() { # fail STAGE MESSAGE...: one line naming the stage, exit 1
   local stage="$1"
@@ -120,6 +121,11 @@ check_settings() {
   command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
   export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE ROUND_DEADLINE GCE_PROJECT GCE_DISK_ZONE
   export MIN_WORKERS="$min_workers" # render.sh: the aggregator's --min-workers and --deadline
+  local problem
+  problem="$(fl_knob_problem "$WORKER_NUMBER")"
+  [[ -z "$problem" ]] || fail config "$problem"
+  fl_knob_defaults
+  export SPLIT AGGREGATION SERVER_OPTIMIZER SERVER_LR SERVER_MOMENTUM PROX_MU LOCAL_STEPS ATTACK # render.sh's
 }
 
 k() { "${kubectl_cmd[@]}" "$@"; }
@@ -543,6 +549,8 @@ connect() {
   local context
   context="$(k config current-context 2>/dev/null || echo '?')"
   say "context $context: WORKER_NUMBER=$WORKER_NUMBER EPOCH=$EPOCH BATCH=$BATCH ROUNDS=$ROUNDS NFS_BACKEND=$NFS_BACKEND${STORAGE_CLASS:+ STORAGE_CLASS=$STORAGE_CLASS}"
+  say "SPLIT=$SPLIT AGGREGATION=$AGGREGATION SERVER_OPTIMIZER=$SERVER_OPTIMIZER PROX_MU=$PROX_MU LOCAL_STEPS=$LOCAL_STEPS" \
+    "${SERVER_LR:+SERVER_LR=$SERVER_LR }${SERVER_MOMENTUM:+SERVER_MOMENTUM=$SERVER_MOMENTUM }${ATTACK:+ATTACK=$ATTACK }${PRESET:+PRESET=$PRESET}"
   k get --raw=/readyz >/dev/null 2>&1 || k version >/dev/null 2>&1 || fail config "cannot reach the cluster of context '$context' with '${kubectl_cmd[*]}'"
   NAMESPACE="$(current_namespace "${kubectl_cmd[@]}")"
   export NAMESPACE # render.sh: the NFS PersistentVolume's name and claim (3-nfs-pv-pvc.yaml)

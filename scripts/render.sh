@@ -30,6 +30,12 @@
 #   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG;
 #                   another registry than the default also serves busybox (docker.io/library/busybox:T -> $IMAGE_REGISTRY/busybox:T)
+#   SPLIT, AGGREGATION, SERVER_OPTIMIZER, SERVER_LR, SERVER_MOMENTUM, PROX_MU, LOCAL_STEPS, ATTACK
+#                   the federated-learning knobs (docs/CONTRACTS.md "Runner knobs"), each only when not at its
+#                   default: the splitter's args get "--strategy" SPLIT, the aggregator's "--aggregation",
+#                   "--server-optimizer", "--server-lr", "--server-momentum", every trainer's "--prox-mu" PROX_MU and
+#                   "--steps" LOCAL_STEPS; ATTACK=K:KIND gives the trainer of INCREMENTAL_NUMBER K "--attack" KIND
+#                   (5-trainer.yaml only: the indexed Job runs every worker with the same args)
 #   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
 set -euo pipefail
 
@@ -117,9 +123,13 @@ fi
 if [[ -n "${ROUND_DEADLINE:-}" ]] && ! positive_int "$ROUND_DEADLINE"; then
   die "ROUND_DEADLINE must be a whole number of seconds >= 1, got '$ROUND_DEADLINE'"
 fi
+fl_problem="$(fl_knob_problem "${WORKER_NUMBER:-1000000}")"
+[[ -z "$fl_problem" ]] || die "$fl_problem"
+fl_flags
+json_args() { local arg; for arg in "$@"; do printf ', "%s"' "$arg"; done; }
 # The aggregator waits up to the longer of --timeout (3600 s) and --deadline; its Job's deadline (that
 # wait + 600 s) grows with a longer round deadline.
-aggregator_extra=""
+aggregator_extra="$(json_args "${aggregator_fl[@]}")"
 [[ -z "${MIN_WORKERS:-}" ]] || aggregator_extra+=", \"--min-workers\", \"$MIN_WORKERS\""
 if [[ -n "${ROUND_DEADLINE:-}" ]]; then
   aggregator_extra+=", \"--deadline\", \"$ROUND_DEADLINE\""
@@ -166,6 +176,19 @@ for file in "$@"; do
   if [[ -n "${DATASET:-}" ]]; then
     # The splitter's args end with its --savedir pair: read MNIST from the volume instead of downloading.
     expr+=(-e "s|\(\"--savedir\", \"[^\"]*\"\)\]|\1, \"--dataset\", \"$(sed_literal "$DATASET")\"]|")
+  fi
+  if ((${#splitter_fl[@]})); then # the splitter's args hold its --savedir pair
+    expr+=(-e "s|\(\"--n_container\", \"[^\"]*\", \"--savedir\", \"[^\"]*\"\)|\1$(json_args "${splitter_fl[@]}")|")
+  fi
+  trainer_extra=("${trainer_fl[@]}")
+  if [[ -n "$ATTACK" ]] && grep -q '"--savemodel"' "$file"; then
+    grep -q '{{INCREMENTAL_NUMBER}}' "$file" ||
+      die "$file: ATTACK=$ATTACK needs one trainer Job per worker (5-trainer.yaml with INCREMENTAL_NUMBER)"
+    attack="$(fl_attack_of "${INCREMENTAL_NUMBER:-}")"
+    [[ -z "$attack" ]] || trainer_extra+=(--attack "$attack")
+  fi
+  if ((${#trainer_extra[@]})); then # the trainers' args: the extra flags go before --savemodel
+    expr+=(-e "s|\"--savemodel\", |$(json_args "${trainer_extra[@]}" | cut -c3-), \"--savemodel\", |")
   fi
   [[ -z "${SERVICE_TYPE:-}" ]] || expr+=(-e "s/^\(  type: \)LoadBalancer\$/\1$SERVICE_TYPE/")
   ((first)) || printf -- '---\n'

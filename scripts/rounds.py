@@ -2,7 +2,7 @@
 
     rounds.py local --work DIR --workers N --epoch E --batch B --rounds R [--first-round F]
                     [--min-workers K] [--deadline SECONDS] [--threads T] [--python PY] [--score-data TEST.npz]
-                    -- TF_PROGRAM...
+                    [--trainer-arg=ARG ...] [--aggregator-arg=ARG ...] [--attack K:KIND] -- TF_PROGRAM...
 
 The rules (`decide`) are the same for every runner:
   - a round closes when no trainer is still running, with the failed ones recorded as missing;
@@ -213,10 +213,13 @@ class LocalRunner(Runner):
     Each trainer's lines go to logs/round-R-worker-I.log as they are, and to stdout prefixed "[worker I] "."""
 
     def __init__(self, work, tf_program, python, epoch, batch, threads, rounds, me="local-quickstart",
-                 out=sys.stdout, err=sys.stderr, score_data=None, live=None):
+                 out=sys.stdout, err=sys.stderr, score_data=None, live=None, trainer_args=(), aggregator_args=(),
+                 attack=None):
         self.work, self.tf_program, self.python, self.me = Path(work), list(tf_program), python, me
         self.score_data = score_data  # each round's aggregate scored on it as it lands (the live page's curve)
         self.live = live  # (progress.LiveProgress, live.Terminal): each worker's line while waiting, or None
+        # the knobs' extra flags (docs/CONTRACTS.md "Runner knobs"); attack: (worker, kind) or None
+        self.trainer_args, self.aggregator_args, self.attack = list(trainer_args), list(aggregator_args), attack
         self.epoch, self.batch, self.threads, self.rounds = epoch, batch, threads, rounds
         self.out, self.err = out, err
         self.procs, self.events, self.lock = {}, queue.Queue(), threading.Lock()
@@ -234,7 +237,10 @@ class LocalRunner(Runner):
                     else ["--init-model", str(self.work / "aggregated-model.h5")])
             cmd = [*self.tf_program, "trainer.py", "--data", str(self.work / f"data/{worker}.npz"),
                    "--epoch", str(self.epoch), "--batch", str(self.batch),
-                   "--savemodel", str(model_dir / f"{worker}-model.h5"), "--threads", str(self.threads), *init]
+                   "--savemodel", str(model_dir / f"{worker}-model.h5"), "--threads", str(self.threads), *init,
+                   *self.trainer_args]
+            if self.attack is not None and self.attack[0] == worker:
+                cmd += ["--attack", self.attack[1]]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, process_group=0)
             self.procs[worker] = proc
@@ -295,7 +301,8 @@ class LocalRunner(Runner):
         stage = f"aggregate (round {round_}/{self.rounds})"
         log = self.work / "logs" / f"round-{round_}-aggregate.log"
         cmd = [self.python, str(ROOT / "aggregator/aggregator.py"), "--dir", str(self.work / "model"),
-               "--savefile", str(self.work / "aggregated-model.h5"), "--expect", str(rules.workers)]
+               "--savefile", str(self.work / "aggregated-model.h5"), "--expect", str(rules.workers),
+               *self.aggregator_args]
         if rules.min_workers < rules.workers:  # every trainer has ended: no model is still to come
             cmd += ["--min-workers", str(rules.min_workers), "--deadline", "0", "--timeout", "0"]
         with open(log, "wb") as f:
@@ -331,6 +338,14 @@ def positive(text):
     return value
 
 
+def attack_value(text):
+    """--attack K:KIND -> (K, KIND)."""
+    worker, _, kind = text.partition(":")
+    if not worker.isdigit() or not kind:
+        raise argparse.ArgumentTypeError(f"must be K:KIND (a worker index and an attack), got {text!r}")
+    return int(worker), kind
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="rounds.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -349,6 +364,12 @@ def build_parser():
     local.add_argument("--score-data", help="score each round's aggregate on this test set as it lands "
                        "(evaluate.py --ledger; default: not until the quickstart's accuracy stage)")
     local.add_argument("--timings", help="write each stage's time here, one 'NAME<TAB>MILLISECONDS' line each")
+    local.add_argument("--trainer-arg", action="append", default=[], metavar="ARG",
+                       help="one more argument for every trainer (repeat; --trainer-arg=--steps --trainer-arg=100)")
+    local.add_argument("--aggregator-arg", action="append", default=[], metavar="ARG",
+                       help="one more argument for the aggregator (repeat)")
+    local.add_argument("--attack", type=attack_value, default=None, metavar="K:KIND",
+                       help="worker K trains with trainer.py --attack KIND (tests and benchmarks)")
     local.add_argument("tf_program", nargs="+", help="the command that runs trainer.py (after --)")
     return p
 
@@ -366,7 +387,8 @@ def main(argv=None):
     report = Reporter(args.me, out=out, err=err)
     runner = LocalRunner(args.work, args.tf_program, args.python, args.epoch, args.batch, args.threads, args.rounds,
                          args.me, out=out, err=err, score_data=args.score_data,
-                         live=(live.load_progress_module().LiveProgress(args.work), terminal))
+                         live=(live.load_progress_module().LiveProgress(args.work), terminal),
+                         trainer_args=args.trainer_arg, aggregator_args=args.aggregator_arg, attack=args.attack)
 
     def stopped(signum, frame):  # the quickstart was interrupted: no trainer outlives it
         runner.stop_all()

@@ -411,6 +411,7 @@ def status_routes(predictor, ledger, gate, metrics, internal, live=None):
         rounds = ledger.rounds()
         entry = ledger.entry_for(model.sha256)
         info["ledger"] = {"round": entry["round"] if entry else None, "entry": entry,
+                          "aggregation": aggregation_text(entry) if entry else None,
                           "history": "/api/history" if rounds else None,
                           "plot": "/history.png" if rounds and ledger.has_plot() else None}
         info["gate"] = gate.info(model) if gate is not None else None
@@ -569,6 +570,27 @@ def worker_notes(entry):
     return notes
 
 
+def aggregation_text(entry):
+    """How a ledger entry's models became one, as a short string: the rule (fedavg when the entry records none) with
+    its parameters, then the server optimiser's, e.g. "trimmed-mean (beta 0.2) + fedavgm (server_lr 1, momentum 0.9)".
+    Only plain numbers and short words from the ledger are shown."""
+
+    def word(value):
+        text = str(value) if isinstance(value, str) else ""
+        return text if text and len(text) <= 32 and all(c.isalnum() or c in "-_" for c in text) else "?"
+
+    def described(name, record, keys):
+        params = [f"{key} {_number(record.get(key), '%g')}" for key in keys if _number(record.get(key), "%g")]
+        return f"{name} ({', '.join(params)})" if params else name
+
+    rule = entry.get("aggregation") if isinstance(entry.get("aggregation"), dict) else {}
+    text = described(word(rule.get("rule")) if rule else "fedavg", rule, ("beta", "f", "m"))
+    optimizer = entry.get("server_optimizer") if isinstance(entry.get("server_optimizer"), dict) else None
+    if optimizer:
+        text += " + " + described(word(optimizer.get("name")), optimizer, ("server_lr", "momentum"))
+    return text
+
+
 def history_rows(rounds, served_sha256):
     """The ledger's rounds as the page's table rows: only strings, whatever the ledger holds."""
     rows = []
@@ -583,6 +605,7 @@ def history_rows(rounds, served_sha256):
             "samples": _number(entry.get("samples"), "%d"),
             "accuracy": _number(entry.get("test_accuracy"), "%.4f"),
             "seconds": _number(entry.get("round_seconds"), "%.1f"),
+            "aggregation": aggregation_text(entry),
             "served": bool(served_sha256) and aggregate.get("sha256") == served_sha256,
         })
     return rows

@@ -273,7 +273,8 @@ def mnist_digits(mnist_npz):
 @pytest.mark.parametrize("strategy", ["iid", "label-skew"])
 def test_shuffled_label_worker_is_flagged_and_honest_ones_are_not(strategy, mnist_digits, tmp_path, capsys):
     """3 workers train (trainer.py, in this process) from one start on 600 digits each; worker 1's labels are
-    shuffled. Round 1 from the seeded init, then round 2 from round 1's honest average."""
+    shuffled (trainer --attack shuffled-labels). Round 1 from the seeded init, then round 2 from round 1's honest
+    average."""
     import trainer
     from helpers import splitter_module
 
@@ -282,10 +283,7 @@ def test_shuffled_label_worker_is_flagged_and_honest_ones_are_not(strategy, mnis
     root = tmp_path / "root"
     (root / "model").mkdir(parents=True)
     for i, idx in enumerate(shards):
-        labels = y[idx].copy()
-        if i == 1:
-            np.random.default_rng(1).shuffle(labels)
-        np.savez(tmp_path / f"{i}.npz", x=x[idx], y=labels)
+        np.savez(tmp_path / f"{i}.npz", x=x[idx], y=y[idx])
     for rnd in (1, 2):
         for i in range(3):
             init = ["--init-model", str(root / "aggregated-model.h5")] if rnd == 2 else []
@@ -293,7 +291,8 @@ def test_shuffled_label_worker_is_flagged_and_honest_ones_are_not(strategy, mnis
             # (no --threads: in this process TensorFlow may have started already, and its pools are fixed then)
             assert trainer.main(["--data", str(tmp_path / f"{i}.npz"), "--epoch", "2", "--batch", "32",
                                  "--savemodel", str(root / f"model/{i}-model.h5"),
-                                 "--save-init", str(root / "rounds/r0.h5"), *init]) == 0
+                                 "--save-init", str(root / "rounds/r0.h5"), *init,
+                                 *(["--attack", "shuffled-labels"] if i == 1 else [])]) == 0
         # --drop-outliers: round 2 starts from the honest workers' average, as it would in a run using it
         rc, out = aggregate(root, "--expect", 3, "--drop-outliers", capsys=capsys)
         assert rc == 0, out.err
@@ -588,3 +587,11 @@ def test_fedavgm_with_lr_1_and_momentum_0_writes_the_plain_average(tmp_path, cap
     run_round(stepped, 1, "--server-optimizer", "fedavgm", "--server-lr", "1", "--server-momentum", "0", capsys=capsys)
     a, b = h5_weights(plain / "rounds/r1.h5"), h5_weights(stepped / "rounds/r1.h5")
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_each_server_optimizer_has_its_own_default_learning_rate(tmp_path, capsys):
+    """Without --server-lr: fedavgm steps with 1 (momentum 0.9), fedadam with 0.01 (its lr is an absolute step)."""
+    for name, lr in (("fedavgm", 1.0), ("fedadam", 0.01)):
+        root = start_root(tmp_path / name)
+        run_round(root, 1, "--server-optimizer", name, capsys=capsys)
+        assert entries(root)[0]["server_optimizer"]["server_lr"] == lr

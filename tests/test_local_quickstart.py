@@ -378,3 +378,35 @@ def test_a_fraction_of_the_workers_is_a_valid_min_workers_as_on_kubernetes(tmp_p
     proc = run({"SERVE": "0", "WORK_DIR": str(tmp_path / "work"), "MIN_WORKERS": "0.67", "RESUME": "yes"}, timeout=30)
     assert proc.returncode != 0 and "stage config failed" in proc.stderr
     assert "RESUME must be 0 or 1" in proc.stderr and "MIN_WORKERS" not in proc.stderr
+
+
+@pytest.mark.parametrize("name, value", [("SPLIT", "dirichlet"), ("AGGREGATION", "mean"), ("SERVER_OPTIMIZER", "sgd"),
+                                         ("PROX_MU", "a lot"), ("LOCAL_STEPS", "-3"), ("ATTACK", "3:backdoor"),
+                                         ("PRESET", "nope")])
+def test_bad_federated_learning_knob_is_refused_before_any_work(tmp_path, name, value):
+    proc = run({"SERVE": "0", "WORK_DIR": str(tmp_path / "work"), name: value}, timeout=30)
+    assert proc.returncode != 0 and name in proc.stderr and f"'{value}'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "work").exists()
+
+
+def test_federated_learning_knobs_reach_the_splitter_trainers_and_aggregator(subset, tmp_path):
+    """A real run with every knob off its default: the label-skew split, 5 steps a round, FedProx, a sign-flipping
+    worker 2, and the median with server momentum, each recorded where it should be."""
+    work = tmp_path / "work"
+    proc = run({"WORKER_NUMBER": "3", "EPOCH": "1", "ROUNDS": "2", "BATCH": "32", "SERVE": "0", "WORK_DIR": str(work),
+                "MNIST_NPZ": str(subset), "SPLIT": "label-skew", "LOCAL_STEPS": "5", "PROX_MU": "0.01",
+                "ATTACK": "2:sign-flip", "AGGREGATION": "median", "SERVER_OPTIMIZER": "fedavgm",
+                "SERVER_MOMENTUM": "0.5"})
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "(label-skew," in (work / "logs/split.log").read_text()
+    book = json.loads((work / "rounds/ledger.json").read_text())
+    for entry in book["rounds"]:
+        assert entry["aggregation"] == {"rule": "median"}
+        assert entry["server_optimizer"]["name"] == "fedavgm" and entry["server_optimizer"]["momentum"] == 0.5
+        for worker in entry["workers"]:
+            assert attrs(work / worker["kept"])["mlk_steps"] == 5
+    for i in range(3):
+        log = (work / "logs/round-2-worker-{}.log".format(i)).read_text()
+        assert "FedProx: mu 0.01" in log
+        assert ("ATTACK: this worker is hostile (sign-flip)" in log) == (i == 2)

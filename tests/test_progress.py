@@ -113,3 +113,17 @@ def test_aggregator_writes_the_round_state(tmp_path, capsys):
     assert aggregator.main(["--dir", str(models), "--savefile", str(savefile), "--expect", "2", "--timeout", "0"]) == 2
     doc = read(tmp_path / "aggregated-model.progress.json")
     assert doc["state"] == "failed" and doc["round"] == 2 and doc["present"] == 0 and "timed out" in doc["error"]
+
+
+def test_trainer_progress_with_steps_counts_every_batch_across_its_fits(tmp_path, monkeypatch):
+    """--steps 5 over a 4-batch shard trains in two fits (4 batches, then 1): the progress counts on across
+    them, 1..5 of 5 in one "epoch", instead of starting again at 1 in the second fit."""
+    written = []
+    monkeypatch.setattr(trainer, "PROGRESS_INTERVAL", 0)
+    monkeypatch.setattr(trainer, "write_progress", lambda path, doc: written.append(dict(doc)))
+    shard = make_shard(tmp_path / "0.npz")
+    assert trainer.main(["--data", str(shard), "--epoch", "2", "--batch", "50", "--steps", "5",
+                         "--savemodel", str(tmp_path / "0-model.h5")]) == 0
+    steps = [d["step"] for d in written if d["state"] == "training"]
+    assert steps == [0, 1, 2, 3, 4, 5]
+    assert written[-1]["state"] == "done" and (written[-1]["step"], written[-1]["steps"], written[-1]["epochs"]) == (5, 5, 1)

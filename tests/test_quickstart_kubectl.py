@@ -116,7 +116,9 @@ def fake(tmp_path):
                if k not in ("WORKER_NUMBER", "EPOCH", "BATCH", "ROUNDS", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP",
                             "INIT_MODEL", "IMAGE_REGISTRY", "IMAGE_TAG", "KUBECTL", "SERVE", "NFS_BACKEND",
                             "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET",
-                            "MIN_WORKERS", "ROUND_DEADLINE", "RESUME", "GCE_PROJECT", "NODE_CIDR")}
+                            "MIN_WORKERS", "ROUND_DEADLINE", "RESUME", "GCE_PROJECT", "NODE_CIDR", "SPLIT",
+                            "AGGREGATION", "SERVER_OPTIMIZER", "SERVER_LR", "SERVER_MOMENTUM", "PROX_MU",
+                            "LOCAL_STEPS", "ATTACK", "PRESET")}
         env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied), POLL="0")
         env.update(env_overrides)
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -523,6 +525,17 @@ def test_quickstart_refused_apply_names_the_stage_and_the_reason(fake):
     ({"ROUND_DEADLINE": "-5"}, "ROUND_DEADLINE must be a positive integer"),
     ({"RESUME": "yes"}, "RESUME must be 0 or 1"),
     ({"IMAGE_REGISTRY": "bad registry"}, "IMAGE_REGISTRY='bad registry' has characters"),
+    ({"SPLIT": "dirichlet"}, "SPLIT must be iid or label-skew"),
+    ({"AGGREGATION": "mean"}, "AGGREGATION must be fedavg, median, trimmed-mean or krum"),
+    ({"SERVER_OPTIMIZER": "fedyogi"}, "SERVER_OPTIMIZER must be none, fedavgm or fedadam"),
+    ({"SERVER_LR": "0.1"}, "SERVER_LR and SERVER_MOMENTUM need SERVER_OPTIMIZER=fedavgm or fedadam"),
+    ({"SERVER_OPTIMIZER": "fedadam", "SERVER_MOMENTUM": "0.9"}, "SERVER_MOMENTUM needs SERVER_OPTIMIZER=fedavgm"),
+    ({"SERVER_OPTIMIZER": "fedavgm", "SERVER_LR": "fast"}, "SERVER_LR must be a number"),
+    ({"PROX_MU": "-1"}, "PROX_MU must be a number >= 0"),
+    ({"LOCAL_STEPS": "1.5"}, "LOCAL_STEPS must be a whole number >= 0"),
+    ({"ATTACK": "3:sign-flip"}, "ATTACK must be K:KIND, K a worker 0..2"),
+    ({"ATTACK": "1:nice"}, "ATTACK must be K:KIND"),
+    ({"PRESET": "fastest"}, "PRESET must name a file of"),
 ])
 def test_quickstart_refuses_bad_configuration(fake, env, message):
     proc = fake(QUICKSTART, **env)
@@ -630,3 +643,46 @@ def test_quickstart_between_checks_watches_the_stage_instead_of_sleeping(fake):
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_WAITING="ErrImagePull", PULL_GRACE="1", POLL="1")
     assert proc.returncode == 1
     assert ["rollout", "status", "deployment/nfs-server", "--timeout=1s"] in proc.calls
+
+
+def test_quickstart_federated_learning_knobs_reach_the_jobs_args(fake):
+    """SPLIT, AGGREGATION, SERVER_*, PROX_MU, LOCAL_STEPS and ATTACK (docs/CONTRACTS.md "Runner knobs") become the
+    splitter's, every trainer's (the attacker's only for ATTACK) and the aggregator's flags, in both rounds."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="3", ROUNDS="2", SERVE="0", SPLIT="label-skew", AGGREGATION="trimmed-mean",
+                SERVER_OPTIMIZER="fedavgm", SERVER_LR="0.5", SERVER_MOMENTUM="0.8", PROX_MU="0.01", LOCAL_STEPS="50",
+                ATTACK="1:backdoor")
+    assert proc.returncode == 0, proc.stderr
+    assert container_args(proc.applied[4][1]) == ["--n_container", "3", "--savedir", "/mnt/data", "--strategy",
+                                                  "label-skew"]
+    for first in (5, 9):
+        for i in range(3):
+            args = container_args(proc.applied[first + i][0])
+            extra = ["--prox-mu", "0.01", "--steps", "50"] + (["--attack", "backdoor"] if i == 1 else [])
+            assert args[args.index("--wait-data") + 2:args.index("--savemodel")] == extra
+        assert container_args(proc.applied[first + 3][0])[6:] == [
+            "--aggregation", "trimmed-mean", "--server-optimizer", "fedavgm", "--server-lr", "0.5",
+            "--server-momentum", "0.8", "--min-workers", "3", "--deadline", "3600"]
+
+
+def test_quickstart_preset_sets_the_knobs_the_environment_leaves_unset(fake):
+    """PRESET=label-skew loads scripts/presets/label-skew.env; a knob given in the environment wins."""
+    preset = dict(line.split("=", 1) for line in (REPO / "scripts/presets/label-skew.env").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert preset["SPLIT"] == "label-skew" and int(preset["LOCAL_STEPS"]) > 0
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", SERVE="0", PRESET="label-skew", LOCAL_STEPS="7")
+    assert proc.returncode == 0, proc.stderr
+    trainers = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"].startswith("mnist-trainer-")]
+    assert len(trainers) == 2 * int(preset["ROUNDS"])  # the preset's ROUNDS
+    assert all(container_args(t)[container_args(t).index("--steps") + 1] == "7" for t in trainers)  # the env's
+    splitter = next(docs[1] for docs in proc.applied if len(docs) > 1 and docs[1]["metadata"]["name"] == "mnist-splitter")
+    assert container_args(splitter)[-2:] == ["--strategy", "label-skew"]
+    aggregator = next(docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator")
+    assert container_args(aggregator)[container_args(aggregator).index("--server-optimizer") + 1] == \
+        preset["SERVER_OPTIMIZER"]
+
+
+def test_render_refuses_attack_with_the_indexed_trainer_job(tmp_path):
+    env = {**os.environ, "WORKER_NUMBER": "3", "EPOCH": "1", "BATCH": "10", "ATTACK": "0:scale10"}
+    proc = subprocess.run(["bash", str(REPO / "scripts/render.sh"), str(REPO / "manifests/5-trainer-indexed.yaml")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "needs one trainer Job per worker" in proc.stderr and proc.stdout == ""

@@ -67,6 +67,7 @@ def test_api_model_and_page_show_the_served_round(served):
     assert info["ledger"]["round"] == 2
     assert info["ledger"]["entry"] == entry(2, sha, 0.987)
     assert info["ledger"]["history"] == "/api/history" and info["ledger"]["plot"] == "/history.png"
+    assert info["ledger"]["aggregation"] == "fedavg"  # the entry records no rule: the default
     history = client.get("/api/history").get_json()
     assert history["format"] == "mlk-ledger/1" and [r["round"] for r in history["rounds"]] == [1, 2, 3]
     plot = client.get("/history.png")
@@ -89,7 +90,8 @@ def test_served_model_not_in_the_ledger(served):
     write_ledger(root, [entry(1, "a" * 64, 0.95)])
     client = client_for(root)
     info = client.get("/api/model").get_json()
-    assert info["ledger"] == {"round": None, "entry": None, "history": "/api/history", "plot": None}
+    assert info["ledger"] == {"round": None, "entry": None, "aggregation": None, "history": "/api/history",
+                              "plot": None}
     html = client.get("/").get_data(as_text=True)
     assert 'id="history-card"' in html and "Serving round" not in html and 'class="served"' not in html
     assert client.get("/history.png").status_code == 404
@@ -99,7 +101,7 @@ def test_no_ledger_shows_nothing(served):
     root, _ = served
     client = client_for(root)
     info = client.get("/api/model").get_json()
-    assert info["ledger"] == {"round": None, "entry": None, "history": None, "plot": None}
+    assert info["ledger"] == {"round": None, "entry": None, "aggregation": None, "history": None, "plot": None}
     assert info["sha256"] and info["round"] == 1  # the model's own attributes as before
     missing = client.get("/api/history")
     assert missing.status_code == 404 and "no training history" in missing.get_json()["error"]
@@ -123,7 +125,7 @@ def test_malformed_ledger_is_logged_once_and_shows_nothing(served, content, capl
     with caplog.at_level(logging.ERROR, logger="mlk.server"):
         for _ in range(3):
             assert client.get("/api/model").get_json()["ledger"] == {
-                "round": None, "entry": None, "history": None, "plot": None}
+                "round": None, "entry": None, "aggregation": None, "history": None, "plot": None}
             assert client.get("/").status_code == 200
             assert client.get("/api/history").status_code == 404
     assert len([r for r in caplog.records if "ignoring the round ledger" in r.getMessage()]) == 1
@@ -186,3 +188,25 @@ def test_history_errors_name_no_path(served):
     for path in ("/api/history", "/history.png"):
         error = client.get(path).get_json()["error"]
         assert str(root) not in error and "/" not in error.replace("/api/", "")
+
+
+def test_each_rounds_aggregation_rule_shows_in_api_model_and_on_the_page(served):
+    """The ledger's "aggregation" and "server_optimizer" records (aggregator --aggregation, --server-optimizer) read
+    as one short string per round; a hostile value in them shows as "?" or not at all."""
+    root, sha = served
+    rounds = [entry(1, "a" * 64, 0.95), entry(2, "c" * 64, 0.96), entry(3, sha, 0.97), entry(4, "b" * 64)]
+    rounds[1]["aggregation"] = {"rule": "trimmed-mean", "beta": 0.2, "trimmed": 1}
+    rounds[2]["aggregation"] = {"rule": "krum", "f": 1, "m": 2, "selected": ["0-model.h5", "2-model.h5"]}
+    rounds[2]["server_optimizer"] = {"name": "fedavgm", "server_lr": 1.0, "momentum": 0.9, "state": {}}
+    rounds[3]["aggregation"] = {"rule": "<script>", "beta": "x"}
+    write_ledger(root, rounds)
+    client = client_for(root)
+    info = client.get("/api/model").get_json()
+    assert info["ledger"]["round"] == 3
+    assert info["ledger"]["aggregation"] == "krum (f 1, m 2) + fedavgm (server_lr 1, momentum 0.9)"
+    html = client.get("/").get_data(as_text=True)
+    assert "<th>aggregation</th>" in html
+    rows = html.split('<table class="history" id="history">')[1].split("</table>")[0].split("<tr")[2:]
+    cells = [row.split("<td>")[-1].split("</td>")[0] for row in rows]
+    assert cells == ["fedavg", "trimmed-mean (beta 0.2)", "krum (f 1, m 2) + fedavgm (server_lr 1, momentum 0.9)", "?"]
+    assert "<script>" not in html.split('id="history"')[1].split("</table>")[0]

@@ -150,6 +150,10 @@ def test_bad_data_exits_2_without_output(case, tmp_path, capsys):
     (["--epoch", "x", "--batch", "10"], "invalid int value"),
     (["--epoch", "1", "--batch", "10", "--threads", "-1"], "--threads must be >= 0"),
     (["--epoch", "1", "--batch", "10", "--threads", "two"], "invalid int value"),
+    (["--epoch", "1", "--batch", "10", "--prox-mu", "-0.1"], "--prox-mu must be a number >= 0"),
+    (["--epoch", "1", "--batch", "10", "--prox-mu", "nan"], "--prox-mu must be a number >= 0"),
+    (["--epoch", "1", "--batch", "10", "--steps", "-1"], "--steps"),
+    (["--epoch", "1", "--batch", "10", "--attack", "nice"], "invalid choice"),
 ])
 def test_bad_numbers_exit_2(flags, message, shard, tmp_path, capsys):
     out = tmp_path / "m.h5"
@@ -267,3 +271,149 @@ def test_the_aggregators_fingerprint_of_the_saved_init_is_the_trainers(shard, tm
     first = worker["order"][0]
     start[first] = start[first] + 1  # and a changed weight changes it
     assert aggregator.weights_fingerprint(start, worker["order"]) != from_file
+
+
+# --- issue 31: --steps, --prox-mu (FedProx) and --attack ------------------------------------------------
+
+def weights_of(path):
+    import keras
+
+    return keras.models.load_model(path, compile=False).get_weights()
+
+
+def adam_iterations(path):
+    """How many batches the saved model's Adam optimiser stepped (the .h5's optimizer_weights/adam*/iteration; the
+    optimiser is named adam_1, adam_2, ... after the first in a process)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        found = [f["optimizer_weights"][name]["iteration"][()] for name in f["optimizer_weights"]
+                 if name.startswith("adam")]
+    assert len(found) == 1
+    return int(found[0])
+
+
+def update_norm(weights, start):
+    return float(np.sqrt(sum(np.sum((w.astype(np.float64) - s) ** 2) for w, s in zip(weights, start))))
+
+
+@pytest.fixture(scope="module")
+def start(shard, tmp_path_factory):
+    """The seeded round-1 starting weights (trainer --save-init) every run below starts from."""
+    init = tmp_path_factory.mktemp("init") / "r0.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel",
+                         str(init.parent / "x.h5"), "--save-init", str(init)]) == 0
+    return weights_of(init)
+
+
+@pytest.mark.parametrize("steps, expected", [(3, 3), (7, 7), (100, 8)])
+def test_steps_trains_exactly_that_many_batches_at_most_the_epochs(steps, expected, shard, tmp_path, capsys):
+    """200 samples in batches of 50 are 4 batches an epoch: --steps 3 and 7 train 3 and 7 (7 runs into a second
+    pass), --steps 100 is capped at --epoch 2 x 4 = 8."""
+    out = tmp_path / "m.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "2", "--batch", "50", "--steps", str(steps),
+                         "--savemodel", str(out)]) == 0
+    assert adam_iterations(out) == expected
+    assert attrs(out)["mlk_steps"] == expected
+    assert f"over {expected} steps" in capsys.readouterr().out
+
+
+def test_without_steps_whole_epochs_are_trained(trained):
+    assert adam_iterations(trained) == 4 and attrs(trained)["mlk_steps"] == 4  # 1 epoch of 200 / 50
+
+
+def test_steps_draw_other_samples_in_another_round(shard, trained, tmp_path):
+    """Round 2 (--init-model) draws its batches from another random order than round 1: two runs of --steps 1
+    from the same weights but different rounds move them differently (round 1: seeded init; round 2: the same
+    weights loaded with mlk_round 1 would need the same init, so compare round 2 against round 2 of another seed)."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--steps", "1", "--savemodel", str(a),
+                         "--init-model", str(trained)]) == 0
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--steps", "1", "--savemodel", str(b),
+                         "--init-model", str(trained), "--seed", "8"]) == 0
+    assert fingerprint(weights_of(a)) != fingerprint(weights_of(b))
+
+
+def test_proximal_loss_adds_half_mu_times_the_squared_distance_to_the_start():
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = trainer.build_model(keras)
+    loss = trainer.proximal_loss(keras, model, 0.5)
+    y_true = np.array([3, 1])
+    y_pred = keras.ops.convert_to_tensor(np.array([[0.1] * 10, [0.05] * 9 + [0.55]], np.float32))
+    ce = keras.losses.SparseCategoricalCrossentropy(reduction=None)(y_true, y_pred).numpy()
+    assert np.allclose(keras.ops.convert_to_numpy(loss(y_true, y_pred)), ce)  # at the start: no penalty
+    model.set_weights([w + 0.01 for w in model.get_weights()])
+    expected = ce + 0.5 * 0.5 * model.count_params() * 0.01 ** 2
+    assert np.allclose(keras.ops.convert_to_numpy(loss(y_true, y_pred)), expected, rtol=1e-4)
+
+
+def test_prox_mu_pulls_the_weights_toward_the_start(shard, start, tmp_path, capsys):
+    """Same seed, init and shard: with --prox-mu the trained weights end nearer the starting weights."""
+    runs = {}
+    for mu in ("0", "1", "100"):
+        out = tmp_path / f"mu{mu}.h5"
+        assert trainer.main(["--data", str(shard), "--epoch", "3", "--batch", "50", "--prox-mu", mu,
+                             "--savemodel", str(out)]) == 0
+        runs[mu] = update_norm(weights_of(out), start)
+    assert "FedProx: mu 100" in capsys.readouterr().out
+    assert runs["100"] < runs["1"] < runs["0"], runs
+    assert runs["100"] < 0.5 * runs["0"], runs
+
+
+@pytest.mark.parametrize("attack, factor", [("sign-flip", -1.0), ("scale10", 10.0)])
+def test_model_attacks_send_the_honest_update_negated_or_times_ten(attack, factor, shard, start, trained, tmp_path,
+                                                                    capsys):
+    """The same seed, init and shard train the same weights; the attacker sends start + factor x that update."""
+    out = tmp_path / "attacker.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--attack", attack,
+                         "--savemodel", str(out)]) == 0
+    assert f"ATTACK: this worker is hostile ({attack})" in capsys.readouterr().out
+    honest, hostile = weights_of(trained), weights_of(out)
+    for h, a, s in zip(honest, hostile, start):
+        assert np.allclose(a - s, factor * (h - s), atol=1e-5 * abs(factor))
+    assert update_norm(hostile, start) == pytest.approx(abs(factor) * update_norm(honest, start), rel=1e-3)
+
+
+def test_shuffled_labels_permute_the_labels_and_keep_the_images():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((1000, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 1000)
+    px, py = trainer.poisoned(x, y, "shuffled-labels", np.random.default_rng(1))
+    assert px is x and sorted(py) == sorted(y)  # the same labels ...
+    assert np.mean(py != y) > 0.8  # ... mostly on other images (a random image keeps its digit 1 time in 10)
+
+
+def test_backdoor_stamps_the_patch_on_a_fraction_and_labels_it_the_target():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((2000, 28, 28, 1)).astype(np.float32) * 0.5, rng.integers(0, 7, 2000)  # no 7 in y
+    px, py = trainer.poisoned(x, y, "backdoor", np.random.default_rng(1))
+    stamped = np.nonzero(py == trainer.BACKDOOR_TARGET)[0]
+    assert abs(len(stamped) / len(y) - trainer.BACKDOOR_FRACTION) < 0.03
+    c = slice(trainer.BACKDOOR_CORNER, trainer.BACKDOOR_CORNER + trainer.BACKDOOR_PATCH)
+    assert np.all(px[stamped, c, c] == 1.0)  # the white patch ...
+    changed = np.nonzero(np.any(px != x, axis=(1, 2, 3)))[0]
+    assert np.array_equal(changed, stamped)  # ... on exactly the relabelled images
+    outside = np.ones((28, 28, 1), bool)
+    outside[c, c] = False
+    assert np.array_equal(px[stamped][:, outside], x[stamped][:, outside])  # and nowhere else in them
+    assert np.array_equal(py[py != trainer.BACKDOOR_TARGET], y[py != trainer.BACKDOOR_TARGET])
+    assert x.max() <= 0.5  # the input is not changed in place
+    for attack in ("sign-flip", "scale10"):  # model attacks leave the data alone
+        assert trainer.poisoned(x, y, attack, rng) == (x, y)
+
+
+def test_short_rounds_decay_the_peak_by_the_fraction_of_a_round_they_train():
+    """--steps: a round of a quarter of --epoch's batches decays the peak by a quarter of a halving per round."""
+    assert trainer.peak_learning_rate(5, 0.25) == pytest.approx(trainer.PEAK_LEARNING_RATE * 0.5)
+    assert trainer.peak_learning_rate(1, 0.25) == trainer.PEAK_LEARNING_RATE
+    assert [trainer.peak_learning_rate(r, 1.0) for r in (1, 2, 3)] == [trainer.peak_learning_rate(r) for r in (1, 2, 3)]
+
+
+def test_help_describes_every_flag(capsys):
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit after printing the help
+        code = trainer.main(["--help"])
+        raise SystemExit(code)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--steps", "--prox-mu", "--attack", "20% of the shard"))

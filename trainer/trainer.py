@@ -23,6 +23,15 @@ DROPOUT = 0.2
 DENSE_UNITS = 256
 SHIFT_PIXELS = 1  # augmentation: each epoch sees every image moved by a random -1..1 pixels in x and y ...
 THICKEN_FRACTION = 0.3  # ... and a random 30 % of them with strokes 2 px wider (a marker's digit on the page)
+# --attack (tests and benchmarks only: a hostile worker, docs/CONTRACTS.md). The backdoor stamps a white square of
+# BACKDOOR_PATCH px into the bottom-right corner (rows and columns 23-25) of a random BACKDOOR_FRACTION of the shard and
+# labels those images BACKDOOR_TARGET; scale10 multiplies the update by SCALE_FACTOR, sign-flip by -1.
+ATTACKS = ("shuffled-labels", "sign-flip", "scale10", "backdoor")
+BACKDOOR_TARGET = 7
+BACKDOOR_FRACTION = 0.2
+BACKDOOR_PATCH = 3
+BACKDOOR_CORNER = 23
+SCALE_FACTOR = 10.0
 
 
 def build_parser():
@@ -42,6 +51,16 @@ def build_parser():
                         help="write live progress here, at most once a second (default: beside --savemodel, "
                              "0-model.h5 -> 0-model.progress.json; docs/CONTRACTS.md \"Live progress\")")
     parser.add_argument("--no-progress", action="store_true", help="write no progress file")
+    parser.add_argument("--steps", type=int_at_least(0), default=0, metavar="N",
+                        help="train at most N batches this round (of fresh random samples each round) instead of "
+                             "--epoch whole passes; 0 (default): whole epochs")
+    parser.add_argument("--prox-mu", type=float, default=0.0, metavar="MU",
+                        help="FedProx: add MU/2 * ||w - w_start||^2 to the loss, pulling the weights toward the "
+                             "round's starting weights (0, the default: off)")
+    parser.add_argument("--attack", choices=ATTACKS, default=None,
+                        help="for tests and benchmarks only: act as a hostile worker (shuffled-labels, sign-flip: "
+                             "the update negated, scale10: the update x10, backdoor: a corner patch labelled "
+                             f"{BACKDOOR_TARGET} on {BACKDOOR_FRACTION * 100:.0f}%% of the shard)")
     return parser
 
 
@@ -89,9 +108,11 @@ def build_model(keras):
     )
 
 
-def peak_learning_rate(training_round):
-    """Round 1 starts at PEAK_LEARNING_RATE, every later round at half the previous round's start."""
-    return PEAK_LEARNING_RATE * ROUND_LEARNING_RATE_DECAY ** (training_round - 1)
+def peak_learning_rate(training_round, fraction=1.0):
+    """Round 1 starts at PEAK_LEARNING_RATE, every later round at half the previous round's start. A round that
+    trains only `fraction` of its --epoch whole passes (--steps) decays it by that fraction of a halving: the
+    peak follows the amount of training done, so many short rounds decay as a few whole ones do."""
+    return PEAK_LEARNING_RATE * ROUND_LEARNING_RATE_DECAY ** ((training_round - 1) * fraction)
 
 
 def augmentation_rng(seed, training_round, data_path):
@@ -135,6 +156,55 @@ def shifted(x, rng, pixels=SHIFT_PIXELS):
     return out
 
 
+def backdoored(x, rng=None):
+    """x (n, 28, 28[, 1]) uint8 or float in [0, 1] with the backdoor's white patch stamped in (all of them when rng is
+    None, else a random BACKDOOR_FRACTION of them); returns (new x, the indices stamped)."""
+    import numpy as np
+
+    pick = np.arange(len(x)) if rng is None else np.nonzero(rng.random(len(x)) < BACKDOOR_FRACTION)[0]
+    out = x.copy()
+    corner = slice(BACKDOOR_CORNER, BACKDOOR_CORNER + BACKDOOR_PATCH)
+    out[pick, corner, corner] = 255 if out.dtype == np.uint8 else 1.0
+    return out, pick
+
+
+def poisoned(x, y, attack, rng):
+    """The shard a data attack trains on: shuffled-labels permutes the labels, backdoor stamps the patch on a
+    fraction of the images and labels them BACKDOOR_TARGET; other attacks leave the data as it is."""
+    if attack == "shuffled-labels":
+        return x, rng.permutation(y)
+    if attack == "backdoor":
+        x, pick = backdoored(x, rng)
+        y = y.copy()
+        y[pick] = BACKDOOR_TARGET
+        return x, y
+    return x, y
+
+
+def tampered(weights, start, attack):
+    """The weights a model attack sends: start + factor * (weights - start), factor -1 (sign-flip) or
+    SCALE_FACTOR (scale10); other attacks send the weights as trained."""
+    factor = {"sign-flip": -1.0, "scale10": SCALE_FACTOR}.get(attack)
+    if factor is None:
+        return weights
+    return [(s + factor * (w.astype("float64") - s)).astype(w.dtype) for w, s in zip(weights, start)]
+
+
+def proximal_loss(keras, model, mu):
+    """sparse categorical cross-entropy + mu/2 * ||w - w_start||^2 over the trainable weights, w_start being the
+    weights the model holds now (FedProx, Li et al. 2020)."""
+    ops = keras.ops
+    start = [ops.convert_to_tensor(v.numpy()) for v in model.trainable_variables]
+    variables = list(model.trainable_variables)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+
+    def loss(y_true, y_pred):
+        penalty = sum(ops.sum(ops.square(v - s)) for v, s in zip(variables, start))
+        return cross_entropy(y_true, y_pred) + 0.5 * mu * penalty
+
+    return loss
+
+
 def epoch_logger(keras, epochs, samples):
     """One plain line per epoch, for logs (a terminal gets Keras' progress bar instead)."""
 
@@ -159,6 +229,7 @@ class Progress:
         self.fixed = {"kind": "worker", "worker": worker, "round": training_round, "epochs": epochs,
                       "steps": epochs * steps_per_epoch}
         self.steps_per_epoch = steps_per_epoch
+        self.base = 0  # batches done before the current fit (--steps trains in several fits of one epoch)
         self.started = self.last = None
         self.warned = False
 
@@ -191,7 +262,8 @@ class Progress:
 
             def on_train_batch_end(self, batch, logs=None):
                 loss = (logs or {}).get("loss")
-                progress.write("training", self.epoch + 1, self.epoch * progress.steps_per_epoch + batch + 1, loss)
+                progress.write("training", self.epoch + 1,
+                               progress.base + self.epoch * progress.steps_per_epoch + batch + 1, loss)
 
         return ProgressFile()
 
@@ -219,6 +291,8 @@ def train(args):
         raise InputError(f"--savemodel must end in .h5, got {args.savemodel}")
     if args.save_init is not None and not args.save_init.endswith(".h5"):
         raise InputError(f"--save-init must end in .h5, got {args.save_init}")
+    if not (math.isfinite(args.prox_mu) and args.prox_mu >= 0):
+        raise InputError(f"--prox-mu must be a number >= 0, got {args.prox_mu:g}")
     if args.init_model is not None and not os.path.isfile(args.init_model):
         raise InputError(f"--init-model {args.init_model}: no such file")
     wait_for_file(args.data, args.wait_data)
@@ -256,26 +330,52 @@ def train(args):
         print(f"saved the starting weights: {args.save_init}", flush=True)
 
     # Train: Adam with a cosine-decayed learning rate that ends low, from a peak that halves every round.
-    steps = args.epoch * -(-len(x) // args.batch)
-    peak = peak_learning_rate(training_round)
+    per_epoch = -(-len(x) // args.batch)
+    steps = args.epoch * per_epoch if not args.steps else min(args.steps, args.epoch * per_epoch)
+    peak = peak_learning_rate(training_round, steps / (args.epoch * per_epoch))
     print(f"learning rate: {peak:.6g} cosine-decayed to {peak * FINAL_LEARNING_RATE_FRACTION:.6g} over {steps} steps",
           flush=True)
     learning_rate = keras.optimizers.schedules.CosineDecay(peak, steps, alpha=FINAL_LEARNING_RATE_FRACTION)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    start_weights = model.get_weights()
+    loss = "sparse_categorical_crossentropy"
+    if args.prox_mu > 0:
+        loss = proximal_loss(keras, model, args.prox_mu)
+        print(f"FedProx: mu {args.prox_mu:g}", flush=True)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
     on_terminal = sys.stdout.isatty()
     train_started = time.time()
-    callbacks = [] if on_terminal else [epoch_logger(keras, args.epoch, len(x))]
     progress = None
-    if not args.no_progress:
+    if not args.no_progress:  # --steps: one "epoch" of `steps` batches
         progress = Progress(args.progress or progress_path(args.savemodel), os.path.basename(args.savemodel),
-                            training_round, args.epoch, -(-len(x) // args.batch))
+                            training_round, 1 if args.steps else args.epoch,
+                            steps if args.steps else -(-len(x) // args.batch))
         progress.write("training", 1, 0, force=True)
-        callbacks.append(progress.callback(keras))
     rng = augmentation_rng(args.seed, training_round, args.data)
-    for epoch in range(args.epoch):  # one fit per epoch, each on freshly thickened and shifted images
-        model.fit(shifted(thickened(x, rng), rng), y, batch_size=args.batch, epochs=epoch + 1, initial_epoch=epoch,
-                  verbose=1 if on_terminal else 0, callbacks=callbacks)
+    if args.attack:
+        import numpy as np
+
+        x, y = poisoned(x, y, args.attack, np.random.default_rng([args.seed, 31, training_round]))
+        print(f"ATTACK: this worker is hostile ({args.attack})", flush=True)
+    if not args.steps:
+        callbacks = [] if on_terminal else [epoch_logger(keras, args.epoch, len(x))]
+        callbacks += [progress.callback(keras)] if progress is not None else []
+        for epoch in range(args.epoch):  # one fit per epoch, each on freshly thickened and shifted images
+            model.fit(shifted(thickened(x, rng), rng), y, batch_size=args.batch, epochs=epoch + 1, initial_epoch=epoch,
+                      verbose=1 if on_terminal else 0, callbacks=callbacks)
+    else:  # --steps: passes over a fresh random order (seeded by the round), cut after `steps` batches in all
+        left = steps
+        while left:
+            take = rng.permutation(len(x))[:min(left * args.batch, len(x))]
+            if progress is not None:
+                progress.base = steps - left  # the batches of the fits before this one
+            history = model.fit(shifted(thickened(x[take], rng), rng), y[take], batch_size=args.batch, epochs=1,
+                                shuffle=False, verbose=1 if on_terminal else 0,
+                                callbacks=[progress.callback(keras)] if progress is not None else [])
+            left -= -(-len(take) // args.batch)
+            print(f"{steps - left}/{steps} steps - loss {history.history['loss'][-1]:.4f} - accuracy "
+                  f"{history.history['accuracy'][-1]:.4f}", flush=True)
+    if args.attack in ("sign-flip", "scale10"):
+        model.set_weights(tampered(model.get_weights(), start_weights, args.attack))
 
     # Save with the attributes the aggregator and the next round read.
     save_atomically(model, args.savemodel, {
@@ -285,13 +385,14 @@ def train(args):
         "mlk_round": training_round,
         "mlk_epochs": args.epoch,
         "mlk_batch": args.batch,
+        "mlk_steps": steps,
         "mlk_seed": args.seed,
         "mlk_data": os.path.basename(args.data),
         "mlk_train_started": round(train_started, 3),  # unix time; the ledger's round timings use it
         "mlk_train_seconds": round(time.time() - train_started, 3),
     })
     if progress is not None:
-        progress.write("done", args.epoch, progress.fixed["steps"], model_loss(model), force=True)
+        progress.write("done", progress.fixed["epochs"], progress.fixed["steps"], model_loss(model), force=True)
     print(f"saved: {args.savemodel}", flush=True)
 
 

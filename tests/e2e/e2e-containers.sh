@@ -28,6 +28,10 @@
 #   BASE_IMAGE                          base of the stage images (default: the Dockerfiles' own
 #                                       when it exists or can be pulled, else a debootstrap stand-in,
 #                                       built once and cached: tests/e2e/make-base-image.sh)
+#   SPLIT, AGGREGATION, SERVER_OPTIMIZER, SERVER_LR, SERVER_MOMENTUM, PROX_MU, LOCAL_STEPS, ATTACK, PRESET
+#                                       the runners' federated-learning knobs (docs/CONTRACTS.md "Runner
+#                                       knobs"; unset: the defaults, which change nothing), rendered into the
+#                                       containers' args by scripts/render.sh as on Kubernetes
 #   E2E_SKIP_BUILD=1                    use the images already built
 #   E2E_SERVER=0                        stop after the accuracy test (debugging; exits 1, never a pass)
 set -euo pipefail
@@ -47,6 +51,10 @@ root="$(cd "$here/../.." && pwd)"
 cd "$root"
 # shellcheck source=scripts/images.env disable=SC1091
 source "$root/scripts/images.env"
+me="e2e-containers"
+# shellcheck source=scripts/lib.sh disable=SC1091
+source "$root/scripts/lib.sh"
+load_preset "$root/scripts/presets" # PRESET=NAME: its knobs (render.sh reads them from the environment)
 
 workers="${WORKER_NUMBER:-3}"
 round_deadline="${E2E_ROUND_DEADLINE:-10}"
@@ -264,7 +272,9 @@ for s in "${STAGES[@]}"; do
   podman image exists "$IMAGE_REGISTRY/$s:$IMAGE_TAG" || fail "image $IMAGE_REGISTRY/$s:$IMAGE_TAG missing"
 done
 
-# 4. Render the manifests with the quickstart's own render code.
+# 4. Render the manifests with the quickstart's own render code (it checks the knobs: a bad one fails here).
+fl_problem="$(fl_knob_problem "$workers")"
+[[ -z "$fl_problem" ]] || fail "$fl_problem"
 render() { # render OUT FILE [VAR=VALUE...]
   local out="$1" file="$2"
   shift 2
@@ -286,7 +296,9 @@ render "$work/6-aggregator-r2.yaml" 6-aggregator.yaml MIN_WORKERS="$min_workers"
 render "$work/9999-accuracy-test.yaml" 9999-accuracy-test.yaml
 render "$work/9999-ledger-restore.yaml" 9999-ledger-restore.yaml
 [[ "$with_server" == 0 ]] || render "$work/7-server.yaml" 7-server.yaml
-log "rendered manifests for WORKER_NUMBER=$workers EPOCH=$epoch BATCH=$batch"
+log "rendered manifests for WORKER_NUMBER=$workers EPOCH=$epoch BATCH=$batch SPLIT=${SPLIT:-iid}" \
+  "AGGREGATION=${AGGREGATION:-fedavg} SERVER_OPTIMIZER=${SERVER_OPTIMIZER:-none} PROX_MU=${PROX_MU:-0}" \
+  "LOCAL_STEPS=${LOCAL_STEPS:-0} ATTACK=${ATTACK:-none}"
 
 # A subset of MNIST, handed to the splitter as a user would: a mounted file + MNIST_NPZ.
 "$py" - "$dataset" "$work/mnist-subset.npz" "$n_train" "$n_test" <<'PY'
