@@ -66,3 +66,18 @@ def app(mnist_model):
 @pytest.fixture()
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def subset(tmp_path_factory, mnist_npz):
+    """6000 training and 1000 test digits of real MNIST (a fixed random sample) as a Keras-layout npz: the local
+    pipeline's runs in tests/test_local_quickstart.py and tests/test_live_browser.py."""
+    rng = np.random.default_rng(0)
+    with np.load(mnist_npz) as d:
+        train = rng.choice(len(d["y_train"]), 6000, replace=False)
+        test = rng.choice(len(d["y_test"]), 1000, replace=False)
+        arrays = {"x_train": d["x_train"][train], "y_train": d["y_train"][train],
+                  "x_test": d["x_test"][test], "y_test": d["y_test"][test]}
+    path = tmp_path_factory.mktemp("mnist") / "mnist-subset.npz"
+    np.savez(path, **arrays)
+    return path

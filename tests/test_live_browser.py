@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 
@@ -31,20 +30,6 @@ READ_PAGE = """() => ({
     width: parseFloat(row.querySelector('.bar span').style.width || '0'),
     info: row.querySelector('.live-info').textContent})),
 })"""
-
-
-@pytest.fixture(scope="module")
-def subset(tmp_path_factory, mnist_npz):
-    """6000 training and 1000 test digits of real MNIST (as tests/test_local_quickstart.py's)."""
-    rng = np.random.default_rng(0)
-    with np.load(mnist_npz) as d:
-        train = rng.choice(len(d["y_train"]), 6000, replace=False)
-        test = rng.choice(len(d["y_test"]), 1000, replace=False)
-        arrays = {"x_train": d["x_train"][train], "y_train": d["y_train"][train],
-                  "x_test": d["x_test"][test], "y_test": d["y_test"][test]}
-    path = tmp_path_factory.mktemp("mnist") / "mnist-subset.npz"
-    np.savez(path, **arrays)
-    return path
 
 
 def test_the_page_follows_the_run_from_training_to_the_served_model(subset, tmp_path, browser):  # noqa: F811

@@ -34,20 +34,6 @@ def run(env_overrides, timeout=300, **kwargs):
                           text=True, timeout=timeout, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def subset(tmp_path_factory, mnist_npz):
-    """6000 training and 1000 test digits of real MNIST (a fixed random sample) as a Keras-layout npz."""
-    rng = np.random.default_rng(0)
-    with np.load(mnist_npz) as d:
-        train = rng.choice(len(d["y_train"]), 6000, replace=False)
-        test = rng.choice(len(d["y_test"]), 1000, replace=False)
-        arrays = {"x_train": d["x_train"][train], "y_train": d["y_train"][train],
-                  "x_test": d["x_test"][test], "y_test": d["y_test"][test]}
-    path = tmp_path_factory.mktemp("mnist") / "mnist-subset.npz"
-    np.savez(path, **arrays)
-    return path
-
-
 REAL_RUN = {"WORKER_NUMBER": "2", "EPOCH": "1", "ROUNDS": "2", "BATCH": "32", "SERVE": "0"}
 
 
