@@ -28,6 +28,7 @@
 #                      short-lived pod (manifests/9999-dataset-upload.yaml): for clusters without
 #                      internet access. Unset: the splitter downloads MNIST (checksum-verified)
 #   SERVE [1]          1: deploy the server and say how to reach it; 0: stop after the accuracy test
+#   SERVER_REPLICAS [2]  server pods (a PodDisruptionBudget lets voluntary disruptions take one at a time)
 #   SERVICE_TYPE [LoadBalancer]  the server's Service: LoadBalancer, NodePort or ClusterIP. Without
 #                      an external IP (kind, minikube, this project's local cluster) the run still
 #                      succeeds and prints the kubectl port-forward command
@@ -100,6 +101,8 @@ check_settings() {
   [[ "$RESUME" == 0 || "$RESUME" == 1 ]] || fail config "RESUME must be 0 or 1, got '$RESUME'"
   [[ "$POLL" =~ ^[0-9]{1,4}$ ]] || fail config "POLL must be a number of seconds, got '$POLL'"
   [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
+  [[ -z "${SERVER_REPLICAS:-}" || "$SERVER_REPLICAS" =~ ^[1-9][0-9]{0,2}$ ]] ||
+    fail config "SERVER_REPLICAS must be a whole number >= 1, got '$SERVER_REPLICAS'"
   case "$SERVICE_TYPE" in
     LoadBalancer | NodePort | ClusterIP) ;;
     *) fail config "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
@@ -640,6 +643,7 @@ serve() {
   # A running server reloads the model when the file changes (server/README.md): no restart needed.
   say "== server (Service type $SERVICE_TYPE)"
   apply server "$root/manifests/7-server.yaml"
+  apply server "$root/manifests/8-server-pdb.yaml"
   wait_ready server deployment mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
   say "server: ready"
   case "$SERVICE_TYPE" in

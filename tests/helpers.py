@@ -19,7 +19,7 @@ SCRIPT_SETTINGS = (
     # the manifests' placeholders (scripts/images.env PLACEHOLDERS) and render.sh's other inputs
     "WORKER_NUMBER", "EPOCH", "BATCH", "INCREMENTAL_NUMBER", "NFS_CLUSTER_IP", "STORAGE_CLASS", "NODE_CIDR",
     "GCE_PROJECT", "GCE_DISK_ZONE", "NAMESPACE", "INIT_MODEL", "MIN_WORKERS", "ROUND_DEADLINE", "DATASET",
-    "IMAGE_REGISTRY", "IMAGE_TAG", "SERVICE_TYPE",
+    "IMAGE_REGISTRY", "IMAGE_TAG", "SERVICE_TYPE", "SERVER_REPLICAS",
     # quickstart.sh, teardown.sh, local-quickstart.sh, tests/policy-check.sh
     "ROUNDS", "KUBECTL", "SERVE", "NFS_BACKEND", "DELETE_DISK", "KUBECONFIG", "RESUME", "MNIST_NPZ", "PORT", "INTERNAL_PORT",
     "WORK_DIR", "VENV", "MANIFESTS",
