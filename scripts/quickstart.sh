@@ -27,8 +27,7 @@
 #   MNIST_NPZ []       a local mnist.npz (Keras layout) to put on the volume for the splitter, through a
 #                      short-lived pod (manifests/9999-dataset-upload.yaml): for clusters without
 #                      internet access. Unset: the splitter downloads MNIST (checksum-verified)
-#   SERVE [1]          1: deploy the server and say how to reach it; 0: stop after the accuracy test
-#   SERVER_REPLICAS [2]  server pods (a PodDisruptionBudget lets voluntary disruptions take one at a time)
+#   SERVE [1]          1: deploy the server (SERVER_REPLICAS [2] pods, a PodDisruptionBudget) and say how to reach it
 #   SERVICE_TYPE [LoadBalancer]  the server's Service: LoadBalancer, NodePort or ClusterIP. Without
 #                      an external IP (kind, minikube, this project's local cluster) the run still
 #                      succeeds and prints the kubectl port-forward command
