@@ -21,7 +21,9 @@ rounds 1..n once each), every .h5 on the volume opens (no torn file); every serv
 the gate admitted (gate/admitted.json), never a rejected one, and every answer of the load client comes
 from it; the load client (one new connection per request to the Service's ClusterIP, through the real
 node's kube-proxy) gets no failed request. A client that retries a refused or reset connection once
-(POST /api/predict is idempotent: the same image gives the same answer) is counted beside it.
+(POST /api/predict is idempotent: the same image gives the same answer) is counted beside it: a SIGKILLed
+server replica cannot finish what it held or refuse new connections gracefully, so there the check is that
+no request fails after that one retry (the failures before it are printed).
 
 Prints one line per run (seed, fault, target, moment, outcome, extra wall time against the undisturbed
 run) and, per fault kind, the extra time against the target: at most one round plus one pod start (both
@@ -147,6 +149,19 @@ class Cluster:
     def get(self, *args, namespace=None):
         return json.loads(self.kubectl("get", *args, "-o", "json", namespace=namespace).stdout)
 
+    def cri_running(self, namespace, container=None):
+        """The running containers named CONTAINER of the namespace's pods, from the real node's containerd (CRI):
+        [{"id", "pod", "created" (unix time)}], sorted by pod name. Local and fast: the moment a container
+        starts is seen within a poll, not after an apiserver round trip."""
+        out = subprocess.run([str(self.crictl), "--config", str(self.crictl_config), "ps", "-o", "json", "--state",
+                              "Running", "--label", f"io.kubernetes.pod.namespace={namespace}"],
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            return []
+        found = [{"id": c["id"], "pod": c["labels"]["io.kubernetes.pod.name"], "created": int(c["createdAt"]) / 1e9,
+                  "name": c["metadata"]["name"]} for c in json.loads(out.stdout).get("containers") or []]
+        return sorted((c for c in found if container is None or c["name"] == container), key=lambda c: c["pod"])
+
     def sigkill(self, container_id):
         """SIGKILL the container's main process, found through the CRI (crictl inspect: info.pid)."""
         cid = container_id.split("://", 1)[-1]
@@ -252,6 +267,42 @@ class PodWatch(threading.Thread):
             spans = sorted(r["running"] - r["created"] for r in self.pods.values()
                            if r["kind"] == "trainer" and r["running"] is not None)
         return spans[len(spans) // 2] if spans else 0.0
+
+
+class CriWatch(threading.Thread):
+    """The undisturbed run's containers as containerd sees them (every 0.2 s): per container id, its kind, when
+    it was created and when it was last seen running. lifetimes(): {kind: median seconds}, the lives the
+    seeded fractions apply to."""
+
+    def __init__(self, cluster, namespace):
+        super().__init__(daemon=True)
+        self.cluster, self.namespace, self.seen, self.stop = cluster, namespace, {}, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            kinds = {CONTAINERS[k]: k for k in ("splitter", "trainer", "aggregator")}
+            for c in self.cluster.cri_running(self.namespace):
+                if c["name"] in kinds:
+                    self.seen.setdefault(c["id"], {"kind": kinds[c["name"]], "created": c["created"]})["last"] = time.time()
+            time.sleep(0.2)
+
+    def lifetimes(self):
+        out = {}
+        for kind in ("splitter", "trainer", "aggregator"):
+            spans = sorted(c["last"] - c["created"] for c in self.seen.values() if c["kind"] == kind)
+            if spans:
+                out[kind] = spans[len(spans) // 2]
+        return out
+
+
+def current_round(log):
+    """The round the quickstart's output last announced ('== round r/R'), 0 before the first."""
+    try:
+        text = Path(log).read_text()
+    except OSError:
+        return 0
+    rounds = [int(line.split("== round ", 1)[1].split("/", 1)[0]) for line in text.splitlines() if "== round " in line]
+    return rounds[-1] if rounds else 0
 
 
 # --- the load client ------------------------------------------------------------------------------
@@ -450,6 +501,9 @@ class Runner:
         self.cluster.kubectl("create", "namespace", namespace)
         watch = PodWatch(self.cluster, namespace)
         watch.start()
+        cri = CriWatch(self.cluster, namespace)
+        if p is None:
+            cri.start()
         record = {"seed": None if p is None else p["seed"], "namespace": namespace, "log": str(log),
                   "plan": p, "problems": []}
         fault = {}
@@ -458,7 +512,7 @@ class Runner:
             proc = self.quickstart(namespace, log)
             injector = None
             if p is not None and not (p["kind"] == "server" and p["phase"] == "serving"):
-                injector = threading.Thread(target=self.inject, args=(p, watch, namespace, baseline, fault, proc),
+                injector = threading.Thread(target=self.inject, args=(p, log, namespace, baseline, fault, proc),
                                             daemon=True)
                 injector.start()
             code = proc.wait(timeout=3600)
@@ -481,39 +535,54 @@ class Runner:
             if p is not None and not fault.get("hit"):
                 record["problems"].append(f"the fault was not injected: {fault.get('error', 'no matching pod ran')}")
             if p is None:
-                record["lifetimes"] = {k: round(v, 1) for k, v in watch.lifetimes().items()}
+                cri.stop.set()
+                record["lifetimes"] = {k: round(v, 1) for k, v in {**watch.lifetimes(), **cri.lifetimes()}.items()}
                 record["pod_start"] = round(watch.start_latency(), 1)
             self.volume_checks(namespace, record, baseline)
         except Exception as e:  # a check that could not run is a failed run, with its reason
             record["problems"].append(f"{type(e).__name__}: {e}")
         finally:
             watch.stop.set()
+            cri.stop.set()
             if "proc" in locals() and proc.poll() is None:
                 proc.kill()
             self.cleanup_later(namespace)
         record["passed"] = not record["problems"]
         return record
 
-    def inject(self, p, watch, namespace, baseline, fault, proc):
-        """Wait until a pod of the plan runs, then the seeded fraction of that kind's life, then hit it."""
+    def inject(self, p, log, namespace, baseline, fault, proc):
+        """Wait until the plan's container runs (containerd's view, polled every 0.1 s; a trainer's or the
+        aggregator's round from the quickstart's output), then until the seeded fraction of that kind's life
+        in the undisturbed run has passed since the container was created, then hit its pod."""
         life = (baseline or {}).get("lifetimes", {}).get(p["kind"], 5.0)
         if p["kind"] == "nfs-server":  # its life is the run: the fraction falls in the split and the rounds
             life = baseline["training_span"]
         delay = p["fraction"] * life
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline and proc.poll() is None:
-            rec = watch.running(p)
-            if rec:
-                seen = time.monotonic()
-                time.sleep(max(0.0, delay - (seen - rec["running"])))
-                rec = watch.running(p) or rec
+            found = self.cluster.cri_running(namespace, CONTAINERS[p["kind"]])
+            if p["kind"] == "trainer":
+                found = [c for c in found if c["pod"].startswith(f"mnist-trainer-{p['index']}-")]
+            if p["kind"] in ("trainer", "aggregator") and current_round(log) != p["round"]:
+                found = []
+            if found:
+                target = found[0]
+                time.sleep(max(0.0, target["created"] + delay - time.time()))
+                fault.update(pod=target["pod"], life=round(life, 1))
                 try:
-                    fault.update(pod=rec["name"], moment=round(time.monotonic() - rec["running"], 1),
-                                 life=round(life, 1), how=self.hit(p, rec, namespace), hit=True)
-                except Exception as e:  # the pod ended meanwhile (a short life): say so
+                    if p["method"] == "delete":
+                        if not any(c["id"] == target["id"] for c in self.cluster.cri_running(namespace, CONTAINERS[p["kind"]])):
+                            raise RuntimeError(f"the container ended {time.time() - target['created']:.1f} s into its life, "
+                                               "before the moment")
+                        self.cluster.kubectl("delete", "pod", target["pod"], "--wait=false", namespace=namespace)
+                        how = "deleted"
+                    else:
+                        how = f"SIGKILL pid {self.cluster.sigkill(target['id'])}"
+                    fault.update(moment=round(time.time() - target["created"], 1), how=how, hit=True)
+                except Exception as e:  # the container ended before the moment (a short life): say so
                     fault["error"] = f"{type(e).__name__}: {e}"
                 return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     def serve_checks(self, p, watch, namespace, record, fault):
         svc = self.cluster.get("service", "mnist-server-svc", namespace=namespace)
@@ -546,7 +615,12 @@ class Runner:
                           "errors": sorted({str(f[2])[:80] for f in failed})[:3]}
         if n < 20:
             record["problems"].append(f"the load client made only {n} requests")
-        if failed:
+        # A deleted replica stops gracefully (preStop, then nginx drains): no request may fail. A SIGKILLed one
+        # cannot answer what it held, and refuses new connections until the kubelet has seen it die and
+        # kube-proxy has dropped its endpoint: the client sees a refused or reset connection, and a client
+        # that retries such a POST once (idempotent: the same image, the same answer) loses nothing.
+        lossless = failed if p is None or p["kind"] != "server" or p["method"] != "sigkill" else after_retry
+        if lossless:
             record["problems"].append(f"load: {len(failed)} of {n} requests failed ({len(after_retry)} after one retry)")
         if any(not admitted.startswith(m or "-") for m in model_ids):
             record["problems"].append(f"load: answers from model(s) {sorted(model_ids)}, admitted {admitted[:12]}")
