@@ -274,17 +274,26 @@ class CriWatch(threading.Thread):
     it was created and when it was last seen running. lifetimes(): {kind: median seconds}, the lives the
     seeded fractions apply to."""
 
-    def __init__(self, cluster, namespace):
+    def __init__(self, cluster, namespace, log):
         super().__init__(daemon=True)
-        self.cluster, self.namespace, self.seen, self.stop = cluster, namespace, {}, threading.Event()
+        self.cluster, self.namespace, self.log, self.seen, self.stop = cluster, namespace, log, {}, threading.Event()
 
     def run(self):
         while not self.stop.is_set():
             kinds = {CONTAINERS[k]: k for k in ("splitter", "trainer", "aggregator")}
             for c in self.cluster.cri_running(self.namespace):
                 if c["name"] in kinds:
-                    self.seen.setdefault(c["id"], {"kind": kinds[c["name"]], "created": c["created"]})["last"] = time.time()
+                    self.seen.setdefault(c["id"], {"kind": kinds[c["name"]], "created": c["created"],
+                                                   "round": current_round(self.log)})["last"] = time.time()
             time.sleep(0.2)
+
+    def starts(self, t0):
+        """{"kind/round": seconds from t0 (the run's start) to the first container of that kind and round}."""
+        out = {}
+        for c in self.seen.values():
+            key = f"{c['kind']}/{c['round']}"
+            out[key] = round(min(out.get(key, float("inf")), c["created"] - t0), 2)
+        return out
 
     def lifetimes(self):
         out = {}
@@ -293,6 +302,18 @@ class CriWatch(threading.Thread):
             if spans:
                 out[kind] = spans[len(spans) // 2]
         return out
+
+
+def scaled_delay(fraction, life, base_offset, offset):
+    """The seeded moment, in seconds after the target container started: FRACTION of the kind's LIFE in the
+    undisturbed run, scaled by this run's pace: OFFSET (this run's seconds from its start to the target's
+    start) over BASE_OFFSET (the undisturbed run's, for the same kind and round), within 0.5x-2x. A machine
+    twice as busy (or half as) as during the undisturbed run moves the moment with the pod's life, so a
+    seed does not fall after the pod's end. Returns (delay, pace)."""
+    pace = 1.0
+    if base_offset and base_offset > 0 and offset and offset > 0:
+        pace = min(2.0, max(0.5, offset / base_offset))
+    return fraction * life * pace, round(pace, 2)
 
 
 def current_round(log):
@@ -501,18 +522,18 @@ class Runner:
         self.cluster.kubectl("create", "namespace", namespace)
         watch = PodWatch(self.cluster, namespace)
         watch.start()
-        cri = CriWatch(self.cluster, namespace)
+        cri = CriWatch(self.cluster, namespace, log)
         if p is None:
             cri.start()
         record = {"seed": None if p is None else p["seed"], "namespace": namespace, "log": str(log),
                   "plan": p, "problems": []}
         fault = {}
         try:
-            start = time.monotonic()
+            start, t0 = time.monotonic(), time.time()
             proc = self.quickstart(namespace, log)
             injector = None
             if p is not None and not (p["kind"] == "server" and p["phase"] == "serving"):
-                injector = threading.Thread(target=self.inject, args=(p, log, namespace, baseline, fault, proc),
+                injector = threading.Thread(target=self.inject, args=(p, log, namespace, baseline, fault, proc, t0),
                                             daemon=True)
                 injector.start()
             code = proc.wait(timeout=3600)
@@ -537,6 +558,7 @@ class Runner:
             if p is None:
                 cri.stop.set()
                 record["lifetimes"] = {k: round(v, 1) for k, v in {**watch.lifetimes(), **cri.lifetimes()}.items()}
+                record["starts"] = cri.starts(t0)
                 record["pod_start"] = round(watch.start_latency(), 1)
             self.volume_checks(namespace, record, baseline)
         except Exception as e:  # a check that could not run is a failed run, with its reason
@@ -550,14 +572,13 @@ class Runner:
         record["passed"] = not record["problems"]
         return record
 
-    def inject(self, p, log, namespace, baseline, fault, proc):
+    def inject(self, p, log, namespace, baseline, fault, proc, t0):
         """Wait until the plan's container runs (containerd's view, polled every 0.1 s; a trainer's or the
         aggregator's round from the quickstart's output), then until the seeded fraction of that kind's life
         in the undisturbed run has passed since the container was created, then hit its pod."""
         life = (baseline or {}).get("lifetimes", {}).get(p["kind"], 5.0)
         if p["kind"] == "nfs-server":  # its life is the run: the fraction falls in the split and the rounds
             life = baseline["training_span"]
-        delay = p["fraction"] * life
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline and proc.poll() is None:
             found = self.cluster.cri_running(namespace, CONTAINERS[p["kind"]])
@@ -567,8 +588,11 @@ class Runner:
                 found = []
             if found:
                 target = found[0]
+                key = f"{p['kind']}/{p.get('round', 0)}"
+                delay, pace = scaled_delay(p["fraction"], life, (baseline or {}).get("starts", {}).get(key),
+                                           target["created"] - t0)
                 time.sleep(max(0.0, target["created"] + delay - time.time()))
-                fault.update(pod=target["pod"], life=round(life, 1))
+                fault.update(pod=target["pod"], life=round(life, 1), pace=pace)
                 try:
                     if p["method"] == "delete":
                         if not any(c["id"] == target["id"] for c in self.cluster.cri_running(namespace, CONTAINERS[p["kind"]])):

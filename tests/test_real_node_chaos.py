@@ -97,6 +97,20 @@ def test_the_round_of_a_fault_is_the_last_one_the_quickstart_announced(tmp_path)
     assert chaos.current_round(log) == 2
 
 
+def test_the_moment_follows_the_runs_pace():
+    """Seed 18 of the benchmark's run: trainer 0 of round 2 at 66 % of the undisturbed 37.7 s (24.9 s) was
+    missed, the run's trainer having ended at 25.0 s on a machine half as busy. The moment now scales with
+    the run's pace up to the target's start (within 0.5x-2x), and stays the undisturbed run's without it."""
+    chaos = chaos_module()
+    p = chaos.plan(18)
+    assert (p["kind"], p["method"], p["round"], p["index"]) == ("trainer", "delete", 2, 0)
+    assert chaos.scaled_delay(0.66, 37.7, None, 80.0) == (pytest.approx(0.66 * 37.7), 1.0)
+    delay, pace = chaos.scaled_delay(0.66, 37.7, 120.0, 80.0)  # this run reached round 2 in 2/3 of the time
+    assert pace == 0.67 and delay == pytest.approx(0.66 * 37.7 * 80 / 120) and delay < 25.0
+    assert chaos.scaled_delay(0.5, 10.0, 100.0, 500.0) == (10.0, 2.0)  # bounded: 2x at most
+    assert chaos.scaled_delay(0.5, 10.0, 100.0, 10.0) == (2.5, 0.5)  # and 0.5x at least
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_seeded_faults_end_with_the_undisturbed_runs_weights(kubeconfig, mnist_npz, tmp_path, capsys):  # noqa: F811
