@@ -28,7 +28,7 @@
 #   MNIST_NPZ []       a local mnist.npz (Keras layout) to put on the volume for the splitter, through a
 #                      short-lived pod (manifests/9999-dataset-upload.yaml): for clusters without
 #                      internet access. Unset: the splitter downloads MNIST (checksum-verified)
-#   SERVE [1]          1: deploy the server and say how to reach it; 0: stop after the accuracy test
+#   SERVE [1]          1: deploy the server (SERVER_REPLICAS [2] pods, a PodDisruptionBudget) and say how to reach it
 #   SERVICE_TYPE [LoadBalancer]  the server's Service: LoadBalancer, NodePort or ClusterIP. Without
 #                      an external IP (kind, minikube, this project's local cluster) the run still
 #                      succeeds and prints the kubectl port-forward command
@@ -101,6 +101,8 @@ check_settings() {
   [[ "$RESUME" == 0 || "$RESUME" == 1 ]] || fail config "RESUME must be 0 or 1, got '$RESUME'"
   [[ "$POLL" =~ ^[0-9]{1,4}$ ]] || fail config "POLL must be a number of seconds, got '$POLL'"
   [[ "$SERVE" == 0 || "$SERVE" == 1 ]] || fail config "SERVE must be 0 or 1, got '$SERVE'"
+  [[ -z "${SERVER_REPLICAS:-}" || "$SERVER_REPLICAS" =~ ^[1-9][0-9]{0,2}$ ]] ||
+    fail config "SERVER_REPLICAS must be a whole number >= 1, got '$SERVER_REPLICAS'"
   case "$SERVICE_TYPE" in
     LoadBalancer | NodePort | ClusterIP) ;;
     *) fail config "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
@@ -755,6 +757,7 @@ serve() {
   say "== server (Service type $SERVICE_TYPE)"
   applying
   apply server "$root/manifests/7-server.yaml"
+  apply server "$root/manifests/8-server-pdb.yaml"
   wait_ready server deployment mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
   say "server: ready"
   note_timeline server "app.kubernetes.io/component=server"

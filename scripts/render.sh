@@ -12,7 +12,7 @@
 #                 with NFS_CLUSTER_IP as its clusterIP (pick a free address of the cluster's Service range),
 #                 2-nfs-networkpolicy.yaml (when NODE_CIDR is set), 3-nfs-pv-pvc.yaml, then the stages:
 #                 4-splitter.yaml, 5-trainer.yaml (5-trainer-indexed.yaml: one Job for every shard),
-#                 6-aggregator.yaml, 7-server.yaml
+#                 6-aggregator.yaml, 7-server.yaml, 8-server-pdb.yaml
 #   gce           the same with the GCE disk's 1-nfs-deployment.yaml
 #   rwx           3-rwx-pvc.yaml (variants/, a claim of STORAGE_CLASS), then the stages
 # Later rounds, the accuracy test and the 9999-* tools are the quickstart's (or one file at a time).
@@ -37,6 +37,7 @@
 #                   "--steps" LOCAL_STEPS; ATTACK=K:KIND gives the trainer of INCREMENTAL_NUMBER K "--attack" KIND
 #                   (5-trainer.yaml only: the indexed Job runs every worker with the same args)
 #   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
+#   SERVER_REPLICAS if set, the server Deployment's replicas (2 in 7-server.yaml): a whole number >= 1
 set -euo pipefail
 
 me="render.sh"
@@ -79,7 +80,7 @@ render_out() {
     *) die "--backend must be pvc, gce or rwx, got '$backend'" ;;
   esac
   plan+=("4-splitter.yaml=4-splitter.yaml" "5-trainer.yaml=5-trainer-indexed.yaml" "6-aggregator.yaml=6-aggregator.yaml"
-    "7-server.yaml=7-server.yaml")
+    "7-server.yaml=7-server.yaml" "8-server-pdb.yaml=8-server-pdb.yaml")
   if [[ -e "$dir" ]]; then
     [[ -d "$dir" ]] || die "--out $dir exists and is not a directory"
     [[ -z "$(ls -A "$dir")" ]] || die "--out $dir is not empty: kubectl apply -f $dir would apply what is there too; name a new directory"
@@ -139,6 +140,9 @@ case "${SERVICE_TYPE:-}" in
   "" | LoadBalancer | NodePort | ClusterIP) ;;
   *) die "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
 esac
+if [[ -n "${SERVER_REPLICAS:-}" ]] && ! [[ "$SERVER_REPLICAS" =~ ^[1-9][0-9]{0,2}$ ]]; then
+  die "SERVER_REPLICAS must be a whole number >= 1, got '$SERVER_REPLICAS'"
+fi
 
 if [[ -n "$out" ]]; then
   render_out "$out" "$backend"
@@ -191,6 +195,9 @@ for file in "$@"; do
     expr+=(-e "s|\"--savemodel\", |$(json_args "${trainer_extra[@]}" | cut -c3-), \"--savemodel\", |")
   fi
   [[ -z "${SERVICE_TYPE:-}" ]] || expr+=(-e "s/^\(  type: \)LoadBalancer\$/\1$SERVICE_TYPE/")
+  if [[ -n "${SERVER_REPLICAS:-}" ]] && grep -q '^  name: mnist-server$' "$file"; then
+    expr+=(-e "s/^\(  replicas: \)2\$/\1$SERVER_REPLICAS/")
+  fi
   ((first)) || printf -- '---\n'
   first=0
   sed "${expr[@]}" "$file"

@@ -49,7 +49,7 @@ if [[ "$(k get pvc nfs -o 'jsonpath={.spec.storageClassName}' --ignore-not-found
   rwx_claim=1
 fi
 
-remove "the server" deployment,service -l "$app,app.kubernetes.io/component=server"
+remove "the server" deployment,service,poddisruptionbudget -l "$app,app.kubernetes.io/component=server"
 remove "the Jobs" jobs -l "$app" --cascade=foreground
 remove "busybox" deployment -l "$app,app.kubernetes.io/component=busybox"
 remove "the config" configmap -l "$app"

@@ -84,7 +84,7 @@ def test_the_manifests_are_the_originals_and_more():
     names = {f.name for f in MANIFESTS.glob("*.yaml")}
     assert names == {"1-nfs-deployment.yaml", "2-nfs-service.yaml", "2-nfs-networkpolicy.yaml", "3-nfs-pv-pvc.yaml",
                      "4-splitter.yaml", "5-trainer.yaml", "5-trainer-indexed.yaml", "6-aggregator.yaml", "7-server.yaml",
-                     "9999-busybox.yaml", "9999-accuracy-test.yaml", "9999-dataset-upload.yaml",
+                     "8-server-pdb.yaml", "9999-busybox.yaml", "9999-accuracy-test.yaml", "9999-dataset-upload.yaml",
                      "9999-ledger-restore.yaml"}
     assert sorted(f.name for f in (MANIFESTS / "variants").glob("*.yaml")) == ["1-nfs-deployment-pvc.yaml",
                                                                                 "3-rwx-pvc.yaml"]
@@ -163,7 +163,8 @@ def render_out(out, *flags, **env):
 ])
 def test_render_out_writes_one_backends_files_filled_in_apply_order(backend, files, tmp_path):
     files = {**files, "4-splitter.yaml": "4-splitter.yaml", "5-trainer.yaml": "5-trainer-indexed.yaml",
-             "6-aggregator.yaml": "6-aggregator.yaml", "7-server.yaml": "7-server.yaml"}
+             "6-aggregator.yaml": "6-aggregator.yaml", "7-server.yaml": "7-server.yaml",
+             "8-server-pdb.yaml": "8-server-pdb.yaml"}
     out = tmp_path / "out"
     proc = render_out(out, "--backend", backend, **OUT_ENV)
     assert proc.returncode == 0, proc.stderr
@@ -986,3 +987,23 @@ def test_policy_check_passes_and_catches_a_regression(tmp_path):
 def test_the_tests_clean_environment_leaves_out_every_placeholder():
     """helpers.clean_env (what every script-running test starts from) drops every {{NAME}} render.sh fills."""
     assert set(PLACEHOLDERS) <= set(SCRIPT_SETTINGS)
+
+
+def test_server_replicas_and_its_disruption_budget():
+    """Two server replicas by default and a PodDisruptionBudget that selects exactly the Deployment's pods
+    (maxUnavailable 1: a drain takes one at a time, and still proceeds with one replica); SERVER_REPLICAS
+    sets the count, and a value that is not a whole number >= 1 is refused by name."""
+    deployment, service = docs_of(MANIFESTS / "7-server.yaml")
+    assert deployment["kind"] == "Deployment" and deployment["spec"]["replicas"] == 2
+    [pdb] = docs_of(MANIFESTS / "8-server-pdb.yaml")
+    assert pdb["kind"] == "PodDisruptionBudget" and pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+    assert docs_of(MANIFESTS / "7-server.yaml", SERVER_REPLICAS="1")[0]["spec"]["replicas"] == 1
+    # only the server's Deployment: the NFS server's replicas stay 1
+    assert docs_of(MANIFESTS / "variants" / "1-nfs-deployment-pvc.yaml", SERVER_REPLICAS="3")[1]["spec"]["replicas"] == 1
+    for bad in ("0", "two", "-1"):
+        proc = render(MANIFESTS / "7-server.yaml", SERVER_REPLICAS=bad)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.strip() == f"render.sh: SERVER_REPLICAS must be a whole number >= 1, got '{bad}'", proc.stderr

@@ -172,7 +172,8 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
          [("ConfigMap", "mnist-config"), ("Job", "mnist-splitter")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
-        + [[("Job", "mnist-accuracy-test")], [("Deployment", "mnist-server"), ("Service", "mnist-server-svc")]])
+        + [[("Job", "mnist-accuracy-test")], [("Deployment", "mnist-server"), ("Service", "mnist-server-svc")],
+           [("PodDisruptionBudget", "mnist-server")]])
 
     # The nfs stage: the server's claim bound before the rest, the nodes' range (10.128.0.5-12) in its
     # NetworkPolicy, the server ready before its ClusterIP goes into the PV.
@@ -345,7 +346,7 @@ def test_quickstart_min_workers_goes_on_without_a_failed_trainer(fake):
     round_objects = ["mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2", "mnist-aggregator"]
     start = names.index("mnist-splitter") + 1
     assert names[start:start + 8] == round_objects * 2
-    assert names[start + 8:] == ["mnist-accuracy-test", "mnist-server", "mnist-server-svc"]
+    assert names[start + 8:] == ["mnist-accuracy-test", "mnist-server", "mnist-server-svc", "mnist-server"]
     aggregator = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator"][0]
     assert container_args(aggregator)[-4:] == ["--min-workers", "2", "--deadline", "900"]
     # both rounds: the trainer Jobs and the aggregator are replaced together before being applied again
@@ -431,7 +432,8 @@ def test_quickstart_resume_with_every_round_done_only_tests_and_serves(fake):
     assert proc.returncode == 0, proc.stderr
     names = applied_names(proc)
     assert names[names.index("mnist-ledger-restore"):] == ["mnist-ledger-restore", "mnist-config",
-                                                           "mnist-accuracy-test", "mnist-server", "mnist-server-svc"]
+                                                           "mnist-accuracy-test", "mnist-server", "mnist-server-svc",
+                                                           "mnist-server"]
     assert "resume: all ROUNDS=2 rounds are done; on to the accuracy test" in proc.stdout
 
 
@@ -561,7 +563,7 @@ def test_teardown_keeps_the_disk_unless_asked(fake):
     assert proc.returncode == 0, proc.stderr
     deleted = [" ".join(c) for c in proc.calls if c[0] == "delete"]
     joined = "\n".join(deleted)
-    for obj in ("deployment,service -l app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=server",
+    for obj in ("deployment,service,poddisruptionbudget -l app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=server",
                 "jobs -l app.kubernetes.io/name=mlk-mnist", "configmap -l app.kubernetes.io/name=mlk-mnist",
                 "pods -l app.kubernetes.io/name=mlk-mnist ", "persistentvolumeclaim nfs ", "persistentvolume mlk-nfs-default ",
                 "service,deployment,networkpolicy -l app.kubernetes.io/name=mlk-mnist,"

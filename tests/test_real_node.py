@@ -649,7 +649,7 @@ def test_quickstart_rwx_backend_trains_and_serves_on_the_real_node(kubeconfig, n
     env = clean_env()
     env.update(KUBECTL=f"{KUBECTL} --kubeconfig {kubeconfig} -n {ns}", POLL="2", NFS_BACKEND="rwx",
                STORAGE_CLASS=CLASS, WORKER_NUMBER="2", EPOCH="1", ROUNDS="2", SERVE="1", SERVICE_TYPE="ClusterIP",
-               MNIST_NPZ=str(mnist_npz))
+               MNIST_NPZ=str(mnist_npz), SERVER_REPLICAS="1")  # one pod: the gate check below scales to 2 itself
     out_path = Path(f"/tmp/{ns}-quickstart.out")
     try:
         start = time.monotonic()
