@@ -11,6 +11,7 @@ the stage images must be built: scripts/build-images.sh) and stops them at the e
 Issue target: the Kubernetes run within 1.5x the local one."""
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -64,7 +65,7 @@ def settings(args):
 
 
 def run_local(args):
-    """scripts/local-quickstart.sh until its server answers /readyz with 200; seconds."""
+    """scripts/local-quickstart.sh until its server answers /readyz with "ready" (a model served); seconds."""
     port, internal = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="mlk-bench-k8s-") as work:
         env = dict(os.environ, **settings(args), WORK_DIR=work, PORT=str(port), INTERNAL_PORT=str(internal))
@@ -76,11 +77,11 @@ def run_local(args):
             while True:
                 if proc.poll() is not None:
                     sys.exit(f"local-quickstart.sh exited {proc.returncode}:\n{(Path(work) / 'run.log').read_text()[-3000:]}")
-                try:
+                try:  # served: "ready" (the page answers "training" from the start, while the rounds run)
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                        if r.status == 200:
+                        if r.status == 200 and json.load(r).get("status") == "ready":
                             return time.monotonic() - start
-                except OSError:
+                except (OSError, ValueError):
                     pass
                 time.sleep(0.2)
         finally:

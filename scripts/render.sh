@@ -30,12 +30,9 @@
 #   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG;
 #                   another registry than the default also serves busybox (docker.io/library/busybox:T -> $IMAGE_REGISTRY/busybox:T)
-#   SPLIT, AGGREGATION, SERVER_OPTIMIZER, SERVER_LR, SERVER_MOMENTUM, PROX_MU, LOCAL_STEPS, ATTACK
-#                   the federated-learning knobs (docs/CONTRACTS.md "Runner knobs"), each only when not at its
-#                   default: the splitter's args get "--strategy" SPLIT, the aggregator's "--aggregation",
-#                   "--server-optimizer", "--server-lr", "--server-momentum", every trainer's "--prox-mu" PROX_MU and
-#                   "--steps" LOCAL_STEPS; ATTACK=K:KIND gives the trainer of INCREMENTAL_NUMBER K "--attack" KIND
-#                   (5-trainer.yaml only: the indexed Job runs every worker with the same args)
+#   SPLIT, AGGREGATION, SERVER_OPTIMIZER, SERVER_LR, SERVER_MOMENTUM, PROX_MU, LOCAL_STEPS, ATTACK  the
+#                   federated-learning knobs (docs/CONTRACTS.md "Runner knobs"), each only when not at its default,
+#                   become the splitter's, aggregator's and trainers' flags (ATTACK: 5-trainer.yaml only)
 #   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
 #   SERVER_REPLICAS if set, the server Deployment's replicas (2 in 7-server.yaml): a whole number >= 1
 set -euo pipefail
