@@ -65,7 +65,8 @@ def settings(args):
 
 
 def run_local(args):
-    """scripts/local-quickstart.sh until its server answers /readyz with "ready" (a model served); seconds."""
+    """scripts/local-quickstart.sh until it serves the last round's model (the same point as the quickstart's
+    "server: ready"); seconds."""
     port, internal = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="mlk-bench-k8s-") as work:
         env = dict(os.environ, **settings(args), WORK_DIR=work, PORT=str(port), INTERNAL_PORT=str(internal))
@@ -77,12 +78,15 @@ def run_local(args):
             while True:
                 if proc.poll() is not None:
                     sys.exit(f"local-quickstart.sh exited {proc.returncode}:\n{(Path(work) / 'run.log').read_text()[-3000:]}")
-                try:  # served: "ready" (the page answers "training" from the start, while the rounds run)
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                        if r.status == 200 and json.load(r).get("status") == "ready":
-                            return time.monotonic() - start
-                except (OSError, ValueError):
-                    pass
+                # Served: the run says so after its accuracy test (its page is up from the start and serves
+                # round 1's model as soon as it lands), and /readyz says ready.
+                if "serving the model at" in (Path(work) / "run.log").read_text():
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                            if r.status == 200 and json.load(r).get("status") == "ready":
+                                return time.monotonic() - start
+                    except (OSError, ValueError):
+                        pass
                 time.sleep(0.2)
         finally:
             os.killpg(proc.pid, signal.SIGINT)
