@@ -200,7 +200,7 @@ def test_quickstart_runs_reruns_and_tears_down_clean(kubeconfig, ns):
     assert job_conditions(kubeconfig, ns, "mnist-accuracy-test") >= {"Complete"}
     deployment = get_json(kubeconfig, "deployment", "mnist-server", namespace=ns)
     assert {c["type"] for c in deployment["status"]["conditions"] if c["status"] == "True"} >= {"Available"}
-    assert deployment["status"]["availableReplicas"] == 1
+    assert deployment["status"]["availableReplicas"] == 2  # SERVER_REPLICAS' default (docs/kubernetes.md)
     cluster_ip = get_json(kubeconfig, "service", "nfs-server", namespace=ns)["spec"]["clusterIP"]
     pv = get_json(kubeconfig, "pv", f"mlk-nfs-{ns}")
     assert pv["status"]["phase"] == "Bound"
