@@ -6,7 +6,9 @@ on a terminal, plain lines (one per change of round, epoch or state) in a log or
                                                            the same from the cluster's volume, and the ConfigMap
     live.py kube ... --passthrough                         also print the lines read on stdin above the live
                                                            lines, and stop at the end of stdin
-    live.py kube --once --accuracy JSON                    the ConfigMap's last accuracy, from the accuracy test
+    live.py kube --once --accuracy JSON [--round N --workers-done K/N]   the ConfigMap's last accuracy, from the
+                                                           accuracy test (and the last round's end: no pod is left
+                                                           then to read the volume in)
 
 The snapshot is server/progress.py's (the same as the page's /api/progress). scripts/rounds.py draws the lines
 for scripts/local-quickstart.sh between its own; scripts/quickstart.sh runs `kube` in the background while the
@@ -238,8 +240,10 @@ def watch_cluster(cluster, terminal, interval, name, stop):
             time.sleep(0.2)
 
 
-def final_accuracy(cluster, name, accuracy_json):
-    """After the accuracy test: the ConfigMap's last_accuracy and phase from its result line."""
+def final_accuracy(cluster, name, accuracy_json, last_round=None, workers_done=None):
+    """After the accuracy test: the ConfigMap's last_accuracy and phase from its result line; with the last
+    round and its workers done (the quickstart knows them), the round's end too, which the watch cannot see:
+    once the last aggregator has ended, no pod is left to read the volume in."""
     try:
         accuracy = float(json.loads(accuracy_json)["accuracy"])
     except (ValueError, KeyError, TypeError):
@@ -248,6 +252,10 @@ def final_accuracy(cluster, name, accuracy_json):
         return 2
     data = {"last_accuracy": f"{accuracy:.4f}", "phase": "tested",
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if last_round is not None:
+        data.update(round=str(last_round), round_state=f"round {last_round}: aggregated")
+    if workers_done is not None:
+        data["workers_done"] = workers_done
     # a merge patch keeps what the watch wrote (round, workers); no ConfigMap yet (no snapshot was read): create it
     if cluster.run("patch", "configmap", name, "--type", "merge", "-p", json.dumps({"data": data})) is not None:
         return 0
@@ -278,6 +286,8 @@ def build_parser():
                       help="print stdin's lines above the live lines; stop at the end of stdin")
     kube.add_argument("--once", action="store_true", help="with --accuracy: update the ConfigMap once and exit")
     kube.add_argument("--accuracy", help="the accuracy test's JSON result line")
+    kube.add_argument("--round", type=int, help="with --once: the last round, now aggregated")
+    kube.add_argument("--workers-done", help="with --once: K/N, the last round's workers whose models it averaged")
     return p
 
 
@@ -302,7 +312,7 @@ def main(argv=None):
         if not args.accuracy:
             print("live.py: error: --once needs --accuracy", file=sys.stderr)
             return 2
-        return final_accuracy(cluster, args.configmap, args.accuracy)
+        return final_accuracy(cluster, args.configmap, args.accuracy, args.round, args.workers_done)
     if args.passthrough:
         def copy_stdin():  # the quickstart's own lines, above the live ones; its end stops the watch
             for line in sys.stdin:

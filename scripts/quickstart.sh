@@ -483,6 +483,7 @@ wait_round() {
     delete_jobs "${late[@]}"
   fi
   local missing=("${failed[@]}" "${late[@]}" "${gone[@]}")
+  round_workers_done=$((WORKER_NUMBER - ${#missing[@]})) # for the ConfigMap mlk-progress (live_accuracy)
   if ((${#missing[@]})); then
     say "round $round: aggregated model written without ${missing[*]} (the ledger records them missing)"
   else
@@ -696,6 +697,7 @@ train_rounds() {
       wait_jobs "trainers (round $round)" "app.kubernetes.io/component=trainer" "${trainers[@]}"
       note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
       say "round $round: $WORKER_NUMBER trainers done"
+      round_workers_done=$WORKER_NUMBER
       delete_jobs mnist-aggregator
       applying
       apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
@@ -728,7 +730,9 @@ stop_live() { # back to the terminal; the watch prints what it still has and end
 }
 live_accuracy() { # live_accuracy JSON: the accuracy test's result into the ConfigMap mlk-progress
   command -v python3 >/dev/null 2>&1 || return 0
-  python3 "$root/scripts/live.py" kube --kubectl "${kubectl_cmd[*]}" --once --accuracy "$1" ||
+  local last=()
+  [[ -z "${round_workers_done:-}" ]] || last=(--round "$ROUNDS" --workers-done "$round_workers_done/$WORKER_NUMBER")
+  python3 "$root/scripts/live.py" kube --kubectl "${kubectl_cmd[*]}" --once --accuracy "$1" "${last[@]}" ||
     warn "could not update the ConfigMap mlk-progress with the accuracy"
 }
 

@@ -166,6 +166,9 @@ def test_quickstart_keeps_the_progress_configmap_and_shows_the_lines(kube):
     assert cms and cms[0]["data"]["round"] == "2" and cms[0]["data"]["workers_done"] == "1/2"
     [patch] = [c for c in kube["calls"]() if c[:3] == ["patch", "configmap", "mlk-progress"]]
     assert json.loads(patch[-1])["data"]["last_accuracy"] == "0.9861"  # the stand-in's accuracy test line
+    # and the last round's end, which no snapshot could read (its pods had ended): from the quickstart itself
+    final = json.loads(patch[-1])["data"]
+    assert (final["round"], final["workers_done"], final["round_state"]) == ("2", "2/2", "round 2: aggregated")
     # the ConfigMap is applied from the watch only: the pipeline's own applies are as before
     applied = [list(yaml.safe_load_all(p.read_text())) for p in sorted((Path(env["FAKE_DIR"])).glob("apply-*.yaml"))]
     assert all(d["metadata"]["name"] != "mlk-progress" for docs in applied for d in docs)
