@@ -146,3 +146,19 @@ def tiny_model(seed):
         keras.layers.Flatten(name="flatten"),
         keras.layers.Dense(10, activation="softmax", name="dense"),
     ], name="tiny")
+
+
+def benchmark_module(filename):
+    """benchmarks/FILENAME (e.g. "chaos.py", "fuzz-server.py") as a module, for the tests that run a short
+    version of it; with benchmarks/ on sys.path while it loads, for its `import _repo`."""
+    import importlib.util
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(Path(filename).stem.replace("-", "_"), f"{folder}/{filename}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module

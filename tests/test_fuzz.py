@@ -3,25 +3,15 @@ parsers and v2's request parsing, with a tiny model): a few thousand generated i
 a 5xx, a traceback in the log, an answer that is not a one-line JSON error, or an exception out of a parser.
 The full run (100 000 cases) and its figures: docs/benchmarks.md, "Fuzzing"."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import benchmark_module
+
 CASES = 3000
 
 
 def fuzz_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # its `import _repo`
-    try:
-        spec = importlib.util.spec_from_file_location("fuzz_server", ROOT / "benchmarks" / "fuzz-server.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+    return benchmark_module("fuzz-server.py")
 
 
 @pytest.mark.slow

@@ -9,13 +9,12 @@ admitted model, with no failed request from the load client. The cluster comes f
 fixture (REAL_NODE_KUBECONFIG, or a cluster of its own, stopped afterwards); this file's name sorts after
 test_real_node.py, so in a whole run the cluster that module started is found running and reused."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import benchmark_module
 from test_real_node import kubeconfig, need_image  # noqa: F401 - the session's cluster with the real node
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,14 +26,7 @@ CI_SEEDS = (13, 29)
 
 
 def chaos_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # its `import _repo`
-    try:
-        spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+    return benchmark_module("chaos.py")
 
 
 def test_a_seed_picks_the_same_fault_every_time_and_the_table_covers_every_kind():
