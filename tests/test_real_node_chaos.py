@@ -10,14 +10,12 @@ fixture (REAL_NODE_KUBECONFIG, or a cluster of its own, stopped afterwards); thi
 test_real_node.py, so in a whole run the cluster that module started is found running and reused."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from helpers import benchmark_module
 from test_real_node import kubeconfig, need_image  # noqa: F401 - the session's cluster with the real node
 
-ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_SEEDS = range(12, 32)  # docs/benchmarks.md, "Chaos": the 20 seeds of the table
 # CI's seeds: the aggregator of round 1 SIGKILLed 1.5 s into its 2-s life (the seed the first version of the
 # benchmark missed: it saw the container start through the apiserver, too late), and a server replica
