@@ -20,10 +20,11 @@ weights, workers, shards and samples); the ledger verifies (aggregator/ledger.py
 rounds 1..n once each), every .h5 on the volume opens (no torn file); every server pod serves the model
 the gate admitted (gate/admitted.json), never a rejected one, and every answer of the load client comes
 from it; the load client (one new connection per request to the Service's ClusterIP, through the real
-node's kube-proxy) gets no failed request. A client that retries a refused or reset connection once
-(POST /api/predict is idempotent: the same image gives the same answer) is counted beside it: a SIGKILLed
-server replica cannot finish what it held or refuse new connections gracefully, so there the check is that
-no request fails after that one retry (the failures before it are printed).
+node's kube-proxy) gets no failed request. A client that retries a refused or reset connection after 0.25,
+0.5, 1 and 2 s, as the page does (POST /api/predict is idempotent: the same image gives the same answer), is
+counted beside it: a SIGKILLed server replica cannot finish what it held or refuse new connections
+gracefully, so there the check is that no request fails after those retries (the failures before them are
+printed).
 
 Prints one line per run (seed, fault, target, moment, outcome, extra wall time against the undisturbed
 run) and, per fault kind, the extra time against the target: at most one round plus one pod start (both
@@ -354,10 +355,16 @@ def post_six(host, timeout=10):
         conn.close()
 
 
+# A request that failed on the connection (refused, reset, closed without an answer) is sent again after these
+# delays, as the page does (server/static/page.js): POST /api/predict is idempotent, the same image gives the
+# same answer, and a refused connection never reached the app.
+RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
+
+
 class Load(threading.Thread):
     """Posts samples/6.png to the Service's ClusterIP, a new connection each time, until stopped. Records each
-    request; a request that failed on the connection (refused, reset, closed without an answer) is retried
-    once, and the retry recorded beside it."""
+    request: its first answer, and the answer after the retries (RETRY_DELAYS) when the first failed on the
+    connection, with how many retries it took."""
 
     def __init__(self, host):
         super().__init__(daemon=True)
@@ -368,18 +375,22 @@ class Load(threading.Thread):
             status, answer = post_six(self.host)
             retry = None
             if status is None:
-                time.sleep(0.1)
-                retry = post_six(self.host)
+                for n, delay in enumerate(RETRY_DELAYS, 1):
+                    time.sleep(delay)
+                    retry = (*post_six(self.host), n)
+                    if retry[0] is not None:
+                        break
             self.results.append((time.monotonic(), status, answer, retry))
             time.sleep(0.05)
 
     def summary(self):
-        """(requests, the failed ones, those that failed again on their one retry)."""
+        """(requests, the failed ones, those that still failed after the retries, the most retries one took)."""
         def ok(status, answer):
             return status == 200 and isinstance(answer, dict) and answer.get("digit") == 6
         failed = [r for r in self.results if not ok(r[1], r[2])]
-        after_retry = [r for r in failed if not (r[3] and ok(*r[3]))]
-        return len(self.results), failed, after_retry
+        after_retry = [r for r in failed if not (r[3] and ok(*r[3][:2]))]
+        most = max((r[3][2] for r in failed if r[3]), default=0)
+        return len(self.results), failed, after_retry, most
 
 
 # --- what a run left on the volume ------------------------------------------------------------------
@@ -633,19 +644,20 @@ class Runner:
         finally:
             load.stop.set()
             load.join(timeout=30)
-        n, failed, after_retry = load.summary()
+        n, failed, after_retry, most = load.summary()
         model_ids = {a.get("model") for _, s, a, _ in load.results if s == 200 and isinstance(a, dict)}
+        model_ids |= {r[3][1].get("model") for r in load.results if r[3] and r[3][0] == 200 and isinstance(r[3][1], dict)}
         record["load"] = {"requests": n, "failed": len(failed), "failed_after_retry": len(after_retry),
-                          "errors": sorted({str(f[2])[:80] for f in failed})[:3]}
+                          "most_retries": most, "errors": sorted({str(f[2])[:80] for f in failed})[:3]}
         if n < 20:
             record["problems"].append(f"the load client made only {n} requests")
         # A deleted replica stops gracefully (preStop, then nginx drains): no request may fail. A SIGKILLed one
         # cannot answer what it held, and refuses new connections until the kubelet has seen it die and
         # kube-proxy has dropped its endpoint: the client sees a refused or reset connection, and a client
-        # that retries such a POST once (idempotent: the same image, the same answer) loses nothing.
+        # that retries such a POST (idempotent: the same image, the same answer) over RETRY_DELAYS loses nothing.
         lossless = failed if p is None or p["kind"] != "server" or p["method"] != "sigkill" else after_retry
         if lossless:
-            record["problems"].append(f"load: {len(failed)} of {n} requests failed ({len(after_retry)} after one retry)")
+            record["problems"].append(f"load: {len(failed)} of {n} requests failed ({len(after_retry)} after the retries)")
         if any(not admitted.startswith(m or "-") for m in model_ids):
             record["problems"].append(f"load: answers from model(s) {sorted(model_ids)}, admitted {admitted[:12]}")
         for name, pod_ip in self.server_pods(namespace).items():
@@ -769,7 +781,8 @@ def main(argv=None):
         outcome = r.get("outcome", "?")
         if p["kind"] == "server" and p["phase"] == "serving":
             load = r.get("load", {})
-            outcome += f"; load {load.get('failed')}/{load.get('requests')} failed ({load.get('failed_after_retry')} after retry)"
+            outcome += (f"; load {load.get('failed')}/{load.get('requests')} failed ({load.get('failed_after_retry')} after"
+                        f" the retries, at most {load.get('most_retries', 0)} needed)")
         print(f"{p['seed']:>4}  {p['method']:<7}  {describe(p):<34}  {moment:<22}  {outcome:<26}  {extra:>+6.0f}  "
               + ("ok, equal weights" if r["passed"] else f"FAILED: {'; '.join(r['problems'])}"), flush=True)
     print(f"\nper fault kind (target {target:.0f} s: one round + one pod start):")

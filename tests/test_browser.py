@@ -142,3 +142,46 @@ def test_page_fits_a_phone(live_server, browser):
     assert 200 <= pad["width"] <= 375
     page.screenshot(path=str(ARTIFACTS / "server-page-phone.png"), full_page=True)
     page.close()
+
+
+def test_a_refused_prediction_is_sent_again_and_an_answer_is_not(live_server, browser):
+    # A replica SIGKILLed under load refuses connections until the Service drops it (docs/kubernetes.md,
+    # "When a server replica dies"): the page sends the same image again after 0.25, 0.5, 1 and 2 s. An
+    # answer, even a 503, is shown as it is.
+    page = browser.new_page()
+    page.goto(live_server.url + "/")
+    attempts = []
+
+    def refuse_twice(route):
+        attempts.append(time.monotonic())
+        if len(attempts) <= 2:
+            route.abort("connectionrefused")
+        else:
+            route.continue_()
+
+    page.route("**/api/predict", refuse_twice)
+    page.click('a[data-sample="6.png"]')
+    page.locator("#sample-result").wait_for(state="visible", timeout=15000)
+    assert page.locator("#sample-digit").inner_text() == "6"
+    assert len(attempts) == 3
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert 0.2 <= gaps[0] < gaps[1] and gaps[1] >= 0.45, gaps  # 0.25 s, then 0.5 s
+
+    # refused every time: four retries, then the error is shown
+    attempts.clear()
+    page.unroute("**/api/predict")
+    page.route("**/api/predict", lambda route: (attempts.append(time.monotonic()), route.abort("connectionrefused")))
+    page.click('a[data-sample="6.png"]')
+    page.locator("#sample-error").wait_for(state="visible", timeout=15000)
+    assert len(attempts) == 5
+    assert attempts[-1] - attempts[0] >= 3.5  # 0.25 + 0.5 + 1 + 2 s
+
+    # an answer is never sent again
+    attempts.clear()
+    page.unroute("**/api/predict")
+    page.route("**/api/predict", lambda route: (attempts.append(1), route.fulfill(
+        status=503, content_type="application/json", body='{"error": "no model loaded yet"}')))
+    page.click('a[data-sample="6.png"]')
+    page.wait_for_function("document.getElementById('sample-error').textContent.includes('no model')", timeout=15000)
+    assert attempts == [1]
+    page.close()
