@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kubernetes' overhead: the local pipeline and the quickstart on the real node, back to back, at the same
 settings, each timed from its start to the served page; prints the ratio and where the Kubernetes run's
-time went (the quickstart's own breakdown, summed over each stage's last pod: the critical path).
+time went (the quickstart's own breakdown, summed over the critical path: breakdown()).
 
     .venv/bin/python benchmarks/benchmark-kubernetes.py [--workers 2 --epoch 1 --rounds 2 --batch 100]
         [--backend pvc|rwx] [--kubeconfig FILE] [--mnist PATH]
@@ -153,19 +153,34 @@ def run_kubernetes(args, kubeconfig):
 
 
 def breakdown(output):
-    """The quickstart's rows, and per column the sum over each stage's last pod (by when it was done)."""
+    """The quickstart's rows, and per column the sum over the critical path: each stage's last pod (by when it
+    was done), where stages that overlap count once. A round's aggregator is applied with its trainers: the
+    slowest trainer's way to done, then the aggregator's own part (done after the last model) and its notice.
+    The server starts while the accuracy test runs: the one of the two done later."""
     rows = []
     for line in output.splitlines():
         m = ROW.match(line)
         if m and m["pod"] != "pod":
             values = [None if v == "-" else float(v) for v in m.groups()[2:]]
             rows.append((m["stage"], m["pod"], values))
-    critical = {}
+    last = {}
     for stage, pod, values in rows:
         done = sum(v for v in values[:5] if v is not None)
-        if stage not in critical or done > critical[stage][0]:
-            critical[stage] = (done, values)
-    totals = [sum(values[i] or 0 for _, values in critical.values()) for i in range(len(COLUMNS))]
+        if stage not in last or done > last[stage][0]:
+            last[stage] = (done, values)
+    path = []
+    for stage, (done, values) in last.items():
+        if stage.endswith(" trainers") and stage.replace("trainers", "aggregator") in last:
+            continue  # counted with its aggregator
+        if stage.endswith(" aggregator") and stage.replace("aggregator", "trainers") in last:
+            t_done, t_values = last[stage.replace("aggregator", "trainers")]
+            path += [t_values[:5] + [0.0], [0.0] * 4 + [max(0.0, done - t_done), values[5]]]
+        elif stage in ("server", "accuracy-test") and "server" in last and "accuracy-test" in last:
+            if stage == ("server" if last["server"][0] >= last["accuracy-test"][0] else "accuracy-test"):
+                path.append(values)
+        else:
+            path.append(values)
+    totals = [sum(values[i] or 0 for values in path) for i in range(len(COLUMNS))]
     return rows, totals
 
 

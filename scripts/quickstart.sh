@@ -437,9 +437,9 @@ configmap_only() {
     { doc = doc $0 "\n" } /^kind: ConfigMap$/ { cm = 1 } END { if (cm) printf "%s", doc }'
 }
 
-# wait_round ROUND: MIN_WORKERS < WORKER_NUMBER: the trainers and the aggregator run together and the
-# aggregator closes the round (every model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A
-# failed trainer Job is reported; the run stops when more fail than WORKER_NUMBER - MIN_WORKERS.
+# wait_round ROUND: the trainers and the aggregator run together and the aggregator closes the round (every
+# model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A failed trainer Job is reported; the run
+# stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first).
 wait_round() {
   local round="$1" limit=$JOB_TIMEOUT deadline job state failed=() late=()
   local -A reported=()
@@ -453,6 +453,8 @@ wait_round() {
       grep -q '^Failed:' <<<"$state" || continue
       reported[$job]=1
       failed+=("$job")
+      # every model needed (the default MIN_WORKERS): the first failed trainer stops the run, naming it
+      ((min_workers < WORKER_NUMBER)) || report "trainers (round $round)" "job-name=$job" "$(job_failure "$job" "$state")"
       warn "round $round: $(job_failure "$job" "$state")"
       k logs -l "job-name=$job" --all-containers=true --prefix=true --tail=20 2>&1 | sed 's/^/    /' >&2 || true
       if ((${#failed[@]} > WORKER_NUMBER - min_workers)); then
@@ -680,31 +682,21 @@ train_rounds() {
     --cascade=foreground --wait=true >/dev/null || fail trainers "cannot delete the trainer Jobs of an earlier run"
   for ((round = done_rounds + 1; round <= ROUNDS; round++)); do
     if ((round > 1)); then export INIT_MODEL=/mnt/aggregated-model.h5; else unset INIT_MODEL; fi
-    if ((min_workers < WORKER_NUMBER)); then # the aggregator beside the trainers closes the round
+    # The aggregator starts beside the round's trainers (--round: it ignores the round before's models still
+    # in /mnt/model) and closes the round when every model is in (or, with MIN_WORKERS < WORKER_NUMBER, when
+    # ROUND_DEADLINE has passed with at least MIN_WORKERS): its start and the trainers' end overlap.
+    if ((min_workers < WORKER_NUMBER)); then
       say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator (at least $min_workers models, ROUND_DEADLINE=${ROUND_DEADLINE}s)"
-      delete_jobs "${trainers[@]}" mnist-aggregator
-      applying
-      apply_trainers "$round"
-      apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
-      wait_round "$round"
-      note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
-      note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
-    else # every trainer, then the aggregator
-      say "== round $round/$ROUNDS: $WORKER_NUMBER trainers"
-      delete_jobs "${trainers[@]}"
-      applying
-      apply_trainers "$round"
-      wait_jobs "trainers (round $round)" "app.kubernetes.io/component=trainer" "${trainers[@]}"
-      note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
-      say "round $round: $WORKER_NUMBER trainers done"
-      round_workers_done=$WORKER_NUMBER
-      delete_jobs mnist-aggregator
-      applying
-      apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
-      wait_jobs "aggregator (round $round)" "app.kubernetes.io/component=aggregator" mnist-aggregator
-      note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
-      say "round $round: aggregated model written"
+    else
+      say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator"
     fi
+    delete_jobs "${trainers[@]}" mnist-aggregator
+    applying
+    apply_trainers "$round"
+    ROUND="$round" apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
+    wait_round "$round"
+    note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
+    note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
   done
   unset INIT_MODEL
 }
@@ -754,14 +746,19 @@ accuracy_test() {
   fi
 }
 
-# 7: the server Deployment, and how to reach it for the Service type
-serve() {
-  local port node svc_uid deadline detect_deadline address acted
+# 7: the server Deployment, applied as the last round closes: its replicas start while the accuracy test runs
+start_server() {
   # A running server reloads the model when the file changes (server/README.md): no restart needed.
-  say "== server (Service type $SERVICE_TYPE)"
-  applying
+  say "== server (Service type $SERVICE_TYPE): starting beside the accuracy test"
+  server_applied="$(date -u +%s.%N)"
   apply server "$root/manifests/7-server.yaml"
   apply server "$root/manifests/8-server-pdb.yaml"
+}
+
+# serve: until the server's rollout is complete, then how to reach it for the Service type
+serve() {
+  local port node svc_uid deadline detect_deadline address acted
+  stage_applied="$server_applied"
   wait_ready server deployment mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
   say "server: ready"
   note_timeline server "app.kubernetes.io/component=server"
@@ -822,6 +819,7 @@ main() {
   start_live
   train_rounds
   stop_live
+  if [[ "$SERVE" != 0 ]]; then start_server; fi
   accuracy_test
   if [[ "$SERVE" == 0 ]]; then
     print_timeline
