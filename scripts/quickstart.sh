@@ -324,6 +324,14 @@ job_state() {
   k get job "$1" -o 'go-template={{range .status.conditions}}{{if eq .status "True"}}{{.type}}:{{.reason}}:{{.message}}{{"\n"}}{{end}}{{end}}' 2>/dev/null || true
 }
 
+# round_states: every trainer and aggregator Job in one call (a round's check, whatever WORKER_NUMBER):
+# "JOB exists", then "JOB TYPE:REASON" for each of its true conditions; nothing when the call fails
+# shellcheck disable=SC2016  # a Go template: its $n is not the shell's
+round_states() {
+  k get jobs -l 'app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component in (trainer,aggregator)' \
+    -o 'go-template={{range .items}}{{$n := .metadata.name}}{{$n}} exists{{"\n"}}{{range .status.conditions}}{{if eq .status "True"}}{{$n}} {{.type}}:{{.reason}}{{"\n"}}{{end}}{{end}}{{end}}' 2>/dev/null || true
+}
+
 # job_failure JOB STATE: why a failed JOB failed, in one line
 job_failure() {
   local job="$1" state="$2" line
@@ -441,21 +449,21 @@ configmap_only() {
 # model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A failed trainer Job is reported; the run
 # stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first).
 wait_round() {
-  local round="$1" limit=$JOB_TIMEOUT deadline job state failed=() late=()
+  local round="$1" limit=$JOB_TIMEOUT deadline job states failed=() late=() gone=()
   local -A reported=()
   ((ROUND_DEADLINE + 600 <= limit)) || limit=$((ROUND_DEADLINE + 600))
   deadline=$((SECONDS + limit))
   reset_graces
   while :; do
+    states="$(round_states)"
     for job in "${trainers[@]}"; do
       [[ -z "${reported[$job]:-}" ]] || continue
-      state="$(job_state "$job")"
-      grep -q '^Failed:' <<<"$state" || continue
+      grep -q "^$job Failed:" <<<"$states" || continue
       reported[$job]=1
       failed+=("$job")
       # every model needed (the default MIN_WORKERS): the first failed trainer stops the run, naming it
-      ((min_workers < WORKER_NUMBER)) || report "trainers (round $round)" "job-name=$job" "$(job_failure "$job" "$state")"
-      warn "round $round: $(job_failure "$job" "$state")"
+      ((min_workers < WORKER_NUMBER)) || report "trainers (round $round)" "job-name=$job" "$(job_failure "$job" "$(job_state "$job")")"
+      warn "round $round: $(job_failure "$job" "$(job_state "$job")")"
       k logs -l "job-name=$job" --all-containers=true --prefix=true --tail=20 2>&1 | sed 's/^/    /' >&2 || true
       if ((${#failed[@]} > WORKER_NUMBER - min_workers)); then
         report "trainers (round $round)" "app.kubernetes.io/component=trainer" \
@@ -463,22 +471,25 @@ wait_round() {
       fi
       warn "round $round: going on without $job ($((WORKER_NUMBER - ${#failed[@]})) trainers left, MIN_WORKERS=$min_workers)"
     done
-    state="$(job_state mnist-aggregator)"
-    if grep -q '^Failed:' <<<"$state"; then
-      report "aggregator (round $round)" "job-name=mnist-aggregator" "$(job_failure mnist-aggregator "$state")"
+    if grep -q '^mnist-aggregator Failed:' <<<"$states"; then
+      report "aggregator (round $round)" "job-name=mnist-aggregator" "$(job_failure mnist-aggregator "$(job_state mnist-aggregator)")"
     fi
-    grep -q '^Complete:' <<<"$state" && break
+    grep -q '^mnist-aggregator Complete:' <<<"$states" && break
     check_stage "trainers (round $round)" "app.kubernetes.io/component=trainer"
     check_stage "aggregator (round $round)" "app.kubernetes.io/component=aggregator"
     ((SECONDS < deadline)) || report "round $round" "app.kubernetes.io/component in (trainer,aggregator)" "not complete within ${limit}s"
     pause job mnist-aggregator
   done
-  local gone=()
-  for job in "${trainers[@]}"; do # closed without them: stop those still running
-    [[ -z "${reported[$job]:-}" ]] || continue
-    ! grep -q '^Complete:' <<<"$(job_state "$job")" || continue
-    if k get job "$job" -o name >/dev/null 2>&1; then late+=("$job"); else gone+=("$job"); fi
-  done
+  # Closed without some (MIN_WORKERS < WORKER_NUMBER): stop those still running. At the default every model
+  # was in: a trainer whose Job is not marked complete yet has only not been seen done.
+  if ((min_workers < WORKER_NUMBER)); then
+    states="$(round_states)"
+    for job in "${trainers[@]}"; do
+      [[ -z "${reported[$job]:-}" ]] || continue
+      ! grep -q "^$job Complete:" <<<"$states" || continue
+      if grep -qx "$job exists" <<<"$states"; then late+=("$job"); else gone+=("$job"); fi
+    done
+  fi
   ((${#gone[@]} == 0)) || warn "round $round: ${gone[*]}: no such Job any more (deleted while the round ran)"
   if ((${#late[@]})); then
     say "round $round: closed without ${late[*]} (still running at the deadline): stopping them"

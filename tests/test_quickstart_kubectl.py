@@ -51,6 +51,15 @@ elif args[:2] == ["get", "job"]:
         out(f"Failed:{reason}\n")
     elif args[2] not in env("FAKE_RUNNING_JOB", "").split(","):  # those never finish
         out("SuccessCriteriaMet:CompletionsReached:\nComplete:CompletionsReached:\n")
+elif args[:2] == ["get", "jobs"] and "component in (trainer,aggregator)" in " ".join(args):  # a round's Jobs
+    for job in [f"mnist-trainer-{i}" for i in range(int(env("WORKER_NUMBER")))] + ["mnist-aggregator"]:
+        if job == env("FAKE_GONE_JOB"):
+            continue
+        out(f"{job} exists\n")
+        if job in failing:
+            out(f"{job} Failed:{env('FAKE_FAIL_REASON', 'BackoffLimitExceeded:').split(':')[0]}\n")
+        elif job not in env("FAKE_RUNNING_JOB", "").split(","):
+            out(f"{job} SuccessCriteriaMet:CompletionsReached\n{job} Complete:CompletionsReached\n")
 elif args[:2] == ["get", "jobs,replicasets,pods,persistentvolumeclaims"]:
     for job in failing:
         if job in args[3]:
@@ -350,7 +359,7 @@ def test_quickstart_min_workers_goes_on_without_a_failed_trainer(fake):
     assert names[start:start + 8] == round_objects * 2
     assert names[start + 8:] == ["mnist-server", "mnist-server-svc", "mnist-server", "mnist-accuracy-test"]
     aggregator = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator"][0]
-    assert container_args(aggregator)[-4:] == ["--min-workers", "2", "--deadline", "900"]
+    assert container_args(aggregator)[-6:] == ["--min-workers", "2", "--round", "1", "--deadline", "900"]
     # both rounds: the trainer Jobs and the aggregator are replaced together before being applied again
     deletes = [c[2:6] for c in proc.calls if c[:2] == ["delete", "job"] and "mnist-aggregator" in c]
     assert deletes == [round_objects] * 2
@@ -692,3 +701,14 @@ def test_render_refuses_attack_with_the_indexed_trainer_job(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts/render.sh"), str(REPO / "manifests/5-trainer-indexed.yaml")],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "needs one trainer Job per worker" in proc.stderr and proc.stdout == ""
+
+
+def test_quickstart_default_round_closes_when_the_aggregator_is_done_without_stopping_a_trainer(fake):
+    """At the default MIN_WORKERS the aggregator, applied beside the trainers, needs every model: once it is
+    done, a trainer Job not yet marked complete has only not been seen done, and is left alone (issue 30)."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", FAKE_RUNNING_JOB="mnist-trainer-1")
+    assert proc.returncode == 0, proc.stderr
+    assert "round 1: aggregated model written\n" in proc.stdout
+    assert "stopping them" not in proc.stdout and "without" not in proc.stdout
+    # one call answers for every Job of the round, whatever WORKER_NUMBER
+    assert not [c for c in proc.calls if c[:2] == ["get", "job"] and c[2].startswith(("mnist-trainer", "mnist-aggregator"))]
