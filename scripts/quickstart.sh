@@ -319,17 +319,31 @@ terminated_summary() {
     printf "pod %s: container %s exited %s (%s)%s; ", $2, $3, $4, $5, ($6 == "" ? "" : ": " $6)}'
 }
 
-# job_state JOB: its true conditions, one "TYPE:REASON:MESSAGE" line each (Complete:..., Failed:...)
+# job_state JOB: its true conditions, one "TYPE:REASON:MESSAGE" line each (Complete:..., Failed:...); before
+# the Job controller marks it complete, "Complete:Completed:" once its pod's container has exited 0 (the
+# kubelet reports that about 2 s earlier; each stage's Job runs one pod to completion)
 job_state() {
-  k get job "$1" -o 'go-template={{range .status.conditions}}{{if eq .status "True"}}{{.type}}:{{.reason}}:{{.message}}{{"\n"}}{{end}}{{end}}' 2>/dev/null || true
+  local state
+  state="$(k get job "$1" -o 'go-template={{range .status.conditions}}{{if eq .status "True"}}{{.type}}:{{.reason}}:{{.message}}{{"\n"}}{{end}}{{end}}' 2>/dev/null)" || state=""
+  if [[ -n "$state" ]]; then
+    printf '%s' "$state"
+    return 0
+  fi
+  k get pods -l "job-name=$1" -o "go-template=$exited_template" 2>/dev/null | sed -n 's/^[^ ]* Complete:Completed$/Complete:Completed:/p' | head -n 1 || true
 }
 
-# round_states: every trainer and aggregator Job in one call (a round's check, whatever WORKER_NUMBER):
-# "JOB exists", then "JOB TYPE:REASON" for each of its true conditions; nothing when the call fails
+# exited_template: "JOB Complete:Completed" for each of a Job's pods whose container has exited 0
+# shellcheck disable=SC2016  # a Go template: its $j is not the shell's
+exited_template='{{range .items}}{{if eq .kind "Pod"}}{{$j := index .metadata.labels "job-name"}}{{range .status.containerStatuses}}{{with .state.terminated}}{{if not .exitCode}}{{$j}} Complete:Completed{{"\n"}}{{end}}{{end}}{{end}}{{end}}{{end}}'
+
+# round_states: every trainer and aggregator Job and their pods in one call (a round's check, whatever
+# WORKER_NUMBER): "JOB exists", then "JOB TYPE:REASON" for each of its true conditions, and
+# "JOB Complete:Completed" once its pod's container has exited 0 (before the Job controller says so);
+# nothing when the call fails
 # shellcheck disable=SC2016  # a Go template: its $n is not the shell's
 round_states() {
-  k get jobs -l 'app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component in (trainer,aggregator)' \
-    -o 'go-template={{range .items}}{{$n := .metadata.name}}{{$n}} exists{{"\n"}}{{range .status.conditions}}{{if eq .status "True"}}{{$n}} {{.type}}:{{.reason}}{{"\n"}}{{end}}{{end}}{{end}}' 2>/dev/null || true
+  k get jobs,pods -l 'app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component in (trainer,aggregator)' \
+    -o 'go-template={{range .items}}{{if eq .kind "Job"}}{{$n := .metadata.name}}{{$n}} exists{{"\n"}}{{range .status.conditions}}{{if eq .status "True"}}{{$n}} {{.type}}:{{.reason}}{{"\n"}}{{end}}{{end}}{{end}}{{end}}'"$exited_template" 2>/dev/null || true
 }
 
 # job_failure JOB STATE: why a failed JOB failed, in one line
@@ -351,7 +365,14 @@ pause() {
   local started=$SECONDS kind="$1" done=1
   shift
   case "$kind" in
-    job) k wait --for=condition=Complete --timeout="${POLL}s" "${@/#/job/}" >/dev/null 2>&1 || done=0 ;;
+    job)
+      if (($# == 1)); then # its pod's container exited 0: seen about 2 s before the Job's condition
+        k wait pod -l "job-name=$1" --for=jsonpath='{.status.containerStatuses[0].state.terminated.reason}'=Completed \
+          --timeout="${POLL}s" >/dev/null 2>&1 || done=0
+      else
+        k wait --for=condition=Complete --timeout="${POLL}s" "${@/#/job/}" >/dev/null 2>&1 || done=0
+      fi
+      ;;
     pod) k wait --for=condition=Ready --timeout="${POLL}s" "pod/$1" >/dev/null 2>&1 || done=0 ;;
     deployment) k rollout status "deployment/$1" --timeout="${POLL}s" >/dev/null 2>&1 || done=0 ;;
   esac

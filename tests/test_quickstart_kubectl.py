@@ -51,7 +51,7 @@ elif args[:2] == ["get", "job"]:
         out(f"Failed:{reason}\n")
     elif args[2] not in env("FAKE_RUNNING_JOB", "").split(","):  # those never finish
         out("SuccessCriteriaMet:CompletionsReached:\nComplete:CompletionsReached:\n")
-elif args[:2] == ["get", "jobs"] and "component in (trainer,aggregator)" in " ".join(args):  # a round's Jobs
+elif args[:2] == ["get", "jobs,pods"] and "component in (trainer,aggregator)" in " ".join(args):  # a round's Jobs
     for job in [f"mnist-trainer-{i}" for i in range(int(env("WORKER_NUMBER")))] + ["mnist-aggregator"]:
         if job == env("FAKE_GONE_JOB"):
             continue
@@ -60,6 +60,12 @@ elif args[:2] == ["get", "jobs"] and "component in (trainer,aggregator)" in " ".
             out(f"{job} Failed:{env('FAKE_FAIL_REASON', 'BackoffLimitExceeded:').split(':')[0]}\n")
         elif job not in env("FAKE_RUNNING_JOB", "").split(","):
             out(f"{job} SuccessCriteriaMet:CompletionsReached\n{job} Complete:CompletionsReached\n")
+        if job in env("FAKE_EXITED_JOB", "").split(","):  # its pod's container exited 0, the Job not marked yet
+            out(f"{job} Complete:Completed\n")
+elif args[:2] == ["get", "pods"] and "Complete:Completed" in template:  # job_state: a Job's pod exited 0
+    job = args[args.index("-l") + 1].split("=", 1)[1]
+    if job in env("FAKE_EXITED_JOB", "").split(","):
+        out(f"{job} Complete:Completed\n")
 elif args[:2] == ["get", "jobs,replicasets,pods,persistentvolumeclaims"]:
     for job in failing:
         if job in args[3]:
@@ -97,7 +103,7 @@ elif args[:2] == ["get", "pods"] and "creationTimestamp" in template:  # the bre
 elif args[:1] == ["logs"] and "--timestamps" in args:  # its first log line
     print("2026-01-02T03:04:07.500000000Z data: /mnt/data/0.npz: 20000 samples")
 elif args[:1] == ["wait"] or args[:2] == ["rollout", "status"]:  # watching a Job or Deployment not done
-    if any(j and f"job/{j}" in args for j in env("FAKE_RUNNING_JOB", "").split(",")) or (
+    if any(j and (f"job/{j}" in args or f"job-name={j}" in args) for j in env("FAKE_RUNNING_JOB", "").split(",")) or (
             env("FAKE_WAITING") and "deployment/nfs-server" in args):
         import time
         time.sleep(float(next(a for a in args if a.startswith("--timeout="))[10:-1]))
@@ -649,12 +655,15 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
 
 
 def test_quickstart_between_checks_watches_the_stage_instead_of_sleeping(fake):
-    """Between two checks of a stage that is not done, the quickstart waits in `kubectl wait` on its
-    Jobs (and `kubectl rollout status` on a Deployment), so that it sees the stage done at once."""
+    """Between two checks of a stage that is not done, the quickstart waits in `kubectl wait` on its Job's
+    pod, until its container has exited 0 (the kubelet says so about 2 s before the Job controller marks the
+    Job complete), and in `kubectl rollout status` on a Deployment, so that it sees the stage done at once."""
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_RUNNING_JOB="mnist-splitter", JOB_TIMEOUT="5", POLL="1")
     assert proc.returncode == 1 and "stage splitter failed: not complete within JOB_TIMEOUT=5s" in proc.stderr
     waits = [c for c in proc.calls if c[:1] == ["wait"]]
-    assert waits and all(c == ["wait", "--for=condition=Complete", "--timeout=1s", "job/mnist-splitter"] for c in waits)
+    assert waits and all(c == ["wait", "pod", "-l", "job-name=mnist-splitter",
+                               "--for=jsonpath={.status.containerStatuses[0].state.terminated.reason}=Completed",
+                               "--timeout=1s"] for c in waits)
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_WAITING="ErrImagePull", PULL_GRACE="1", POLL="1")
     assert proc.returncode == 1
     assert ["rollout", "status", "deployment/nfs-server", "--timeout=1s"] in proc.calls
@@ -712,3 +721,17 @@ def test_quickstart_default_round_closes_when_the_aggregator_is_done_without_sto
     assert "stopping them" not in proc.stdout and "without" not in proc.stdout
     # one call answers for every Job of the round, whatever WORKER_NUMBER
     assert not [c for c in proc.calls if c[:2] == ["get", "job"] and c[2].startswith(("mnist-trainer", "mnist-aggregator"))]
+
+
+def test_quickstart_sees_a_stage_done_when_its_pod_exited_0_before_the_job_is_marked(fake):
+    """The kubelet reports a container that exited 0 about 2 s before the Job controller marks its Job
+    complete (issue 30): the quickstart goes on at the first (the splitter's and the aggregator's Jobs here
+    never get their condition)."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", JOB_TIMEOUT="30", POLL="1",
+                FAKE_RUNNING_JOB="mnist-splitter,mnist-aggregator", FAKE_EXITED_JOB="mnist-splitter,mnist-aggregator")
+    assert proc.returncode == 0, proc.stderr
+    assert "splitter: done" in proc.stdout and "round 1: aggregated model written" in proc.stdout
+    # without the pod's exit the same Jobs never finish
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", JOB_TIMEOUT="3", POLL="1",
+                FAKE_RUNNING_JOB="mnist-splitter")
+    assert proc.returncode == 1 and "not complete within JOB_TIMEOUT=3s" in proc.stderr
