@@ -470,7 +470,7 @@ configmap_only() {
 # model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A failed trainer Job is reported; the run
 # stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first).
 wait_round() {
-  local round="$1" limit=$JOB_TIMEOUT deadline job states failed=() late=() gone=()
+  local round="$1" limit=$JOB_TIMEOUT deadline job states failed=() late=() gone=() waiting=()
   local -A reported=()
   ((ROUND_DEADLINE + 600 <= limit)) || limit=$((ROUND_DEADLINE + 600))
   deadline=$((SECONDS + limit))
@@ -495,14 +495,21 @@ wait_round() {
     if grep -q '^mnist-aggregator Failed:' <<<"$states"; then
       report "aggregator (round $round)" "job-name=mnist-aggregator" "$(job_failure mnist-aggregator "$(job_state mnist-aggregator)")"
     fi
-    grep -q '^mnist-aggregator Complete:' <<<"$states" && break
+    # Done: the aggregator, and at the default MIN_WORKERS every trainer too (their models are in, so they
+    # have ended or are about to; a trainer that failed is reported above rather than missed)
+    waiting=(mnist-aggregator)
+    if grep -q '^mnist-aggregator Complete:' <<<"$states"; then
+      ((min_workers < WORKER_NUMBER)) && break
+      waiting=()
+      for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
+      ((${#waiting[@]})) || break
+    fi
     check_stage "trainers (round $round)" "app.kubernetes.io/component=trainer"
     check_stage "aggregator (round $round)" "app.kubernetes.io/component=aggregator"
     ((SECONDS < deadline)) || report "round $round" "app.kubernetes.io/component in (trainer,aggregator)" "not complete within ${limit}s"
-    pause job mnist-aggregator
+    pause job "${waiting[@]}"
   done
-  # Closed without some (MIN_WORKERS < WORKER_NUMBER): stop those still running. At the default every model
-  # was in: a trainer whose Job is not marked complete yet has only not been seen done.
+  # Closed without some (MIN_WORKERS < WORKER_NUMBER): stop those still running
   if ((min_workers < WORKER_NUMBER)); then
     states="$(round_states)"
     for job in "${trainers[@]}"; do

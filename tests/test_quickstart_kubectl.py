@@ -712,10 +712,12 @@ def test_render_refuses_attack_with_the_indexed_trainer_job(tmp_path):
     assert proc.returncode == 2 and "needs one trainer Job per worker" in proc.stderr and proc.stdout == ""
 
 
-def test_quickstart_default_round_closes_when_the_aggregator_is_done_without_stopping_a_trainer(fake):
-    """At the default MIN_WORKERS the aggregator, applied beside the trainers, needs every model: once it is
-    done, a trainer Job not yet marked complete has only not been seen done, and is left alone (issue 30)."""
-    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", FAKE_RUNNING_JOB="mnist-trainer-1")
+def test_quickstart_default_round_closes_when_the_aggregator_and_every_trainer_are_done(fake):
+    """At the default MIN_WORKERS the aggregator, applied beside the trainers, needs every model, and the round
+    closes when it and every trainer are done (a trainer's pod that exited 0 counts before its Job is marked):
+    none is stopped or counted missing (issue 30)."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", FAKE_RUNNING_JOB="mnist-trainer-1",
+                FAKE_EXITED_JOB="mnist-trainer-1")
     assert proc.returncode == 0, proc.stderr
     assert "round 1: aggregated model written\n" in proc.stdout
     assert "stopping them" not in proc.stdout and "without" not in proc.stdout
