@@ -32,7 +32,7 @@ from mlkcommon import (Parser, atomic_path, attr_value, error, fingerprint, pars
                        sha256_file, write_mlk_attrs, write_progress)
 
 PROG = "aggregator"
-POLL_SECONDS = 2.0
+POLL_SECONDS = 0.5
 DEFAULT_TIMEOUT = 3600.0
 WORKER_FILE = re.compile(r"^(\d+)-model\.h5$")  # the trainers' {i}-model.h5 (docs/CONTRACTS.md)
 
@@ -92,6 +92,10 @@ def build_parser():
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="the round deadline: after it, average the models present if there are at least "
                         "--min-workers (default: --timeout)")
+    p.add_argument("--round", type=int, default=None, metavar="N",
+                   help="with --expect: the round this run closes; models of another round in --dir (mlk_round "
+                        "is not N: the round before's, still there while N's trainers run) are ignored, so the "
+                        "aggregator can start beside the round's trainers (quickstart.sh does)")
     p.add_argument("--drop-outliers", action="store_true",
                    help="leave workers the per-worker report flags as outliers out of the average "
                         "(default: report only)")
@@ -140,10 +144,13 @@ def model_files(directory, exclude=None):
 class StaleFilter:
     """With --min-workers < --expect, a lost worker's model of an older round can still lie in --dir: it is
     ignored, not averaged. Stale: a model whose mlk_round is below the newest one present, or whose bytes the
-    ledger already records as an input of an earlier round. Results are cached by (size, mtime)."""
+    ledger already records as an input of an earlier round. With --round N, stale is simply a model whose
+    mlk_round is not N (a retried aggregator of round N still finds round N's models, recorded or not).
+    Results are cached by (size, mtime)."""
 
-    def __init__(self, recorded_inputs):
+    def __init__(self, recorded_inputs, round_number=None):
         self.recorded = set(recorded_inputs)
+        self.round = round_number
         self.cache = {}
         self.reported = set()
 
@@ -164,7 +171,10 @@ class StaleFilter:
         newest = max(rounds) if rounds else None
         fresh, stale = [], []
         for p, (rnd, digest) in infos.items():
-            old = digest in self.recorded or (rnd is not None and newest is not None and rnd < newest)
+            if self.round is not None:
+                old = rnd is not None and rnd != self.round
+            else:
+                old = digest in self.recorded or (rnd is not None and newest is not None and rnd < newest)
             (stale if old else fresh).append(p)
         for p in stale:
             if p.name not in self.reported:
@@ -729,8 +739,10 @@ def main(argv=None):
         root = savefile.parent
         exclude = savefile.resolve()
         min_workers = None
-        if args.expect is None and (args.min_workers is not None or args.deadline is not None):
-            raise AggregateError("--min-workers and --deadline need --expect N (how many workers the round has)")
+        if args.expect is None and (args.min_workers is not None or args.deadline is not None or args.round is not None):
+            raise AggregateError("--min-workers, --deadline and --round need --expect N (how many workers the round has)")
+        if args.round is not None and args.round < 1:
+            raise AggregateError(f"--round must be >= 1, got {args.round}")
         method = method_of(args)
         book = ledger_mod.load(root)  # a damaged ledger is refused before anything is written
         live.update(kind="round", round=next_round(book), expected=args.expect, min_workers=args.expect)
@@ -748,10 +760,10 @@ def main(argv=None):
             if min_workers > args.expect:
                 raise AggregateError(f"--min-workers {min_workers} is more than --expect {args.expect}")
             stale = None
-            if min_workers < args.expect:
+            if min_workers < args.expect or args.round is not None:
                 recorded = {w.get("sha256") for e in book["rounds"] if isinstance(e, dict)
                             for w in e.get("workers") or []}
-                stale = StaleFilter(recorded)
+                stale = StaleFilter(recorded, args.round)
             paths = wait_for_models(directory, args.expect, args.timeout, exclude, min_workers, args.deadline, stale,
                                     on_count=lambda present: progress("waiting", present=present))
         else:

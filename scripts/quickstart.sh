@@ -319,9 +319,31 @@ terminated_summary() {
     printf "pod %s: container %s exited %s (%s)%s; ", $2, $3, $4, $5, ($6 == "" ? "" : ": " $6)}'
 }
 
-# job_state JOB: its true conditions, one "TYPE:REASON:MESSAGE" line each (Complete:..., Failed:...)
+# job_state JOB: its true conditions, one "TYPE:REASON:MESSAGE" line each (Complete:..., Failed:...); before
+# the Job controller marks it complete, "Complete:Completed:" once its pod's container has exited 0 (the
+# kubelet reports that about 2 s earlier; each stage's Job runs one pod to completion)
 job_state() {
-  k get job "$1" -o 'go-template={{range .status.conditions}}{{if eq .status "True"}}{{.type}}:{{.reason}}:{{.message}}{{"\n"}}{{end}}{{end}}' 2>/dev/null || true
+  local state
+  state="$(k get job "$1" -o 'go-template={{range .status.conditions}}{{if eq .status "True"}}{{.type}}:{{.reason}}:{{.message}}{{"\n"}}{{end}}{{end}}' 2>/dev/null)" || state=""
+  if [[ -n "$state" ]]; then
+    printf '%s' "$state"
+    return 0
+  fi
+  k get pods -l "job-name=$1" -o "go-template=$exited_template" 2>/dev/null | sed -n 's/^[^ ]* Complete:Completed$/Complete:Completed:/p' | head -n 1 || true
+}
+
+# exited_template: "JOB Complete:Completed" for each of a Job's pods whose container has exited 0
+# shellcheck disable=SC2016  # a Go template: its $j is not the shell's
+exited_template='{{range .items}}{{if eq .kind "Pod"}}{{$j := index .metadata.labels "job-name"}}{{range .status.containerStatuses}}{{with .state.terminated}}{{if not .exitCode}}{{$j}} Complete:Completed{{"\n"}}{{end}}{{end}}{{end}}{{end}}{{end}}'
+
+# round_states: every trainer and aggregator Job and their pods in one call (a round's check, whatever
+# WORKER_NUMBER): "JOB exists", then "JOB TYPE:REASON" for each of its true conditions, and
+# "JOB Complete:Completed" once its pod's container has exited 0 (before the Job controller says so);
+# nothing when the call fails
+# shellcheck disable=SC2016  # a Go template: its $n is not the shell's
+round_states() {
+  k get jobs,pods -l 'app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component in (trainer,aggregator)' \
+    -o 'go-template={{range .items}}{{if eq .kind "Job"}}{{$n := .metadata.name}}{{$n}} exists{{"\n"}}{{range .status.conditions}}{{if eq .status "True"}}{{$n}} {{.type}}:{{.reason}}{{"\n"}}{{end}}{{end}}{{end}}{{end}}'"$exited_template" 2>/dev/null || true
 }
 
 # job_failure JOB STATE: why a failed JOB failed, in one line
@@ -343,7 +365,14 @@ pause() {
   local started=$SECONDS kind="$1" done=1
   shift
   case "$kind" in
-    job) k wait --for=condition=Complete --timeout="${POLL}s" "${@/#/job/}" >/dev/null 2>&1 || done=0 ;;
+    job)
+      if (($# == 1)); then # its pod's container exited 0: seen about 2 s before the Job's condition
+        k wait pod -l "job-name=$1" --for=jsonpath='{.status.containerStatuses[0].state.terminated.reason}'=Completed \
+          --timeout="${POLL}s" >/dev/null 2>&1 || done=0
+      else
+        k wait --for=condition=Complete --timeout="${POLL}s" "${@/#/job/}" >/dev/null 2>&1 || done=0
+      fi
+      ;;
     pod) k wait --for=condition=Ready --timeout="${POLL}s" "pod/$1" >/dev/null 2>&1 || done=0 ;;
     deployment) k rollout status "deployment/$1" --timeout="${POLL}s" >/dev/null 2>&1 || done=0 ;;
   esac
@@ -437,23 +466,25 @@ configmap_only() {
     { doc = doc $0 "\n" } /^kind: ConfigMap$/ { cm = 1 } END { if (cm) printf "%s", doc }'
 }
 
-# wait_round ROUND: MIN_WORKERS < WORKER_NUMBER: the trainers and the aggregator run together and the
-# aggregator closes the round (every model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A
-# failed trainer Job is reported; the run stops when more fail than WORKER_NUMBER - MIN_WORKERS.
+# wait_round ROUND: the trainers and the aggregator run together and the aggregator closes the round (every
+# model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A failed trainer Job is reported; the run
+# stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first).
 wait_round() {
-  local round="$1" limit=$JOB_TIMEOUT deadline job state failed=() late=()
+  local round="$1" limit=$JOB_TIMEOUT deadline job states failed=() late=() gone=() waiting=()
   local -A reported=()
   ((ROUND_DEADLINE + 600 <= limit)) || limit=$((ROUND_DEADLINE + 600))
   deadline=$((SECONDS + limit))
   reset_graces
   while :; do
+    states="$(round_states)"
     for job in "${trainers[@]}"; do
       [[ -z "${reported[$job]:-}" ]] || continue
-      state="$(job_state "$job")"
-      grep -q '^Failed:' <<<"$state" || continue
+      grep -q "^$job Failed:" <<<"$states" || continue
       reported[$job]=1
       failed+=("$job")
-      warn "round $round: $(job_failure "$job" "$state")"
+      # every model needed (the default MIN_WORKERS): the first failed trainer stops the run, naming it
+      ((min_workers < WORKER_NUMBER)) || report "trainers (round $round)" "job-name=$job" "$(job_failure "$job" "$(job_state "$job")")"
+      warn "round $round: $(job_failure "$job" "$(job_state "$job")")"
       k logs -l "job-name=$job" --all-containers=true --prefix=true --tail=20 2>&1 | sed 's/^/    /' >&2 || true
       if ((${#failed[@]} > WORKER_NUMBER - min_workers)); then
         report "trainers (round $round)" "app.kubernetes.io/component=trainer" \
@@ -461,22 +492,32 @@ wait_round() {
       fi
       warn "round $round: going on without $job ($((WORKER_NUMBER - ${#failed[@]})) trainers left, MIN_WORKERS=$min_workers)"
     done
-    state="$(job_state mnist-aggregator)"
-    if grep -q '^Failed:' <<<"$state"; then
-      report "aggregator (round $round)" "job-name=mnist-aggregator" "$(job_failure mnist-aggregator "$state")"
+    if grep -q '^mnist-aggregator Failed:' <<<"$states"; then
+      report "aggregator (round $round)" "job-name=mnist-aggregator" "$(job_failure mnist-aggregator "$(job_state mnist-aggregator)")"
     fi
-    grep -q '^Complete:' <<<"$state" && break
+    # Done: the aggregator, and at the default MIN_WORKERS every trainer too (their models are in, so they
+    # have ended or are about to; a trainer that failed is reported above rather than missed)
+    waiting=(mnist-aggregator)
+    if grep -q '^mnist-aggregator Complete:' <<<"$states"; then
+      ((min_workers < WORKER_NUMBER)) && break
+      waiting=()
+      for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
+      ((${#waiting[@]})) || break
+    fi
     check_stage "trainers (round $round)" "app.kubernetes.io/component=trainer"
     check_stage "aggregator (round $round)" "app.kubernetes.io/component=aggregator"
     ((SECONDS < deadline)) || report "round $round" "app.kubernetes.io/component in (trainer,aggregator)" "not complete within ${limit}s"
-    pause job mnist-aggregator
+    pause job "${waiting[@]}"
   done
-  local gone=()
-  for job in "${trainers[@]}"; do # closed without them: stop those still running
-    [[ -z "${reported[$job]:-}" ]] || continue
-    ! grep -q '^Complete:' <<<"$(job_state "$job")" || continue
-    if k get job "$job" -o name >/dev/null 2>&1; then late+=("$job"); else gone+=("$job"); fi
-  done
+  # Closed without some (MIN_WORKERS < WORKER_NUMBER): stop those still running
+  if ((min_workers < WORKER_NUMBER)); then
+    states="$(round_states)"
+    for job in "${trainers[@]}"; do
+      [[ -z "${reported[$job]:-}" ]] || continue
+      ! grep -q "^$job Complete:" <<<"$states" || continue
+      if grep -qx "$job exists" <<<"$states"; then late+=("$job"); else gone+=("$job"); fi
+    done
+  fi
   ((${#gone[@]} == 0)) || warn "round $round: ${gone[*]}: no such Job any more (deleted while the round ran)"
   if ((${#late[@]})); then
     say "round $round: closed without ${late[*]} (still running at the deadline): stopping them"
@@ -680,31 +721,21 @@ train_rounds() {
     --cascade=foreground --wait=true >/dev/null || fail trainers "cannot delete the trainer Jobs of an earlier run"
   for ((round = done_rounds + 1; round <= ROUNDS; round++)); do
     if ((round > 1)); then export INIT_MODEL=/mnt/aggregated-model.h5; else unset INIT_MODEL; fi
-    if ((min_workers < WORKER_NUMBER)); then # the aggregator beside the trainers closes the round
+    # The aggregator starts beside the round's trainers (--round: it ignores the round before's models still
+    # in /mnt/model) and closes the round when every model is in (or, with MIN_WORKERS < WORKER_NUMBER, when
+    # ROUND_DEADLINE has passed with at least MIN_WORKERS): its start and the trainers' end overlap.
+    if ((min_workers < WORKER_NUMBER)); then
       say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator (at least $min_workers models, ROUND_DEADLINE=${ROUND_DEADLINE}s)"
-      delete_jobs "${trainers[@]}" mnist-aggregator
-      applying
-      apply_trainers "$round"
-      apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
-      wait_round "$round"
-      note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
-      note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
-    else # every trainer, then the aggregator
-      say "== round $round/$ROUNDS: $WORKER_NUMBER trainers"
-      delete_jobs "${trainers[@]}"
-      applying
-      apply_trainers "$round"
-      wait_jobs "trainers (round $round)" "app.kubernetes.io/component=trainer" "${trainers[@]}"
-      note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
-      say "round $round: $WORKER_NUMBER trainers done"
-      round_workers_done=$WORKER_NUMBER
-      delete_jobs mnist-aggregator
-      applying
-      apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
-      wait_jobs "aggregator (round $round)" "app.kubernetes.io/component=aggregator" mnist-aggregator
-      note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
-      say "round $round: aggregated model written"
+    else
+      say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator"
     fi
+    delete_jobs "${trainers[@]}" mnist-aggregator
+    applying
+    apply_trainers "$round"
+    ROUND="$round" apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
+    wait_round "$round"
+    note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
+    note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
   done
   unset INIT_MODEL
 }
@@ -754,14 +785,19 @@ accuracy_test() {
   fi
 }
 
-# 7: the server Deployment, and how to reach it for the Service type
-serve() {
-  local port node svc_uid deadline detect_deadline address acted
+# 7: the server Deployment, applied as the last round closes: its replicas start while the accuracy test runs
+start_server() {
   # A running server reloads the model when the file changes (server/README.md): no restart needed.
-  say "== server (Service type $SERVICE_TYPE)"
-  applying
+  say "== server (Service type $SERVICE_TYPE): starting beside the accuracy test"
+  server_applied="$(date -u +%s.%N)"
   apply server "$root/manifests/7-server.yaml"
   apply server "$root/manifests/8-server-pdb.yaml"
+}
+
+# serve: until the server's rollout is complete, then how to reach it for the Service type
+serve() {
+  local port node svc_uid deadline detect_deadline address acted
+  stage_applied="$server_applied"
   wait_ready server deployment mnist-server "app.kubernetes.io/component=server" "$SERVER_TIMEOUT"
   say "server: ready"
   note_timeline server "app.kubernetes.io/component=server"
@@ -822,6 +858,7 @@ main() {
   start_live
   train_rounds
   stop_live
+  if [[ "$SERVE" != 0 ]]; then start_server; fi
   accuracy_test
   if [[ "$SERVE" == 0 ]]; then
     print_timeline

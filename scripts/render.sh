@@ -27,6 +27,8 @@
 #                   with that many models, instead of needing every worker's
 #   ROUND_DEADLINE  if set, aggregator args get "--deadline" ROUND_DEADLINE (seconds, >= 1; the
 #                   aggregator Job's activeDeadlineSeconds grows with it past 3600)
+#   ROUND           if set, aggregator args get "--round" ROUND: it closes that round only, so it can run
+#                   beside the round's trainers while the round before's models are still in /mnt/model
 #   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG;
 #                   another registry than the default also serves busybox (docker.io/library/busybox:T -> $IMAGE_REGISTRY/busybox:T)
@@ -129,6 +131,10 @@ json_args() { local arg; for arg in "$@"; do printf ', "%s"' "$arg"; done; }
 # wait + 600 s) grows with a longer round deadline.
 aggregator_extra="$(json_args "${aggregator_fl[@]}")"
 [[ -z "${MIN_WORKERS:-}" ]] || aggregator_extra+=", \"--min-workers\", \"$MIN_WORKERS\""
+if [[ -n "${ROUND:-}" ]]; then
+  positive_int "$ROUND" || die "ROUND must be a whole number >= 1, got '$ROUND'"
+  aggregator_extra+=", \"--round\", \"$ROUND\""
+fi
 if [[ -n "${ROUND_DEADLINE:-}" ]]; then
   aggregator_extra+=", \"--deadline\", \"$ROUND_DEADLINE\""
   ((ROUND_DEADLINE <= 3600)) || aggregator_deadline=$((ROUND_DEADLINE + 600))

@@ -226,6 +226,35 @@ def test_stale_model_of_an_earlier_round_is_ignored(round_one, capsys, monkeypat
     assert e["missing_workers"] == ["2-model.h5"]
 
 
+def test_round_n_ignores_the_round_befores_models_until_its_own_are_in(round_one, capsys, monkeypatch):
+    """quickstart.sh applies the aggregator beside the round's trainers (issue 30): with --round 2 it waits
+    while only round 1's models lie in model/, then averages round 2's; a retried aggregator of round 2 finds
+    the same models (recorded by then) and writes the same round again."""
+    monkeypatch.setattr(aggregator, "POLL_SECONDS", 0.05)
+    root, _, _ = round_one
+    assert aggregate(root, "--expect", 3, "--round", 1, capsys=capsys)[0] == 0
+    fp1 = h5_fingerprint(root / "rounds/r1.h5")
+    # round 1's three models are still there: round 2's aggregator must not average them again
+    rc, out = aggregate(root, "--expect", 3, "--round", 2, "--timeout", 0.3, capsys=capsys)
+    assert rc == 2 and "timed out" in out.err and "3 missing" in out.err
+    assert len(entries(root)) == 1
+    r1 = keras.models.load_model(root / "rounds/r1.h5", compile=False)
+    for i in range(3):
+        save_worker(moved(r1, 30 + i, 0.01), root / f"model/{i}-model.h5", 100, fp1, rnd=2)
+    assert aggregate(root, "--expect", 3, "--round", 2, capsys=capsys)[0] == 0
+    e = entries(root)[1]
+    assert e["round"] == 2 and e["start"]["sha256"] == entries(root)[0]["aggregate"]["sha256"]
+    first = h5_weights(root / "aggregated-model.h5")
+    assert aggregate(root, "--expect", 3, "--round", 2, capsys=capsys)[0] == 0  # the Job's retry
+    assert [x["round"] for x in entries(root)] == [1, 2]
+    for k, v in h5_weights(root / "aggregated-model.h5").items():
+        np.testing.assert_array_equal(v, first[k])
+    rc, out = aggregate(root, "--round", 2, capsys=capsys)
+    assert rc == 2 and "need --expect" in out.err
+    rc, out = aggregate(root, "--expect", 3, "--round", 0, capsys=capsys)
+    assert rc == 2 and "--round must be >= 1" in out.err
+
+
 def test_defaults_keep_waiting_for_all_and_bad_k_is_a_usage_error(round_one, capsys):
     root, _, _ = round_one
     (root / "model/2-model.h5").unlink()

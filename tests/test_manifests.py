@@ -589,8 +589,9 @@ def test_server_is_sized_as_measured_and_stops_without_losing_a_request():
     server_py = importlib.util.spec_from_file_location("server_launcher", REPO / "server" / "server.py")
     launcher = importlib.util.module_from_spec(server_py)
     server_py.loader.exec_module(launcher)
-    workers = launcher.DEFAULT_WORKERS
-    assert "--workers" not in c["args"]  # so the default is what runs
+    # one worker a replica, scaled by replicas: as many model processes as the local server's default workers
+    workers = int(c["args"][c["args"].index("--workers") + 1])
+    assert workers == 1 and int(dep["spec"]["replicas"]) * workers == launcher.DEFAULT_WORKERS
     assert float(limits["cpu"]) >= workers  # one TensorFlow thread per worker, nginx beside them
     # preStop pause, then nginx's drain and gunicorn's graceful stop, all within the grace period
     assert c["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}

@@ -51,6 +51,21 @@ elif args[:2] == ["get", "job"]:
         out(f"Failed:{reason}\n")
     elif args[2] not in env("FAKE_RUNNING_JOB", "").split(","):  # those never finish
         out("SuccessCriteriaMet:CompletionsReached:\nComplete:CompletionsReached:\n")
+elif args[:2] == ["get", "jobs,pods"] and "component in (trainer,aggregator)" in " ".join(args):  # a round's Jobs
+    for job in [f"mnist-trainer-{i}" for i in range(int(env("WORKER_NUMBER")))] + ["mnist-aggregator"]:
+        if job == env("FAKE_GONE_JOB"):
+            continue
+        out(f"{job} exists\n")
+        if job in failing:
+            out(f"{job} Failed:{env('FAKE_FAIL_REASON', 'BackoffLimitExceeded:').split(':')[0]}\n")
+        elif job not in env("FAKE_RUNNING_JOB", "").split(","):
+            out(f"{job} SuccessCriteriaMet:CompletionsReached\n{job} Complete:CompletionsReached\n")
+        if job in env("FAKE_EXITED_JOB", "").split(","):  # its pod's container exited 0, the Job not marked yet
+            out(f"{job} Complete:Completed\n")
+elif args[:2] == ["get", "pods"] and "Complete:Completed" in template:  # job_state: a Job's pod exited 0
+    job = args[args.index("-l") + 1].split("=", 1)[1]
+    if job in env("FAKE_EXITED_JOB", "").split(","):
+        out(f"{job} Complete:Completed\n")
 elif args[:2] == ["get", "jobs,replicasets,pods,persistentvolumeclaims"]:
     for job in failing:
         if job in args[3]:
@@ -88,7 +103,7 @@ elif args[:2] == ["get", "pods"] and "creationTimestamp" in template:  # the bre
 elif args[:1] == ["logs"] and "--timestamps" in args:  # its first log line
     print("2026-01-02T03:04:07.500000000Z data: /mnt/data/0.npz: 20000 samples")
 elif args[:1] == ["wait"] or args[:2] == ["rollout", "status"]:  # watching a Job or Deployment not done
-    if any(j and f"job/{j}" in args for j in env("FAKE_RUNNING_JOB", "").split(",")) or (
+    if any(j and (f"job/{j}" in args or f"job-name={j}" in args) for j in env("FAKE_RUNNING_JOB", "").split(",")) or (
             env("FAKE_WAITING") and "deployment/nfs-server" in args):
         import time
         time.sleep(float(next(a for a in args if a.startswith("--timeout="))[10:-1]))
@@ -172,8 +187,9 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
          [("ConfigMap", "mnist-config"), ("Job", "mnist-splitter")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
-        + [[("Job", "mnist-accuracy-test")], [("Deployment", "mnist-server"), ("Service", "mnist-server-svc")],
-           [("PodDisruptionBudget", "mnist-server")]])
+        # the server's replicas start while the accuracy test runs (issue 30)
+        + [[("Deployment", "mnist-server"), ("Service", "mnist-server-svc")], [("PodDisruptionBudget", "mnist-server")],
+           [("Job", "mnist-accuracy-test")]])
 
     # The nfs stage: the server's claim bound before the rest, the nodes' range (10.128.0.5-12) in its
     # NetworkPolicy, the server ready before its ClusterIP goes into the PV.
@@ -199,11 +215,12 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
             # round 1 records the common start weights for the ledger; later rounds start from the aggregate
             expect += ["--save-init", "/mnt/rounds/r0.h5"] if r == 1 else ["--init-model", "/mnt/aggregated-model.h5"]
             assert args == expect
-        # every worker's model needed (MIN_WORKERS defaults to WORKER_NUMBER), today's wait
+        # every worker's model needed (MIN_WORKERS defaults to WORKER_NUMBER), today's wait; applied with the
+        # trainers, the aggregator closes its round only (--round), not the round before's models still there
         assert container_args(proc.applied[first + 3][0]) == [
             "--dir", "/mnt/model", "--savefile", "/mnt/aggregated-model.h5", "--expect", "$(WORKER_NUMBER)",
-            "--min-workers", "3", "--deadline", "3600"]
-    assert container_args(proc.applied[13][0])[-2:] == ["--ledger", "/mnt/rounds/ledger.json"]
+            "--min-workers", "3", "--round", str(r), "--deadline", "3600"]
+    assert container_args(proc.applied[15][0])[-2:] == ["--ledger", "/mnt/rounds/ledger.json"]
     images = {c["image"] for docs in proc.applied for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])}
     assert images == {"registry.example.com/me/nfs-server:1.2", "registry.example.com/me/splitter:1.2",
@@ -346,9 +363,9 @@ def test_quickstart_min_workers_goes_on_without_a_failed_trainer(fake):
     round_objects = ["mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2", "mnist-aggregator"]
     start = names.index("mnist-splitter") + 1
     assert names[start:start + 8] == round_objects * 2
-    assert names[start + 8:] == ["mnist-accuracy-test", "mnist-server", "mnist-server-svc", "mnist-server"]
+    assert names[start + 8:] == ["mnist-server", "mnist-server-svc", "mnist-server", "mnist-accuracy-test"]
     aggregator = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator"][0]
-    assert container_args(aggregator)[-4:] == ["--min-workers", "2", "--deadline", "900"]
+    assert container_args(aggregator)[-6:] == ["--min-workers", "2", "--round", "1", "--deadline", "900"]
     # both rounds: the trainer Jobs and the aggregator are replaced together before being applied again
     deletes = [c[2:6] for c in proc.calls if c[:2] == ["delete", "job"] and "mnist-aggregator" in c]
     assert deletes == [round_objects] * 2
@@ -379,7 +396,7 @@ def test_quickstart_min_workers_as_a_fraction_and_a_round_closed_without_a_slow_
                 FAKE_RUNNING_JOB="mnist-trainer-3")
     assert proc.returncode == 0, proc.stderr
     aggregator = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator"][0]
-    assert container_args(aggregator)[-4:] == ["--min-workers", "2", "--deadline", "3600"]
+    assert container_args(aggregator)[-6:] == ["--min-workers", "2", "--round", "1", "--deadline", "3600"]
     assert "round 1: closed without mnist-trainer-3 (still running at the deadline): stopping them" in proc.stdout
     assert "round 1: aggregated model written without mnist-trainer-3" in proc.stdout
     accuracy = [i for i, c in enumerate(proc.calls) if c[:3] == ["delete", "job", "mnist-accuracy-test"]][0]
@@ -401,7 +418,9 @@ def test_quickstart_default_min_workers_still_fails_fast_on_a_failed_trainer(fak
     proc = fake(QUICKSTART, WORKER_NUMBER="3", ROUNDS="1", MIN_WORKERS="3", FAKE_FAIL_JOB="mnist-trainer-2")
     assert proc.returncode == 1
     assert "stage trainers (round 1) failed: job mnist-trainer-2 failed" in proc.stderr.rstrip().splitlines()[-1]
-    assert "mnist-aggregator" not in applied_names(proc)
+    # the aggregator was applied beside the trainers (issue 30); the run stops before anything after the round
+    names = applied_names(proc)
+    assert names[names.index("mnist-splitter") + 1:] == [f"mnist-trainer-{i}" for i in range(3)] + ["mnist-aggregator"]
 
 
 def test_quickstart_resume_continues_after_the_last_complete_round(fake):
@@ -432,8 +451,8 @@ def test_quickstart_resume_with_every_round_done_only_tests_and_serves(fake):
     assert proc.returncode == 0, proc.stderr
     names = applied_names(proc)
     assert names[names.index("mnist-ledger-restore"):] == ["mnist-ledger-restore", "mnist-config",
-                                                           "mnist-accuracy-test", "mnist-server", "mnist-server-svc",
-                                                           "mnist-server"]
+                                                           "mnist-server", "mnist-server-svc", "mnist-server",
+                                                           "mnist-accuracy-test"]
     assert "resume: all ROUNDS=2 rounds are done; on to the accuracy test" in proc.stdout
 
 
@@ -636,12 +655,15 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
 
 
 def test_quickstart_between_checks_watches_the_stage_instead_of_sleeping(fake):
-    """Between two checks of a stage that is not done, the quickstart waits in `kubectl wait` on its
-    Jobs (and `kubectl rollout status` on a Deployment), so that it sees the stage done at once."""
+    """Between two checks of a stage that is not done, the quickstart waits in `kubectl wait` on its Job's
+    pod, until its container has exited 0 (the kubelet says so about 2 s before the Job controller marks the
+    Job complete), and in `kubectl rollout status` on a Deployment, so that it sees the stage done at once."""
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_RUNNING_JOB="mnist-splitter", JOB_TIMEOUT="5", POLL="1")
     assert proc.returncode == 1 and "stage splitter failed: not complete within JOB_TIMEOUT=5s" in proc.stderr
     waits = [c for c in proc.calls if c[:1] == ["wait"]]
-    assert waits and all(c == ["wait", "--for=condition=Complete", "--timeout=1s", "job/mnist-splitter"] for c in waits)
+    assert waits and all(c == ["wait", "pod", "-l", "job-name=mnist-splitter",
+                               "--for=jsonpath={.status.containerStatuses[0].state.terminated.reason}=Completed",
+                               "--timeout=1s"] for c in waits)
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", FAKE_WAITING="ErrImagePull", PULL_GRACE="1", POLL="1")
     assert proc.returncode == 1
     assert ["rollout", "status", "deployment/nfs-server", "--timeout=1s"] in proc.calls
@@ -663,7 +685,7 @@ def test_quickstart_federated_learning_knobs_reach_the_jobs_args(fake):
             assert args[args.index("--wait-data") + 2:args.index("--savemodel")] == extra
         assert container_args(proc.applied[first + 3][0])[6:] == [
             "--aggregation", "trimmed-mean", "--server-optimizer", "fedavgm", "--server-lr", "0.5",
-            "--server-momentum", "0.8", "--min-workers", "3", "--deadline", "3600"]
+            "--server-momentum", "0.8", "--min-workers", "3", "--round", {5: "1", 9: "2"}[first], "--deadline", "3600"]
 
 
 def test_quickstart_preset_sets_the_knobs_the_environment_leaves_unset(fake):
@@ -688,3 +710,30 @@ def test_render_refuses_attack_with_the_indexed_trainer_job(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts/render.sh"), str(REPO / "manifests/5-trainer-indexed.yaml")],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "needs one trainer Job per worker" in proc.stderr and proc.stdout == ""
+
+
+def test_quickstart_default_round_closes_when_the_aggregator_and_every_trainer_are_done(fake):
+    """At the default MIN_WORKERS the aggregator, applied beside the trainers, needs every model, and the round
+    closes when it and every trainer are done (a trainer's pod that exited 0 counts before its Job is marked):
+    none is stopped or counted missing (issue 30)."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", FAKE_RUNNING_JOB="mnist-trainer-1",
+                FAKE_EXITED_JOB="mnist-trainer-1")
+    assert proc.returncode == 0, proc.stderr
+    assert "round 1: aggregated model written\n" in proc.stdout
+    assert "stopping them" not in proc.stdout and "without" not in proc.stdout
+    # one call answers for every Job of the round, whatever WORKER_NUMBER
+    assert not [c for c in proc.calls if c[:2] == ["get", "job"] and c[2].startswith(("mnist-trainer", "mnist-aggregator"))]
+
+
+def test_quickstart_sees_a_stage_done_when_its_pod_exited_0_before_the_job_is_marked(fake):
+    """The kubelet reports a container that exited 0 about 2 s before the Job controller marks its Job
+    complete (issue 30): the quickstart goes on at the first (the splitter's and the aggregator's Jobs here
+    never get their condition)."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", JOB_TIMEOUT="30", POLL="1",
+                FAKE_RUNNING_JOB="mnist-splitter,mnist-aggregator", FAKE_EXITED_JOB="mnist-splitter,mnist-aggregator")
+    assert proc.returncode == 0, proc.stderr
+    assert "splitter: done" in proc.stdout and "round 1: aggregated model written" in proc.stdout
+    # without the pod's exit the same Jobs never finish
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", JOB_TIMEOUT="3", POLL="1",
+                FAKE_RUNNING_JOB="mnist-splitter")
+    assert proc.returncode == 1 and "not complete within JOB_TIMEOUT=3s" in proc.stderr
