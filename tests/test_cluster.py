@@ -535,7 +535,7 @@ def test_min_workers_run_goes_on_without_a_failed_trainer_job(kubeconfig, ns):
     assert job_conditions(kubeconfig, ns, "mnist-accuracy-test") >= {"Complete"}
     aggregator = get_json(kubeconfig, "job", "mnist-aggregator", namespace=ns)
     args = aggregator["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-4:] == ["--min-workers", "2", "--deadline", "600"]
+    assert args[-6:] == ["--min-workers", "2", "--round", "1", "--deadline", "600"]
 
 
 def test_resume_refuses_a_ledger_the_restore_job_rejects(kubeconfig, ns):
