@@ -10,9 +10,9 @@
 #   WORKER_NUMBER [3]  trainers (= shards)       EPOCH [2]   epochs per trainer per round
 #   BATCH [100]        batch size                ROUNDS [2]  rounds; round r>1 starts from the aggregate
 #   MIN_WORKERS [WORKER_NUMBER]  fewest models a round may average (a count, or a fraction of WORKER_NUMBER,
-#                      rounded up). Fewer than all: the aggregator runs beside the trainers and averages
-#                      once all are in or ROUND_DEADLINE has passed with MIN_WORKERS; a failed trainer Job
-#                      is reported, not fatal, while enough can still finish
+#                      rounded up). The aggregator always runs beside the trainers; with fewer than all it
+#                      averages once all are in or ROUND_DEADLINE has passed with MIN_WORKERS, and a failed
+#                      trainer Job is reported, not fatal, while enough can still finish
 #   ROUND_DEADLINE [3600]  seconds the aggregator waits for a round's models
 #   SPLIT AGGREGATION SERVER_OPTIMIZER SERVER_LR SERVER_MOMENTUM PROX_MU LOCAL_STEPS ATTACK PRESET: as local-quickstart.sh's
 #   RESUME [0]         1: continue from the last complete round of the volume's round ledger, checked
