@@ -182,6 +182,6 @@ def test_a_refused_prediction_is_sent_again_and_an_answer_is_not(live_server, br
     page.route("**/api/predict", lambda route: (attempts.append(1), route.fulfill(
         status=503, content_type="application/json", body='{"error": "no model loaded yet"}')))
     page.click('a[data-sample="6.png"]')
-    page.wait_for_function("document.getElementById('sample-error').textContent.includes('no model')", timeout=15000)
+    page.locator("#sample-error", has_text="no model loaded yet").wait_for(timeout=15000)  # no eval under the CSP
     assert attempts == [1]
     page.close()
