@@ -129,7 +129,11 @@ def test_upload_sample_then_draw_a_digit(live_server, browser):
     assert not [m for m in console if "Content Security Policy" in m or "Refused to" in m], console
     # ... and the watch would have seen one: an inline style is refused and reported
     page.evaluate("document.body.insertAdjacentHTML('beforeend', '<p style=\"color: red\">x</p>')")
-    page.wait_for_function("window.__cspViolations.length > 0", timeout=5000)
+    # (polled from here: wait_for_function's string predicate is eval, which the same CSP refuses)
+    deadline = time.monotonic() + 5
+    while not page.evaluate("window.__cspViolations.length") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert page.evaluate("window.__cspViolations.length") > 0
     page.close()
 
 
