@@ -470,7 +470,7 @@ configmap_only() {
 # model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A failed trainer Job is reported; the run
 # stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first).
 wait_round() {
-  local round="$1" limit=$JOB_TIMEOUT deadline job states failed=() late=() gone=() waiting=()
+  local round="$1" limit=$JOB_TIMEOUT deadline job states why failed=() late=() gone=() waiting=()
   local -A reported=()
   ((ROUND_DEADLINE + 600 <= limit)) || limit=$((ROUND_DEADLINE + 600))
   deadline=$((SECONDS + limit))
@@ -482,9 +482,10 @@ wait_round() {
       grep -q "^$job Failed:" <<<"$states" || continue
       reported[$job]=1
       failed+=("$job")
+      why="$(job_failure "$job" "$(job_state "$job")")"
       # every model needed (the default MIN_WORKERS): the first failed trainer stops the run, naming it
-      ((min_workers < WORKER_NUMBER)) || report "trainers (round $round)" "job-name=$job" "$(job_failure "$job" "$(job_state "$job")")"
-      warn "round $round: $(job_failure "$job" "$(job_state "$job")")"
+      ((min_workers < WORKER_NUMBER)) || report "trainers (round $round)" "job-name=$job" "$why"
+      warn "round $round: $why"
       k logs -l "job-name=$job" --all-containers=true --prefix=true --tail=20 2>&1 | sed 's/^/    /' >&2 || true
       if ((${#failed[@]} > WORKER_NUMBER - min_workers)); then
         report "trainers (round $round)" "app.kubernetes.io/component=trainer" \
