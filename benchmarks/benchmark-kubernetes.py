@@ -163,7 +163,9 @@ def breakdown(output):
     """The quickstart's rows, and per column the sum over the critical path: each stage's last pod (by when it
     was done), where stages that overlap count once. A round's aggregator is applied with its trainers: the
     slowest trainer's way to done, then the aggregator's own part (done after the last model) and its notice.
-    The server starts while the accuracy test runs: the one of the two done later."""
+    The accuracy test applied with the last round ("round N accuracy-test") counts likewise with the part of it
+    left once the quickstart saw the round done; the server, applied then, runs beside that part: the longer of
+    the two counts. (An accuracy test applied after the round, "accuracy-test", counts whole.)"""
     rows = []
     for line in output.splitlines():
         m = ROW.match(line)
@@ -175,18 +177,22 @@ def breakdown(output):
         done = sum(v for v in values[:5] if v is not None)
         if stage not in last or done > last[stage][0]:
             last[stage] = (done, values)
-    path = []
+    path, tail = [], []
     for stage, (done, values) in last.items():
         if stage.endswith(" trainers") and stage.replace("trainers", "aggregator") in last:
             continue  # counted with its aggregator
         if stage.endswith(" aggregator") and stage.replace("aggregator", "trainers") in last:
             t_done, t_values = last[stage.replace("aggregator", "trainers")]
             path += [t_values[:5] + [0.0], [0.0] * 4 + [max(0.0, done - t_done), values[5]]]
-        elif stage in ("server", "accuracy-test") and "server" in last and "accuracy-test" in last:
-            if stage == ("server" if last["server"][0] >= last["accuracy-test"][0] else "accuracy-test"):
-                path.append(values)
+        elif stage.endswith(" accuracy-test") and stage.replace("accuracy-test", "aggregator") in last:
+            a_done, a_values = last[stage.replace("accuracy-test", "aggregator")]
+            tail.append([0.0] * 4 + [max(0.0, done - a_done - (a_values[5] or 0)), values[5]])
+        elif stage in ("server", "accuracy-test"):
+            tail.append(values)
         else:
             path.append(values)
+    if tail:
+        path.append(max(tail, key=lambda values: sum(v or 0 for v in values)))
     totals = [sum(values[i] or 0 for values in path) for i in range(len(COLUMNS))]
     return rows, totals
 

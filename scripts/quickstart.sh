@@ -49,6 +49,8 @@ fail() { # fail STAGE MESSAGE...: one line naming the stage, exit 1
   local stage="$1"
   shift
   printf '%s %s: stage %s failed: %s\n' "$(date -u +%H:%M:%S)" "$me" "$stage" "$*" >&2
+  # an accuracy test applied with the last round would wait for a round that is not coming
+  [[ -z "${accuracy_waiting:-}" ]] || k delete job mnist-accuracy-test --ignore-not-found=true --wait=false >/dev/null 2>&1 || true
   exit 1
 }
 
@@ -731,9 +733,16 @@ train_rounds() {
       say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator"
     fi
     delete_jobs "${trainers[@]}" mnist-aggregator
+    ((round < ROUNDS)) || delete_jobs mnist-accuracy-test
     applying
     apply_trainers "$round"
     ROUND="$round" apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
+    # The accuracy test starts beside the last round too (--wait-round): its pod and TensorFlow start, and the
+    # scoring of the rounds before, overlap the round's training.
+    if ((round == ROUNDS)); then
+      ROUND="$round" apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
+      accuracy_applied="$stage_applied" accuracy_waiting=1
+    fi
     wait_round "$round"
     note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
     note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
@@ -768,15 +777,21 @@ live_accuracy() { # live_accuracy JSON: the accuracy test's result into the Conf
     warn "could not update the ConfigMap mlk-progress with the accuracy"
 }
 
-# the accuracy test Job on the aggregate; its last log line is the result
+# the accuracy test Job on the aggregate (applied with the last round, or here when no round was trained);
+# its last log line is the result
+accuracy_applied="" accuracy_waiting=""
 accuracy_test() {
   local result
   say "== accuracy test"
-  delete_jobs mnist-accuracy-test
-  applying
-  apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
+  if [[ -n "$accuracy_applied" ]]; then
+    stage_applied="$accuracy_applied" accuracy_waiting=""
+  else
+    delete_jobs mnist-accuracy-test
+    applying
+    apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
+  fi
   wait_jobs accuracy-test "app.kubernetes.io/component=accuracy-test" mnist-accuracy-test
-  note_timeline accuracy-test "app.kubernetes.io/component=accuracy-test"
+  note_timeline "${accuracy_applied:+round $ROUNDS }accuracy-test" "app.kubernetes.io/component=accuracy-test"
   if result="$(k logs job/mnist-accuracy-test --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
     say "accuracy test: $result"
     live_accuracy "$result"

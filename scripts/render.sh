@@ -27,8 +27,8 @@
 #                   with that many models, instead of needing every worker's
 #   ROUND_DEADLINE  if set, aggregator args get "--deadline" ROUND_DEADLINE (seconds, >= 1; the
 #                   aggregator Job's activeDeadlineSeconds grows with it past 3600)
-#   ROUND           if set, aggregator args get "--round" ROUND: it closes that round only, so it can run
-#                   beside the round's trainers while the round before's models are still in /mnt/model
+#   ROUND           if set, aggregator args get "--round" ROUND (it closes that round only: it can run beside
+#                   the round's trainers), the accuracy test's "--wait-round" ROUND (it can start beside them)
 #   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG;
 #                   another registry than the default also serves busybox (docker.io/library/busybox:T -> $IMAGE_REGISTRY/busybox:T)
@@ -139,6 +139,13 @@ if [[ -n "${ROUND_DEADLINE:-}" ]]; then
   aggregator_extra+=", \"--deadline\", \"$ROUND_DEADLINE\""
   ((ROUND_DEADLINE <= 3600)) || aggregator_deadline=$((ROUND_DEADLINE + 600))
 fi
+# The accuracy test waiting for round ROUND waits as long as that round's aggregator Job can run, and gets its
+# own 900 s on top of that for its Job's deadline.
+accuracy_extra=""
+if [[ -n "${ROUND:-}" ]]; then
+  accuracy_extra=", \"--wait-round\", \"$ROUND\", \"--wait\", \"${aggregator_deadline:-4200}\""
+  accuracy_deadline=$((${aggregator_deadline:-4200} + 900))
+fi
 case "${SERVICE_TYPE:-}" in
   "" | LoadBalancer | NodePort | ClusterIP) ;;
   *) die "SERVICE_TYPE must be LoadBalancer, NodePort or ClusterIP, got '$SERVICE_TYPE'" ;;
@@ -179,6 +186,11 @@ for file in "$@"; do
     if [[ -n "${aggregator_deadline:-}" ]] && grep -q '^  name: mnist-aggregator$' "$file"; then
       expr+=(-e "s/^\\(  activeDeadlineSeconds: \\)[0-9]*/\\1$aggregator_deadline/")
     fi
+  fi
+  if [[ -n "$accuracy_extra" ]] && grep -q '^  name: mnist-accuracy-test$' "$file"; then
+    # The accuracy test's args end with its --ledger pair.
+    expr+=(-e "s|\(\"--ledger\", \"[^\"]*\"\)\]|\1$accuracy_extra]|")
+    expr+=(-e "s/^\(  activeDeadlineSeconds: \)[0-9]*/\1$accuracy_deadline/")
   fi
   if [[ -n "${DATASET:-}" ]]; then
     # The splitter's args end with its --savedir pair: read MNIST from the volume instead of downloading.

@@ -27,3 +27,20 @@ def test_overlapping_stages_count_once_on_the_critical_path():
     # notice; the server (10.5 s to ready) rather than the accuracy test (6.0 s)
     assert totals == pytest.approx([0.5 + 0.5 + 0.5, 0.0, 1.0 + 1.0 + 1.0, 0.5 + 1.0 + 1.0,
                                     1.0 + 12.0 + 1.0 + 8.0, 1.0 + 0.0 + 1.5 + 0.5])
+
+
+def test_an_accuracy_test_applied_with_the_last_round_counts_from_the_round_seen_done():
+    """Applied with round 1's trainers, the accuracy test's work includes its wait for the round: only what is
+    left of it once the quickstart saw the aggregator done counts, against the server started then."""
+    summary = SUMMARY.replace("accuracy-test            mnist-accuracy-test-a                 0.5      0.0    1.0    0.5     4.0     3.0",
+                              "round 1 accuracy-test    mnist-accuracy-test-a                 0.5      0.0    1.0    0.5    16.0     0.5")
+    rows, totals = bench.breakdown(summary)
+    assert len(rows) == 6 and rows[-1][0] == "round 1 accuracy-test"
+    # the accuracy test is done at 18.0 s, the aggregator at 15.5 s and seen at 17.0 s: 1.0 s left, plus its
+    # notice, is shorter than the server's 10.5 s to ready and its notice: the server counts
+    assert totals == pytest.approx([0.5 + 0.5 + 0.5, 0.0, 1.0 + 1.0 + 1.0, 0.5 + 1.0 + 1.0,
+                                    1.0 + 12.0 + 1.0 + 8.0, 1.0 + 0.0 + 1.5 + 0.5])
+    slow = summary.replace("    16.0     0.5", "    30.0     0.5")
+    # done at 32.0 s: 15.0 s left after the round was seen, plus 0.5 s: longer than the server's 11 s
+    assert bench.breakdown(slow)[1] == pytest.approx([0.5 + 0.5, 0.0, 1.0 + 1.0, 0.5 + 1.0,
+                                                      1.0 + 12.0 + 1.0 + 15.0, 1.0 + 0.0 + 1.5 + 0.5])

@@ -484,6 +484,70 @@ def test_evaluate_fills_the_ledger_and_draws_the_history(two_rounds, tmp_path, c
     assert "rounds/r1.h5" in err and "sha256 differs" in err
 
 
+def test_evaluate_waits_for_its_round_scoring_the_rounds_before_and_writing_nothing(two_rounds, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """--wait-round 2 started while the ledger records round 1 only (the quickstart applies it beside the last
+    round's trainers): it scores round 1 meanwhile without writing the ledger (the aggregator writes it), then
+    only round 2's files once round 2 is recorded, and answers round 2's accuracy. Too long a wait exits 2."""
+    import threading
+
+    import evaluate
+
+    root = two_rounds
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "test.npz", x=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 100).astype(np.uint8))
+    full = json.loads((root / "rounds/ledger.json").read_text())
+    one = json.dumps({**full, "rounds": full["rounds"][:1]})
+    (root / "rounds/ledger.json").write_text(one)
+    final = (root / "aggregated-model.h5").read_bytes()
+    shutil.copyfile(root / "rounds/r1.h5", root / "aggregated-model.h5")
+    scored, score = [], evaluate.Scorer.score
+    monkeypatch.setattr(evaluate.Scorer, "score", lambda self, path: (scored.append(str(path)), score(self, path))[1])
+    monkeypatch.setattr(evaluate, "POLL_SECONDS", 0.05)
+    # round 2's workers have landed in ROOT/model (the aggregator is averaging them); a hidden temporary file
+    # of a trainer still writing is not looked at
+    assert sorted(p.name for p in (root / "model").iterdir()) == ["0-model.h5", "1-model.h5", "2-model.h5"]
+    (root / "model/.3-model.h5-0123.h5").write_bytes(b"half a file")
+    argv = ["--modelpath", str(root / "aggregated-model.h5"), "--data", str(tmp_path / "test.npz"),
+            "--ledger", str(root / "rounds/ledger.json"), "--wait-round", "2"]
+    done = {}
+    thread = threading.Thread(target=lambda: done.setdefault("rc", evaluate.main(argv)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(scored) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert thread.is_alive() and len(scored) == 7, scored
+    # round 1's aggregate and its 3 workers from the ledger, then round 2's 3 workers from private copies
+    assert [Path(p).name for p in scored[:4]] == ["r1.h5", "0-model.h5", "1-model.h5", "2-model.h5"]
+    assert all("/r1/" in p for p in scored[1:4]) and not any(str(root) in p for p in scored[4:])
+    assert (root / "rounds/ledger.json").read_text() == one  # nothing written while the aggregator may write
+    (root / "aggregated-model.h5").write_bytes(final)  # as the aggregator does: the aggregate, then the ledger
+    (root / "rounds/ledger.json").write_text(json.dumps(full))
+    thread.join(120)
+    out = capsys.readouterr()
+    assert done.get("rc") == 0, out.err
+    assert [Path(p).name for p in scored[7:]] == ["r2.h5"]  # round 2's workers: the same bytes, scored already
+    assert out.out.index("waiting for round 2") < out.out.index("round 2 recorded")
+    assert out.out.count("round 1: test accuracy") == 1  # printed once, as written into the ledger
+    result, e = json.loads(out.out.splitlines()[-1]), entries(root)
+    assert [x["round"] for x in e] == [1, 2] and all(x["test_accuracy"] is not None for x in e)
+    assert all(w["accuracy"] is not None for x in e for w in x["workers"])
+    assert result["accuracy"] == pytest.approx(e[-1]["test_accuracy"])
+    # the copies' figures are the files' own: the same as scoring round 2's kept workers directly
+    x, y = evaluate.load_shard(tmp_path / "test.npz")
+    direct = evaluate.Scorer(evaluate.to_model_input(x), y, 1000)
+    for w in e[1]["workers"]:
+        assert w["accuracy"] == pytest.approx(direct.score(root / w["kept"])[1], abs=1e-9)
+    # waited for in vain: one line, exit 2, the ledger as it was
+    before = (root / "rounds/ledger.json").read_bytes()
+    assert evaluate.main(argv[:-1] + ["3", "--wait", "0.2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "round 3 not recorded within 0.2s" in err and "\n" not in err, err
+    assert (root / "rounds/ledger.json").read_bytes() == before
+
+
 def test_evaluate_refuses_a_bad_ledger_before_tensorflow(tmp_path):
     (tmp_path / "ledger.json").write_text("[]")
     proc = subprocess.run([sys.executable, str(REPO / "trainer/evaluate.py"), "--ledger", str(tmp_path / "ledger.json"),

@@ -186,10 +186,10 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
          [("NetworkPolicy", "nfs-server")], [("PersistentVolume", "mlk-nfs-default"), ("PersistentVolumeClaim", "nfs")],
          [("ConfigMap", "mnist-config"), ("Job", "mnist-splitter")]]
         + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
-        + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
-        # the server's replicas start while the accuracy test runs (issue 30)
-        + [[("Deployment", "mnist-server"), ("Service", "mnist-server-svc")], [("PodDisruptionBudget", "mnist-server")],
-           [("Job", "mnist-accuracy-test")]])
+        # the accuracy test starts beside the last round, waiting for its aggregate; the server's replicas
+        # start once the round is in, while the accuracy test ends (issue 30)
+        + [[t] for t in trainers] + [[("Job", "mnist-aggregator")], [("Job", "mnist-accuracy-test")]]
+        + [[("Deployment", "mnist-server"), ("Service", "mnist-server-svc")], [("PodDisruptionBudget", "mnist-server")]])
 
     # The nfs stage: the server's claim bound before the rest, the nodes' range (10.128.0.5-12) in its
     # NetworkPolicy, the server ready before its ClusterIP goes into the PV.
@@ -220,7 +220,10 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
         assert container_args(proc.applied[first + 3][0]) == [
             "--dir", "/mnt/model", "--savefile", "/mnt/aggregated-model.h5", "--expect", "$(WORKER_NUMBER)",
             "--min-workers", "3", "--round", str(r), "--deadline", "3600"]
-    assert container_args(proc.applied[15][0])[-2:] == ["--ledger", "/mnt/rounds/ledger.json"]
+    accuracy = proc.applied[13][0]
+    assert container_args(accuracy)[-6:] == ["--ledger", "/mnt/rounds/ledger.json", "--wait-round", "2",
+                                             "--wait", "4200"]
+    assert accuracy["spec"]["activeDeadlineSeconds"] == 4200 + 900  # the aggregator's deadline, then its own
     images = {c["image"] for docs in proc.applied for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])}
     assert images == {"registry.example.com/me/nfs-server:1.2", "registry.example.com/me/splitter:1.2",
@@ -362,8 +365,8 @@ def test_quickstart_min_workers_goes_on_without_a_failed_trainer(fake):
     names = applied_names(proc)
     round_objects = ["mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2", "mnist-aggregator"]
     start = names.index("mnist-splitter") + 1
-    assert names[start:start + 8] == round_objects * 2
-    assert names[start + 8:] == ["mnist-server", "mnist-server-svc", "mnist-server", "mnist-accuracy-test"]
+    assert names[start:start + 9] == round_objects * 2 + ["mnist-accuracy-test"]  # with the last round
+    assert names[start + 9:] == ["mnist-server", "mnist-server-svc", "mnist-server"]
     aggregator = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator"][0]
     assert container_args(aggregator)[-6:] == ["--min-workers", "2", "--round", "1", "--deadline", "900"]
     # both rounds: the trainer Jobs and the aggregator are replaced together before being applied again
@@ -401,7 +404,8 @@ def test_quickstart_min_workers_as_a_fraction_and_a_round_closed_without_a_slow_
     assert "round 1: aggregated model written without mnist-trainer-3" in proc.stdout
     accuracy = [i for i, c in enumerate(proc.calls) if c[:3] == ["delete", "job", "mnist-accuracy-test"]][0]
     stop = [i for i, c in enumerate(proc.calls) if c[:2] == ["delete", "job"] and "mnist-trainer-3" in c]
-    assert len(stop) == 2 and stop[1] < accuracy  # replaced at the round's start, stopped at its end
+    # replaced at the round's start (the accuracy test too, applied with the last round), stopped at its end
+    assert len(stop) == 2 and stop[0] < accuracy < stop[1]
 
 
 def test_quickstart_min_workers_round_without_a_deleted_trainer_job(fake):
@@ -420,7 +424,9 @@ def test_quickstart_default_min_workers_still_fails_fast_on_a_failed_trainer(fak
     assert "stage trainers (round 1) failed: job mnist-trainer-2 failed" in proc.stderr.rstrip().splitlines()[-1]
     # the aggregator was applied beside the trainers (issue 30); the run stops before anything after the round
     names = applied_names(proc)
-    assert names[names.index("mnist-splitter") + 1:] == [f"mnist-trainer-{i}" for i in range(3)] + ["mnist-aggregator"]
+    assert names[names.index("mnist-splitter") + 1:] == [f"mnist-trainer-{i}" for i in range(3)] + [
+        "mnist-aggregator", "mnist-accuracy-test"]  # the last round's accuracy test, waiting for it: deleted
+    assert ["delete", "job", "mnist-accuracy-test", "--ignore-not-found=true", "--wait=false"] in proc.calls
 
 
 def test_quickstart_resume_continues_after_the_last_complete_round(fake):
@@ -639,7 +645,7 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
     rows = [line.split(": ", 1)[1].split() for line in lines[head + 2:] if "-p1 " in line]
     stages = [" ".join(r[:-7]) for r in rows]
     assert stages == ["nfs-server", "splitter", "round 1 trainers", "round 1 aggregator", "round 2 trainers",
-                      "round 2 aggregator", "accuracy-test", "server"]
+                      "round 2 aggregator", "round 2 accuracy-test", "server"]
     for row in rows:
         pod, create, schedule, start, boot, work, notice = row[-7:]
         assert pod.endswith("-p1")

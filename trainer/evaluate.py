@@ -4,9 +4,15 @@ Prints the loss and accuracy, then a last stdout line of JSON {"loss": ..., "acc
 With --ledger ROOT/rounds/ledger.json it also fills in the round ledger (docs/CONTRACTS.md, "Round ledger"):
 the test accuracy of every round's aggregate and each worker's accuracy before averaging, where missing,
 and draws the training history, ROOT/rounds/history.png.
+With --wait-round N it can start beside round N's trainers: it scores the rounds already recorded while it
+waits, and the workers' models of ROOT/model as they land (writing nothing: the aggregator is the ledger's
+only writer until round N is in), so that round N's aggregate is most of what is left once it is recorded.
 """
 
+import hashlib
 import json
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,8 @@ from mlkcommon import LedgerFormatError, Parser, atomic_path, read_ledger, sha25
 
 DEFAULT_DATA = "/mnt/data/test.npz"  # the test shard on the shared volume (docs/CONTRACTS.md)
 HISTORY_PLOT = "history.png"
+DEFAULT_WAIT = 4200.0  # 6-aggregator.yaml's activeDeadlineSeconds: no aggregate comes later than that
+POLL_SECONDS = 0.5  # as the aggregator polls for models
 
 
 def build_parser():
@@ -26,6 +34,11 @@ def build_parser():
                         "it changes the speed, not the result)")
     parser.add_argument("--ledger", help="ROOT/rounds/ledger.json: fill in every round's test accuracy and each "
                                          "worker's, and draw ROOT/rounds/history.png")
+    parser.add_argument("--wait-round", type=int, metavar="N", help="with --ledger: first wait until the ledger "
+                        "records round N (its aggregate written), scoring the rounds before it meanwhile; the "
+                        "result is round N's aggregate")
+    parser.add_argument("--wait", type=float, default=DEFAULT_WAIT, metavar="SECONDS",
+                        help=f"how long --wait-round waits (default {DEFAULT_WAIT:g}: the aggregator Job's deadline)")
     return parser
 
 
@@ -38,8 +51,39 @@ class Scorer:
     def __init__(self, x, y, batch):
         self.x, self.y, self.batch = x, y, batch
         self.models = {}  # model_config text -> a loaded model whose weights are swapped per file
+        self.scores = {}  # sha256 -> (loss, accuracy)
 
     def __call__(self, path):
+        """(loss, accuracy) of the file; a file with the same bytes as one scored before is not scored again."""
+        try:
+            digest = sha256_file(path)
+        except OSError:
+            return self.score(path)  # which names the problem
+        if digest not in self.scores:
+            self.scores[digest] = self.score(path)
+        return self.scores[digest]
+
+    def prescore(self, path):
+        """Score a file that may be replaced meanwhile (a worker's model as it lands in ROOT/model): its bytes are
+        read once and scored from a private copy, so the figure is filed under the sha256 of what was scored; the
+        ledger's copy of it (rounds/r{n}/) is then not scored again. A file that does not load is left to the
+        ledger's pass, which names the problem."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in self.scores:
+            return
+        with tempfile.NamedTemporaryFile(suffix=".h5") as copy:
+            copy.write(data)
+            copy.flush()
+            try:
+                self.scores[digest] = self.score(copy.name)
+            except Exception:  # noqa: BLE001 (any failure: not a figure; the ledger's pass reports it)
+                pass
+
+    def score(self, path):
         import h5py
 
         path = str(path)
@@ -84,12 +128,14 @@ def checked(root, name, digest):
     return path
 
 
-def fill_ledger(ledger_path, score):
+def fill_ledger(ledger_path, score, write=True):
     """Evaluate every aggregate and kept worker model the ledger lacks an accuracy for; write it back atomically
-    after each round (an interrupted accuracy test keeps what it measured). Returns the ledger."""
+    after each round (an interrupted accuracy test keeps what it measured). Returns the ledger. write=False:
+    score only (Scorer keeps the figures), for while the aggregator may still write the ledger."""
     ledger_path = Path(ledger_path)
     root = ledger_path.parent.parent  # ROOT/rounds/ledger.json
     ledger = load_ledger(ledger_path)
+    say = print if write else (lambda *args, **kwargs: None)  # printed once, when written
     for entry in ledger["rounds"]:
         changed = False
         if entry.get("test_accuracy") is None and entry.get("aggregate"):
@@ -97,15 +143,15 @@ def fill_ledger(ledger_path, score):
             entry["test_loss"], entry["test_accuracy"] = score(path)
             entry["evaluated_at"] = utc_iso()
             changed = True
-            print(f"round {entry['round']}: test accuracy {entry['test_accuracy']:.4f} ({path})", flush=True)
+            say(f"round {entry['round']}: test accuracy {entry['test_accuracy']:.4f} ({path})", flush=True)
         for worker in entry.get("workers") or []:
             if worker.get("accuracy") is None and worker.get("kept"):
                 path = checked(root, worker["kept"], worker.get("sha256"))
                 worker["accuracy"] = score(path)[1]
                 changed = True
-                print(f"round {entry['round']}: worker {worker.get('file')}: accuracy {worker['accuracy']:.4f}"
-                      f"{' (outlier)' if worker.get('outlier') else ''}", flush=True)
-        if changed:
+                say(f"round {entry['round']}: worker {worker.get('file')}: accuracy {worker['accuracy']:.4f}"
+                    f"{' (outlier)' if worker.get('outlier') else ''}", flush=True)
+        if changed and write:
             write_bytes_atomic(ledger_path, (json.dumps(ledger, indent=1) + "\n").encode())
     return ledger
 
@@ -153,17 +199,61 @@ def plot_history(ledger, out):
     plt.close(fig)
 
 
+def recorded_round(ledger_path):
+    """The ledger's last round, 0 while there is no ledger yet."""
+    if not Path(ledger_path).exists():
+        return 0
+    rounds = load_ledger(ledger_path)["rounds"]
+    return max((e.get("round") or 0 for e in rounds), default=0)
+
+
+def wait_round(args, score):
+    """Until the ledger records round --wait-round, scoring (not writing) what it already records meanwhile."""
+    deadline = time.monotonic() + args.wait
+    last = recorded_round(args.ledger)
+    if last < args.wait_round:
+        print(f"waiting for round {args.wait_round} in {args.ledger} (it records {last or 'none'} yet)", flush=True)
+    import matplotlib.pyplot  # noqa: F401 (imported while waiting: plot_history's, at the end)
+
+    models = Path(args.ledger).parent.parent / "model"  # ROOT/model: the trainers' models (docs/CONTRACTS.md)
+    scored, seen = 0, {}
+    while last < args.wait_round:
+        if last > scored:  # a round came in: score it now, so that round N's is all that is left at the end
+            fill_ledger(args.ledger, score, write=False)
+            scored = last
+        for path in sorted(models.glob("[!.]*-model.h5")):  # not the trainers' hidden temporary files
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if seen.get(path.name) != (stat.st_ino, stat.st_size, stat.st_mtime_ns):
+                seen[path.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+                score.prescore(path)
+        if time.monotonic() >= deadline:
+            raise InputError(f"--ledger {args.ledger}: round {args.wait_round} not recorded within {args.wait:g}s "
+                               f"(--wait; the last recorded round is {last or 'none'})")
+        time.sleep(POLL_SECONDS)
+        last = recorded_round(args.ledger)
+    print(f"round {last} recorded", flush=True)
+
+
 def evaluate(args):
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1, got {args.batch}")
     if args.modelpath is None and args.ledger is None:
         raise InputError("the following arguments are required: --modelpath (or --ledger)")
-    if args.ledger is not None:
+    if args.wait_round is not None and (args.ledger is None or args.wait_round < 1):
+        raise InputError("--wait-round needs --ledger and a round >= 1")
+    if not 0 <= args.wait <= 86400:
+        raise InputError(f"--wait must be 0-86400 seconds, got {args.wait:g}")
+    if args.ledger is not None and (args.wait_round is None or Path(args.ledger).exists()):
         load_ledger(args.ledger)  # a bad ledger is reported before TensorFlow starts
     x, y = load_shard(args.data)
     x = to_model_input(x)
     score = Scorer(x, y, args.batch)
     result = None
+    if args.wait_round is not None:
+        wait_round(args, score)
     if args.ledger is not None:
         ledger = fill_ledger(args.ledger, score)
         out = Path(args.ledger).parent / HISTORY_PLOT
