@@ -548,6 +548,29 @@ def test_evaluate_waits_for_its_round_scoring_the_rounds_before_and_writing_noth
     assert (root / "rounds/ledger.json").read_bytes() == before
 
 
+def test_evaluate_waiting_looks_again_when_the_volume_is_away(monkeypatch, tmp_path, capsys):
+    """An NFS server restarting while the accuracy test waits: the ledger cannot be read for a moment; it says so
+    and looks again (no traceback), and goes on once the round is recorded."""
+    import evaluate
+
+    looks = iter([OSError(5, "Input/output error"), 1, OSError(116, "Stale file handle"), 2])
+
+    def recorded(path):
+        answer = next(looks)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(evaluate, "recorded_round", recorded)
+    monkeypatch.setattr(evaluate, "fill_ledger", lambda *args, **kwargs: None)
+    monkeypatch.setattr(evaluate, "POLL_SECONDS", 0.01)
+    args = evaluate.build_parser().parse_args(["--ledger", str(tmp_path / "rounds/ledger.json"), "--wait-round", "2"])
+    evaluate.wait_round(args, evaluate.Scorer(None, None, 1))
+    out = capsys.readouterr().out
+    assert out.count("cannot read") == 2 and "Input/output error" in out and "Stale file handle" in out
+    assert out.rstrip().endswith("round 2 recorded")
+
+
 def test_evaluate_refuses_a_bad_ledger_before_tensorflow(tmp_path):
     (tmp_path / "ledger.json").write_text("[]")
     proc = subprocess.run([sys.executable, str(REPO / "trainer/evaluate.py"), "--ledger", str(tmp_path / "ledger.json"),

@@ -22,7 +22,7 @@ from mlkcommon import LedgerFormatError, Parser, atomic_path, read_ledger, sha25
 
 DEFAULT_DATA = "/mnt/data/test.npz"  # the test shard on the shared volume (docs/CONTRACTS.md)
 HISTORY_PLOT = "history.png"
-DEFAULT_WAIT = 4200.0  # 6-aggregator.yaml's activeDeadlineSeconds: no aggregate comes later than that
+DEFAULT_WAIT = 4200  # 6-aggregator.yaml's activeDeadlineSeconds: no aggregate comes later than that
 POLL_SECONDS = 0.5  # as the aggregator polls for models
 
 
@@ -208,20 +208,35 @@ def recorded_round(ledger_path):
 
 
 def wait_round(args, score):
-    """Until the ledger records round --wait-round, scoring (not writing) what it already records meanwhile."""
+    """Until the ledger records round --wait-round, scoring (not writing) what it already records meanwhile and the
+    workers' models as they land. A volume away for a moment (an NFS server restarting) is looked at again."""
     deadline = time.monotonic() + args.wait
-    last = recorded_round(args.ledger)
-    if last < args.wait_round:
-        print(f"waiting for round {args.wait_round} in {args.ledger} (it records {last or 'none'} yet)", flush=True)
-    import matplotlib.pyplot  # noqa: F401 (imported while waiting: plot_history's, at the end)
-
     models = Path(args.ledger).parent.parent / "model"  # ROOT/model: the trainers' models (docs/CONTRACTS.md)
-    scored, seen = 0, {}
-    while last < args.wait_round:
+    last, scored, seen, said = 0, 0, {}, False
+    while True:
+        try:
+            last = recorded_round(args.ledger)  # a ledger that is not one: InputError, at once
+        except OSError as err:
+            print(f"cannot read {args.ledger} ({err.strerror or err}); looking again", flush=True)
+        if last >= args.wait_round:
+            break
+        if not said:
+            print(f"waiting for round {args.wait_round} in {args.ledger} (it records {last or 'none'} yet)",
+                  flush=True)
+            import matplotlib.pyplot  # noqa: F401 (plot_history's, imported while waiting)
+
+            said = True
         if last > scored:  # a round came in: score it now, so that round N's is all that is left at the end
-            fill_ledger(args.ledger, score, write=False)
-            scored = last
-        for path in sorted(models.glob("[!.]*-model.h5")):  # not the trainers' hidden temporary files
+            try:
+                fill_ledger(args.ledger, score, write=False)
+                scored = last
+            except (OSError, InputError):
+                pass  # again at the next look; the pass after the wait reports what stays wrong
+        try:
+            landed = sorted(models.glob("[!.]*-model.h5"))  # not the trainers' hidden temporary files
+        except OSError:
+            landed = []
+        for path in landed:
             try:
                 stat = path.stat()
             except OSError:
@@ -231,9 +246,8 @@ def wait_round(args, score):
                 score.prescore(path)
         if time.monotonic() >= deadline:
             raise InputError(f"--ledger {args.ledger}: round {args.wait_round} not recorded within {args.wait:g}s "
-                               f"(--wait; the last recorded round is {last or 'none'})")
+                             f"(--wait; the last recorded round is {last or 'none'})")
         time.sleep(POLL_SECONDS)
-        last = recorded_round(args.ledger)
     print(f"round {last} recorded", flush=True)
 
 
