@@ -367,13 +367,11 @@ pause() {
   local started=$SECONDS kind="$1" done=1
   shift
   case "$kind" in
-    job)
-      if (($# == 1)); then # its pod's container exited 0: seen about 2 s before the Job's condition
-        k wait pod -l "job-name=$1" --for=jsonpath='{.status.containerStatuses[0].state.terminated.reason}'=Completed \
-          --timeout="${POLL}s" >/dev/null 2>&1 || done=0
-      else
-        k wait --for=condition=Complete --timeout="${POLL}s" "${@/#/job/}" >/dev/null 2>&1 || done=0
-      fi
+    job) # their pods' containers exited 0: seen about 2 s before the Jobs' Complete condition
+      local selector="job-name=$1"
+      (($# == 1)) || selector="job-name in ($(IFS=,; echo "$*"))"
+      k wait pod -l "$selector" --for=jsonpath='{.status.containerStatuses[0].state.terminated.reason}'=Completed \
+        --timeout="${POLL}s" >/dev/null 2>&1 || done=0
       ;;
     pod) k wait --for=condition=Ready --timeout="${POLL}s" "pod/$1" >/dev/null 2>&1 || done=0 ;;
     deployment) k rollout status "deployment/$1" --timeout="${POLL}s" >/dev/null 2>&1 || done=0 ;;

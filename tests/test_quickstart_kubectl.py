@@ -42,6 +42,10 @@ if args[:3] == ["apply", "-f", "-"]:
 what = " ".join(a for a in args if not a.startswith(("-o", "jsonpath=", "go-template=")))
 template = next((a for a in args if a.startswith(("jsonpath=", "go-template="))), "")
 failing = [j for j in env("FAKE_FAIL_JOB", "").split(",") if j]  # Jobs that fail (FAKE_FAIL_REASON)
+# Jobs that never finish; with FAKE_RUNNING_WAITS=K, only until K `kubectl wait` calls were made
+running = [j for j in env("FAKE_RUNNING_JOB", "").split(",") if j]
+if env("FAKE_RUNNING_WAITS") and sum(line.startswith('["wait"') for line in open(log)) > int(env("FAKE_RUNNING_WAITS")):
+    running = []
 if args[:2] == ["get", "job"] and args[2] == env("FAKE_GONE_JOB"):  # deleted by someone else
     print(f'Error from server (NotFound): jobs.batch "{args[2]}" not found', file=sys.stderr)
     sys.exit(1)
@@ -49,7 +53,7 @@ elif args[:2] == ["get", "job"]:
     if args[2] in failing:
         reason = env("FAKE_FAIL_REASON", "BackoffLimitExceeded:Job has reached the specified backoff limit")
         out(f"Failed:{reason}\n")
-    elif args[2] not in env("FAKE_RUNNING_JOB", "").split(","):  # those never finish
+    elif args[2] not in running:
         out("SuccessCriteriaMet:CompletionsReached:\nComplete:CompletionsReached:\n")
 elif args[:2] == ["get", "jobs,pods"] and "component in (trainer,aggregator)" in " ".join(args):  # a round's Jobs
     for job in [f"mnist-trainer-{i}" for i in range(int(env("WORKER_NUMBER")))] + ["mnist-aggregator"]:
@@ -58,7 +62,7 @@ elif args[:2] == ["get", "jobs,pods"] and "component in (trainer,aggregator)" in
         out(f"{job} exists\n")
         if job in failing:
             out(f"{job} Failed:{env('FAKE_FAIL_REASON', 'BackoffLimitExceeded:').split(':')[0]}\n")
-        elif job not in env("FAKE_RUNNING_JOB", "").split(","):
+        elif job not in running:
             out(f"{job} SuccessCriteriaMet:CompletionsReached\n{job} Complete:CompletionsReached\n")
         if job in env("FAKE_EXITED_JOB", "").split(","):  # its pod's container exited 0, the Job not marked yet
             out(f"{job} Complete:Completed\n")
@@ -103,7 +107,8 @@ elif args[:2] == ["get", "pods"] and "creationTimestamp" in template:  # the bre
 elif args[:1] == ["logs"] and "--timestamps" in args:  # its first log line
     print("2026-01-02T03:04:07.500000000Z data: /mnt/data/0.npz: 20000 samples")
 elif args[:1] == ["wait"] or args[:2] == ["rollout", "status"]:  # watching a Job or Deployment not done
-    if any(j and (f"job/{j}" in args or f"job-name={j}" in args) for j in env("FAKE_RUNNING_JOB", "").split(",")) or (
+    selected = next((a[len("job-name in ("):-1].split(",") for a in args if a.startswith("job-name in (")), [])
+    if any(f"job/{j}" in args or f"job-name={j}" in args or j in selected for j in running) or (
             env("FAKE_WAITING") and "deployment/nfs-server" in args):
         import time
         time.sleep(float(next(a for a in args if a.startswith("--timeout="))[10:-1]))
@@ -380,6 +385,19 @@ def test_quickstart_min_workers_goes_on_without_a_failed_trainer(fake):
     assert proc.stderr.count("    [pod/job-name=mnist-trainer-1] Traceback: fake trainer crash") == 2  # its log
     assert '{"loss": 0.0412, "accuracy": 0.9861}' in proc.stdout
     assert "stage" not in proc.stderr  # reported, not failed
+
+
+def test_quickstart_waits_for_the_rounds_last_trainers_by_their_pods(fake):
+    """The aggregator done, two trainers not yet: the quickstart watches both trainers' pods in one `kubectl wait`
+    (their containers' exit, seen before the Jobs' Complete condition), then closes the round."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="3", ROUNDS="1", SERVE="0", POLL="1",
+                FAKE_RUNNING_JOB="mnist-trainer-1,mnist-trainer-2", FAKE_RUNNING_WAITS="1")
+    assert proc.returncode == 0, proc.stderr
+    waits = [c for c in proc.calls if c[:1] == ["wait"]]
+    assert waits[0] == ["wait", "pod", "-l", "job-name in (mnist-trainer-1,mnist-trainer-2)",
+                        "--for=jsonpath={.status.containerStatuses[0].state.terminated.reason}=Completed",
+                        "--timeout=1s"]
+    assert "round 1: aggregated model written" in proc.stdout
 
 
 def test_quickstart_min_workers_stops_when_too_few_trainers_can_finish(fake):
