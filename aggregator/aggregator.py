@@ -162,7 +162,8 @@ class StaleFilter:
                 rnd = int(read_mlk_attrs(path).get("mlk_round", 1))
             except (OSError, ValueError, TypeError):
                 rnd = None  # unreadable: counted as present, and read_model names the problem
-            self.cache[key] = (rnd, sha256_file(path))
+            # the bytes matter only without --round (recorded inputs); with it the round alone decides
+            self.cache[key] = (rnd, sha256_file(path) if self.round is None else None)
         return self.cache[key]
 
     def split(self, files):
