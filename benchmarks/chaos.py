@@ -297,11 +297,17 @@ class CriWatch(threading.Thread):
         return out
 
     def lifetimes(self):
+        """{kind: median seconds} over the run, and {"kind/round": median} for a trainer's or the aggregator's
+        round: rounds differ (the last one also runs the accuracy test beside it, issue 30), so a seeded
+        fraction of a round's pod is taken of that round's life."""
         out = {}
         for kind in ("splitter", "trainer", "aggregator"):
-            spans = sorted(c["last"] - c["created"] for c in self.seen.values() if c["kind"] == kind)
-            if spans:
-                out[kind] = spans[len(spans) // 2]
+            for key, want in [(kind, None)] + [(f"{kind}/{r}", r) for r in sorted(
+                    {c["round"] for c in self.seen.values() if c["kind"] == kind}) if kind != "splitter"]:
+                spans = sorted(c["last"] - c["created"] for c in self.seen.values()
+                               if c["kind"] == kind and (want is None or c["round"] == want))
+                if spans:
+                    out[key] = spans[len(spans) // 2]
         return out
 
 
@@ -587,7 +593,8 @@ class Runner:
         """Wait until the plan's container runs (containerd's view, polled every 0.1 s; a trainer's or the
         aggregator's round from the quickstart's output), then until the seeded fraction of that kind's life
         in the undisturbed run has passed since the container was created, then hit its pod."""
-        life = (baseline or {}).get("lifetimes", {}).get(p["kind"], 5.0)
+        lives = (baseline or {}).get("lifetimes", {})
+        life = lives.get(f"{p['kind']}/{p.get('round')}", lives.get(p["kind"], 5.0))  # that round's, if known
         if p["kind"] == "nfs-server":  # its life is the run: the fraction falls in the split and the rounds
             life = baseline["training_span"]
         deadline = time.monotonic() + 1800
