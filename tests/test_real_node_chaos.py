@@ -90,14 +90,17 @@ def test_the_round_of_a_fault_is_the_last_one_the_quickstart_announced(tmp_path)
 def test_the_moment_follows_the_runs_pace():
     """Seed 18 of the benchmark's run: trainer 0 of round 2 at 66 % of the undisturbed 37.7 s (24.9 s) was
     missed, the run's trainer having ended at 25.0 s on a machine half as busy. The moment now scales with
-    the run's pace up to the target's start (within 0.5x-2x), and stays the undisturbed run's without it."""
+    the run's pace up to the target's start (within 0.5x-1x: never later than the undisturbed run's
+    moment), and stays the undisturbed run's without it."""
     chaos = chaos_module()
     p = chaos.plan(18)
     assert (p["kind"], p["method"], p["round"], p["index"]) == ("trainer", "delete", 2, 0)
     assert chaos.scaled_delay(0.66, 37.7, None, 80.0) == (pytest.approx(0.66 * 37.7), 1.0)
     delay, pace = chaos.scaled_delay(0.66, 37.7, 120.0, 80.0)  # this run reached round 2 in 2/3 of the time
     assert pace == 0.67 and delay == pytest.approx(0.66 * 37.7 * 80 / 120) and delay < 25.0
-    assert chaos.scaled_delay(0.5, 10.0, 100.0, 500.0) == (10.0, 2.0)  # bounded: 2x at most
+    # a slower start does not move it later (seed 13 in CI: a start 1.2x slower, round 1's aggregator ended first)
+    assert chaos.scaled_delay(0.5, 10.0, 100.0, 500.0) == (5.0, 1.0)
+    assert chaos.scaled_delay(0.685, 19.0, 10.0, 12.0) == (pytest.approx(0.685 * 19.0), 1.0)
     assert chaos.scaled_delay(0.5, 10.0, 100.0, 10.0) == (2.5, 0.5)  # and 0.5x at least
 
 
