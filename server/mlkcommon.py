@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -135,6 +136,48 @@ def write_bytes_atomic(path, data):
     with atomic_path(path) as tmp:
         with open(tmp, "xb") as f:
             f.write(data)
+
+
+RUN_MARKER = "run-id"  # SAVEDIR/run-id: the splitter's last write, naming the run whose shards SAVEDIR holds
+
+
+def wait_until(ready, seconds, what, why="", prefix="", poll=0.5, report_every=30.0):
+    """Call ready() until it is true or `seconds` have passed, for a program waiting on another stage's file.
+    Prints "PREFIXwaiting up to Ss for WHAT WHY" once, "PREFIXstill waiting for WHAT (Ns)" every report_every
+    seconds and "PREFIXWHAT is there after N.Ns" at the end. Returns the seconds waited (0.0, printing nothing,
+    when ready() is true at once), or None once `seconds` have passed (the caller says what that means)."""
+    if ready():
+        return 0.0
+    print(f"{prefix}waiting up to {seconds:g}s for {what}{' ' + why if why else ''}", flush=True)
+    started = reported = time.monotonic()
+    while not ready():
+        now = time.monotonic()
+        if now - started >= seconds:
+            return None
+        if now - reported >= report_every:
+            print(f"{prefix}still waiting for {what} ({now - started:.0f}s)", flush=True)
+            reported = now
+        time.sleep(min(poll, max(seconds - (now - started), 0.01)))
+    waited = time.monotonic() - started
+    print(f"{prefix}{what} is there after {waited:.1f}s", flush=True)
+    return waited
+
+
+def run_id_problem(run_id):
+    """What is wrong with a --run-id value (a message for the flag), or None: 1-64 letters, digits, '.', '_'
+    or '-', not starting with a punctuation mark (it is a file's content and a manifest's argument)."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", run_id):
+        return None
+    return f"--run-id must be 1-64 letters, digits, '.', '_' or '-' (a letter or digit first), got {run_id!r}"
+
+
+def read_run_id(savedir):
+    """The run id the splitter last wrote into `savedir` (splitter.py --run-id), or None: no marker (no
+    split finished since, or one without --run-id), or the volume unreachable for the moment."""
+    try:
+        return (Path(savedir) / RUN_MARKER).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def sha256_file(path):

@@ -239,3 +239,22 @@ def test_read_ledger_reads_a_ledger_and_says_when_there_is_none(tmp_path):
     assert mlkcommon.read_ledger(path)["rounds"] == [{"round": 1, "aggregate": {}}]
     for stage in ("aggregator/ledger.py", "trainer/evaluate.py", "server/app.py"):
         assert '"mlk-ledger/1"' not in (ROOT / stage).read_text(), f"{stage}: use mlkcommon.LEDGER_FORMAT"
+
+
+def test_wait_until_reports_while_waiting_and_says_when_time_ran_out(capsys):
+    looks = []
+
+    def fourth_look():
+        looks.append(1)
+        return len(looks) >= 4
+
+    waited = mlkcommon.wait_until(fourth_look, 30, "/mnt/data/0.npz", "(the splitter writes it)", "p: ", poll=0.05,
+                                  report_every=0.04)
+    lines = capsys.readouterr().out.splitlines()
+    assert waited is not None and 0.05 <= waited < 5 and len(looks) == 4
+    assert lines[0] == "p: waiting up to 30s for /mnt/data/0.npz (the splitter writes it)"
+    assert lines[1].startswith("p: still waiting for /mnt/data/0.npz (")
+    assert lines[-1].startswith("p: /mnt/data/0.npz is there after ")
+    assert mlkcommon.wait_until(lambda: True, 30, "x") == 0.0 and capsys.readouterr().out == ""
+    assert mlkcommon.wait_until(lambda: False, 0.2, "x", poll=0.05) is None
+    assert capsys.readouterr().out == "waiting up to 0.2s for x\n"
