@@ -417,3 +417,30 @@ def test_help_describes_every_flag(capsys):
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--steps", "--prox-mu", "--attack", "20% of the shard"))
+
+
+def test_keras_array_pipeline_runs_without_the_autotuner_and_yields_the_same_batches():
+    """mlk.import_keras turns tf.data's autotuner off for the pipeline Keras feeds arrays through: deleting its
+    iterator at the end of a fit waited for the autotuner's thread, 4-5 s on a busy machine (issue 30). The
+    batches, and so the weights, are those of Keras' own pipeline."""
+    import mlk
+
+    mlk.import_keras()
+    mlk.import_keras()  # once only: the second call leaves the first's wrapper
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    patched = ArrayDataAdapter.get_tf_dataset
+    assert patched.mlk_without_autotune and not getattr(patched.mlk_original, "mlk_without_autotune", False)
+    x, y = np.arange(150, dtype="float32").reshape(50, 3), np.arange(50)
+
+    def batches(get_tf_dataset):
+        tf.random.set_seed(7)
+        dataset = get_tf_dataset(ArrayDataAdapter(x, y, batch_size=8, shuffle=True))
+        return dataset, [labels.numpy().tolist() for _, labels in dataset]
+
+    dataset, ours = batches(patched)
+    assert dataset.options().autotune.enabled is False
+    original, theirs = batches(patched.mlk_original)
+    assert original.options().autotune.enabled is not False
+    assert ours == theirs and sorted(sum(ours, [])) == list(range(50)) and ours[0] != list(range(8))  # shuffled

@@ -92,7 +92,34 @@ def import_keras():
     finally:
         if block and sys.modules.get("matplotlib", False) is None:
             del sys.modules["matplotlib"]
+    without_autotune_wait()
     return keras
+
+
+def without_autotune_wait():
+    """Keras feeds numpy arrays to fit, evaluate and predict through a tf.data pipeline with AUTOTUNE parallelism,
+    and tf.data's autotuner runs a thread per iterator that deleting the iterator, at the end of every such call,
+    waits for: 0-5 s on a busy machine (two trainers on 2 cores: a fit returned 4-5 s after its last epoch in about
+    half the runs; docs/benchmarks.md, issue 30). This turns the autotuner off for that pipeline: the same batches
+    in the same order (the same weights, bit for bit), the map's parallelism and the prefetch at their defaults.
+    Done once; with a Keras whose adapter moved (the pinned one is tested) it changes nothing."""
+    try:
+        from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+    except ImportError:
+        return
+    original = ArrayDataAdapter.get_tf_dataset
+    if getattr(original, "mlk_without_autotune", False):
+        return
+
+    def get_tf_dataset(self):
+        import tensorflow as tf
+
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return original(self).with_options(options)
+
+    get_tf_dataset.mlk_without_autotune, get_tf_dataset.mlk_original = True, original
+    ArrayDataAdapter.get_tf_dataset = get_tf_dataset
 
 
 def load_checked_model(path):
