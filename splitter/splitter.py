@@ -1,9 +1,11 @@
 """Split MNIST into N training shards plus a test set (the pipeline's first stage).
 
-    python splitter.py --n_container 3 --savedir /mnt/data [--dataset mnist.npz]
+    python splitter.py --n_container 3 --savedir /mnt/data [--dataset mnist.npz [--wait-data SECONDS]] [--run-id ID]
 
 Writes DIR/0.npz ... DIR/{N-1}.npz (keys x uint8 (n, 28, 28), y uint8 (n,)) and DIR/test.npz.
 Shard sizes differ by at most one; together they hold every training sample exactly once.
+With --run-id, DIR/run-id holding ID is written last: trainers started before the split (trainer.py
+--run-id) wait for it, so they never read an earlier run's shards. The marker goes first, whatever the flags.
 Needs numpy only.
 """
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlkcommon import Parser, atomic_path, error, int_at_least, parse_args, sha256_file
+from mlkcommon import (RUN_MARKER, Parser, atomic_path, error, int_at_least, parse_args, run_id_problem, sha256_file,
+                       wait_until, write_bytes_atomic)
 
 PROG = "splitter"
 MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -48,6 +51,11 @@ def build_parser():
     p.add_argument("--shuffle-seed", type=int_at_least(0), default=0, help="seed of the shuffle (default 0)")
     p.add_argument("--strategy", choices=("iid", "label-skew"), default="iid",
                    help="iid: random shards; label-skew: each shard dominated by a few digits")
+    p.add_argument("--wait-data", type=float, default=0, metavar="SECONDS",
+                   help="wait up to SECONDS for --dataset to appear (an upload still under way; default 0: no wait)")
+    p.add_argument("--run-id", default=None, metavar="ID",
+                   help=f"name this split: write ID into SAVEDIR/{RUN_MARKER} once every shard is written, for "
+                        "trainers that start before it (trainer.py --run-id); 1-64 letters, digits, . _ -")
     return p
 
 
@@ -84,6 +92,13 @@ def download_mnist(cache_dir, url=None, sha256=None):
             raise DownloadError(f"downloaded {url} has sha256 {got}, expected {sha256}; "
                                 "pass --dataset PATH to use a local copy")
     return path
+
+
+def wait_for_dataset(path, seconds):
+    """Return once `path` exists (the quickstart's upload renames a whole file into place); SplitError after
+    `seconds`."""
+    if seconds > 0 and wait_until(lambda: os.path.exists(path), seconds, path, "(an upload)", f"{PROG}: ") is None:
+        raise SplitError(f"--dataset {path}: still absent after waiting {seconds:g}s (--wait-data)")
 
 
 def load_mnist(path):
@@ -149,10 +164,18 @@ def main(argv=None) -> int:
         n = args.n_container
         if n < 1 or n > MAX_SHARDS:
             raise SplitError(f"--n_container must be between 1 and {MAX_SHARDS}, got {n}")
+        if args.run_id is not None and (problem := run_id_problem(args.run_id)):
+            raise SplitError(problem)
         savedir = Path(args.savedir)
         if savedir.exists() and not savedir.is_dir():
             raise SplitError(f"--savedir {savedir} exists and is not a directory")
+        if not 0 <= args.wait_data <= 86400:
+            raise SplitError(f"--wait-data must be 0-86400 seconds, got {args.wait_data:g}")
+        if args.wait_data and not args.dataset:
+            raise SplitError("--wait-data waits for --dataset: give it")
         dataset = args.dataset or os.environ.get("MNIST_NPZ")
+        if args.wait_data:
+            wait_for_dataset(dataset, args.wait_data)
         if not dataset:
             cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlk-mnist"
             dataset = download_mnist(cache)
@@ -167,7 +190,9 @@ def main(argv=None) -> int:
         return error(PROG, e, e.exit_code)
 
     shards = shard_indices(y_train, n, args.strategy, args.shuffle_seed)
+    marker = savedir / RUN_MARKER
     try:
+        marker.unlink(missing_ok=True)  # the shards about to change are no earlier run's any more
         for i, idx in enumerate(shards):
             save_npz_atomic(savedir / f"{i}.npz", x=x_train[idx], y=y_train[idx])
             counts = np.bincount(y_train[idx], minlength=10)
@@ -176,6 +201,9 @@ def main(argv=None) -> int:
         save_npz_atomic(savedir / "test.npz", x=x_test, y=y_test)
         print(f"{PROG}: test set {savedir / 'test.npz'}: {len(x_test)} samples", flush=True)
         remove_stale_shards(savedir, n)
+        if args.run_id is not None:
+            write_bytes_atomic(marker, f"{args.run_id}\n".encode())
+            print(f"{PROG}: run {args.run_id}: {marker}", flush=True)
     except OSError as e:  # disk full, read-only volume, permissions
         return error(PROG, f"cannot write to {savedir}: {e}")
     print(f"{PROG}: done: {len(x_train)} training samples in {n} shards ({args.strategy}, "

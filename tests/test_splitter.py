@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import splitter  # noqa: E402
+from mlkcommon import read_run_id  # noqa: E402  (the copy beside splitter.py: its conftest path)
 
 N_TRAIN, N_TEST = 200, 30
 
@@ -177,6 +178,64 @@ def test_rerun_with_fewer_shards_removes_stale_ones(tmp_path, mnist, capsys):
     assert "removed stale shard" in capsys.readouterr().out
 
 
+def test_run_id_marker_is_written_after_every_shard(tmp_path, mnist, monkeypatch):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "run-id").write_text("earlier-run\n")
+    seen = []  # the marker as each shard is written: gone from the first shard on, the new id only at the end
+    real_save = splitter.save_npz_atomic
+
+    def save(path, **arrays):
+        seen.append((Path(path).name, (out / "run-id").exists()))
+        real_save(path, **arrays)
+
+    monkeypatch.setattr(splitter, "save_npz_atomic", save)
+    assert split(out, 3, "--run-id", "run-20261205.a_1", dataset=mnist) == 0
+    assert seen == [("0.npz", False), ("1.npz", False), ("2.npz", False), ("test.npz", False)]
+    assert (out / "run-id").read_text() == "run-20261205.a_1\n"
+    assert read_run_id(out) == "run-20261205.a_1"
+
+
+def test_split_without_run_id_removes_an_earlier_marker(tmp_path, mnist):
+    out = tmp_path / "data"
+    assert split(out, 2, "--run-id", "first", dataset=mnist) == 0
+    assert split(out, 2, dataset=mnist) == 0  # these shards are not run "first"'s any more
+    assert "run-id" not in listing(out)
+    assert read_run_id(out) is None
+
+
+def test_wait_data_splits_a_dataset_that_appears_later(tmp_path, mnist, monkeypatch, capsys):
+    """Applied beside the quickstart's upload: the splitter waits for the uploaded file, then splits it."""
+    out, later = tmp_path / "data", tmp_path / "uploads" / "run-1.npz"
+    later.parent.mkdir()
+    looks = []
+    real_exists = splitter.os.path.exists
+
+    def exists(path):  # the upload renames the whole file into place on the splitter's third look
+        if str(path) == str(later):
+            looks.append(1)
+            if len(looks) == 3:
+                shutil.copy(mnist, later)
+        return real_exists(path)
+
+    monkeypatch.setattr(splitter.os.path, "exists", exists)
+    assert split(out, 2, "--wait-data", "60", dataset=later) == 0
+    assert len(looks) >= 3 and sum(len(x) for x, _ in shards_of(out, 2)) == N_TRAIN
+    printed = capsys.readouterr().out
+    assert f"splitter: waiting up to 60s for {later} (an upload)" in printed and f"{later} is there after" in printed
+
+
+def test_wait_data_gives_up_in_one_line_and_needs_a_dataset(tmp_path, mnist, capsys):
+    out = tmp_path / "data"
+    line = refuse(capsys, out, "--n_container", 2, "--savedir", out, "--dataset", tmp_path / "never.npz",
+                  "--wait-data", "0.6")
+    assert "still absent after waiting 0.6s (--wait-data)" in line
+    assert "--wait-data waits for --dataset" in refuse(capsys, out, "--n_container", 2, "--savedir", out,
+                                                       "--wait-data", "5")
+    assert "--wait-data must be 0-86400 seconds" in refuse(capsys, out, "--n_container", 2, "--savedir", out,
+                                                           "--dataset", mnist, "--wait-data", "-1")
+
+
 # --- refusals: exit 2, one line naming the program, nothing written ----------------------------
 
 def refuse(capsys, savedir, *argv, code=2):
@@ -264,6 +323,13 @@ def test_refusal_leaves_an_existing_savedir_untouched(tmp_path, mnist, capsys, k
     assert split(out, 2, dataset=bad_dataset(tmp_path, kind)) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("run_id", ["", ".x", "a/b", "a b", "x" * 65, "ü"])
+def test_refuses_bad_run_id(tmp_path, mnist, capsys, run_id):
+    out = tmp_path / "data"
+    line = refuse(capsys, out, "--n_container", 2, "--savedir", out, "--dataset", mnist, "--run-id", run_id)
+    assert "--run-id must be 1-64 letters" in line
 
 
 def test_refuses_savedir_that_is_a_file(tmp_path, mnist, capsys):

@@ -163,20 +163,31 @@ def test_bad_numbers_exit_2(flags, message, shard, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_wait_data_trains_on_a_shard_that_appears_later(shard, tmp_path, capsys):
+def split_on_third_look(monkeypatch, action):
+    """Run `action` (the splitter's work) when the trainer looks for its shard the third time: after the look
+    that decides to import TensorFlow first and the wait's own first look, so the trainer is waiting."""
+    looks = []
+    real = trainer.shard_ready
+
+    def looking(*args):
+        looks.append(1)
+        if len(looks) == 3:
+            action()
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "shard_ready", looking)
+    return looks
+
+
+def test_wait_data_trains_on_a_shard_that_appears_later(shard, tmp_path, capsys, monkeypatch):
     """All stages applied at once (render.sh --out): a trainer starts before the splitter's shard exists."""
     import shutil
-    import threading
 
     data, out = tmp_path / "data" / "0.npz", tmp_path / "m.h5"
     data.parent.mkdir()
-    timer = threading.Timer(1.5, shutil.copy, (shard, data))  # the splitter renames a whole shard into place
-    timer.start()
-    try:
-        code = trainer.main(["--data", str(data), "--epoch", "1", "--batch", "50", "--savemodel", str(out),
-                             "--wait-data", "60"])
-    finally:
-        timer.cancel()
+    split_on_third_look(monkeypatch, lambda: shutil.copy(shard, data))  # the splitter renames a whole shard into place
+    code = trainer.main(["--data", str(data), "--epoch", "1", "--batch", "50", "--savemodel", str(out),
+                         "--wait-data", "60"])
     assert code == 0 and out.exists()
     assert f"waiting up to 60s for {data}" in capsys.readouterr().out
 
@@ -191,6 +202,52 @@ def test_wait_data_gives_up_with_one_line(tmp_path, capsys):
     assert trainer.main(["--data", "x.npz", "--epoch", "1", "--batch", "10", "--savemodel", str(out),
                          "--wait-data", "-1"]) == 2
     assert "--wait-data must be 0-86400 seconds" in capsys.readouterr().err
+
+
+def test_run_id_waits_for_this_runs_split_and_imports_tensorflow_meanwhile(shard, tmp_path, capsys, monkeypatch):
+    """Applied beside the splitter (quickstart.sh): an earlier run's shard is on the volume; the trainer
+    waits for the marker of its own run, with TensorFlow imported before the split is done."""
+    import shutil
+
+    data, out = tmp_path / "data" / "0.npz", tmp_path / "m.h5"
+    data.parent.mkdir()
+    shutil.copy(shard, data)
+    (data.parent / "run-id").write_text("run-a\n")
+
+    def split():  # the splitter: the marker goes, the shard is rewritten, the marker names the new run
+        (data.parent / "run-id").unlink()
+        shutil.copy(shard, data)
+        (data.parent / "run-id").write_text("run-b\n")
+
+    looks = split_on_third_look(monkeypatch, split)
+    code = trainer.main(["--data", str(data), "--epoch", "1", "--batch", "50", "--savemodel", str(out),
+                         "--wait-data", "60", "--run-id", "run-b"])
+    assert code == 0 and out.exists() and len(looks) == 3
+    lines = capsys.readouterr().out.splitlines()
+    threads = next(i for i, line in enumerate(lines) if line.startswith("threads:"))
+    waiting = next(i for i, line in enumerate(lines) if line.startswith(f"waiting up to 60s for {data} of run run-b"))
+    there = next(i for i, line in enumerate(lines) if line.startswith(f"{data} of run run-b is there after"))
+    data_line = next(i for i, line in enumerate(lines) if line.startswith(f"data: {data}"))
+    assert threads < waiting < there < data_line
+
+
+def test_run_id_of_another_run_is_refused_in_one_line(shard, tmp_path, capsys):
+    import shutil
+
+    data, out = tmp_path / "data" / "0.npz", tmp_path / "m.h5"
+    data.parent.mkdir()
+    shutil.copy(shard, data)
+    (data.parent / "run-id").write_text("run-a\n")
+    base = ["--data", str(data), "--epoch", "1", "--batch", "50", "--savemodel", str(out), "--run-id", "run-b"]
+    assert trainer.main([*base, "--wait-data", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trainer.py: error:") and "no split of run run-b after waiting 0.5s" in err
+    assert "holds run-a" in err and "\n" not in err
+    assert trainer.main(base) == 2  # no wait: refused at once
+    assert "is not run run-b's: its folder's run-id marker holds run-a" in capsys.readouterr().err
+    assert trainer.main([*base[:-1], "a/b"]) == 2
+    assert "--run-id must be 1-64 letters" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_incompatible_init_model_exits_2(shard, tmp_path, capsys):

@@ -12,7 +12,7 @@ import time
 
 from mlk import InputError, exit_now, import_keras, load_checked_model, load_shard, run, to_model_input
 from mlkcommon import (PROGRESS_INTERVAL, Parser, atomic_path, fingerprint, int_at_least, progress_path, read_mlk_attrs,
-                       write_mlk_attrs, write_progress)
+                       read_run_id, run_id_problem, wait_until, write_mlk_attrs, write_progress)
 
 # Model / training constants (chosen for accuracy per CPU-second; see docs/benchmarks.md).
 DEFAULT_SEED = 2019
@@ -46,7 +46,11 @@ def build_parser():
     parser.add_argument("--save-init", help="also save the starting weights here (.h5), unless the file exists "
                         "(the round ledger's rounds/r0.h5)")
     parser.add_argument("--wait-data", type=float, default=0, metavar="SECONDS",
-                        help="wait up to SECONDS for --data to appear (the splitter writes it; default 0: no wait)")
+                        help="wait up to SECONDS for --data to appear (the splitter writes it; default 0: no wait); "
+                             "TensorFlow is imported meanwhile")
+    parser.add_argument("--run-id", metavar="ID",
+                        help="read --data only once its folder's run-id marker holds ID (splitter.py --run-id writes it "
+                             "after the shards): a trainer started beside the splitter never reads an earlier run's shard")
     parser.add_argument("--progress", metavar="PATH",
                         help="write live progress here, at most once a second (default: beside --savemodel, "
                              "0-model.h5 -> 0-model.progress.json; docs/CONTRACTS.md \"Live progress\")")
@@ -64,22 +68,43 @@ def build_parser():
     return parser
 
 
-def wait_for_file(path, seconds, poll=2.0, report_every=30.0):
-    """Return once `path` exists, printing a line now and then; InputError after `seconds`. The splitter
-    writes each shard to a temporary name and renames it, so a shard that exists is whole."""
-    if os.path.exists(path) or seconds <= 0:
-        return
-    print(f"waiting up to {seconds:g}s for {path} (the splitter writes it)", flush=True)
-    started = time.monotonic()
-    reported = started
-    while not os.path.exists(path):
-        now = time.monotonic()
-        if now - started >= seconds:
-            raise InputError(f"--data {path}: still absent after waiting {seconds:g}s (--wait-data)")
-        if now - reported >= report_every:
-            print(f"still waiting for {path} ({now - started:.0f}s)", flush=True)
-            reported = now
-        time.sleep(min(poll, max(seconds - (now - started), 0.01)))
+def shard_ready(path, run_id=None):
+    """The shard exists and, with a run id, its folder's run-id marker holds it (the split is this run's)."""
+    return os.path.exists(path) and (run_id is None or read_run_id(os.path.dirname(os.path.abspath(path))) == run_id)
+
+
+def wait_for_shard(path, seconds, run_id=None):
+    """Return once the shard is ready (shard_ready); InputError after `seconds`. The splitter writes each shard
+    to a temporary name and renames it, so a shard that exists is whole; with --run-id it writes the marker
+    after every shard."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if seconds <= 0:
+        if os.path.exists(path) and not shard_ready(path, run_id):
+            raise InputError(f"--data {path} is not run {run_id}'s: its folder's run-id marker holds "
+                             f"{read_run_id(folder)} (--run-id)")
+        return  # load_shard names a missing file
+    what = f"{path} of run {run_id}" if run_id else path
+    if wait_until(lambda: shard_ready(path, run_id), seconds, what, "(the splitter writes it)") is None:
+        if run_id and os.path.exists(path):
+            raise InputError(f"--data {path}: no split of run {run_id} after waiting {seconds:g}s (--wait-data; "
+                             f"its folder's run-id marker holds {read_run_id(folder)})")
+        raise InputError(f"--data {path}: still absent after waiting {seconds:g}s (--wait-data)")
+
+
+def start_tensorflow(threads):
+    """Import Keras and TensorFlow and size TensorFlow's thread pools; (keras, tf)."""
+    keras = import_keras()
+    import tensorflow as tf
+
+    # Before any TensorFlow op: the pools are sized when TF's runtime starts. On Kubernetes --threads is the
+    # container's CPU limit (the manifests fill it from limits.cpu), so TF does not size its pools by the
+    # node's cores and get throttled by the limit.
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    print(f"threads: intra-op {tf.config.threading.get_intra_op_parallelism_threads()}, inter-op "
+          f"{tf.config.threading.get_inter_op_parallelism_threads()} (0 = TensorFlow's default)", flush=True)
+    return keras, tf
 
 
 def build_model(keras):
@@ -295,22 +320,17 @@ def train(args):
         raise InputError(f"--prox-mu must be a number >= 0, got {args.prox_mu:g}")
     if args.init_model is not None and not os.path.isfile(args.init_model):
         raise InputError(f"--init-model {args.init_model}: no such file")
-    wait_for_file(args.data, args.wait_data)
+    if args.run_id is not None and (problem := run_id_problem(args.run_id)):
+        raise InputError(problem)
+    # A shard still to come (a trainer applied beside the splitter): TensorFlow's import, seconds, overlaps the
+    # split rather than following it. A shard already there, or none to wait for: its errors come first.
+    tensorflow = start_tensorflow(args.threads) if args.wait_data > 0 and not shard_ready(args.data, args.run_id) else None
+    wait_for_shard(args.data, args.wait_data, args.run_id)
     x, y = load_shard(args.data)
     x = to_model_input(x)
     print(f"data: {args.data}: {len(x)} samples", flush=True)
 
-    keras = import_keras()
-    import tensorflow as tf
-
-    # Before any TensorFlow op: the pools are sized when TF's runtime starts. On Kubernetes --threads is the
-    # container's CPU limit (the manifests fill it from limits.cpu), so TF does not size its pools by the
-    # node's cores and get throttled by the limit.
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    print(f"threads: intra-op {tf.config.threading.get_intra_op_parallelism_threads()}, inter-op "
-          f"{tf.config.threading.get_inter_op_parallelism_threads()} (0 = TensorFlow's default)", flush=True)
+    keras, tf = tensorflow or start_tensorflow(args.threads)
     keras.utils.set_random_seed(args.seed)  # initial weights, shuffling and dropout
     # Same seed, same init, same shard -> bit-identical weights (a resumed round equals the original run).
     tf.config.experimental.enable_op_determinism()
