@@ -26,7 +26,7 @@
 #   STORAGE_CLASS []   the ReadWriteMany StorageClass for NFS_BACKEND=rwx
 #   NODE_CIDR [nodes' IP span, else any]  who besides our pods may reach the NFS server (set it if autoscaled)
 #   MNIST_NPZ []       a local mnist.npz (Keras layout) to put on the volume for the splitter, through a
-#                      short-lived pod (manifests/9999-dataset-upload.yaml): for clusters without
+#                      short-lived pod applied with it (manifests/9999-dataset-upload.yaml): for clusters without
 #                      internet access. Unset: the splitter downloads MNIST (checksum-verified)
 #   SERVE [1]          1: deploy the server (SERVER_REPLICAS [2] pods, a PodDisruptionBudget) and say how to reach it
 #   SERVICE_TYPE [LoadBalancer]  the server's Service: LoadBalancer, NodePort or ClusterIP. Without
@@ -49,10 +49,13 @@ fail() { # fail STAGE MESSAGE...: one line naming the stage, exit 1
   local stage="$1"
   shift
   printf '%s %s: stage %s failed: %s\n' "$(date -u +%H:%M:%S)" "$me" "$stage" "$*" >&2
-  # an accuracy test applied with the last round would wait for a round that is not coming
-  [[ -z "${accuracy_waiting:-}" ]] || k delete job mnist-accuracy-test --ignore-not-found=true --wait=false >/dev/null 2>&1 || true
+  # Jobs applied ahead of their input (round 1's trainers with the splitter, the accuracy test with the last
+  # round) would wait for what is not coming
+  ((${#waiting_jobs[@]} == 0)) || k delete job "${waiting_jobs[@]}" --ignore-not-found=true --wait=false >/dev/null 2>&1 || true
   exit 1
 }
+waiting_jobs=()
+unset RUN_ID # the quickstart names each run's split itself (split_data): one in the environment is not this run's
 
 # --- configuration ----------------------------------------------------------------------------
 WORKER_NUMBER="${WORKER_NUMBER:-3}"
@@ -543,6 +546,7 @@ timeline_template='{{range .items}}{{.metadata.name}} {{.metadata.creationTimest
 {{end}}'
 timeline=() # one line per pod: STAGE POD then seconds: create schedule start boot work notice (docs/kubernetes.md)
 stage_applied=0
+trainers=() trainers_applied="" # round 1's trainers applied with the splitter: the time of it
 
 # epoch TIME: a Kubernetes or log timestamp as seconds since 1970 (with fractions), "-" for "-"
 epoch() { if [[ "$1" == - || -z "$1" ]]; then echo -; else date -u -d "$1" +%s.%N 2>/dev/null || echo -; fi; }
@@ -667,39 +671,57 @@ resume_from_ledger() {
   fi
 }
 
-# offline data: MNIST_NPZ onto the volume as /mnt/mnist.npz, through a short-lived pod
+# offline data: MNIST_NPZ onto the volume as DATASET (this run's own name), through a short-lived pod applied
+# with the splitter, which waits for the file (--wait-data)
 upload_dataset() {
   local copied size
-  say "== dataset: $MNIST_NPZ onto the volume as /mnt/mnist.npz"
-  k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
-  applying
-  apply dataset "$root/manifests/9999-dataset-upload.yaml"
   wait_ready dataset pod mnist-dataset-upload "app.kubernetes.io/component=dataset-upload" "$NFS_TIMEOUT"
-  note_timeline dataset "app.kubernetes.io/component=dataset-upload"
-  # Streamed through exec (no tar needed in the image), written to a temporary name, then renamed.
-  copied="$(k exec -i mnist-dataset-upload -- python -c 'import os, shutil, sys
-tmp = "/mnt/.mnist.npz.tmp"
+  note_timeline "round 1 dataset" "app.kubernetes.io/component=dataset-upload"
+  # Streamed through exec (no tar needed in the image), written to a temporary name, then renamed; an earlier
+  # run's upload goes.
+  copied="$(k exec -i mnist-dataset-upload -- python -c 'import glob, os, shutil, sys
+path = sys.argv[1]
+os.makedirs(os.path.dirname(path), exist_ok=True)
+for old in glob.glob(os.path.join(os.path.dirname(path), "*.npz")):
+    if old != path:
+        os.remove(old)
+tmp = os.path.join(os.path.dirname(path), ".upload.tmp")
 with open(tmp, "wb") as f:
     shutil.copyfileobj(sys.stdin.buffer, f)
     f.flush()
     os.fsync(f.fileno())
-os.replace(tmp, "/mnt/mnist.npz")
-print(os.path.getsize("/mnt/mnist.npz"))' <"$MNIST_NPZ")" || fail dataset "could not copy $MNIST_NPZ into pod mnist-dataset-upload"
+os.replace(tmp, path)
+print(os.path.getsize(path))' "$DATASET" <"$MNIST_NPZ")" || fail dataset "could not copy $MNIST_NPZ into pod mnist-dataset-upload"
   size="$(wc -c <"$MNIST_NPZ")"
   [[ "$copied" == "$size" ]] || fail dataset "copied ${copied:-nothing} of $size bytes"
   k delete pod mnist-dataset-upload --wait=false >/dev/null || true
-  export DATASET=/mnt/mnist.npz
   say "dataset: $size bytes on the volume; the splitter reads it instead of downloading"
 }
 
-# 4: the splitter Job writes WORKER_NUMBER shards and the test set
+# 4: the splitter Job writes WORKER_NUMBER shards and the test set. Round 1's trainers are applied with it
+# (RUN_ID: they wait for this run's split, never an earlier run's shards still on the volume): their pods
+# start and import TensorFlow while it splits.
 split_data() {
-  say "== splitter: $WORKER_NUMBER shards"
+  local run_id
+  run_id="run-$(date -u +%Y%m%d%H%M%S)-$RANDOM"
+  delete_old_trainers
   delete_jobs mnist-splitter
+  if [[ -n "$MNIST_NPZ" ]]; then # the upload pod too: the splitter waits for its file
+    export DATASET="/mnt/uploads/$run_id.npz" DATASET_WAIT=$((NFS_TIMEOUT + 600))
+    say "== dataset: $MNIST_NPZ onto the volume as $DATASET, for the splitter applied with it"
+    k delete pod mnist-dataset-upload --ignore-not-found=true --wait=true >/dev/null
+  fi
+  say "== splitter: $WORKER_NUMBER shards (run $run_id), with round 1's trainers waiting for them"
   applying
-  apply splitter "$root/manifests/4-splitter.yaml"
+  [[ -z "$MNIST_NPZ" ]] || apply dataset "$root/manifests/9999-dataset-upload.yaml"
+  RUN_ID="$run_id" apply splitter "$root/manifests/4-splitter.yaml"
+  RUN_ID="$run_id" apply_trainers 1
+  trainers_applied="$stage_applied"
+  waiting_jobs=(mnist-splitter "${trainers[@]}")
+  [[ -z "$MNIST_NPZ" ]] || upload_dataset
+  waiting_jobs=("${trainers[@]}")
   wait_jobs splitter "app.kubernetes.io/component=splitter" mnist-splitter
-  note_timeline splitter "app.kubernetes.io/component=splitter"
+  note_timeline "round 1 splitter" "app.kubernetes.io/component=splitter"
   say "splitter: done"
 }
 
@@ -711,15 +733,18 @@ apply_trainers() {
   done
 }
 
-# 5-6: ROUNDS rounds of trainers and aggregation, from the round after done_rounds
-train_rounds() {
-  local i round
-  trainers=()
-  for ((i = 0; i < WORKER_NUMBER; i++)); do trainers+=("mnist-trainer-$i"); done
-  # Every trainer Job of an earlier run goes, by label: one numbered past this run's WORKER_NUMBER, or the
-  # Indexed mnist-trainer, would otherwise write into this run's /mnt/model.
+# Every trainer Job of an earlier run goes, by label: one numbered past this run's WORKER_NUMBER, or the
+# Indexed mnist-trainer, would otherwise write into this run's /mnt/model.
+delete_old_trainers() {
   k delete jobs -l "app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer" --ignore-not-found=true \
     --cascade=foreground --wait=true >/dev/null || fail trainers "cannot delete the trainer Jobs of an earlier run"
+}
+
+# 5-6: ROUNDS rounds of trainers and aggregation, from the round after done_rounds (round 1's trainers may
+# be running already: applied with the splitter)
+train_rounds() {
+  local round
+  [[ -n "$trainers_applied" ]] || delete_old_trainers
   for ((round = done_rounds + 1; round <= ROUNDS; round++)); do
     if ((round > 1)); then export INIT_MODEL=/mnt/aggregated-model.h5; else unset INIT_MODEL; fi
     # The aggregator starts beside the round's trainers (--round: it ignores the round before's models still
@@ -730,16 +755,24 @@ train_rounds() {
     else
       say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator"
     fi
-    delete_jobs "${trainers[@]}" mnist-aggregator
+    if ((round == 1)) && [[ -n "$trainers_applied" ]]; then # with the splitter, which is done
+      delete_jobs mnist-aggregator
+      stage_applied="$trainers_applied" # the round's rows count from its trainers' apply
+    else
+      delete_jobs "${trainers[@]}" mnist-aggregator
+      applying
+      apply_trainers "$round"
+    fi
     ((round < ROUNDS)) || delete_jobs mnist-accuracy-test
-    applying
-    apply_trainers "$round"
     ROUND="$round" apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
     # The accuracy test starts beside the last round too (--wait-round): its pod and TensorFlow start, and the
     # scoring of the rounds before, overlap the round's training.
     if ((round == ROUNDS)); then
       ROUND="$round" apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
-      accuracy_applied="$stage_applied" accuracy_waiting=1
+      accuracy_applied="$stage_applied"
+      waiting_jobs=(mnist-accuracy-test)
+    else
+      waiting_jobs=()
     fi
     wait_round "$round"
     note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
@@ -777,12 +810,12 @@ live_accuracy() { # live_accuracy JSON: the accuracy test's result into the Conf
 
 # the accuracy test Job on the aggregate (applied with the last round, or here when no round was trained);
 # its last log line is the result
-accuracy_applied="" accuracy_waiting=""
+accuracy_applied=""
 accuracy_test() {
   local result
   say "== accuracy test"
   if [[ -n "$accuracy_applied" ]]; then
-    stage_applied="$accuracy_applied" accuracy_waiting=""
+    stage_applied="$accuracy_applied" waiting_jobs=()
   else
     delete_jobs mnist-accuracy-test
     applying
@@ -856,13 +889,14 @@ serve() {
 }
 
 main() {
+  local i
   no_arguments "$@"
   check_settings
+  for ((i = 0; i < WORKER_NUMBER; i++)); do trainers+=("mnist-trainer-$i"); done
   connect
   prepare_volume
   done_rounds=0
   if [[ "$RESUME" == 1 ]]; then resume_from_ledger; fi
-  if [[ -n "$MNIST_NPZ" ]] && ((done_rounds == 0)); then upload_dataset; fi
   if ((done_rounds == 0)); then
     split_data
   else # resuming: the shards are there; only the ConfigMap (the aggregator's worker count) is applied

@@ -22,21 +22,21 @@
 #   GCE_PROJECT, GCE_DISK_ZONE, NAMESPACE  fill {{NAME}} (the list is PLACEHOLDERS in scripts/images.env)
 #   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL (rounds after the first) in
 #                   place of round 1's "--save-init /mnt/rounds/r0.h5" (the round ledger's start weights)
-#   MIN_WORKERS     if set, aggregator args get "--min-workers" MIN_WORKERS (a count >= 1, or a
-#                   fraction 0 < f < 1 of the workers): average as soon as the round deadline passes
-#                   with that many models, instead of needing every worker's
-#   ROUND_DEADLINE  if set, aggregator args get "--deadline" ROUND_DEADLINE (seconds, >= 1; the
-#                   aggregator Job's activeDeadlineSeconds grows with it past 3600)
+#   MIN_WORKERS     if set, aggregator args get "--min-workers" MIN_WORKERS (a count >= 1, or a fraction 0 < f < 1
+#                   of the workers): average once the round deadline passes with that many models, not every worker's
+#   ROUND_DEADLINE  if set, aggregator args get "--deadline" ROUND_DEADLINE (seconds >= 1; its Job's deadline grows past 3600)
 #   ROUND           if set, aggregator args get "--round" ROUND (it closes that round only: it can run beside
 #                   the round's trainers), the accuracy test's "--wait-round" ROUND (it can start beside them)
-#   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download)
+#   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download);
+#                   DATASET_WAIT seconds too, "--wait-data" DATASET_WAIT (an upload still under way)
+#   RUN_ID          if set, splitter and trainer args get "--run-id" RUN_ID (trainers wait for that split)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG;
 #                   another registry than the default also serves busybox (docker.io/library/busybox:T -> $IMAGE_REGISTRY/busybox:T)
 #   SPLIT, AGGREGATION, SERVER_OPTIMIZER, SERVER_LR, SERVER_MOMENTUM, PROX_MU, LOCAL_STEPS, ATTACK  the
 #                   federated-learning knobs (docs/CONTRACTS.md "Runner knobs"), each only when not at its default,
 #                   become the splitter's, aggregator's and trainers' flags (ATTACK: 5-trainer.yaml only)
-#   SERVICE_TYPE    if set, the server's Service type (LoadBalancer in 7-server.yaml): NodePort or ClusterIP
-#   SERVER_REPLICAS if set, the server Deployment's replicas (2 in 7-server.yaml): a whole number >= 1
+#   SERVICE_TYPE, SERVER_REPLICAS  if set, the server's Service type (LoadBalancer in 7-server.yaml: NodePort or
+#                   ClusterIP) and its Deployment's replicas (2 in 7-server.yaml: a whole number >= 1)
 set -euo pipefail
 
 me="render.sh"
@@ -117,6 +117,12 @@ check_value IMAGE_REGISTRY "$IMAGE_REGISTRY"
 check_value IMAGE_TAG "$IMAGE_TAG"
 [[ -z "${INIT_MODEL:-}" ]] || check_value INIT_MODEL "$INIT_MODEL"
 [[ -z "${DATASET:-}" ]] || check_value DATASET "$DATASET"
+if [[ -n "${DATASET_WAIT:-}" ]] && ! { [[ -n "${DATASET:-}" ]] && positive_int "$DATASET_WAIT"; }; then
+  die "DATASET_WAIT must be a whole number of seconds >= 1, with DATASET set, got '$DATASET_WAIT'"
+fi
+if [[ -n "${RUN_ID:-}" ]] && ! [[ "$RUN_ID" =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]]; then
+  die "RUN_ID must be 1-64 letters, digits, '.', '_' or '-' (a letter or digit first), got '$RUN_ID'"
+fi
 if [[ -n "${MIN_WORKERS:-}" ]] && ! [[ "$MIN_WORKERS" =~ ^([1-9][0-9]{0,8}|0?\.0*[1-9][0-9]{0,8})$ ]]; then
   die "MIN_WORKERS must be a whole number >= 1 or a fraction between 0 and 1 (e.g. 0.67), got '$MIN_WORKERS'"
 fi
@@ -196,10 +202,14 @@ for file in "$@"; do
     # The splitter's args end with its --savedir pair: read MNIST from the volume instead of downloading.
     expr+=(-e "s|\(\"--savedir\", \"[^\"]*\"\)\]|\1, \"--dataset\", \"$(sed_literal "$DATASET")\"]|")
   fi
-  if ((${#splitter_fl[@]})); then # the splitter's args hold its --savedir pair
-    expr+=(-e "s|\(\"--n_container\", \"[^\"]*\", \"--savedir\", \"[^\"]*\"\)|\1$(json_args "${splitter_fl[@]}")|")
+  splitter_extra=("${splitter_fl[@]}")
+  [[ -z "${RUN_ID:-}" ]] || splitter_extra+=(--run-id "$RUN_ID")
+  [[ -z "${DATASET_WAIT:-}" ]] || splitter_extra+=(--wait-data "$DATASET_WAIT")
+  if ((${#splitter_extra[@]})); then # the splitter's args hold its --savedir pair
+    expr+=(-e "s|\(\"--n_container\", \"[^\"]*\", \"--savedir\", \"[^\"]*\"\)|\1$(json_args "${splitter_extra[@]}")|")
   fi
   trainer_extra=("${trainer_fl[@]}")
+  [[ -z "${RUN_ID:-}" ]] || trainer_extra+=(--run-id "$RUN_ID")
   if [[ -n "$ATTACK" ]] && grep -q '"--savemodel"' "$file"; then
     grep -q '{{INCREMENTAL_NUMBER}}' "$file" ||
       die "$file: ATTACK=$ATTACK needs one trainer Job per worker (5-trainer.yaml with INCREMENTAL_NUMBER)"

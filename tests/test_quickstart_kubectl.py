@@ -5,6 +5,7 @@ the same scripts in tests/test_cluster.py; this file pins down the exact objects
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -92,6 +93,8 @@ elif args[:3] == ["get", "service", "nfs-server"]:
 elif args[:3] == ["get", "service", "mnist-server-svc"]:
     out("203.0.113.7" if "loadBalancer" in template else "uid-svc")
 elif args[:2] == ["exec", "-i"]:  # the dataset upload: what arrived on stdin, counted
+    if env("FAKE_EXEC_FAIL"):
+        sys.exit(1)
     print(len(sys.stdin.buffer.read()))
 elif args[:3] == ["get", "pod", "mnist-dataset-upload"]:
     out("True")
@@ -138,7 +141,7 @@ def fake(tmp_path):
                             "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET",
                             "MIN_WORKERS", "ROUND_DEADLINE", "RESUME", "GCE_PROJECT", "NODE_CIDR", "SPLIT",
                             "AGGREGATION", "SERVER_OPTIMIZER", "SERVER_LR", "SERVER_MOMENTUM", "PROX_MU",
-                            "LOCAL_STEPS", "ATTACK", "PRESET")}
+                            "LOCAL_STEPS", "ATTACK", "PRESET", "RUN_ID", "DATASET_WAIT")}
         env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied), POLL="0")
         env.update(env_overrides)
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -155,6 +158,14 @@ def kinds_names(applied):
 
 def container_args(doc):
     return doc["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def without_run_id(args):
+    """args without their "--run-id ID" pair (the splitter's and round 1's trainers': a new id every run)."""
+    if "--run-id" not in args:
+        return args
+    i = args.index("--run-id")
+    return args[:i] + args[i + 2:]
 
 
 def nfs_steps(proc):
@@ -211,12 +222,18 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
     # --init-model only from round 2 on, and the image names rewritten for the user's registry.
     assert proc.applied[3][0]["spec"]["nfs"]["server"] == "10.96.0.42"
     assert proc.applied[4][0]["data"] == {"WORKER_NUMBER": "3"}
-    assert container_args(proc.applied[4][1]) == ["--n_container", "3", "--savedir", "/mnt/data"]
+    # The splitter names its split, and round 1's trainers, applied with it, wait for that split (issue 30)
+    splitter_args = container_args(proc.applied[4][1])
+    assert splitter_args[:5] == ["--n_container", "3", "--savedir", "/mnt/data", "--run-id"]
+    run_id = splitter_args[5]
+    assert len(splitter_args) == 6 and re.fullmatch(r"run-\d{14}-\d+", run_id)
     for r, first in ((1, 5), (2, 9)):
         for i in range(3):
             args = container_args(proc.applied[first + i][0])
             expect = ["--data", f"/mnt/data/{i}.npz", "--epoch", "2", "--batch", "64",
-                      "--threads", "$(CPU_LIMIT)", "--wait-data", "1800", "--savemodel", f"/mnt/model/{i}-model.h5"]
+                      "--threads", "$(CPU_LIMIT)", "--wait-data", "1800"]
+            expect += ["--run-id", run_id] if r == 1 else []
+            expect += ["--savemodel", f"/mnt/model/{i}-model.h5"]
             # round 1 records the common start weights for the ledger; later rounds start from the aggregate
             expect += ["--save-init", "/mnt/rounds/r0.h5"] if r == 1 else ["--init-model", "/mnt/aggregated-model.h5"]
             assert args == expect
@@ -239,8 +256,17 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
             kubernetes_validate.validate(d, kv_utils.latest_version(), strict=True)
     # Every trainer Job of a round is replaced before any is applied again; the server is not restarted
     # (it reloads the model itself).
+    # Round 1's trainers are applied right after the splitter, before it is waited for; an earlier run's
+    # trainer Jobs went first, by label.
+    applies = [i for i, c in enumerate(proc.calls) if c[:3] == ["apply", "-f", "-"]]
+    looks = [i for i, c in enumerate(proc.calls) if c[:1] in (["get"], ["wait"]) and "mnist-splitter" in " ".join(c)]
+    assert looks and applies[4] < applies[5 + 2] < looks[0]
+    old_trainers = proc.calls.index(["delete", "jobs", "-l", "app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer",
+                                     "--ignore-not-found=true", "--cascade=foreground", "--wait=true"])
+    assert old_trainers < applies[4]
     deletes = [c for c in proc.calls if c[:2] == ["delete", "job"]]
-    assert ["delete", "job", "mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2"] == deletes[1][:5]
+    assert [d[2:-3] for d in deletes[:3]] == [["mnist-splitter"], ["mnist-aggregator"],
+                                              ["mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2", "mnist-aggregator"]]
     assert not [c for c in proc.calls if c[:2] == ["rollout", "restart"]]
 
     out = proc.stdout
@@ -331,20 +357,43 @@ def test_quickstart_rwx_backend_needs_no_nfs_server(fake):
 
 
 def test_quickstart_mnist_npz_goes_onto_the_volume_and_the_splitter_reads_it(fake, tmp_path):
+    """The upload pod, the splitter and round 1's trainers are applied together (issue 30): the splitter waits
+    for the file this run uploads, under a name of this run's, so it never splits an earlier run's upload."""
     dataset = tmp_path / "mnist.npz"
     dataset.write_bytes(b"x" * 12345)
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", MNIST_NPZ=str(dataset))
     assert proc.returncode == 0, proc.stderr
     names = [n for docs in kinds_names(proc.applied) for _, n in docs]
-    assert names.index("mnist-dataset-upload") < names.index("mnist-splitter")
+    assert names[names.index("mnist-dataset-upload"):names.index("mnist-trainer-1") + 1] == [
+        "mnist-dataset-upload", "mnist-config", "mnist-splitter", "mnist-trainer-0", "mnist-trainer-1"]
     upload = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-dataset-upload"][0]
     assert upload["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "nfs"
-    exec_call = [c for c in proc.calls if c[:2] == ["exec", "-i"]][0]
-    assert exec_call[2] == "mnist-dataset-upload" and '"/mnt/mnist.npz"' in exec_call[-1]
     splitter = [docs for docs in proc.applied if docs[-1]["metadata"]["name"] == "mnist-splitter"][0][-1]
-    assert container_args(splitter) == ["--n_container", "2", "--savedir", "/mnt/data", "--dataset", "/mnt/mnist.npz"]
+    args = container_args(splitter)
+    run_id = args[args.index("--run-id") + 1]
+    assert without_run_id(args) == ["--n_container", "2", "--savedir", "/mnt/data", "--wait-data", "900",
+                                    "--dataset", f"/mnt/uploads/{run_id}.npz"]  # NFS_TIMEOUT + 600
+    # copied after every apply, into the splitter's file
+    exec_index, exec_call = [(i, c) for i, c in enumerate(proc.calls) if c[:2] == ["exec", "-i"]][0]
+    applies = [i for i, c in enumerate(proc.calls) if c[:3] == ["apply", "-f", "-"]]
+    assert exec_call[2] == "mnist-dataset-upload" and exec_call[-1] == f"/mnt/uploads/{run_id}.npz"
+    last_trainer = next(k for k, docs in enumerate(proc.applied) if docs[0]["metadata"]["name"] == "mnist-trainer-1")
+    assert max(i for i in applies if i < exec_index) == applies[last_trainer]
     assert "dataset: 12345 bytes on the volume" in proc.stdout
     assert ["delete", "pod", "mnist-dataset-upload", "--wait=false"] in proc.calls
+    # the trainers' rows and the upload's count from the same apply; the splitter's and the upload's rows are
+    # inside round 1's (benchmarks/benchmark-kubernetes.py)
+    assert "round 1 dataset" in proc.stdout and "round 1 splitter" in proc.stdout
+
+
+def test_quickstart_failed_upload_takes_the_splitter_and_round_1s_trainers_with_it(fake, tmp_path):
+    dataset = tmp_path / "mnist.npz"
+    dataset.write_bytes(b"x" * 100)
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", MNIST_NPZ=str(dataset), FAKE_EXEC_FAIL="1")
+    assert proc.returncode == 1
+    assert f"stage dataset failed: could not copy {dataset} into pod mnist-dataset-upload" in proc.stderr
+    assert proc.calls[-1] == ["delete", "job", "mnist-splitter", "mnist-trainer-0", "mnist-trainer-1",
+                              "--ignore-not-found=true", "--wait=false"]
 
 
 def test_quickstart_failed_trainer_prints_its_logs_and_names_the_stage(fake):
@@ -374,9 +423,10 @@ def test_quickstart_min_workers_goes_on_without_a_failed_trainer(fake):
     assert names[start + 9:] == ["mnist-server", "mnist-server-svc", "mnist-server"]
     aggregator = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator"][0]
     assert container_args(aggregator)[-6:] == ["--min-workers", "2", "--round", "1", "--deadline", "900"]
-    # both rounds: the trainer Jobs and the aggregator are replaced together before being applied again
-    deletes = [c[2:6] for c in proc.calls if c[:2] == ["delete", "job"] and "mnist-aggregator" in c]
-    assert deletes == [round_objects] * 2
+    # round 2: the trainer Jobs and the aggregator are replaced together before being applied again (round 1's
+    # trainers were applied with the splitter, after an earlier run's went)
+    deletes = [c[2:-3] for c in proc.calls if c[:2] == ["delete", "job"] and "mnist-aggregator" in c]
+    assert deletes == [["mnist-aggregator"], round_objects]
     for r in (1, 2):
         assert f"round {r}: job mnist-trainer-1 failed: BackoffLimitExceeded" in proc.stderr
         assert f"round {r}: going on without mnist-trainer-1 (2 trainers left, MIN_WORKERS=2)" in proc.stderr
@@ -422,8 +472,11 @@ def test_quickstart_min_workers_as_a_fraction_and_a_round_closed_without_a_slow_
     assert "round 1: aggregated model written without mnist-trainer-3" in proc.stdout
     accuracy = [i for i, c in enumerate(proc.calls) if c[:3] == ["delete", "job", "mnist-accuracy-test"]][0]
     stop = [i for i, c in enumerate(proc.calls) if c[:2] == ["delete", "job"] and "mnist-trainer-3" in c]
-    # replaced at the round's start (the accuracy test too, applied with the last round), stopped at its end
-    assert len(stop) == 2 and stop[0] < accuracy < stop[1]
+    # round 1's trainers go by label before they are applied with the splitter; the accuracy test is replaced
+    # before it is applied with the last round; the slow trainer is stopped at the round's end
+    assert len(stop) == 1 and accuracy < stop[0]
+    assert proc.calls.index(["delete", "jobs", "-l", "app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer",
+                             "--ignore-not-found=true", "--cascade=foreground", "--wait=true"]) < accuracy
 
 
 def test_quickstart_min_workers_round_without_a_deleted_trainer_job(fake):
@@ -445,6 +498,23 @@ def test_quickstart_default_min_workers_still_fails_fast_on_a_failed_trainer(fak
     assert names[names.index("mnist-splitter") + 1:] == [f"mnist-trainer-{i}" for i in range(3)] + [
         "mnist-aggregator", "mnist-accuracy-test"]  # the last round's accuracy test, waiting for it: deleted
     assert ["delete", "job", "mnist-accuracy-test", "--ignore-not-found=true", "--wait=false"] in proc.calls
+
+
+def test_quickstart_failed_splitter_stops_round_1s_trainers_waiting_for_it(fake):
+    """Round 1's trainers are applied with the splitter (issue 30) and wait for its split: a failed splitter
+    stops the run naming it, and the trainers go with it rather than waiting for shards that never come."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", FAKE_FAIL_JOB="mnist-splitter")
+    assert proc.returncode == 1
+    assert "stage splitter failed: job mnist-splitter failed" in proc.stderr.rstrip().splitlines()[-1]
+    names = applied_names(proc)
+    assert names[names.index("mnist-splitter") + 1:] == ["mnist-trainer-0", "mnist-trainer-1"]
+    assert proc.calls[-1] == ["delete", "job", "mnist-trainer-0", "mnist-trainer-1", "--ignore-not-found=true",
+                              "--wait=false"]
+    # a trainer that fails once the round runs is the round's to report: its Job is kept for its logs
+    before = len(proc.calls)
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", FAKE_FAIL_JOB="mnist-trainer-1")
+    assert proc.returncode == 1 and "stage trainers (round 1) failed" in proc.stderr
+    assert not [c for c in proc.calls[before:] if c[:2] == ["delete", "job"] and "--wait=false" in c]
 
 
 def test_quickstart_resume_continues_after_the_last_complete_round(fake):
@@ -662,7 +732,7 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
     assert lines[head + 1].split()[2:] == ["stage", "pod", "create", "schedule", "start", "boot", "work", "notice"]
     rows = [line.split(": ", 1)[1].split() for line in lines[head + 2:] if "-p1 " in line]
     stages = [" ".join(r[:-7]) for r in rows]
-    assert stages == ["nfs-server", "splitter", "round 1 trainers", "round 1 aggregator", "round 2 trainers",
+    assert stages == ["nfs-server", "round 1 splitter", "round 1 trainers", "round 1 aggregator", "round 2 trainers",
                       "round 2 aggregator", "round 2 accuracy-test", "server"]
     for row in rows:
         pod, create, schedule, start, boot, work, notice = row[-7:]
@@ -670,10 +740,12 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
         assert (schedule, start, boot, work) == ("1.0", "3.0", "2.5", "12.5")
         # the pods' clock is January's, the quickstart's today's: apply is after, noticing long after
         assert float(create) < 0 < float(notice)
-    # the Jobs of round 1 are noted before round 2 deletes them
+    # the Jobs of round 1 are noted before round 2 deletes them (an earlier run's went by label, before the
+    # splitter and round 1's trainers were applied together)
     calls = [" ".join(c) for c in proc.calls]
     noted = next(i for i, c in enumerate(calls) if c.startswith("get pods -l app.kubernetes.io/component=trainer"))
-    deleted = [i for i, c in enumerate(calls) if c.startswith("delete job mnist-trainer-0")]
+    deleted = [i for i, c in enumerate(calls) if c.startswith("delete job mnist-trainer-0")
+               or c.startswith("delete jobs -l app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer")]
     assert deleted[0] < noted < deleted[1]
     assert "total: " in lines[head + 2 + len(rows)]
 
@@ -700,11 +772,11 @@ def test_quickstart_federated_learning_knobs_reach_the_jobs_args(fake):
                 SERVER_OPTIMIZER="fedavgm", SERVER_LR="0.5", SERVER_MOMENTUM="0.8", PROX_MU="0.01", LOCAL_STEPS="50",
                 ATTACK="1:backdoor")
     assert proc.returncode == 0, proc.stderr
-    assert container_args(proc.applied[4][1]) == ["--n_container", "3", "--savedir", "/mnt/data", "--strategy",
-                                                  "label-skew"]
+    assert without_run_id(container_args(proc.applied[4][1])) == ["--n_container", "3", "--savedir", "/mnt/data",
+                                                                  "--strategy", "label-skew"]
     for first in (5, 9):
         for i in range(3):
-            args = container_args(proc.applied[first + i][0])
+            args = without_run_id(container_args(proc.applied[first + i][0]))
             extra = ["--prox-mu", "0.01", "--steps", "50"] + (["--attack", "backdoor"] if i == 1 else [])
             assert args[args.index("--wait-data") + 2:args.index("--savemodel")] == extra
         assert container_args(proc.applied[first + 3][0])[6:] == [
@@ -723,7 +795,7 @@ def test_quickstart_preset_sets_the_knobs_the_environment_leaves_unset(fake):
     assert len(trainers) == 2 * int(preset["ROUNDS"])  # the preset's ROUNDS
     assert all(container_args(t)[container_args(t).index("--steps") + 1] == "7" for t in trainers)  # the env's
     splitter = next(docs[1] for docs in proc.applied if len(docs) > 1 and docs[1]["metadata"]["name"] == "mnist-splitter")
-    assert container_args(splitter)[-2:] == ["--strategy", "label-skew"]
+    assert without_run_id(container_args(splitter))[-2:] == ["--strategy", "label-skew"]
     aggregator = next(docs[0] for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-aggregator")
     assert container_args(aggregator)[container_args(aggregator).index("--server-optimizer") + 1] == \
         preset["SERVER_OPTIMIZER"]
