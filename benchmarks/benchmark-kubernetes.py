@@ -165,7 +165,9 @@ def breakdown(output):
     slowest trainer's way to done, then the aggregator's own part (done after the last model) and its notice.
     The accuracy test applied with the last round ("round N accuracy-test") counts likewise with the part of it
     left once the quickstart saw the round done; the server, applied then, runs beside that part: the longer of
-    the two counts. (An accuracy test applied after the round, "accuracy-test", counts whole.)"""
+    the two counts. (An accuracy test applied after the round, "accuracy-test", counts whole.) The dataset
+    upload and the splitter applied with round 1's trainers ("round 1 dataset", "round 1 splitter") count
+    nothing: their rows count from the same apply as the trainers', which waited for the split."""
     rows = []
     for line in output.splitlines():
         m = ROW.match(line)
@@ -181,6 +183,8 @@ def breakdown(output):
     for stage, (done, values) in last.items():
         if stage.endswith(" trainers") and stage.replace("trainers", "aggregator") in last:
             continue  # counted with its aggregator
+        if stage.endswith((" splitter", " dataset")) and stage.rsplit(" ", 1)[0] + " trainers" in last:
+            continue  # inside its round's trainers' way to done
         if stage.endswith(" aggregator") and stage.replace("aggregator", "trainers") in last:
             t_done, t_values = last[stage.replace("aggregator", "trainers")]
             path += [t_values[:5] + [0.0], [0.0] * 4 + [max(0.0, done - t_done), values[5]]]

@@ -44,3 +44,19 @@ def test_an_accuracy_test_applied_with_the_last_round_counts_from_the_round_seen
     # done at 32.0 s: 15.0 s left after the round was seen, plus 0.5 s: longer than the server's 11 s
     assert bench.breakdown(slow)[1] == pytest.approx([0.5 + 0.5, 0.0, 1.0 + 1.0, 0.5 + 1.0,
                                                       1.0 + 12.0 + 1.0 + 15.0, 1.0 + 0.0 + 1.5 + 0.5])
+
+
+def test_a_splitter_applied_with_round_1s_trainers_counts_inside_their_wait():
+    """Round 1's trainers applied with the splitter: their rows count from the same apply, and their work
+    includes the wait for its split, so the splitter adds nothing to the path."""
+    summary = SUMMARY.replace("  splitter                 mnist-splitter-a", "  round 1 splitter         mnist-splitter-a")
+    rows, totals = bench.breakdown(summary)
+    assert len(rows) == 6 and rows[0][0] == "round 1 splitter"
+    assert totals == pytest.approx([0.5 + 0.5, 0.0, 1.0 + 1.0, 1.0 + 1.0, 12.0 + 1.0 + 8.0, 0.0 + 1.5 + 0.5])
+    # the dataset upload applied with them too
+    upload = "10:00:00 quickstart:   round 1 dataset          mnist-dataset-upload                  0.2      1.0    1.0      -       -     0.3\n"
+    rows, with_upload = bench.breakdown(upload + summary)
+    assert len(rows) == 7 and with_upload == pytest.approx(totals)
+    # an upload before the splitter (an older quickstart's rows) counts
+    rows, before = bench.breakdown(upload.replace("round 1 dataset", "dataset        ") + summary)
+    assert before == pytest.approx([t + v for t, v in zip(totals, [0.2, 1.0, 1.0, 0.0, 0.0, 0.3])])
