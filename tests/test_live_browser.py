@@ -36,7 +36,7 @@ def test_the_page_follows_the_run_from_training_to_the_served_model(subset, tmp_
     port, internal = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     work = tmp_path / "work"
-    env = clean_env(TF_CPP_MIN_LOG_LEVEL="2", VENV=str(VENV), WORKER_NUMBER="2", EPOCH="2", BATCH="32",
+    env = clean_env(TF_CPP_MIN_LOG_LEVEL="2", VENV=str(VENV), WORKER_NUMBER="2", EPOCH="4", BATCH="32",
                     ROUNDS=str(ROUNDS), SERVE="1", PORT=str(port), INTERNAL_PORT=str(internal), WORK_DIR=str(work),
                     MNIST_NPZ=str(subset))
     log = tmp_path / "quickstart.log"
