@@ -250,6 +250,67 @@ def test_run_id_of_another_run_is_refused_in_one_line(shard, tmp_path, capsys):
     assert not out.exists()
 
 
+def write_ledger(path, rounds):
+    """A round ledger recording these {round: aggregate sha256} (the aggregator writes it last)."""
+    import json
+
+    from mlkcommon import LEDGER_FORMAT
+
+    entries = [{"round": n, "aggregate": {"file": f"rounds/r{n}.h5", "sha256": digest}} for n, digest in rounds.items()]
+    path.write_text(json.dumps({"format": LEDGER_FORMAT, "rounds": entries}))
+
+
+def test_wait_round_starts_from_the_aggregate_once_the_ledger_records_it(shard, trained, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Applied before round 1 has closed (quickstart.sh applies round 2's trainers once round 1's are done): the
+    aggregate file still holds something else, then the aggregator writes it and the ledger entry, last."""
+    import shutil
+
+    from mlkcommon import sha256_file
+
+    init, ledger, out = tmp_path / "aggregated-model.h5", tmp_path / "ledger.json", tmp_path / "r2.h5"
+    init.write_bytes(b"an earlier file")
+    looks, real = [], trainer.init_model_ready
+
+    def looking(args):
+        looks.append(1)
+        if len(looks) == 4:  # waiting (the 4th look: the wait's second); the aggregator: the model, then the ledger
+            shutil.copy(trained, init)
+            write_ledger(ledger, {1: sha256_file(trained)})
+        return real(args)
+
+    monkeypatch.setattr(trainer, "init_model_ready", looking)
+    code = trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(out),
+                         "--init-model", str(init), "--wait-round", "1", "--ledger", str(ledger), "--wait-data", "60"])
+    assert code == 0 and attrs(out)["mlk_round"] == 2 and len(looks) == 4
+    lines = capsys.readouterr().out.splitlines()
+    threads = next(i for i, line in enumerate(lines) if line.startswith("threads:"))
+    waiting = next(i for i, line in enumerate(lines) if line.startswith(f"waiting up to 60s for round 1's aggregate"))
+    assert threads < waiting
+
+
+def test_wait_round_gives_up_or_refuses_in_one_line(shard, trained, tmp_path, capsys):
+    from mlkcommon import sha256_file
+
+    init, ledger, out = tmp_path / "aggregated-model.h5", tmp_path / "ledger.json", tmp_path / "r2.h5"
+    base = ["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(out), "--init-model", str(init),
+            "--ledger", str(ledger), "--wait-round", "1"]
+    assert trainer.main([*base, "--wait-data", "0.5"]) == 2  # no ledger, no model: the round never closed
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trainer.py: error:") and "is not round 1's aggregate after waiting 0.5s" in err
+    assert "records no round yet" in err and "\n" not in err
+    init.write_bytes(b"another file")
+    write_ledger(ledger, {1: sha256_file(trained), 2: "0" * 64})  # the run has moved on: refused at once
+    assert trainer.main([*base, "--wait-data", "60"]) == 2
+    assert "is not round 1's aggregate, and the ledger records round 2 already" in capsys.readouterr().err
+    ledger.write_text("{}")
+    assert trainer.main([*base, "--wait-data", "60"]) == 2
+    assert "--ledger" in (err := capsys.readouterr().err) and "not a round ledger" in err
+    assert trainer.main([*base[:-4], "--wait-round", "1"]) == 2
+    assert "--wait-round needs --init-model and --ledger" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_incompatible_init_model_exits_2(shard, tmp_path, capsys):
     import keras
 

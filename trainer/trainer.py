@@ -11,8 +11,9 @@ import sys
 import time
 
 from mlk import InputError, exit_now, import_keras, load_checked_model, load_shard, run, to_model_input
-from mlkcommon import (PROGRESS_INTERVAL, Parser, atomic_path, fingerprint, int_at_least, progress_path, read_mlk_attrs,
-                       read_run_id, run_id_problem, wait_until, write_mlk_attrs, write_progress)
+from mlkcommon import (PROGRESS_INTERVAL, LedgerFormatError, Parser, atomic_path, fingerprint, int_at_least, progress_path,
+                       read_ledger, read_mlk_attrs, read_run_id, run_id_problem, sha256_file, wait_until, write_mlk_attrs,
+                       write_progress)
 
 # Model / training constants (chosen for accuracy per CPU-second; see docs/benchmarks.md).
 DEFAULT_SEED = 2019
@@ -51,6 +52,11 @@ def build_parser():
     parser.add_argument("--run-id", metavar="ID",
                         help="read --data only once its folder's run-id marker holds ID (splitter.py --run-id writes it "
                              "after the shards): a trainer started beside the splitter never reads an earlier run's shard")
+    parser.add_argument("--wait-round", type=int_at_least(1), metavar="N",
+                        help="with --init-model and --ledger: start only once the round ledger records round N and "
+                             "--init-model holds its aggregate (the same sha256), waiting up to --wait-data seconds: a "
+                             "trainer applied before round N has closed (the quickstart applies round N+1's so)")
+    parser.add_argument("--ledger", metavar="PATH", help="the round ledger --wait-round reads (ROOT/rounds/ledger.json)")
     parser.add_argument("--progress", metavar="PATH",
                         help="write live progress here, at most once a second (default: beside --savemodel, "
                              "0-model.h5 -> 0-model.progress.json; docs/CONTRACTS.md \"Live progress\")")
@@ -89,6 +95,53 @@ def wait_for_shard(path, seconds, run_id=None):
             raise InputError(f"--data {path}: no split of run {run_id} after waiting {seconds:g}s (--wait-data; "
                              f"its folder's run-id marker holds {read_run_id(folder)})")
         raise InputError(f"--data {path}: still absent after waiting {seconds:g}s (--wait-data)")
+
+
+def round_aggregate(ledger_path, wanted):
+    """(the last round the ledger records, the sha256 it records for round `wanted`'s aggregate or None); (0, None)
+    while there is no ledger yet or the volume is away for a moment. A file that is not a ledger: InputError."""
+    try:
+        rounds = read_ledger(ledger_path)["rounds"]
+    except FileNotFoundError:
+        return 0, None
+    except LedgerFormatError as err:
+        raise InputError(f"--ledger {ledger_path}: {err}") from None
+    except OSError:
+        return 0, None
+    entry = next((e for e in rounds if e["round"] == wanted), None)
+    aggregate = entry.get("aggregate") if entry else None
+    return max((e["round"] for e in rounds), default=0), aggregate.get("sha256") if isinstance(aggregate, dict) else None
+
+
+def init_model_ready(args):
+    """--init-model holds the aggregate the ledger records for round --wait-round (always true without it)."""
+    if args.wait_round is None:
+        return True
+    last, digest = round_aggregate(args.ledger, args.wait_round)
+    if digest is None:
+        if last > args.wait_round:
+            raise InputError(f"--ledger {args.ledger}: records round {last} but no aggregate for round {args.wait_round}")
+        return False
+    try:
+        return sha256_file(args.init_model) == digest
+    except OSError:  # not there yet, or being replaced
+        return False
+
+
+def wait_for_round(args):
+    """Return once init_model_ready; InputError after --wait-data seconds, or at once when the ledger has moved
+    past the round and --init-model holds something else."""
+    if args.wait_round is None or init_model_ready(args):
+        return
+    last, _ = round_aggregate(args.ledger, args.wait_round)
+    if last > args.wait_round:
+        raise InputError(f"--init-model {args.init_model} is not round {args.wait_round}'s aggregate, and the ledger "
+                         f"records round {last} already")
+    what = f"round {args.wait_round}'s aggregate in {args.init_model}"
+    if wait_until(lambda: init_model_ready(args), args.wait_data, what, "(the aggregator writes it)") is None:
+        raise InputError(f"--wait-round {args.wait_round}: {args.init_model} is not round {args.wait_round}'s aggregate "
+                         f"after waiting {args.wait_data:g}s (--wait-data; {args.ledger} records "
+                         f"{round_aggregate(args.ledger, args.wait_round)[0] or 'no round'} yet)")
 
 
 def start_tensorflow(threads):
@@ -318,14 +371,19 @@ def train(args):
         raise InputError(f"--save-init must end in .h5, got {args.save_init}")
     if not (math.isfinite(args.prox_mu) and args.prox_mu >= 0):
         raise InputError(f"--prox-mu must be a number >= 0, got {args.prox_mu:g}")
-    if args.init_model is not None and not os.path.isfile(args.init_model):
+    if args.wait_round is not None and (args.init_model is None or args.ledger is None):
+        raise InputError("--wait-round needs --init-model and --ledger")
+    if args.wait_round is None and args.init_model is not None and not os.path.isfile(args.init_model):
         raise InputError(f"--init-model {args.init_model}: no such file")
     if args.run_id is not None and (problem := run_id_problem(args.run_id)):
         raise InputError(problem)
     # A shard still to come (a trainer applied beside the splitter): TensorFlow's import, seconds, overlaps the
     # split rather than following it. A shard already there, or none to wait for: its errors come first.
-    tensorflow = start_tensorflow(args.threads) if args.wait_data > 0 and not shard_ready(args.data, args.run_id) else None
+    # Likewise a round still to close (--wait-round).
+    waits = args.wait_data > 0 and not (shard_ready(args.data, args.run_id) and init_model_ready(args))
+    tensorflow = start_tensorflow(args.threads) if waits else None
     wait_for_shard(args.data, args.wait_data, args.run_id)
+    wait_for_round(args)
     x, y = load_shard(args.data)
     x = to_model_input(x)
     print(f"data: {args.data}: {len(x)} samples", flush=True)
