@@ -471,9 +471,11 @@ configmap_only() {
 
 # wait_round ROUND: the trainers and the aggregator run together and the aggregator closes the round (every
 # model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A failed trainer Job is reported; the run
-# stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first).
+# stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first). At the
+# default MIN_WORKERS, once every trainer is done and while the aggregator still works, the next round's
+# trainers are applied (apply_next_trainers).
 wait_round() {
-  local round="$1" limit=$JOB_TIMEOUT deadline job states why failed=() late=() gone=() waiting=()
+  local round="$1" limit=$JOB_TIMEOUT deadline job states why failed=() late=() gone=() waiting=() ahead=0
   local -A reported=()
   ((ROUND_DEADLINE + 600 <= limit)) || limit=$((ROUND_DEADLINE + 600))
   deadline=$((SECONDS + limit))
@@ -481,6 +483,7 @@ wait_round() {
   while :; do
     states="$(round_states)"
     for job in "${trainers[@]}"; do
+      ((ahead == 0)) || break # the Jobs are the next round's now
       [[ -z "${reported[$job]:-}" ]] || continue
       grep -q "^$job Failed:" <<<"$states" || continue
       reported[$job]=1
@@ -503,12 +506,20 @@ wait_round() {
     # have ended or are about to; a trainer that failed is reported above rather than missed)
     waiting=(mnist-aggregator)
     if grep -q '^mnist-aggregator Complete:' <<<"$states"; then
-      ((min_workers < WORKER_NUMBER)) && break
+      ((min_workers < WORKER_NUMBER || ahead)) && break
       waiting=()
       for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
       ((${#waiting[@]})) || break
+    elif ((ahead == 0 && round < ROUNDS && min_workers == WORKER_NUMBER)); then
+      # Every model needed: the trainers' end, not the aggregator's, is what the next round can start from
+      waiting=()
+      for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
+      if ((${#waiting[@]} == 0)); then
+        apply_next_trainers "$round"
+        ahead=1 waiting=(mnist-aggregator)
+      fi
     fi
-    check_stage "trainers (round $round)" "app.kubernetes.io/component=trainer"
+    check_stage "trainers (round $((round + ahead)))" "app.kubernetes.io/component=trainer"
     check_stage "aggregator (round $round)" "app.kubernetes.io/component=aggregator"
     ((SECONDS < deadline)) || report "round $round" "app.kubernetes.io/component in (trainer,aggregator)" "not complete within ${limit}s"
     pause job "${waiting[@]}"
@@ -733,6 +744,19 @@ apply_trainers() {
   done
 }
 
+# apply_next_trainers ROUND: ROUND+1's trainer Jobs, once ROUND's trainers are done (their models are in) while
+# its aggregator still works: their pods start and import TensorFlow meanwhile, then wait for ROUND's aggregate
+# (INIT_ROUND: trainer.py --wait-round). ROUND's trainers go into the breakdown first, as their pods go.
+next_trainers_applied=""
+apply_next_trainers() {
+  local round="$1"
+  note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
+  delete_jobs "${trainers[@]}"
+  next_trainers_applied="$(date -u +%s.%N)"
+  INIT_MODEL=/mnt/aggregated-model.h5 INIT_ROUND="$round" apply_trainers $((round + 1))
+  waiting_jobs+=("${trainers[@]}") # a failed aggregator takes them with it: their round will not come
+}
+
 # Every trainer Job of an earlier run goes, by label: one numbered past this run's WORKER_NUMBER, or the
 # Indexed mnist-trainer, would otherwise write into this run's /mnt/model.
 delete_old_trainers() {
@@ -758,6 +782,9 @@ train_rounds() {
     if ((round == 1)) && [[ -n "$trainers_applied" ]]; then # with the splitter, which is done
       delete_jobs mnist-aggregator
       stage_applied="$trainers_applied" # the round's rows count from its trainers' apply
+    elif [[ -n "$next_trainers_applied" ]]; then # while the round before closed
+      delete_jobs mnist-aggregator
+      stage_applied="$next_trainers_applied" next_trainers_applied=""
     else
       delete_jobs "${trainers[@]}" mnist-aggregator
       applying
@@ -775,7 +802,8 @@ train_rounds() {
       waiting_jobs=()
     fi
     wait_round "$round"
-    note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
+    # (the next round's trainers applied meanwhile noted this round's as their pods went)
+    [[ -n "$next_trainers_applied" ]] || note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
     note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
   done
   unset INIT_MODEL

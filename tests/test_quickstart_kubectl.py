@@ -42,11 +42,17 @@ if args[:3] == ["apply", "-f", "-"]:
     sys.exit(int(env("FAKE_APPLY_RC", "0")))
 what = " ".join(a for a in args if not a.startswith(("-o", "jsonpath=", "go-template=")))
 template = next((a for a in args if a.startswith(("jsonpath=", "go-template="))), "")
-failing = [j for j in env("FAKE_FAIL_JOB", "").split(",") if j]  # Jobs that fail (FAKE_FAIL_REASON)
+failing = [j for j in env("FAKE_FAIL_JOB", "").split(",") if j]  # Jobs that fail (FAKE_FAIL_REASON); with
+# FAKE_FAIL_WAITS=K, only once K `kubectl wait` calls were made (running until then)
+waits = sum(line.startswith('["wait"') for line in open(log))
+if env("FAKE_FAIL_WAITS") and waits <= int(env("FAKE_FAIL_WAITS")):
+    failing, late = [], failing
+else:
+    late = []
 # Jobs that never finish; with FAKE_RUNNING_WAITS=K, only until K `kubectl wait` calls were made
-running = [j for j in env("FAKE_RUNNING_JOB", "").split(",") if j]
-if env("FAKE_RUNNING_WAITS") and sum(line.startswith('["wait"') for line in open(log)) > int(env("FAKE_RUNNING_WAITS")):
-    running = []
+running = [j for j in env("FAKE_RUNNING_JOB", "").split(",") if j] + late
+if env("FAKE_RUNNING_WAITS") and waits > int(env("FAKE_RUNNING_WAITS")):
+    running = late
 if args[:2] == ["get", "job"] and args[2] == env("FAKE_GONE_JOB"):  # deleted by someone else
     print(f'Error from server (NotFound): jobs.batch "{args[2]}" not found', file=sys.stderr)
     sys.exit(1)
@@ -141,7 +147,7 @@ def fake(tmp_path):
                             "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET",
                             "MIN_WORKERS", "ROUND_DEADLINE", "RESUME", "GCE_PROJECT", "NODE_CIDR", "SPLIT",
                             "AGGREGATION", "SERVER_OPTIMIZER", "SERVER_LR", "SERVER_MOMENTUM", "PROX_MU",
-                            "LOCAL_STEPS", "ATTACK", "PRESET", "RUN_ID", "DATASET_WAIT")}
+                            "LOCAL_STEPS", "ATTACK", "PRESET", "RUN_ID", "DATASET_WAIT", "INIT_ROUND")}
         env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied), POLL="0")
         env.update(env_overrides)
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -515,6 +521,54 @@ def test_quickstart_failed_splitter_stops_round_1s_trainers_waiting_for_it(fake)
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", FAKE_FAIL_JOB="mnist-trainer-1")
     assert proc.returncode == 1 and "stage trainers (round 1) failed" in proc.stderr
     assert not [c for c in proc.calls[before:] if c[:2] == ["delete", "job"] and "--wait=false" in c]
+
+
+def test_quickstart_applies_the_next_rounds_trainers_once_the_rounds_trainers_are_done(fake):
+    """At the default MIN_WORKERS round 2's trainers are applied once round 1's are done, while its aggregator still
+    works (issue 30): they start and import TensorFlow meanwhile and wait for round 1's aggregate (--wait-round 1).
+    The round still closes with its aggregator, and round 2 applies only its own aggregator."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="3", SERVE="0", POLL="1", FAKE_RUNNING_JOB="mnist-aggregator",
+                FAKE_RUNNING_WAITS="1")
+    assert proc.returncode == 0, proc.stderr
+    names = applied_names(proc)
+    start = names.index("mnist-splitter") + 1
+    trainers = ["mnist-trainer-0", "mnist-trainer-1"]
+    assert names[start:] == trainers + ["mnist-aggregator"] + trainers + ["mnist-aggregator"] + trainers + [
+        "mnist-aggregator", "mnist-accuracy-test"]
+    applied = [d for docs in proc.applied for d in docs if d["metadata"]["name"] == "mnist-trainer-1"]
+    args = container_args(applied[1])  # round 2's
+    assert args[args.index("--wait-round"):args.index("--wait-round") + 4] == [
+        "--wait-round", "1", "--ledger", "/mnt/rounds/ledger.json"]
+    assert args[-2:] == ["--init-model", "/mnt/aggregated-model.h5"]
+    # round 2's aggregator was done with its trainers (the stand-in's runs only once): round 3's were applied after
+    assert "--wait-round" not in container_args(applied[2]) and "--wait-round" not in container_args(applied[0])
+    # round 1's trainers went (their pods into the breakdown first) before round 2's were applied, and round 2
+    # replaced only round 1's aggregator
+    deletes = [c[2:c.index("--ignore-not-found=true")] for c in proc.calls if c[:2] == ["delete", "job"]]
+    assert deletes[-4:] == [trainers, ["mnist-aggregator"], trainers + ["mnist-aggregator"], ["mnist-accuracy-test"]]
+    assert [proc.stdout.count(f"round {r} trainers ") for r in (1, 2, 3)] == [1, 1, 1]  # one pod per stage (stand-in)
+    assert "round 1: aggregated model written" in proc.stdout and "round 3: aggregated model written" in proc.stdout
+
+
+def test_quickstart_failed_aggregator_takes_the_next_rounds_trainers_with_it(fake):
+    """Round 2's trainers, applied while round 1's aggregator works, wait for its aggregate: when it fails the run
+    stops naming it, and they go with it rather than waiting for a round that will not close."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", POLL="1", FAKE_FAIL_JOB="mnist-aggregator",
+                FAKE_FAIL_WAITS="1")
+    assert proc.returncode == 1
+    assert "stage aggregator (round 1) failed: job mnist-aggregator failed" in proc.stderr.rstrip().splitlines()[-1]
+    names = applied_names(proc)
+    assert names[names.index("mnist-splitter") + 1:] == ["mnist-trainer-0", "mnist-trainer-1", "mnist-aggregator",
+                                                         "mnist-trainer-0", "mnist-trainer-1"]
+    assert ["delete", "job", "mnist-trainer-0", "mnist-trainer-1", "--ignore-not-found=true", "--wait=false"] in \
+        proc.calls  # (the live progress may ask kubectl something after it)
+    # MIN_WORKERS below WORKER_NUMBER: the round may close without a trainer, so none is applied ahead
+    before = len(proc.applied)
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", SERVE="0", POLL="1", MIN_WORKERS="1",
+                FAKE_RUNNING_JOB="mnist-aggregator", FAKE_RUNNING_WAITS="1")
+    assert proc.returncode == 0, proc.stderr
+    trainers = [d for docs in proc.applied[before:] for d in docs if d["metadata"]["name"].startswith("mnist-trainer")]
+    assert len(trainers) == 4 and not [d for d in trainers if "--wait-round" in container_args(d)]
 
 
 def test_quickstart_resume_continues_after_the_last_complete_round(fake):
