@@ -31,6 +31,7 @@ from helpers import MnistUnavailable, mnist_path
 
 SCRIPTS = REPO / "scripts"
 COLUMNS = ("create", "schedule", "start", "boot", "work", "notice")
+AHEAD = re.compile(r"^\S+ quickstart: round (\d+): its trainers are done: round \d+'s trainers applied", re.M)
 ROW = re.compile(r"^\S+ quickstart:   (?P<stage>.+?) +(?P<pod>\S+)" + r" +(\S+)" * len(COLUMNS) + r"$")
 
 
@@ -167,13 +168,16 @@ def breakdown(output):
     left once the quickstart saw the round done; the server, applied then, runs beside that part: the longer of
     the two counts. (An accuracy test applied after the round, "accuracy-test", counts whole.) The dataset
     upload and the splitter applied with round 1's trainers ("round 1 dataset", "round 1 splitter") count
-    nothing: their rows count from the same apply as the trainers', which waited for the split."""
+    nothing: their rows count from the same apply as the trainers', which waited for the split. Likewise a round
+    whose trainers' end started the next round's ("round N: its trainers are done: ... applied"): the next round's
+    trainers, waiting for the aggregate, run beside its aggregator, so the round counts to its trainers seen done."""
     rows = []
     for line in output.splitlines():
         m = ROW.match(line)
         if m and m["pod"] != "pod":
             values = [None if v == "-" else float(v) for v in m.groups()[2:]]
             rows.append((m["stage"], m["pod"], values))
+    ahead = {f"round {m[1]} aggregator" for m in AHEAD.finditer(output)}
     last = {}
     for stage, pod, values in rows:
         done = sum(v for v in values[:5] if v is not None)
@@ -185,7 +189,9 @@ def breakdown(output):
             continue  # counted with its aggregator
         if stage.endswith((" splitter", " dataset")) and stage.rsplit(" ", 1)[0] + " trainers" in last:
             continue  # inside its round's trainers' way to done
-        if stage.endswith(" aggregator") and stage.replace("aggregator", "trainers") in last:
+        if stage in ahead and stage.replace("aggregator", "trainers") in last:
+            path.append(last[stage.replace("aggregator", "trainers")][1])
+        elif stage.endswith(" aggregator") and stage.replace("aggregator", "trainers") in last:
             t_done, t_values = last[stage.replace("aggregator", "trainers")]
             path += [t_values[:5] + [0.0], [0.0] * 4 + [max(0.0, done - t_done), values[5]]]
         elif stage.endswith(" accuracy-test") and stage.replace("accuracy-test", "aggregator") in last:

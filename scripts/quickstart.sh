@@ -751,6 +751,7 @@ next_trainers_applied=""
 apply_next_trainers() {
   local round="$1"
   note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
+  say "round $round: its trainers are done: round $((round + 1))'s trainers applied, to start from its aggregate"
   delete_jobs "${trainers[@]}"
   next_trainers_applied="$(date -u +%s.%N)"
   INIT_MODEL=/mnt/aggregated-model.h5 INIT_ROUND="$round" apply_trainers $((round + 1))

@@ -60,3 +60,17 @@ def test_a_splitter_applied_with_round_1s_trainers_counts_inside_their_wait():
     # an upload before the splitter (an older quickstart's rows) counts
     rows, before = bench.breakdown(upload.replace("round 1 dataset", "dataset        ") + summary)
     assert before == pytest.approx([t + v for t, v in zip(totals, [0.2, 1.0, 1.0, 0.0, 0.0, 0.3])])
+
+
+def test_a_round_whose_trainers_started_the_next_rounds_counts_to_its_trainers_seen_done():
+    """The quickstart applied round 2's trainers once round 1's were done (issue 30): they wait for round 1's
+    aggregate beside its aggregator, so round 1 counts its slowest trainer's way to done and its notice only."""
+    round2 = "".join(line.replace("round 1", "round 2").replace("-a ", "-b ") + "\n" for line in SUMMARY.splitlines()
+                     if "round 1 " in line)
+    summary = SUMMARY.replace("10:00:00 quickstart:   server", round2 + "10:00:00 quickstart:   server")
+    _, both = bench.breakdown(summary)
+    ahead = "10:00:00 quickstart: round 1: its trainers are done: round 2's trainers applied, to start from its aggregate\n"
+    rows, totals = bench.breakdown(ahead + summary)
+    assert len(rows) == 9
+    # round 1: the slowest trainer (14.5 s to done) and its notice 2.0, instead of the aggregator's 1.0 + 1.5
+    assert totals == pytest.approx([b + d for b, d in zip(both, [0, 0, 0, 0, -1.0, 2.0 - 1.5])])

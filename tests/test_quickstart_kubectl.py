@@ -547,6 +547,8 @@ def test_quickstart_applies_the_next_rounds_trainers_once_the_rounds_trainers_ar
     deletes = [c[2:c.index("--ignore-not-found=true")] for c in proc.calls if c[:2] == ["delete", "job"]]
     assert deletes[-4:] == [trainers, ["mnist-aggregator"], trainers + ["mnist-aggregator"], ["mnist-accuracy-test"]]
     assert [proc.stdout.count(f"round {r} trainers ") for r in (1, 2, 3)] == [1, 1, 1]  # one pod per stage (stand-in)
+    assert "round 1: its trainers are done: round 2's trainers applied, to start from its aggregate" in proc.stdout
+    assert "round 2: its trainers are done" not in proc.stdout
     assert "round 1: aggregated model written" in proc.stdout and "round 3: aggregated model written" in proc.stdout
 
 
