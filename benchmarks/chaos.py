@@ -40,6 +40,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -285,7 +286,7 @@ class CriWatch(threading.Thread):
             for c in self.cluster.cri_running(self.namespace):
                 if c["name"] in kinds:
                     self.seen.setdefault(c["id"], {"kind": kinds[c["name"]], "created": c["created"],
-                                                   "round": current_round(self.log)})["last"] = time.time()
+                                                   "round": current_round(self.log, kinds[c["name"]])})["last"] = time.time()
             time.sleep(0.2)
 
     def starts(self, t0):
@@ -325,14 +326,21 @@ def scaled_delay(fraction, life, base_offset, offset):
     return fraction * life * pace, round(pace, 2)
 
 
-def current_round(log):
-    """The round the quickstart's output last announced ('== round r/R'), 0 before the first."""
+AHEAD = re.compile(r"quickstart: round \d+: its trainers are done: round (\d+)'s trainers applied")
+
+
+def current_round(log, kind=None):
+    """The round the quickstart's output last announced ('== round r/R'), 0 before the first. For a trainer
+    also "round r: its trainers are done: round r+1's trainers applied": those start before round r+1 is
+    announced (issue 30)."""
     try:
         text = Path(log).read_text()
     except OSError:
         return 0
     rounds = [int(line.split("== round ", 1)[1].split("/", 1)[0]) for line in text.splitlines() if "== round " in line]
-    return rounds[-1] if rounds else 0
+    if kind == "trainer":
+        rounds += [int(m[1]) for m in AHEAD.finditer(text)]
+    return max(rounds, default=0)
 
 
 # --- the load client ------------------------------------------------------------------------------
@@ -604,7 +612,7 @@ class Runner:
             found = self.cluster.cri_running(namespace, CONTAINERS[p["kind"]])
             if p["kind"] == "trainer":
                 found = [c for c in found if c["pod"].startswith(f"mnist-trainer-{p['index']}-")]
-            if p["kind"] in ("trainer", "aggregator") and current_round(log) != p["round"]:
+            if p["kind"] in ("trainer", "aggregator") and current_round(log, p["kind"]) != p["round"]:
                 found = []
             if found:
                 target = found[0]

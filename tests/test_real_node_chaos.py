@@ -83,8 +83,12 @@ def test_the_round_of_a_fault_is_the_last_one_the_quickstart_announced(tmp_path)
     log.write_text(log.read_text() + "11:25:37 quickstart: == round 1/2: 2 trainers\n"
                    "11:26:12 quickstart: round 1: 2 trainers done\n")
     assert chaos.current_round(log) == 1
+    # round 2's trainers applied once round 1's were done: a trainer seen now is round 2's, the aggregator round 1's
+    log.write_text(log.read_text() + "11:26:13 quickstart: round 1: its trainers are done: round 2's trainers "
+                   "applied, to start from its aggregate\n")
+    assert (chaos.current_round(log, "trainer"), chaos.current_round(log, "aggregator"), chaos.current_round(log)) == (2, 1, 1)
     log.write_text(log.read_text() + "11:26:20 quickstart: == round 2/2: 2 trainers\n")
-    assert chaos.current_round(log) == 2
+    assert chaos.current_round(log) == 2 and chaos.current_round(log, "trainer") == 2
 
 
 def test_the_moment_follows_the_runs_pace():
