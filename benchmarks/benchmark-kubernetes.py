@@ -31,8 +31,7 @@ from helpers import MnistUnavailable, mnist_path
 
 SCRIPTS = REPO / "scripts"
 COLUMNS = ("create", "schedule", "start", "boot", "work", "notice")
-AHEAD = re.compile(r"^\S+ quickstart: round (\d+): its trainers are done: (?:round \d+'s trainers|the server) applied",
-                   re.M)
+AHEAD = re.compile(r"^\S+ quickstart: round (\d+): its trainers are done: round \d+'s trainers applied", re.M)
 ROW = re.compile(r"^\S+ quickstart:   (?P<stage>.+?) +(?P<pod>\S+)" + r" +(\S+)" * len(COLUMNS) + r"$")
 
 
@@ -171,9 +170,7 @@ def breakdown(output):
     upload and the splitter applied with round 1's trainers ("round 1 dataset", "round 1 splitter") count
     nothing: their rows count from the same apply as the trainers', which waited for the split. Likewise a round
     whose trainers' end started the next round's ("round N: its trainers are done: ... applied"): the next round's
-    trainers, waiting for the aggregate, run beside its aggregator, so the round counts to its trainers seen done;
-    after the last round so does the server ("... the server applied"), and what is left of the accuracy test
-    counts from then too."""
+    trainers, waiting for the aggregate, run beside its aggregator, so the round counts to its trainers seen done."""
     rows = []
     for line in output.splitlines():
         m = ROW.match(line)
@@ -197,9 +194,6 @@ def breakdown(output):
         elif stage.endswith(" aggregator") and stage.replace("aggregator", "trainers") in last:
             t_done, t_values = last[stage.replace("aggregator", "trainers")]
             path += [t_values[:5] + [0.0], [0.0] * 4 + [max(0.0, done - t_done), values[5]]]
-        elif stage.endswith(" accuracy-test") and stage.replace("accuracy-test", "aggregator") in ahead:
-            t_done, t_values = last[stage.replace("accuracy-test", "trainers")]
-            tail.append([0.0] * 4 + [max(0.0, done - t_done - (t_values[5] or 0)), values[5]])
         elif stage.endswith(" accuracy-test") and stage.replace("accuracy-test", "aggregator") in last:
             a_done, a_values = last[stage.replace("accuracy-test", "aggregator")]
             tail.append([0.0] * 4 + [max(0.0, done - a_done - (a_values[5] or 0)), values[5]])

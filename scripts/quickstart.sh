@@ -510,20 +510,13 @@ wait_round() {
       waiting=()
       for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
       ((${#waiting[@]})) || break
-    elif ((ahead == 0 && min_workers == WORKER_NUMBER)) && { ((round < ROUNDS)) || [[ "$SERVE" != 0 && -z "$server_applied" ]]; }; then
-      # Every model needed: the trainers' end, not the aggregator's, is what the next round (or, after the last,
-      # the server) can start from: their CPU is free
+    elif ((ahead == 0 && round < ROUNDS && min_workers == WORKER_NUMBER)); then
+      # Every model needed: the trainers' end, not the aggregator's, is what the next round can start from
       waiting=()
       for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
       if ((${#waiting[@]} == 0)); then
-        if ((round < ROUNDS)); then
-          apply_next_trainers "$round"
-          ahead=1
-        else
-          say "round $round: its trainers are done: the server applied"
-          start_server
-        fi
-        waiting=(mnist-aggregator)
+        apply_next_trainers "$round"
+        ahead=1 waiting=(mnist-aggregator)
       fi
     fi
     check_stage "trainers (round $((round + ahead)))" "app.kubernetes.io/component=trainer"
@@ -868,12 +861,10 @@ accuracy_test() {
   fi
 }
 
-# 7: the server Deployment, applied once the last round's trainers are done (at the default MIN_WORKERS; else
-# as the round closes): its replicas start while the aggregator and the accuracy test finish
-server_applied=""
+# 7: the server Deployment, applied as the last round closes: its replicas start while the accuracy test runs
 start_server() {
   # A running server reloads the model when the file changes (server/README.md): no restart needed.
-  say "== server (Service type $SERVICE_TYPE): starting beside the last round's aggregator and the accuracy test"
+  say "== server (Service type $SERVICE_TYPE): starting beside the accuracy test"
   server_applied="$(date -u +%s.%N)"
   apply server "$root/manifests/7-server.yaml"
   apply server "$root/manifests/8-server-pdb.yaml"
@@ -944,7 +935,7 @@ main() {
   start_live
   train_rounds
   stop_live
-  if [[ "$SERVE" != 0 && -z "$server_applied" ]]; then start_server; fi
+  if [[ "$SERVE" != 0 ]]; then start_server; fi
   accuracy_test
   if [[ "$SERVE" == 0 ]]; then
     print_timeline

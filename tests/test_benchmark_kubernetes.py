@@ -74,19 +74,3 @@ def test_a_round_whose_trainers_started_the_next_rounds_counts_to_its_trainers_s
     assert len(rows) == 9
     # round 1: the slowest trainer (14.5 s to done) and its notice 2.0, instead of the aggregator's 1.0 + 1.5
     assert totals == pytest.approx([b + d for b, d in zip(both, [0, 0, 0, 0, -1.0, 2.0 - 1.5])])
-
-
-def test_a_server_applied_when_the_last_rounds_trainers_were_done_counts_from_then():
-    """The quickstart applied the server once the last round's trainers were done: the round counts to them seen
-    done (14.5 s + 2.0), and the accuracy test what was left of it from then (18.0 - 16.5 = 1.5 s, plus its notice
-    0.5) against the server's 10.5 s to ready and its notice: the server counts."""
-    summary = SUMMARY.replace("accuracy-test            mnist-accuracy-test-a                 0.5      0.0    1.0    0.5     4.0     3.0",
-                              "round 1 accuracy-test    mnist-accuracy-test-a                 0.5      0.0    1.0    0.5    16.0     0.5")
-    ahead = "10:00:00 quickstart: round 1: its trainers are done: the server applied\n"
-    rows, totals = bench.breakdown(ahead + summary)
-    assert len(rows) == 6
-    assert totals == pytest.approx([0.5 + 0.5 + 0.5, 0.0, 1.0 + 1.0 + 1.0, 0.5 + 1.0 + 1.0,
-                                    1.0 + 12.0 + 8.0, 1.0 + 2.0 + 0.5])
-    slow = (ahead + summary).replace("    16.0     0.5", "    30.0     0.5")  # done at 32.0: 15.5 s left, then 0.5
-    assert bench.breakdown(slow)[1] == pytest.approx([0.5 + 0.5, 0.0, 1.0 + 1.0, 0.5 + 1.0, 1.0 + 12.0 + 15.5,
-                                                      1.0 + 2.0 + 0.5])

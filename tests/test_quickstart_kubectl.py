@@ -552,26 +552,6 @@ def test_quickstart_applies_the_next_rounds_trainers_once_the_rounds_trainers_ar
     assert "round 1: aggregated model written" in proc.stdout and "round 3: aggregated model written" in proc.stdout
 
 
-def test_quickstart_applies_the_server_once_the_last_rounds_trainers_are_done(fake):
-    """After the last round's trainers the server's replicas start (issue 30): beside the aggregator and the
-    accuracy test, on the CPU the trainers left; once, and ready is still waited for at the end."""
-    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", POLL="1", FAKE_RUNNING_JOB="mnist-aggregator",
-                FAKE_RUNNING_WAITS="1")
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    assert out.index("round 1: its trainers are done: the server applied") < out.index("== server (") < \
-        out.index("round 1: aggregated model written") < out.index("== accuracy test") < out.index("server: ready")
-    names = applied_names(proc)
-    assert names.count("mnist-server") == 2 and names[-3:] == ["mnist-server", "mnist-server-svc", "mnist-server"]
-    # the aggregator done with the trainers (the healthy stand-in): the server after the round, as before
-    before = len(proc.applied)
-    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", POLL="1")
-    assert proc.returncode == 0, proc.stderr
-    assert "the server applied" not in proc.stdout
-    assert proc.stdout.index("round 1: aggregated model written") < proc.stdout.index("== server (")
-    assert [n for docs in kinds_names(proc.applied[before:]) for _, n in docs].count("mnist-server") == 2
-
-
 def test_quickstart_failed_aggregator_takes_the_next_rounds_trainers_with_it(fake):
     """Round 2's trainers, applied while round 1's aggregator works, wait for its aggregate: when it fails the run
     stops naming it, and they go with it rather than waiting for a round that will not close."""
