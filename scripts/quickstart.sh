@@ -472,7 +472,7 @@ configmap_only() {
 # wait_round ROUND: the trainers and the aggregator run together and the aggregator closes the round (every
 # model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A failed trainer Job is reported; the run
 # stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first). At the
-# default MIN_WORKERS, once every trainer is done and while the aggregator still works, the next round's
+# default MIN_WORKERS, as soon as every trainer is done (the aggregator may still work), the next round's
 # trainers are applied (apply_next_trainers).
 wait_round() {
   local round="$1" limit=$JOB_TIMEOUT deadline job states why failed=() late=() gone=() waiting=() ahead=0
@@ -505,12 +505,7 @@ wait_round() {
     # Done: the aggregator, and at the default MIN_WORKERS every trainer too (their models are in, so they
     # have ended or are about to; a trainer that failed is reported above rather than missed)
     waiting=(mnist-aggregator)
-    if grep -q '^mnist-aggregator Complete:' <<<"$states"; then
-      ((min_workers < WORKER_NUMBER || ahead)) && break
-      waiting=()
-      for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
-      ((${#waiting[@]})) || break
-    elif ((ahead == 0 && round < ROUNDS && min_workers == WORKER_NUMBER)); then
+    if ((ahead == 0 && round < ROUNDS && min_workers == WORKER_NUMBER)); then
       # Every model needed: the trainers' end, not the aggregator's, is what the next round can start from
       waiting=()
       for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
@@ -518,6 +513,12 @@ wait_round() {
         apply_next_trainers "$round"
         ahead=1 waiting=(mnist-aggregator)
       fi
+    fi
+    if grep -q '^mnist-aggregator Complete:' <<<"$states"; then
+      ((min_workers < WORKER_NUMBER || ahead)) && break
+      waiting=()
+      for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
+      ((${#waiting[@]})) || break
     fi
     check_stage "trainers (round $((round + ahead)))" "app.kubernetes.io/component=trainer"
     check_stage "aggregator (round $round)" "app.kubernetes.io/component=aggregator"

@@ -238,7 +238,8 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
             args = container_args(proc.applied[first + i][0])
             expect = ["--data", f"/mnt/data/{i}.npz", "--epoch", "2", "--batch", "64",
                       "--threads", "$(CPU_LIMIT)", "--wait-data", "1800"]
-            expect += ["--run-id", run_id] if r == 1 else []
+            # round 2's are applied once round 1's are done and wait for its aggregate (issue 30)
+            expect += ["--run-id", run_id] if r == 1 else ["--wait-round", "1", "--ledger", "/mnt/rounds/ledger.json"]
             expect += ["--savemodel", f"/mnt/model/{i}-model.h5"]
             # round 1 records the common start weights for the ledger; later rounds start from the aggregate
             expect += ["--save-init", "/mnt/rounds/r0.h5"] if r == 1 else ["--init-model", "/mnt/aggregated-model.h5"]
@@ -260,8 +261,8 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
     for docs in proc.applied:  # everything applied is valid for the newest Kubernetes known
         for d in docs:
             kubernetes_validate.validate(d, kv_utils.latest_version(), strict=True)
-    # Every trainer Job of a round is replaced before any is applied again; the server is not restarted
-    # (it reloads the model itself).
+    # Every trainer Job of a round is replaced before any is applied again (as soon as the round's trainers are
+    # done); the server is not restarted (it reloads the model itself).
     # Round 1's trainers are applied right after the splitter, before it is waited for; an earlier run's
     # trainer Jobs went first, by label.
     applies = [i for i, c in enumerate(proc.calls) if c[:3] == ["apply", "-f", "-"]]
@@ -271,8 +272,8 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
                                      "--ignore-not-found=true", "--cascade=foreground", "--wait=true"])
     assert old_trainers < applies[4]
     deletes = [c for c in proc.calls if c[:2] == ["delete", "job"]]
-    assert [d[2:-3] for d in deletes[:3]] == [["mnist-splitter"], ["mnist-aggregator"],
-                                              ["mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2", "mnist-aggregator"]]
+    assert [d[2:-3] for d in deletes[:4]] == [["mnist-splitter"], ["mnist-aggregator"],
+                                              ["mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2"], ["mnist-aggregator"]]
     assert not [c for c in proc.calls if c[:2] == ["rollout", "restart"]]
 
     out = proc.stdout
@@ -524,9 +525,9 @@ def test_quickstart_failed_splitter_stops_round_1s_trainers_waiting_for_it(fake)
 
 
 def test_quickstart_applies_the_next_rounds_trainers_once_the_rounds_trainers_are_done(fake):
-    """At the default MIN_WORKERS round 2's trainers are applied once round 1's are done, while its aggregator still
-    works (issue 30): they start and import TensorFlow meanwhile and wait for round 1's aggregate (--wait-round 1).
-    The round still closes with its aggregator, and round 2 applies only its own aggregator."""
+    """At the default MIN_WORKERS round r+1's trainers are applied as soon as round r's are done, also while its
+    aggregator still works (issue 30): they start and import TensorFlow and wait for round r's aggregate
+    (--wait-round r). The round still closes with its aggregator, and round r+1 applies only its own aggregator."""
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="3", SERVE="0", POLL="1", FAKE_RUNNING_JOB="mnist-aggregator",
                 FAKE_RUNNING_WAITS="1")
     assert proc.returncode == 0, proc.stderr
@@ -536,20 +537,22 @@ def test_quickstart_applies_the_next_rounds_trainers_once_the_rounds_trainers_ar
     assert names[start:] == trainers + ["mnist-aggregator"] + trainers + ["mnist-aggregator"] + trainers + [
         "mnist-aggregator", "mnist-accuracy-test"]
     applied = [d for docs in proc.applied for d in docs if d["metadata"]["name"] == "mnist-trainer-1"]
-    args = container_args(applied[1])  # round 2's
-    assert args[args.index("--wait-round"):args.index("--wait-round") + 4] == [
-        "--wait-round", "1", "--ledger", "/mnt/rounds/ledger.json"]
-    assert args[-2:] == ["--init-model", "/mnt/aggregated-model.h5"]
-    # round 2's aggregator was done with its trainers (the stand-in's runs only once): round 3's were applied after
-    assert "--wait-round" not in container_args(applied[2]) and "--wait-round" not in container_args(applied[0])
-    # round 1's trainers went (their pods into the breakdown first) before round 2's were applied, and round 2
-    # replaced only round 1's aggregator
+    assert "--wait-round" not in container_args(applied[0])
+    for r in (1, 2):  # round r+1's
+        args = container_args(applied[r])
+        assert args[args.index("--wait-round"):args.index("--wait-round") + 4] == [
+            "--wait-round", str(r), "--ledger", "/mnt/rounds/ledger.json"]
+        assert args[-2:] == ["--init-model", "/mnt/aggregated-model.h5"]
+    # round 1's aggregator still ran when its trainers were seen done: round 2's were applied before it closed
+    out = proc.stdout
+    assert out.index("round 1: its trainers are done: round 2's trainers applied, to start from its aggregate") < \
+        out.index("round 1: aggregated model written")
+    assert "round 2: its trainers are done: round 3's trainers applied" in out and "round 3: its trainers" not in out
+    # each round's trainers went (their pods into the breakdown first) before the next round's were applied, and
+    # each later round replaced only the aggregator
     deletes = [c[2:c.index("--ignore-not-found=true")] for c in proc.calls if c[:2] == ["delete", "job"]]
-    assert deletes[-4:] == [trainers, ["mnist-aggregator"], trainers + ["mnist-aggregator"], ["mnist-accuracy-test"]]
-    assert [proc.stdout.count(f"round {r} trainers ") for r in (1, 2, 3)] == [1, 1, 1]  # one pod per stage (stand-in)
-    assert "round 1: its trainers are done: round 2's trainers applied, to start from its aggregate" in proc.stdout
-    assert "round 2: its trainers are done" not in proc.stdout
-    assert "round 1: aggregated model written" in proc.stdout and "round 3: aggregated model written" in proc.stdout
+    assert deletes[-5:] == [trainers, ["mnist-aggregator"], trainers, ["mnist-aggregator"], ["mnist-accuracy-test"]]
+    assert [out.count(f"round {r} trainers ") for r in (1, 2, 3)] == [1, 1, 1]  # one pod per stage (stand-in)
 
 
 def test_quickstart_failed_aggregator_takes_the_next_rounds_trainers_with_it(fake):
@@ -833,7 +836,9 @@ def test_quickstart_federated_learning_knobs_reach_the_jobs_args(fake):
     for first in (5, 9):
         for i in range(3):
             args = without_run_id(container_args(proc.applied[first + i][0]))
-            extra = ["--prox-mu", "0.01", "--steps", "50"] + (["--attack", "backdoor"] if i == 1 else [])
+            extra = ["--prox-mu", "0.01", "--steps", "50"] + (["--wait-round", "1", "--ledger", "/mnt/rounds/ledger.json"]
+                                                              if first == 9 else [])
+            extra += ["--attack", "backdoor"] if i == 1 else []
             assert args[args.index("--wait-data") + 2:args.index("--savemodel")] == extra
         assert container_args(proc.applied[first + 3][0])[6:] == [
             "--aggregation", "trimmed-mean", "--server-optimizer", "fedavgm", "--server-lr", "0.5",
