@@ -156,12 +156,18 @@ covering_cidr() {
 # apply STAGE FILE [FILTER]: render FILE (scripts/render.sh, environment as exported) and apply it;
 # FILTER (a command reading the rendered text) picks what of it is applied
 apply() {
-  local stage="$1" file="$2" rendered out
+  local stage="$1" file="$2" rendered
   rendered="$("$root/scripts/render.sh" "$file")" || fail "$stage" "cannot render $file"
   if (($# > 2)); then rendered="$("${@:3}" <<<"$rendered")"; fi
-  if ! out="$(k apply -f - <<<"$rendered" 2>&1)"; then
+  apply_rendered "$stage" "${file#"$root"/}" "$rendered"
+}
+
+# apply_rendered STAGE WHAT YAML: one kubectl apply of YAML (what WHAT rendered)
+apply_rendered() {
+  local out
+  if ! out="$(k apply -f - <<<"$3" 2>&1)"; then
     printf '%s\n' "$out" >&2
-    fail "$stage" "kubectl apply of ${file#"$root"/} was refused: $(grep -m1 -iE 'error|forbidden|denied|invalid' <<<"$out" || tail -n 1 <<<"$out")"
+    fail "$1" "kubectl apply of $2 was refused: $(grep -m1 -iE 'error|forbidden|denied|invalid' <<<"$out" || tail -n 1 <<<"$out")"
   fi
 }
 
@@ -737,12 +743,16 @@ split_data() {
   say "splitter: done"
 }
 
-# apply_trainers ROUND: the round's trainer Jobs, one per shard (round > 1 starts from the aggregate)
+# apply_trainers ROUND: the round's trainer Jobs, one per shard (round > 1 starts from the aggregate), in one
+# kubectl apply: each call costs a process start and a round trip, and the last Job waited for the others'
 apply_trainers() {
-  local round="$1" i
+  local round="$1" i rendered="" one
   for ((i = 0; i < WORKER_NUMBER; i++)); do
-    INCREMENTAL_NUMBER="$i" apply "trainer $i (round $round)" "$root/manifests/5-trainer.yaml"
+    one="$(INCREMENTAL_NUMBER="$i" "$root/scripts/render.sh" "$root/manifests/5-trainer.yaml")" ||
+      fail "trainer $i (round $round)" "cannot render $root/manifests/5-trainer.yaml"
+    rendered+="---"$'\n'"$one"$'\n'
   done
+  apply_rendered "trainers (round $round)" "manifests/5-trainer.yaml (x$WORKER_NUMBER)" "$rendered"
 }
 
 # apply_next_trainers ROUND: ROUND+1's trainer Jobs, once ROUND's trainers are done (their models are in) while

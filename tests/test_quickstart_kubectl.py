@@ -207,10 +207,10 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
         [[("PersistentVolumeClaim", "nfs-server-disk"), ("Deployment", "nfs-server")], [("Service", "nfs-server")],
          [("NetworkPolicy", "nfs-server")], [("PersistentVolume", "mlk-nfs-default"), ("PersistentVolumeClaim", "nfs")],
          [("ConfigMap", "mnist-config"), ("Job", "mnist-splitter")]]
-        + [[t] for t in trainers] + [[("Job", "mnist-aggregator")]]
+        + [trainers] + [[("Job", "mnist-aggregator")]]  # a round's trainers in one apply (issue 30)
         # the accuracy test starts beside the last round, waiting for its aggregate; the server's replicas
         # start once the round is in, while the accuracy test ends (issue 30)
-        + [[t] for t in trainers] + [[("Job", "mnist-aggregator")], [("Job", "mnist-accuracy-test")]]
+        + [trainers] + [[("Job", "mnist-aggregator")], [("Job", "mnist-accuracy-test")]]
         + [[("Deployment", "mnist-server"), ("Service", "mnist-server-svc")], [("PodDisruptionBudget", "mnist-server")]])
 
     # The nfs stage: the server's claim bound before the rest, the nodes' range (10.128.0.5-12) in its
@@ -233,9 +233,9 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
     assert splitter_args[:5] == ["--n_container", "3", "--savedir", "/mnt/data", "--run-id"]
     run_id = splitter_args[5]
     assert len(splitter_args) == 6 and re.fullmatch(r"run-\d{14}-\d+", run_id)
-    for r, first in ((1, 5), (2, 9)):
+    for r, first in ((1, 5), (2, 7)):
         for i in range(3):
-            args = container_args(proc.applied[first + i][0])
+            args = container_args(proc.applied[first][i])
             expect = ["--data", f"/mnt/data/{i}.npz", "--epoch", "2", "--batch", "64",
                       "--threads", "$(CPU_LIMIT)", "--wait-data", "1800"]
             # round 2's are applied once round 1's are done and wait for its aggregate (issue 30)
@@ -246,10 +246,10 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
             assert args == expect
         # every worker's model needed (MIN_WORKERS defaults to WORKER_NUMBER), today's wait; applied with the
         # trainers, the aggregator closes its round only (--round), not the round before's models still there
-        assert container_args(proc.applied[first + 3][0]) == [
+        assert container_args(proc.applied[first + 1][0]) == [
             "--dir", "/mnt/model", "--savefile", "/mnt/aggregated-model.h5", "--expect", "$(WORKER_NUMBER)",
             "--min-workers", "3", "--round", str(r), "--deadline", "3600"]
-    accuracy = proc.applied[13][0]
+    accuracy = proc.applied[9][0]
     assert container_args(accuracy)[-6:] == ["--ledger", "/mnt/rounds/ledger.json", "--wait-round", "2",
                                              "--wait", "4200"]
     assert accuracy["spec"]["activeDeadlineSeconds"] == 4200 + 900  # the aggregator's deadline, then its own
@@ -267,7 +267,7 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
     # trainer Jobs went first, by label.
     applies = [i for i, c in enumerate(proc.calls) if c[:3] == ["apply", "-f", "-"]]
     looks = [i for i, c in enumerate(proc.calls) if c[:1] in (["get"], ["wait"]) and "mnist-splitter" in " ".join(c)]
-    assert looks and applies[4] < applies[5 + 2] < looks[0]
+    assert looks and applies[4] < applies[5] < looks[0]
     old_trainers = proc.calls.index(["delete", "jobs", "-l", "app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer",
                                      "--ignore-not-found=true", "--cascade=foreground", "--wait=true"])
     assert old_trainers < applies[4]
@@ -384,7 +384,7 @@ def test_quickstart_mnist_npz_goes_onto_the_volume_and_the_splitter_reads_it(fak
     exec_index, exec_call = [(i, c) for i, c in enumerate(proc.calls) if c[:2] == ["exec", "-i"]][0]
     applies = [i for i, c in enumerate(proc.calls) if c[:3] == ["apply", "-f", "-"]]
     assert exec_call[2] == "mnist-dataset-upload" and exec_call[-1] == f"/mnt/uploads/{run_id}.npz"
-    last_trainer = next(k for k, docs in enumerate(proc.applied) if docs[0]["metadata"]["name"] == "mnist-trainer-1")
+    last_trainer = next(k for k, docs in enumerate(proc.applied) if docs[-1]["metadata"]["name"] == "mnist-trainer-1")
     assert max(i for i in applies if i < exec_index) == applies[last_trainer]
     assert "dataset: 12345 bytes on the volume" in proc.stdout
     assert ["delete", "pod", "mnist-dataset-upload", "--wait=false"] in proc.calls
@@ -833,16 +833,16 @@ def test_quickstart_federated_learning_knobs_reach_the_jobs_args(fake):
     assert proc.returncode == 0, proc.stderr
     assert without_run_id(container_args(proc.applied[4][1])) == ["--n_container", "3", "--savedir", "/mnt/data",
                                                                   "--strategy", "label-skew"]
-    for first in (5, 9):
+    for first in (5, 7):
         for i in range(3):
-            args = without_run_id(container_args(proc.applied[first + i][0]))
+            args = without_run_id(container_args(proc.applied[first][i]))
             extra = ["--prox-mu", "0.01", "--steps", "50"] + (["--wait-round", "1", "--ledger", "/mnt/rounds/ledger.json"]
-                                                              if first == 9 else [])
+                                                              if first == 7 else [])
             extra += ["--attack", "backdoor"] if i == 1 else []
             assert args[args.index("--wait-data") + 2:args.index("--savemodel")] == extra
-        assert container_args(proc.applied[first + 3][0])[6:] == [
+        assert container_args(proc.applied[first + 1][0])[6:] == [
             "--aggregation", "trimmed-mean", "--server-optimizer", "fedavgm", "--server-lr", "0.5",
-            "--server-momentum", "0.8", "--min-workers", "3", "--round", {5: "1", 9: "2"}[first], "--deadline", "3600"]
+            "--server-momentum", "0.8", "--min-workers", "3", "--round", {5: "1", 7: "2"}[first], "--deadline", "3600"]
 
 
 def test_quickstart_preset_sets_the_knobs_the_environment_leaves_unset(fake):
@@ -852,7 +852,7 @@ def test_quickstart_preset_sets_the_knobs_the_environment_leaves_unset(fake):
     assert preset["SPLIT"] == "label-skew" and int(preset["LOCAL_STEPS"]) > 0
     proc = fake(QUICKSTART, WORKER_NUMBER="2", SERVE="0", PRESET="label-skew", LOCAL_STEPS="7")
     assert proc.returncode == 0, proc.stderr
-    trainers = [docs[0] for docs in proc.applied if docs[0]["metadata"]["name"].startswith("mnist-trainer-")]
+    trainers = [d for docs in proc.applied for d in docs if d["metadata"]["name"].startswith("mnist-trainer-")]
     assert len(trainers) == 2 * int(preset["ROUNDS"])  # the preset's ROUNDS
     assert all(container_args(t)[container_args(t).index("--steps") + 1] == "7" for t in trainers)  # the env's
     splitter = next(docs[1] for docs in proc.applied if len(docs) > 1 and docs[1]["metadata"]["name"] == "mnist-splitter")
