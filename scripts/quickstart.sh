@@ -759,13 +759,14 @@ apply_trainers() {
 # its aggregator still works: their pods start and import TensorFlow meanwhile, then wait for ROUND's aggregate
 # (INIT_ROUND: trainer.py --wait-round). ROUND's trainers go into the breakdown first, as their pods go.
 next_trainers_applied=""
+aggregate=/mnt/aggregated-model.h5 # the aggregator's --savefile: where round r+1 starts from
 apply_next_trainers() {
   local round="$1"
   note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
   say "round $round: its trainers are done: round $((round + 1))'s trainers applied, to start from its aggregate"
   delete_jobs "${trainers[@]}"
   next_trainers_applied="$(date -u +%s.%N)"
-  INIT_MODEL=/mnt/aggregated-model.h5 INIT_ROUND="$round" apply_trainers $((round + 1))
+  INIT_MODEL="$aggregate" INIT_ROUND="$round" apply_trainers $((round + 1))
   waiting_jobs+=("${trainers[@]}") # a failed aggregator takes them with it: their round will not come
 }
 
@@ -782,7 +783,7 @@ train_rounds() {
   local round
   [[ -n "$trainers_applied" ]] || delete_old_trainers
   for ((round = done_rounds + 1; round <= ROUNDS; round++)); do
-    if ((round > 1)); then export INIT_MODEL=/mnt/aggregated-model.h5; else unset INIT_MODEL; fi
+    if ((round > 1)); then export INIT_MODEL="$aggregate"; else unset INIT_MODEL; fi
     # The aggregator starts beside the round's trainers (--round: it ignores the round before's models still
     # in /mnt/model) and closes the round when every model is in (or, with MIN_WORKERS < WORKER_NUMBER, when
     # ROUND_DEADLINE has passed with at least MIN_WORKERS): its start and the trainers' end overlap.

@@ -174,8 +174,7 @@ def main(argv=None) -> int:
         if args.wait_data and not args.dataset:
             raise SplitError("--wait-data waits for --dataset: give it")
         dataset = args.dataset or os.environ.get("MNIST_NPZ")
-        if args.wait_data:
-            wait_for_dataset(dataset, args.wait_data)
+        wait_for_dataset(dataset, args.wait_data)
         if not dataset:
             cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlk-mnist"
             dataset = download_mnist(cache)

@@ -114,29 +114,26 @@ def round_aggregate(ledger_path, wanted):
 
 
 def init_model_ready(args):
-    """--init-model holds the aggregate the ledger records for round --wait-round (always true without it)."""
+    """--init-model holds the aggregate the ledger records for round --wait-round (always true without it).
+    InputError once the ledger has moved past that round and --init-model holds something else: it never will."""
     if args.wait_round is None:
         return True
     last, digest = round_aggregate(args.ledger, args.wait_round)
-    if digest is None:
-        if last > args.wait_round:
-            raise InputError(f"--ledger {args.ledger}: records round {last} but no aggregate for round {args.wait_round}")
-        return False
     try:
-        return sha256_file(args.init_model) == digest
+        if digest is not None and sha256_file(args.init_model) == digest:
+            return True
     except OSError:  # not there yet, or being replaced
-        return False
-
-
-def wait_for_round(args):
-    """Return once init_model_ready; InputError after --wait-data seconds, or at once when the ledger has moved
-    past the round and --init-model holds something else."""
-    if args.wait_round is None or init_model_ready(args):
-        return
-    last, _ = round_aggregate(args.ledger, args.wait_round)
+        pass
     if last > args.wait_round:
         raise InputError(f"--init-model {args.init_model} is not round {args.wait_round}'s aggregate, and the ledger "
                          f"records round {last} already")
+    return False
+
+
+def wait_for_round(args):
+    """Return once init_model_ready; InputError after --wait-data seconds (or at once, init_model_ready's)."""
+    if args.wait_round is None or init_model_ready(args):
+        return
     what = f"round {args.wait_round}'s aggregate in {args.init_model}"
     if wait_until(lambda: init_model_ready(args), args.wait_data, what, "(the aggregator writes it)") is None:
         raise InputError(f"--wait-round {args.wait_round}: {args.init_model} is not round {args.wait_round}'s aggregate "
