@@ -534,7 +534,7 @@ def test_help_describes_every_flag(capsys):
         raise SystemExit(code)
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    assert all(flag in out for flag in ("--steps", "--prox-mu", "--attack", "20% of the shard"))
+    assert all(flag in out for flag in ("--steps", "--prox-mu", "--attack", "20% of the shard", "--last-round"))
 
 
 def test_keras_array_pipeline_runs_without_the_autotuner_and_yields_the_same_batches():
@@ -562,3 +562,209 @@ def test_keras_array_pipeline_runs_without_the_autotuner_and_yields_the_same_bat
     original, theirs = batches(patched.mlk_original)
     assert original.options().autotune.enabled is not False
     assert ours == theirs and sorted(sum(ours, [])) == list(range(50)) and ours[0] != list(range(8))  # shuffled
+
+
+# --- --last-round: one process trains every round, waiting for the ledger between rounds -------------------
+
+AGGREGATOR = Path(__file__).resolve().parents[1] / "aggregator" / "aggregator.py"
+
+
+def start_aggregator(root, n, timeout=120):
+    """The real aggregator of round n, started in the background as the cluster runs it (one worker): it waits for
+    ROOT/model/0-model.h5 of round n, then writes ROOT/aggregated-model.h5, rounds/r{n}.h5 and the ledger entry."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "HDF5_USE_FILE_LOCKING": "FALSE"}
+    return subprocess.Popen([sys.executable, str(AGGREGATOR), "--dir", str(root / "model"), "--savefile",
+                             str(root / "aggregated-model.h5"), "--round", str(n), "--expect", "1",
+                             "--timeout", str(timeout)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(proc, timeout=60):
+    """proc's (return code, output), killing it first if it is still running (the test failed before it was done)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out
+
+
+def last_round_flags(shard, root, last_round, wait="120"):
+    return ["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(root / "model" / "0-model.h5"),
+            "--ledger", str(root / "rounds" / "ledger.json"), "--wait-data", wait, "--last-round", str(last_round)]
+
+
+def test_last_round_trains_every_round_in_one_process_as_separate_processes_would(shard, trained, tmp_path, capsys):
+    """--last-round 2 with the real aggregator closing round 1 beside it: round 1 is the fixture's one-process round
+    bit for bit, and round 2, trained from the aggregate the ledger records (rounds/r1.h5), is what a separate
+    trainer started with --init-model rounds/r1.h5 trains, bit for bit."""
+    from mlkcommon import read_ledger, sha256_file
+
+    root = tmp_path / "mnt"
+    (root / "model").mkdir(parents=True)
+    aggregator = start_aggregator(root, 1)
+    try:
+        code = trainer.main([*last_round_flags(shard, root, 2), "--save-init", str(root / "rounds" / "r0.h5")])
+    finally:
+        agg_code, agg_out = finished(aggregator)
+    assert code == 0 and agg_code == 0, agg_out
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert [line.split(",")[0] for line in lines if line.startswith("model: round")] == ["model: round 1",
+                                                                                        "model: round 2"]
+    assert "round 1: saved; waiting for the ledger to record it" in lines
+    assert sum(line.startswith("threads:") for line in lines) == 1  # TensorFlow started once
+    saved = root / "model" / "0-model.h5"
+    assert attrs(saved)["mlk_round"] == 2 and "mlk_run_id" not in attrs(saved)
+    entry = read_ledger(root / "rounds" / "ledger.json")["rounds"][0]
+    assert entry["round"] == 1 and entry["aggregate"]["sha256"] == sha256_file(root / "rounds" / "r1.h5")
+    assert fingerprint(weights_of(root / "rounds" / "r1" / "0-model.h5")) == fingerprint(weights_of(trained))
+    assert attrs(root / "rounds" / "r0.h5")["mlk_round"] == 0  # --save-init: round 1's starting weights, once
+
+    separate = tmp_path / "separate.h5"
+    assert trainer.main(["--data", str(shard), "--epoch", "1", "--batch", "50", "--savemodel", str(separate),
+                         "--init-model", str(root / "rounds" / "r1.h5")]) == 0
+    ours, theirs = weights_of(saved), weights_of(separate)
+    assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    assert {k: v for k, v in attrs(saved).items() if not k.startswith("mlk_train_")} == \
+        {k: v for k, v in attrs(separate).items() if not k.startswith("mlk_train_")}
+
+
+def write_round_entry(root, n, aggregate, worker_digests):
+    """ROOT/rounds/ledger.json recording round n as the aggregator does: `aggregate` kept as rounds/r{n}.h5 with its
+    sha256, and workers of those model sha256s."""
+    import json
+    import shutil
+
+    from mlkcommon import LEDGER_FORMAT, sha256_file
+
+    (root / "rounds").mkdir(parents=True, exist_ok=True)
+    shutil.copy(aggregate, root / "rounds" / f"r{n}.h5")
+    entry = {"round": n, "aggregate": {"file": f"rounds/r{n}.h5", "sha256": sha256_file(root / "rounds" / f"r{n}.h5")},
+             "workers": [{"file": "0-model.h5", "sha256": digest} for digest in worker_digests]}
+    (root / "rounds" / "ledger.json").write_text(json.dumps({"format": LEDGER_FORMAT, "rounds": [entry]}))
+
+
+def test_last_round_does_not_take_an_earlier_runs_entry_of_the_round(shard, trained, tmp_path, capsys):
+    """An earlier run's ledger on the volume records round 1 (its aggregate there, intact) without this run's model:
+    the trainer keeps waiting for the entry listing the model it saved, then gives up in one line."""
+    from mlkcommon import sha256_file
+
+    root = tmp_path / "mnt"
+    write_round_entry(root, 1, trained, [sha256_file(trained)])  # the earlier run's worker model
+    assert trainer.main(last_round_flags(shard, root, 2, wait="1")) == 2
+    captured = capsys.readouterr()
+    assert "round 1: saved; waiting for the ledger to record it" in captured.out
+    assert "model: round 2" not in captured.out
+    err = captured.err.strip()
+    assert err.startswith("trainer.py: error: --last-round 2:") and "\n" not in err
+    assert f"{root / 'rounds' / 'ledger.json'} does not record round 1" in err
+    assert "its round 1 entry lists other models" in err
+    assert attrs(root / "model" / "0-model.h5")["mlk_round"] == 1  # round 1 is saved; the aggregator may take it
+
+
+def run_shard(shard, tmp_path, run_id):
+    """A copy of the shard in a folder whose run-id marker holds run_id (the splitter's --run-id)."""
+    import shutil
+
+    data = tmp_path / "data" / "0.npz"
+    data.parent.mkdir(exist_ok=True)
+    shutil.copy(shard, data)
+    (data.parent / "run-id").write_text(run_id + "\n")
+    return data
+
+
+def test_last_round_restarted_goes_on_after_the_round_its_model_holds(shard, trained, tmp_path, capsys):
+    """A retried pod (the same flags): --savemodel holds this run's round 1 model (mlk_run_id) and the ledger records
+    round 1 with it, so round 1 is not trained again and round 2 starts from rounds/r1.h5; started once more with
+    round 2's model in, it exits 0 at once, without starting TensorFlow."""
+    import shutil
+
+    from mlkcommon import sha256_file, write_mlk_attrs
+
+    root = tmp_path / "mnt"
+    saved = root / "model" / "0-model.h5"
+    saved.parent.mkdir(parents=True)
+    shutil.copy(trained, saved)
+    write_mlk_attrs(saved, {"mlk_run_id": "run-a"})
+    write_round_entry(root, 1, trained, [sha256_file(saved)])
+    flags = [*last_round_flags(run_shard(shard, tmp_path, "run-a"), root, 2), "--run-id", "run-a"]
+    assert trainer.main(flags) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"resuming: round 1's model is in {saved} already; on to round 2" in lines
+    assert [line.split(",")[0] for line in lines if line.startswith("model: round")] == ["model: round 2"]
+    assert attrs(saved)["mlk_round"] == 2 and attrs(saved)["mlk_run_id"] == "run-a"
+    init = attrs(saved)["mlk_init_fingerprint"]
+    assert init == fingerprint(weights_of(root / "rounds" / "r1.h5"))  # round 2 started from round 1's aggregate
+
+    digest = sha256_file(saved)
+    assert trainer.main(flags) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"resuming: round 2's model is in {saved} already; nothing left to train"]
+    assert sha256_file(saved) == digest
+
+
+def test_last_round_restart_takes_only_this_runs_model(shard, trained, tmp_path, capsys):
+    """resume_point (no training): another run's id, a model the ledger does not list (without --run-id), a round
+    outside the run's or a file that is no model start over with one line; the ledger listing it resumes."""
+    import shutil
+
+    from mlkcommon import sha256_file, write_mlk_attrs
+
+    root = tmp_path / "mnt"
+    saved = root / "model" / "0-model.h5"
+    saved.parent.mkdir(parents=True)
+    shutil.copy(trained, saved)
+    write_mlk_attrs(saved, {"mlk_run_id": "run-a"})
+
+    def resume(*extra, first=1):
+        args = trainer.build_parser().parse_args([*last_round_flags(shard, root, 3), *extra])
+        point = trainer.resume_point(args, first)
+        return point, capsys.readouterr().out.strip()
+
+    point, out = resume("--run-id", "run-b")
+    assert point is None and out == f"{saved} holds a model of round 1 of another run (its run id is run-a): " \
+                                     "starting at round 1"
+    point, out = resume()  # no --run-id and no ledger: the ledger decides, and lists nothing
+    assert point is None and "does not list it" in out
+    write_round_entry(root, 1, trained, [sha256_file(saved)])
+    assert resume() == ((1, sha256_file(saved)), f"resuming: round 1's model is in {saved} already; on to round 2")
+    point, out = resume(first=2)  # --init-model of round 1: the run starts at round 2
+    assert point is None and out == f"{saved} holds a model of round 1, not one of rounds 2-3: starting at round 2"
+    saved.write_bytes(b"half a model")
+    point, out = resume("--run-id", "run-a")
+    assert point is None and out == f"{saved} is there but not a readable worker model: starting over at round 1"
+
+
+def test_last_round_over_a_file_that_is_no_model_starts_over(shard, tmp_path, capsys):
+    root = tmp_path / "mnt"
+    saved = root / "model" / "0-model.h5"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"not a model")
+    assert trainer.main(last_round_flags(shard, root, 1)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{saved} is there but not a readable worker model: starting over at round 1" in lines
+    assert "model: round 1" in "\n".join(lines) and attrs(saved)["mlk_round"] == 1
+
+
+@pytest.mark.parametrize("drop, extra, message", [
+    ("--ledger", [], "--last-round needs --ledger"),
+    ("--wait-data", [], "--last-round needs --wait-data > 0"),
+    (None, ["--wait-data", "0"], "--last-round needs --wait-data > 0"),
+    (None, ["--last-round", "0"], "argument --last-round: must be >= 1, got 0"),
+    (None, ["--init-model", "TRAINED", "--last-round", "1"], "--last-round 1 is below the first round, 2"),
+    (None, ["--init-model", "AGG", "--wait-round", "3", "--last-round", "3"], "--last-round 3 is below the first "
+                                                                              "round, 4"),
+])
+def test_last_round_flag_checks_exit_2_in_one_line(drop, extra, message, shard, trained, tmp_path, capsys):
+    root = tmp_path / "mnt"
+    flags = last_round_flags(shard, root, 2)
+    if drop:
+        del flags[flags.index(drop):flags.index(drop) + 2]
+    extra = [{"TRAINED": str(trained), "AGG": str(tmp_path / "not-yet.h5")}.get(word, word) for word in extra]
+    assert trainer.main([*flags, *extra]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("trainer.py: error:") and message in err and "\n" not in err
+    assert "threads:" not in captured.out  # refused before TensorFlow starts
+    assert not (root / "model").exists()

@@ -1,7 +1,9 @@
 """Train one worker's CNN on one MNIST shard and save it as a Keras .h5 model.
 
 Every worker of a round starts from the same initial weights (built from --seed, or loaded from
---init-model, the previous round's aggregated model), so the aggregator can average them.
+--init-model, the previous round's aggregated model), so the aggregator can average them. With --last-round R
+one process trains every round up to R, waiting after each for the round ledger to record it and going on from
+the aggregate it records (no process start or TensorFlow import per round).
 See docs/CONTRACTS.md for the file formats and the attributes written into the .h5 file.
 """
 
@@ -48,15 +50,26 @@ def build_parser():
                         "(the round ledger's rounds/r0.h5)")
     parser.add_argument("--wait-data", type=float, default=0, metavar="SECONDS",
                         help="wait up to SECONDS for --data to appear (the splitter writes it; default 0: no wait); "
-                             "TensorFlow is imported meanwhile")
+                             "TensorFlow is imported meanwhile. Also how long each wait of --wait-round and "
+                             "--last-round may last")
     parser.add_argument("--run-id", metavar="ID",
                         help="read --data only once its folder's run-id marker holds ID (splitter.py --run-id writes it "
-                             "after the shards): a trainer started beside the splitter never reads an earlier run's shard")
+                             "after the shards): a trainer started beside the splitter never reads an earlier run's "
+                             "shard; the saved models carry it as mlk_run_id (--last-round's restart goes by it)")
     parser.add_argument("--wait-round", type=int_at_least(1), metavar="N",
                         help="with --init-model and --ledger: start only once the round ledger records round N and "
                              "--init-model holds its aggregate (the same sha256), waiting up to --wait-data seconds: a "
                              "trainer applied before round N has closed (the quickstart applies round N+1's so)")
-    parser.add_argument("--ledger", metavar="PATH", help="the round ledger --wait-round reads (ROOT/rounds/ledger.json)")
+    parser.add_argument("--ledger", metavar="PATH",
+                        help="the round ledger --wait-round and --last-round read (ROOT/rounds/ledger.json)")
+    parser.add_argument("--last-round", type=int_at_least(1), metavar="R",
+                        help="train every round up to R in this one process (TensorFlow imported once): after saving "
+                             "round r < R, wait up to --wait-data seconds until --ledger records round r with the "
+                             "model just saved among its workers and its aggregate (ROOT/rounds/r{r}.h5, the recorded "
+                             "sha256) is there, then train round r+1 from that aggregate. Needs --ledger and "
+                             "--wait-data > 0. Restarted with the same flags (a retried pod), it goes on after the "
+                             "round --savemodel holds when that model is this run's (its mlk_run_id is --run-id; "
+                             "without --run-id: the ledger's entry of its round lists it). Default: one round")
     parser.add_argument("--progress", metavar="PATH",
                         help="write live progress here, at most once a second (default: beside --savemodel, "
                              "0-model.h5 -> 0-model.progress.json; docs/CONTRACTS.md \"Live progress\")")
@@ -97,17 +110,23 @@ def wait_for_shard(path, seconds, run_id=None):
         raise InputError(f"--data {path}: still absent after waiting {seconds:g}s (--wait-data)")
 
 
-def round_aggregate(ledger_path, wanted):
-    """(the last round the ledger records, the sha256 it records for round `wanted`'s aggregate or None); (0, None)
-    while there is no ledger yet or the volume is away for a moment. A file that is not a ledger: InputError."""
+def ledger_rounds(ledger_path):
+    """The ledger's round entries; [] while there is no ledger yet or the volume is away for a moment. A file
+    that is not a ledger: InputError."""
     try:
-        rounds = read_ledger(ledger_path)["rounds"]
+        return read_ledger(ledger_path)["rounds"]
     except FileNotFoundError:
-        return 0, None
+        return []
     except LedgerFormatError as err:
         raise InputError(f"--ledger {ledger_path}: {err}") from None
     except OSError:
-        return 0, None
+        return []
+
+
+def round_aggregate(ledger_path, wanted):
+    """(the last round the ledger records, the sha256 it records for round `wanted`'s aggregate or None); (0, None)
+    while there is no ledger yet or the volume is away for a moment. A file that is not a ledger: InputError."""
+    rounds = ledger_rounds(ledger_path)
     entry = next((e for e in rounds if e["round"] == wanted), None)
     aggregate = entry.get("aggregate") if entry else None
     return max((e["round"] for e in rounds), default=0), aggregate.get("sha256") if isinstance(aggregate, dict) else None
@@ -139,6 +158,98 @@ def wait_for_round(args):
         raise InputError(f"--wait-round {args.wait_round}: {args.init_model} is not round {args.wait_round}'s aggregate "
                          f"after waiting {args.wait_data:g}s (--wait-data; {args.ledger} records "
                          f"{round_aggregate(args.ledger, args.wait_round)[0] or 'no round'} yet)")
+
+
+def lists_worker(entry, digest):
+    """A ledger entry (or None) lists a worker model of this sha256 among its inputs ("workers")."""
+    workers = entry.get("workers") if entry else None
+    return isinstance(workers, list) and any(isinstance(w, dict) and w.get("sha256") == digest for w in workers)
+
+
+def recorded_aggregate(ledger_path, n, digest):
+    """The path of round n's aggregate (ROOT/rounds/r{n}.h5, ROOT the ledger's folder's folder) once the ledger
+    records round n with the worker model of sha256 `digest` among its inputs and that file holds the sha256 the
+    entry records; None until then. The worker's model ties the entry to this run: an earlier run's ledger on the
+    volume does not list it (the aggregator replaces the entries from round n on when it records round n)."""
+    entry = next((e for e in ledger_rounds(ledger_path) if e["round"] == n), None)
+    aggregate = entry.get("aggregate") if lists_worker(entry, digest) else None
+    if not isinstance(aggregate, dict) or not isinstance(aggregate.get("file"), str):
+        return None
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ledger_path))), aggregate["file"])
+    try:
+        return path if sha256_file(path) == aggregate.get("sha256") else None
+    except OSError:  # not there (yet), or the volume away for a moment
+        return None
+
+
+def wait_for_recorded_round(args, n, digest):
+    """Return recorded_aggregate(--ledger, n, digest) once it is there; InputError after --wait-data seconds."""
+    found = []
+
+    def recorded():
+        found[:] = [recorded_aggregate(args.ledger, n, digest)]
+        return found[0] is not None
+
+    what = f"round {n}'s entry listing this worker's model (sha256 {digest[:12]}) in {args.ledger}"
+    if wait_until(recorded, args.wait_data, what, "(the aggregator writes it)") is None:
+        rounds = ledger_rounds(args.ledger)
+        entry = next((e for e in rounds if e["round"] == n), None)
+        if entry is None:
+            state = f"it records {max((e['round'] for e in rounds), default=0) or 'no round'} yet"
+        elif not lists_worker(entry, digest):
+            state = f"its round {n} entry lists other models: an earlier run's, or this worker was left out"
+        else:
+            state = f"round {n}'s aggregate file is missing or not the one it records"
+        raise InputError(f"--last-round {args.last_round}: {args.ledger} does not record round {n} with "
+                         f"{args.savemodel} (sha256 {digest[:12]}) after waiting {args.wait_data:g}s "
+                         f"(--wait-data; {state})")
+    return found[0]
+
+
+def first_round(args):
+    """The round this run trains first: 1 without --init-model, else the init model's round + 1 (--wait-round N:
+    N + 1, the round it waits for); None when --init-model cannot be read yet (loading it names the problem)."""
+    if args.init_model is None:
+        return 1
+    if args.wait_round is not None:
+        return args.wait_round + 1
+    try:
+        return int(read_mlk_attrs(args.init_model).get("mlk_round", 0)) + 1
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def resume_point(args, first):
+    """With --last-round, a restart (the Kubernetes Job retries a pod with the same flags): (m, sha256 of the file)
+    when --savemodel holds this run's worker model of round m, first <= m <= --last-round, else None (training
+    starts at `first`). This run's: its mlk_run_id is --run-id; without --run-id, the ledger's round m lists it."""
+    path = args.savemodel
+    if first is None or not os.path.exists(path):
+        return None
+    try:
+        attrs = read_mlk_attrs(path)
+        saved = int(attrs["mlk_round"])
+        digest = sha256_file(path)
+    except (OSError, KeyError, ValueError, TypeError):
+        saved = None
+    if saved is None or attrs.get("mlk_kind") != "worker":
+        print(f"{path} is there but not a readable worker model: starting over at round {first}", flush=True)
+        return None
+    if not first <= saved <= args.last_round:
+        print(f"{path} holds a model of round {saved}, not one of rounds {first}-{args.last_round}: starting at "
+              f"round {first}", flush=True)
+        return None
+    if args.run_id is not None:
+        why = None if attrs.get("mlk_run_id") == args.run_id else f"its run id is {attrs.get('mlk_run_id') or 'none'}"
+    else:
+        entry = next((e for e in ledger_rounds(args.ledger) if e["round"] == saved), None)
+        why = None if lists_worker(entry, digest) else f"{args.ledger}'s round {saved} does not list it"
+    if why is not None:
+        print(f"{path} holds a model of round {saved} of another run ({why}): starting at round {first}", flush=True)
+        return None
+    more = "nothing left to train" if saved == args.last_round else f"on to round {saved + 1}"
+    print(f"resuming: round {saved}'s model is in {path} already; {more}", flush=True)
+    return saved, digest
 
 
 def start_tensorflow(threads):
@@ -352,8 +463,8 @@ def save_atomically(model, path, attrs):
         write_mlk_attrs(temp_path, attrs)
 
 
-def train(args):
-    # Check the cheap things before TensorFlow starts.
+def check_flags(args):
+    """The cheap checks, before TensorFlow starts: InputError (one line, exit 2) for a bad combination."""
     if args.epoch < 1:
         raise InputError(f"--epoch must be >= 1, got {args.epoch}")
     if args.batch < 1:
@@ -370,36 +481,80 @@ def train(args):
         raise InputError(f"--prox-mu must be a number >= 0, got {args.prox_mu:g}")
     if args.wait_round is not None and (args.init_model is None or args.ledger is None):
         raise InputError("--wait-round needs --init-model and --ledger")
+    if args.last_round is not None and args.ledger is None:
+        raise InputError("--last-round needs --ledger (ROOT/rounds/ledger.json: the rounds' entries are waited for)")
+    if args.last_round is not None and args.wait_data <= 0:
+        raise InputError("--last-round needs --wait-data > 0 (how long each wait for a round's ledger entry may last)")
     if args.wait_round is None and args.init_model is not None and not os.path.isfile(args.init_model):
         raise InputError(f"--init-model {args.init_model}: no such file")
     if args.run_id is not None and (problem := run_id_problem(args.run_id)):
         raise InputError(problem)
+
+
+def train(args):
+    """Train one round (or, with --last-round, every round up to it) and save each to --savemodel."""
+    check_flags(args)
+    resume = None  # (round m, the sha256 of its model in --savemodel): a restarted run goes on at round m + 1
+    if args.last_round is not None:
+        first = first_round(args)
+        if first is not None and args.last_round < first:
+            raise InputError(f"--last-round {args.last_round} is below the first round, {first} (--init-model "
+                             f"{args.init_model} is round {first - 1}'s)")
+        resume = resume_point(args, first)
+        if resume is not None and resume[0] == args.last_round:
+            return  # the last round's model is in already
+
     # A shard still to come (a trainer applied beside the splitter): TensorFlow's import, seconds, overlaps the
     # split rather than following it. A shard already there, or none to wait for: its errors come first.
-    # Likewise a round still to close (--wait-round).
-    waits = args.wait_data > 0 and not (shard_ready(args.data, args.run_id) and init_model_ready(args))
+    # Likewise a round still to close (--wait-round, or the round a restarted run goes on after).
+    def start_ready():  # the round this process starts from has closed (always true without a round to wait for)
+        return recorded_aggregate(args.ledger, *resume) is not None if resume else init_model_ready(args)
+
+    waits = args.wait_data > 0 and not (shard_ready(args.data, args.run_id) and start_ready())
     tensorflow = start_tensorflow(args.threads) if waits else None
     wait_for_shard(args.data, args.wait_data, args.run_id)
-    wait_for_round(args)
+    if resume:
+        start = wait_for_recorded_round(args, *resume)  # ROOT/rounds/r{m}.h5
+    else:
+        wait_for_round(args)
+        start = args.init_model  # None: the seeded weights
     x, y = load_shard(args.data)
     x = to_model_input(x)
     print(f"data: {args.data}: {len(x)} samples", flush=True)
 
     keras, tf = tensorflow or start_tensorflow(args.threads)
-    keras.utils.set_random_seed(args.seed)  # initial weights, shuffling and dropout
     # Same seed, same init, same shard -> bit-identical weights (a resumed round equals the original run).
     tf.config.experimental.enable_op_determinism()
+    trained_before = False
+    while True:
+        training_round, digest = train_round(args, keras, x, y, start, fresh=not trained_before,
+                                             save_init=resume is None and not trained_before)
+        trained_before = True
+        if args.last_round is None or training_round >= args.last_round:
+            return
+        print(f"round {training_round}: saved; waiting for the ledger to record it", flush=True)
+        start = wait_for_recorded_round(args, training_round, digest)  # ROOT/rounds/r{round}.h5
+
+
+def train_round(args, keras, x, y, start, fresh=True, save_init=False):
+    """Train one round from `start` (an .h5 model, whose round + 1 this one is; None: the seeded weights of round 1)
+    exactly as a trainer process of that round would, and save it to --savemodel. fresh: the first round of this
+    process (later ones first clear what the round before left in Keras). save_init: also write --save-init.
+    Returns (the round, the saved file's sha256)."""
+    if not fresh:
+        keras.backend.clear_session()
+    keras.utils.set_random_seed(args.seed)  # initial weights, shuffling and dropout
 
     # Model: the shared starting point of every worker in this round.
-    if args.init_model:
-        model = load_checked_model(args.init_model)
-        training_round = int(read_mlk_attrs(args.init_model).get("mlk_round", 0)) + 1
+    if start:
+        model = load_checked_model(start)
+        training_round = int(read_mlk_attrs(start).get("mlk_round", 0)) + 1
     else:
         model = build_model(keras)
         training_round = 1
     init_fingerprint = fingerprint(model.get_weights())
     print(f"model: round {training_round}, {model.count_params()} parameters, init {init_fingerprint[:12]}", flush=True)
-    if args.save_init and not os.path.exists(args.save_init):  # every worker's init is the same: a race is harmless
+    if save_init and args.save_init and not os.path.exists(args.save_init):  # every worker's init is the same
         save_atomically(model, args.save_init, {"mlk_kind": "init", "mlk_round": training_round - 1,
                                                 "mlk_init_fingerprint": init_fingerprint, "mlk_seed": args.seed})
         print(f"saved the starting weights: {args.save_init}", flush=True)
@@ -465,10 +620,12 @@ def train(args):
         "mlk_data": os.path.basename(args.data),
         "mlk_train_started": round(train_started, 3),  # unix time; the ledger's round timings use it
         "mlk_train_seconds": round(time.time() - train_started, 3),
+        **({"mlk_run_id": args.run_id} if args.run_id is not None else {}),
     })
     if progress is not None:
         progress.write("done", progress.fixed["epochs"], progress.fixed["steps"], model_loss(model), force=True)
     print(f"saved: {args.savemodel}", flush=True)
+    return training_round, sha256_file(args.savemodel)
 
 
 def model_loss(model):
