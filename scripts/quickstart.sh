@@ -128,6 +128,9 @@ check_settings() {
   command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
   export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE ROUND_DEADLINE GCE_PROJECT GCE_DISK_ZONE
   export MIN_WORKERS="$min_workers" # render.sh: the aggregator's --min-workers and --deadline
+  # At the default MIN_WORKERS the trainers live through every round (train_rounds); render.sh: --last-round
+  unset LAST_ROUND
+  ((min_workers < WORKER_NUMBER)) || export LAST_ROUND="$ROUNDS"
   local problem
   problem="$(fl_knob_problem "$WORKER_NUMBER")"
   [[ -z "$problem" ]] || fail config "$problem"
@@ -478,10 +481,10 @@ configmap_only() {
 # wait_round ROUND: the trainers and the aggregator run together and the aggregator closes the round (every
 # model in, or ROUND_DEADLINE passed with at least MIN_WORKERS). A failed trainer Job is reported; the run
 # stops when more fail than WORKER_NUMBER - MIN_WORKERS (at the default MIN_WORKERS, at the first). At the
-# default MIN_WORKERS, as soon as every trainer is done (the aggregator may still work), the next round's
-# trainers are applied (apply_next_trainers).
+# default MIN_WORKERS the trainers live through every round (LAST_ROUND): a round before the last closes with
+# its aggregator, the trainers then already training the next one from its aggregate.
 wait_round() {
-  local round="$1" limit=$JOB_TIMEOUT deadline job states why failed=() late=() gone=() waiting=() ahead=0
+  local round="$1" limit=$JOB_TIMEOUT deadline job states why failed=() late=() gone=() waiting=() kept=() other
   local -A reported=()
   ((ROUND_DEADLINE + 600 <= limit)) || limit=$((ROUND_DEADLINE + 600))
   deadline=$((SECONDS + limit))
@@ -489,14 +492,19 @@ wait_round() {
   while :; do
     states="$(round_states)"
     for job in "${trainers[@]}"; do
-      ((ahead == 0)) || break # the Jobs are the next round's now
       [[ -z "${reported[$job]:-}" ]] || continue
       grep -q "^$job Failed:" <<<"$states" || continue
       reported[$job]=1
       failed+=("$job")
       why="$(job_failure "$job" "$(job_state "$job")")"
-      # every model needed (the default MIN_WORKERS): the first failed trainer stops the run, naming it
-      ((min_workers < WORKER_NUMBER)) || report "trainers (round $round)" "job-name=$job" "$why"
+      # every model needed (the default MIN_WORKERS): the first failed trainer stops the run, naming it; its Job
+      # stays for its logs, the others (living on: LAST_ROUND) go with the run
+      if ((min_workers == WORKER_NUMBER)); then
+        kept=()
+        for other in "${waiting_jobs[@]}"; do [[ "$other" == "$job" ]] || kept+=("$other"); done
+        waiting_jobs=("${kept[@]}")
+        report "trainers (round $round)" "job-name=$job" "$why"
+      fi
       warn "round $round: $why"
       k logs -l "job-name=$job" --all-containers=true --prefix=true --tail=20 2>&1 | sed 's/^/    /' >&2 || true
       if ((${#failed[@]} > WORKER_NUMBER - min_workers)); then
@@ -508,25 +516,17 @@ wait_round() {
     if grep -q '^mnist-aggregator Failed:' <<<"$states"; then
       report "aggregator (round $round)" "job-name=mnist-aggregator" "$(job_failure mnist-aggregator "$(job_state mnist-aggregator)")"
     fi
-    # Done: the aggregator, and at the default MIN_WORKERS every trainer too (their models are in, so they
-    # have ended or are about to; a trainer that failed is reported above rather than missed)
+    # Done: the aggregator, and at the default MIN_WORKERS after the last round every trainer too (their
+    # models are in, so they have ended or are about to; a trainer that failed is reported above rather than
+    # missed). Before the last round those trainers live on into the next one (trainer.py --last-round).
     waiting=(mnist-aggregator)
-    if ((ahead == 0 && round < ROUNDS && min_workers == WORKER_NUMBER)); then
-      # Every model needed: the trainers' end, not the aggregator's, is what the next round can start from
-      waiting=()
-      for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
-      if ((${#waiting[@]} == 0)); then
-        apply_next_trainers "$round"
-        ahead=1 waiting=(mnist-aggregator)
-      fi
-    fi
     if grep -q '^mnist-aggregator Complete:' <<<"$states"; then
-      ((min_workers < WORKER_NUMBER || ahead)) && break
+      ((min_workers < WORKER_NUMBER || round < ROUNDS)) && break
       waiting=()
       for job in "${trainers[@]}"; do grep -q "^$job Complete:" <<<"$states" || waiting+=("$job"); done
       ((${#waiting[@]})) || break
     fi
-    check_stage "trainers (round $((round + ahead)))" "app.kubernetes.io/component=trainer"
+    check_stage "trainers (round $round)" "app.kubernetes.io/component=trainer"
     check_stage "aggregator (round $round)" "app.kubernetes.io/component=aggregator"
     ((SECONDS < deadline)) || report "round $round" "app.kubernetes.io/component in (trainer,aggregator)" "not complete within ${limit}s"
     pause job "${waiting[@]}"
@@ -755,20 +755,7 @@ apply_trainers() {
   apply_rendered "trainers (round $round)" "manifests/5-trainer.yaml (x$WORKER_NUMBER)" "$rendered"
 }
 
-# apply_next_trainers ROUND: ROUND+1's trainer Jobs, once ROUND's trainers are done (their models are in) while
-# its aggregator still works: their pods start and import TensorFlow meanwhile, then wait for ROUND's aggregate
-# (INIT_ROUND: trainer.py --wait-round). ROUND's trainers go into the breakdown first, as their pods go.
-next_trainers_applied=""
 aggregate=/mnt/aggregated-model.h5 # the aggregator's --savefile: where round r+1 starts from
-apply_next_trainers() {
-  local round="$1"
-  note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
-  say "round $round: its trainers are done: round $((round + 1))'s trainers applied, to start from its aggregate"
-  delete_jobs "${trainers[@]}"
-  next_trainers_applied="$(date -u +%s.%N)"
-  INIT_MODEL="$aggregate" INIT_ROUND="$round" apply_trainers $((round + 1))
-  waiting_jobs+=("${trainers[@]}") # a failed aggregator takes them with it: their round will not come
-}
 
 # Every trainer Job of an earlier run goes, by label: one numbered past this run's WORKER_NUMBER, or the
 # Indexed mnist-trainer, would otherwise write into this run's /mnt/model.
@@ -778,7 +765,11 @@ delete_old_trainers() {
 }
 
 # 5-6: ROUNDS rounds of trainers and aggregation, from the round after done_rounds (round 1's trainers may
-# be running already: applied with the splitter)
+# be running already: applied with the splitter). At the default MIN_WORKERS the trainer Jobs are applied once
+# and live through every round (LAST_ROUND: trainer.py --last-round trains each round from the one before's
+# aggregate, as the ledger records it), so a round's start costs no pod, interpreter or TensorFlow start; every
+# round's rows in the breakdown then count from their apply. With MIN_WORKERS below the worker count each round
+# has its own trainer Jobs: a round may close without one, which then must be stopped.
 train_rounds() {
   local round
   [[ -n "$trainers_applied" ]] || delete_old_trainers
@@ -795,13 +786,14 @@ train_rounds() {
     if ((round == 1)) && [[ -n "$trainers_applied" ]]; then # with the splitter, which is done
       delete_jobs mnist-aggregator
       stage_applied="$trainers_applied" # the round's rows count from its trainers' apply
-    elif [[ -n "$next_trainers_applied" ]]; then # while the round before closed
+    elif [[ -n "${LAST_ROUND:-}" && -n "$trainers_applied" ]]; then # they train this round already
       delete_jobs mnist-aggregator
-      stage_applied="$next_trainers_applied" next_trainers_applied=""
+      stage_applied="$trainers_applied"
     else
       delete_jobs "${trainers[@]}" mnist-aggregator
       applying
       apply_trainers "$round"
+      [[ -z "${LAST_ROUND:-}" ]] || trainers_applied="$stage_applied"
     fi
     ((round < ROUNDS)) || delete_jobs mnist-accuracy-test
     ROUND="$round" apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
@@ -811,12 +803,16 @@ train_rounds() {
       ROUND="$round" apply accuracy-test "$root/manifests/9999-accuracy-test.yaml"
       accuracy_applied="$stage_applied"
       waiting_jobs=(mnist-accuracy-test)
-    else
+    else # trainers living on would wait for a round that will not come
       waiting_jobs=()
+      [[ -z "${LAST_ROUND:-}" ]] || waiting_jobs=("${trainers[@]}")
     fi
     wait_round "$round"
-    # (the next round's trainers applied meanwhile noted this round's as their pods went)
-    [[ -n "$next_trainers_applied" ]] || note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
+    if [[ -z "${LAST_ROUND:-}" ]]; then
+      note_timeline "round $round trainers" "app.kubernetes.io/component=trainer"
+    elif ((round == ROUNDS)); then
+      note_timeline "rounds $((done_rounds + 1))-$ROUNDS trainers" "app.kubernetes.io/component=trainer"
+    fi
     note_timeline "round $round aggregator" "app.kubernetes.io/component=aggregator"
   done
   unset INIT_MODEL

@@ -20,15 +20,15 @@
 # Environment (a placeholder a file uses must be set, else this fails naming it):
 #   WORKER_NUMBER, EPOCH, BATCH, INCREMENTAL_NUMBER, NFS_CLUSTER_IP, STORAGE_CLASS, NODE_CIDR,
 #   GCE_PROJECT, GCE_DISK_ZONE, NAMESPACE  fill {{NAME}} (the list is PLACEHOLDERS in scripts/images.env)
-#   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL in place of "--save-init /mnt/rounds/r0.h5";
-#                   INIT_ROUND too, "--wait-round" INIT_ROUND "--ledger" DIR/rounds/ledger.json (DIR: INIT_MODEL's)
+#   INIT_MODEL      if set, trainer args get "--init-model" INIT_MODEL in place of "--save-init /mnt/rounds/r0.h5"
+#   LAST_ROUND      if set, trainer args get "--last-round" LAST_ROUND "--ledger" DIR/rounds/ledger.json (DIR: INIT_MODEL's,
+#                   else /mnt): one trainer process trains each round up to that one from the round before's aggregate
 #   MIN_WORKERS     if set, aggregator args get "--min-workers" MIN_WORKERS (a count >= 1, or a fraction 0 < f < 1
 #                   of the workers): average once the round deadline passes with that many models, not every worker's
 #   ROUND_DEADLINE  if set, aggregator args get "--deadline" ROUND_DEADLINE (seconds >= 1; its Job's deadline grows past 3600)
 #   ROUND           if set, aggregator args get "--round" ROUND (it closes that round only: it can run beside
 #                   the round's trainers), the accuracy test's "--wait-round" ROUND (it can start beside them)
-#   DATASET         if set, splitter args get "--dataset" DATASET (a mnist.npz on the volume; no download);
-#                   DATASET_WAIT seconds too, "--wait-data" DATASET_WAIT (an upload still under way)
+#   DATASET         splitter args get "--dataset" DATASET (mnist.npz on the volume), DATASET_WAIT "--wait-data" DATASET_WAIT
 #   RUN_ID          if set, splitter and trainer args get "--run-id" RUN_ID (trainers wait for that split)
 #   IMAGE_REGISTRY, IMAGE_TAG  (scripts/images.env) localhost/mlk/<image>:0.1.0 -> $IMAGE_REGISTRY/<image>:$IMAGE_TAG,
 #                   and docker.io/library/busybox:T -> $IMAGE_REGISTRY/busybox:T (another registry than the default)
@@ -117,8 +117,8 @@ check_value IMAGE_REGISTRY "$IMAGE_REGISTRY"
 check_value IMAGE_TAG "$IMAGE_TAG"
 [[ -z "${INIT_MODEL:-}" ]] || check_value INIT_MODEL "$INIT_MODEL"
 [[ -z "${DATASET:-}" ]] || check_value DATASET "$DATASET"
-if [[ -n "${INIT_ROUND:-}" ]] && ! { [[ -n "${INIT_MODEL:-}" ]] && positive_int "$INIT_ROUND"; }; then
-  die "INIT_ROUND must be a round number >= 1, with INIT_MODEL set, got '$INIT_ROUND'"
+if [[ -n "${LAST_ROUND:-}" ]] && ! positive_int "$LAST_ROUND"; then
+  die "LAST_ROUND must be a round number >= 1, got '$LAST_ROUND'"
 fi
 if [[ -n "${DATASET_WAIT:-}" ]] && ! { [[ -n "${DATASET:-}" ]] && positive_int "$DATASET_WAIT"; }; then
   die "DATASET_WAIT must be a whole number of seconds >= 1, with DATASET set, got '$DATASET_WAIT'"
@@ -213,7 +213,11 @@ for file in "$@"; do
   fi
   trainer_extra=("${trainer_fl[@]}")
   [[ -z "${RUN_ID:-}" ]] || trainer_extra+=(--run-id "$RUN_ID")
-  [[ -z "${INIT_ROUND:-}" ]] || trainer_extra+=(--wait-round "$INIT_ROUND" --ledger "$(dirname "$INIT_MODEL")/rounds/ledger.json")
+  if [[ -n "${LAST_ROUND:-}" ]]; then # the ledger next to the aggregate the rounds start from: /mnt's
+    ledger_dir=/mnt
+    [[ -z "${INIT_MODEL:-}" ]] || ledger_dir="$(dirname "$INIT_MODEL")"
+    trainer_extra+=(--last-round "$LAST_ROUND" --ledger "$ledger_dir/rounds/ledger.json")
+  fi
   if [[ -n "$ATTACK" ]] && grep -q '"--savemodel"' "$file"; then
     grep -q '{{INCREMENTAL_NUMBER}}' "$file" ||
       die "$file: ATTACK=$ATTACK needs one trainer Job per worker (5-trainer.yaml with INCREMENTAL_NUMBER)"

@@ -147,7 +147,7 @@ def fake(tmp_path):
                             "STORAGE_CLASS", "SERVICE_TYPE", "DELETE_DISK", "GCE_DISK_ZONE", "MNIST_NPZ", "DATASET",
                             "MIN_WORKERS", "ROUND_DEADLINE", "RESUME", "GCE_PROJECT", "NODE_CIDR", "SPLIT",
                             "AGGREGATION", "SERVER_OPTIMIZER", "SERVER_LR", "SERVER_MOMENTUM", "PROX_MU",
-                            "LOCAL_STEPS", "ATTACK", "PRESET", "RUN_ID", "DATASET_WAIT", "INIT_ROUND")}
+                            "LOCAL_STEPS", "ATTACK", "PRESET", "RUN_ID", "DATASET_WAIT", "LAST_ROUND")}
         env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(applied), POLL="0")
         env.update(env_overrides)
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
@@ -207,10 +207,11 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
         [[("PersistentVolumeClaim", "nfs-server-disk"), ("Deployment", "nfs-server")], [("Service", "nfs-server")],
          [("NetworkPolicy", "nfs-server")], [("PersistentVolume", "mlk-nfs-default"), ("PersistentVolumeClaim", "nfs")],
          [("ConfigMap", "mnist-config"), ("Job", "mnist-splitter")]]
-        + [trainers] + [[("Job", "mnist-aggregator")]]  # a round's trainers in one apply (issue 30)
-        # the accuracy test starts beside the last round, waiting for its aggregate; the server's replicas
-        # start once the round is in, while the accuracy test ends (issue 30)
-        + [trainers] + [[("Job", "mnist-aggregator")], [("Job", "mnist-accuracy-test")]]
+        + [trainers] + [[("Job", "mnist-aggregator")]]  # the trainers in one apply (issue 30)
+        # the trainers live through both rounds: round 2 applies its aggregator only; the accuracy test starts
+        # beside the last round, waiting for its aggregate; the server's replicas start once the round is in,
+        # while the accuracy test ends (issue 30)
+        + [[("Job", "mnist-aggregator")], [("Job", "mnist-accuracy-test")]]
         + [[("Deployment", "mnist-server"), ("Service", "mnist-server-svc")], [("PodDisruptionBudget", "mnist-server")]])
 
     # The nfs stage: the server's claim bound before the rest, the nodes' range (10.128.0.5-12) in its
@@ -233,23 +234,20 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
     assert splitter_args[:5] == ["--n_container", "3", "--savedir", "/mnt/data", "--run-id"]
     run_id = splitter_args[5]
     assert len(splitter_args) == 6 and re.fullmatch(r"run-\d{14}-\d+", run_id)
-    for r, first in ((1, 5), (2, 7)):
-        for i in range(3):
-            args = container_args(proc.applied[first][i])
-            expect = ["--data", f"/mnt/data/{i}.npz", "--epoch", "2", "--batch", "64",
-                      "--threads", "$(CPU_LIMIT)", "--wait-data", "1800"]
-            # round 2's are applied once round 1's are done and wait for its aggregate (issue 30)
-            expect += ["--run-id", run_id] if r == 1 else ["--wait-round", "1", "--ledger", "/mnt/rounds/ledger.json"]
-            expect += ["--savemodel", f"/mnt/model/{i}-model.h5"]
-            # round 1 records the common start weights for the ledger; later rounds start from the aggregate
-            expect += ["--save-init", "/mnt/rounds/r0.h5"] if r == 1 else ["--init-model", "/mnt/aggregated-model.h5"]
-            assert args == expect
-        # every worker's model needed (MIN_WORKERS defaults to WORKER_NUMBER), today's wait; applied with the
-        # trainers, the aggregator closes its round only (--round), not the round before's models still there
-        assert container_args(proc.applied[first + 1][0]) == [
+    for i in range(3):
+        # one process a worker trains both rounds, each from the round before's aggregate as the ledger records
+        # it (trainer.py --last-round; issue 30); round 1 records the common start weights for the ledger
+        assert container_args(proc.applied[5][i]) == [
+            "--data", f"/mnt/data/{i}.npz", "--epoch", "2", "--batch", "64", "--threads", "$(CPU_LIMIT)",
+            "--wait-data", "1800", "--run-id", run_id, "--last-round", "2", "--ledger", "/mnt/rounds/ledger.json",
+            "--savemodel", f"/mnt/model/{i}-model.h5", "--save-init", "/mnt/rounds/r0.h5"]
+    for r, applied in ((1, 6), (2, 7)):
+        # every worker's model needed (MIN_WORKERS defaults to WORKER_NUMBER), today's wait; the aggregator
+        # closes its round only (--round), not the round before's models still there
+        assert container_args(proc.applied[applied][0]) == [
             "--dir", "/mnt/model", "--savefile", "/mnt/aggregated-model.h5", "--expect", "$(WORKER_NUMBER)",
             "--min-workers", "3", "--round", str(r), "--deadline", "3600"]
-    accuracy = proc.applied[9][0]
+    accuracy = proc.applied[8][0]
     assert container_args(accuracy)[-6:] == ["--ledger", "/mnt/rounds/ledger.json", "--wait-round", "2",
                                              "--wait", "4200"]
     assert accuracy["spec"]["activeDeadlineSeconds"] == 4200 + 900  # the aggregator's deadline, then its own
@@ -261,8 +259,7 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
     for docs in proc.applied:  # everything applied is valid for the newest Kubernetes known
         for d in docs:
             kubernetes_validate.validate(d, kv_utils.latest_version(), strict=True)
-    # Every trainer Job of a round is replaced before any is applied again (as soon as the round's trainers are
-    # done); the server is not restarted (it reloads the model itself).
+    # Each round's aggregator Job is replaced; the server is not restarted (it reloads the model itself).
     # Round 1's trainers are applied right after the splitter, before it is waited for; an earlier run's
     # trainer Jobs went first, by label.
     applies = [i for i, c in enumerate(proc.calls) if c[:3] == ["apply", "-f", "-"]]
@@ -272,8 +269,8 @@ def test_quickstart_three_workers_two_rounds_applies_the_pipeline_in_order(fake)
                                      "--ignore-not-found=true", "--cascade=foreground", "--wait=true"])
     assert old_trainers < applies[4]
     deletes = [c for c in proc.calls if c[:2] == ["delete", "job"]]
-    assert [d[2:-3] for d in deletes[:4]] == [["mnist-splitter"], ["mnist-aggregator"],
-                                              ["mnist-trainer-0", "mnist-trainer-1", "mnist-trainer-2"], ["mnist-aggregator"]]
+    assert [d[2:-3] for d in deletes] == [["mnist-splitter"], ["mnist-aggregator"], ["mnist-aggregator"],
+                                          ["mnist-accuracy-test"]]
     assert not [c for c in proc.calls if c[:2] == ["rollout", "restart"]]
 
     out = proc.stdout
@@ -517,63 +514,62 @@ def test_quickstart_failed_splitter_stops_round_1s_trainers_waiting_for_it(fake)
     assert names[names.index("mnist-splitter") + 1:] == ["mnist-trainer-0", "mnist-trainer-1"]
     assert proc.calls[-1] == ["delete", "job", "mnist-trainer-0", "mnist-trainer-1", "--ignore-not-found=true",
                               "--wait=false"]
-    # a trainer that fails once the round runs is the round's to report: its Job is kept for its logs
+    # a trainer that fails once the round runs is the round's to report: its Job is kept for its logs, and the
+    # others, which would wait for a round that will not close, go
     before = len(proc.calls)
     proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", FAKE_FAIL_JOB="mnist-trainer-1")
     assert proc.returncode == 1 and "stage trainers (round 1) failed" in proc.stderr
-    assert not [c for c in proc.calls[before:] if c[:2] == ["delete", "job"] and "--wait=false" in c]
+    assert [c for c in proc.calls[before:] if c[:2] == ["delete", "job"] and "--wait=false" in c] == [
+        ["delete", "job", "mnist-trainer-0", "--ignore-not-found=true", "--wait=false"]]
 
 
-def test_quickstart_applies_the_next_rounds_trainers_once_the_rounds_trainers_are_done(fake):
-    """At the default MIN_WORKERS round r+1's trainers are applied as soon as round r's are done, also while its
-    aggregator still works (issue 30): they start and import TensorFlow and wait for round r's aggregate
-    (--wait-round r). The round still closes with its aggregator, and round r+1 applies only its own aggregator."""
-    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="3", SERVE="0", POLL="1", FAKE_RUNNING_JOB="mnist-aggregator",
-                FAKE_RUNNING_WAITS="1")
+def test_quickstart_trainers_live_through_every_round_at_the_default_min_workers(fake):
+    """At the default MIN_WORKERS each worker's trainer Job is applied once and trains every round
+    (trainer.py --last-round, each round from the one before's aggregate; issue 30): a round before the last
+    closes with its aggregator while the trainers still run, and the next round applies only its aggregator.
+    The last round closes when the trainers are done too."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="3", SERVE="0", POLL="1",
+                FAKE_RUNNING_JOB="mnist-trainer-0,mnist-trainer-1", FAKE_RUNNING_WAITS="1")
     assert proc.returncode == 0, proc.stderr
     names = applied_names(proc)
-    start = names.index("mnist-splitter") + 1
     trainers = ["mnist-trainer-0", "mnist-trainer-1"]
-    assert names[start:] == trainers + ["mnist-aggregator"] + trainers + ["mnist-aggregator"] + trainers + [
-        "mnist-aggregator", "mnist-accuracy-test"]
-    applied = [d for docs in proc.applied for d in docs if d["metadata"]["name"] == "mnist-trainer-1"]
-    assert "--wait-round" not in container_args(applied[0])
-    for r in (1, 2):  # round r+1's
-        args = container_args(applied[r])
-        assert args[args.index("--wait-round"):args.index("--wait-round") + 4] == [
-            "--wait-round", str(r), "--ledger", "/mnt/rounds/ledger.json"]
-        assert args[-2:] == ["--init-model", "/mnt/aggregated-model.h5"]
-    # round 1's aggregator still ran when its trainers were seen done: round 2's were applied before it closed
-    out = proc.stdout
-    assert out.index("round 1: its trainers are done: round 2's trainers applied, to start from its aggregate") < \
-        out.index("round 1: aggregated model written")
-    assert "round 2: its trainers are done: round 3's trainers applied" in out and "round 3: its trainers" not in out
-    # each round's trainers went (their pods into the breakdown first) before the next round's were applied, and
-    # each later round replaced only the aggregator
+    assert names[names.index("mnist-splitter") + 1:] == trainers + ["mnist-aggregator"] * 3 + ["mnist-accuracy-test"]
+    for doc in [d for docs in proc.applied for d in docs if d["metadata"]["name"] in trainers]:
+        args = container_args(doc)
+        assert args[args.index("--last-round"):args.index("--savemodel")] == [
+            "--last-round", "3", "--ledger", "/mnt/rounds/ledger.json"]
+    # rounds 1 and 2 did not wait for the running trainers: the only wait on them comes after round 3's apply
+    waits = [i for i, c in enumerate(proc.calls) if c[:1] == ["wait"]]
+    assert waits and {proc.calls[i][3] for i in waits} == {"job-name in (mnist-trainer-0,mnist-trainer-1)"}
+    applies = [i for i, c in enumerate(proc.calls) if c[:3] == ["apply", "-f", "-"]]
+    assert waits[0] > applies[-1]
+    for r in (1, 2, 3):
+        assert f"round {r}: aggregated model written" in proc.stdout
+    # only the aggregator is replaced between rounds; the trainers' pods go into the breakdown once, for all rounds
     deletes = [c[2:c.index("--ignore-not-found=true")] for c in proc.calls if c[:2] == ["delete", "job"]]
-    assert deletes[-5:] == [trainers, ["mnist-aggregator"], trainers, ["mnist-aggregator"], ["mnist-accuracy-test"]]
-    assert [out.count(f"round {r} trainers ") for r in (1, 2, 3)] == [1, 1, 1]  # one pod per stage (stand-in)
+    assert deletes == [["mnist-splitter"], ["mnist-aggregator"], ["mnist-aggregator"], ["mnist-aggregator"],
+                       ["mnist-accuracy-test"]]
+    assert proc.stdout.count("rounds 1-3 trainers ") == 1 and "round 1 trainers" not in proc.stdout
 
 
-def test_quickstart_failed_aggregator_takes_the_next_rounds_trainers_with_it(fake):
-    """Round 2's trainers, applied while round 1's aggregator works, wait for its aggregate: when it fails the run
-    stops naming it, and they go with it rather than waiting for a round that will not close."""
-    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", POLL="1", FAKE_FAIL_JOB="mnist-aggregator",
-                FAKE_FAIL_WAITS="1")
+def test_quickstart_failed_aggregator_takes_the_living_trainers_with_it(fake):
+    """The trainers, living on into the next round, wait for the round's aggregate: when the aggregator fails
+    the run stops naming it, and they go with it rather than waiting for a round that will not close."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", POLL="1", FAKE_FAIL_JOB="mnist-aggregator")
     assert proc.returncode == 1
     assert "stage aggregator (round 1) failed: job mnist-aggregator failed" in proc.stderr.rstrip().splitlines()[-1]
     names = applied_names(proc)
-    assert names[names.index("mnist-splitter") + 1:] == ["mnist-trainer-0", "mnist-trainer-1", "mnist-aggregator",
-                                                         "mnist-trainer-0", "mnist-trainer-1"]
+    assert names[names.index("mnist-splitter") + 1:] == ["mnist-trainer-0", "mnist-trainer-1", "mnist-aggregator"]
     assert ["delete", "job", "mnist-trainer-0", "mnist-trainer-1", "--ignore-not-found=true", "--wait=false"] in \
         proc.calls  # (the live progress may ask kubectl something after it)
-    # MIN_WORKERS below WORKER_NUMBER: the round may close without a trainer, so none is applied ahead
+    # MIN_WORKERS below WORKER_NUMBER: a round may close without a trainer, so each round has its own Jobs
     before = len(proc.applied)
-    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", SERVE="0", POLL="1", MIN_WORKERS="1",
-                FAKE_RUNNING_JOB="mnist-aggregator", FAKE_RUNNING_WAITS="1")
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", SERVE="0", POLL="1", MIN_WORKERS="1")
     assert proc.returncode == 0, proc.stderr
     trainers = [d for docs in proc.applied[before:] for d in docs if d["metadata"]["name"].startswith("mnist-trainer")]
-    assert len(trainers) == 4 and not [d for d in trainers if "--wait-round" in container_args(d)]
+    assert len(trainers) == 4 and not [d for d in trainers if "--last-round" in container_args(d)]
+    assert [container_args(d)[-2:] for d in trainers[2:]] == [["--init-model", "/mnt/aggregated-model.h5"]] * 2
+    assert "round 1 trainers " in proc.stdout and "round 2 trainers " in proc.stdout
 
 
 def test_quickstart_resume_continues_after_the_last_complete_round(fake):
@@ -584,15 +580,18 @@ def test_quickstart_resume_continues_after_the_last_complete_round(fake):
     assert proc.returncode == 0, proc.stderr
     names = applied_names(proc)
     assert names[names.index("mlk-nfs-default") + 2:] == (
-        ["mnist-ledger-restore", "mnist-config"]
-        + ["mnist-trainer-0", "mnist-trainer-1", "mnist-aggregator"] * 2 + ["mnist-accuracy-test"])
+        ["mnist-ledger-restore", "mnist-config", "mnist-trainer-0", "mnist-trainer-1"]
+        + ["mnist-aggregator"] * 2 + ["mnist-accuracy-test"])  # the trainers train rounds 2 and 3
     restore = [docs for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-ledger-restore"][0][0]
     assert restore["spec"]["template"]["spec"]["containers"][0]["args"] == ["restore", "--dir", "/mnt"]
     configmap = [docs for docs in proc.applied if docs[0]["metadata"]["name"] == "mnist-config"][0]
     assert [d["kind"] for d in configmap] == ["ConfigMap"] and configmap[0]["data"] == {"WORKER_NUMBER": "2"}
     for docs in proc.applied:
         if docs[0]["metadata"]["name"].startswith("mnist-trainer-"):
-            assert container_args(docs[0])[-2:] == ["--init-model", "/mnt/aggregated-model.h5"]
+            args = container_args(docs[0])
+            assert args[-2:] == ["--init-model", "/mnt/aggregated-model.h5"]
+            assert args[args.index("--last-round"):args.index("--last-round") + 4] == [
+                "--last-round", "3", "--ledger", "/mnt/rounds/ledger.json"]
     assert "resume: round 1 is the last complete one (rounds/r1.h5 0123456789ab..." in proc.stdout
     assert "round 1" not in proc.stdout.replace("resume: round 1", "")
     assert "== round 2/3" in proc.stdout and "round 3: aggregated model written" in proc.stdout
@@ -791,7 +790,7 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
     assert lines[head + 1].split()[2:] == ["stage", "pod", "create", "schedule", "start", "boot", "work", "notice"]
     rows = [line.split(": ", 1)[1].split() for line in lines[head + 2:] if "-p1 " in line]
     stages = [" ".join(r[:-7]) for r in rows]
-    assert stages == ["nfs-server", "round 1 splitter", "round 1 trainers", "round 1 aggregator", "round 2 trainers",
+    assert stages == ["nfs-server", "round 1 splitter", "round 1 aggregator", "rounds 1-2 trainers",
                       "round 2 aggregator", "round 2 accuracy-test", "server"]
     for row in rows:
         pod, create, schedule, start, boot, work, notice = row[-7:]
@@ -799,13 +798,12 @@ def test_quickstart_summary_breaks_each_stage_down_from_apply_to_noticed(fake):
         assert (schedule, start, boot, work) == ("1.0", "3.0", "2.5", "12.5")
         # the pods' clock is January's, the quickstart's today's: apply is after, noticing long after
         assert float(create) < 0 < float(notice)
-    # the Jobs of round 1 are noted before round 2 deletes them (an earlier run's went by label, before the
-    # splitter and round 1's trainers were applied together)
+    # each round's aggregator is noted before the next round deletes it (an earlier run's trainers went by label,
+    # before the splitter and the trainers were applied together)
     calls = [" ".join(c) for c in proc.calls]
-    noted = next(i for i, c in enumerate(calls) if c.startswith("get pods -l app.kubernetes.io/component=trainer"))
-    deleted = [i for i, c in enumerate(calls) if c.startswith("delete job mnist-trainer-0")
-               or c.startswith("delete jobs -l app.kubernetes.io/name=mlk-mnist,app.kubernetes.io/component=trainer")]
-    assert deleted[0] < noted < deleted[1]
+    noted = [i for i, c in enumerate(calls) if c.startswith("get pods -l app.kubernetes.io/component=aggregator")]
+    deleted = [i for i, c in enumerate(calls) if c.startswith("delete job mnist-aggregator")]
+    assert deleted[0] < noted[0] < deleted[1] < noted[1]
     assert "total: " in lines[head + 2 + len(rows)]
 
 
@@ -833,16 +831,15 @@ def test_quickstart_federated_learning_knobs_reach_the_jobs_args(fake):
     assert proc.returncode == 0, proc.stderr
     assert without_run_id(container_args(proc.applied[4][1])) == ["--n_container", "3", "--savedir", "/mnt/data",
                                                                   "--strategy", "label-skew"]
-    for first in (5, 7):
-        for i in range(3):
-            args = without_run_id(container_args(proc.applied[first][i]))
-            extra = ["--prox-mu", "0.01", "--steps", "50"] + (["--wait-round", "1", "--ledger", "/mnt/rounds/ledger.json"]
-                                                              if first == 7 else [])
-            extra += ["--attack", "backdoor"] if i == 1 else []
-            assert args[args.index("--wait-data") + 2:args.index("--savemodel")] == extra
-        assert container_args(proc.applied[first + 1][0])[6:] == [
+    for i in range(3):  # one trainer Job a worker for both rounds (issue 30)
+        args = without_run_id(container_args(proc.applied[5][i]))
+        extra = ["--prox-mu", "0.01", "--steps", "50", "--last-round", "2", "--ledger", "/mnt/rounds/ledger.json"]
+        extra += ["--attack", "backdoor"] if i == 1 else []
+        assert args[args.index("--wait-data") + 2:args.index("--savemodel")] == extra
+    for r in (1, 2):
+        assert container_args(proc.applied[5 + r][0])[6:] == [
             "--aggregation", "trimmed-mean", "--server-optimizer", "fedavgm", "--server-lr", "0.5",
-            "--server-momentum", "0.8", "--min-workers", "3", "--round", {5: "1", 7: "2"}[first], "--deadline", "3600"]
+            "--server-momentum", "0.8", "--min-workers", "3", "--round", str(r), "--deadline", "3600"]
 
 
 def test_quickstart_preset_sets_the_knobs_the_environment_leaves_unset(fake):
@@ -853,7 +850,8 @@ def test_quickstart_preset_sets_the_knobs_the_environment_leaves_unset(fake):
     proc = fake(QUICKSTART, WORKER_NUMBER="2", SERVE="0", PRESET="label-skew", LOCAL_STEPS="7")
     assert proc.returncode == 0, proc.stderr
     trainers = [d for docs in proc.applied for d in docs if d["metadata"]["name"].startswith("mnist-trainer-")]
-    assert len(trainers) == 2 * int(preset["ROUNDS"])  # the preset's ROUNDS
+    assert len(trainers) == 2  # one a worker, through the preset's ROUNDS
+    assert all(container_args(t)[container_args(t).index("--last-round") + 1] == preset["ROUNDS"] for t in trainers)
     assert all(container_args(t)[container_args(t).index("--steps") + 1] == "7" for t in trainers)  # the env's
     splitter = next(docs[1] for docs in proc.applied if len(docs) > 1 and docs[1]["metadata"]["name"] == "mnist-splitter")
     assert without_run_id(container_args(splitter))[-2:] == ["--strategy", "label-skew"]
