@@ -31,7 +31,7 @@ from helpers import MnistUnavailable, mnist_path
 
 SCRIPTS = REPO / "scripts"
 COLUMNS = ("create", "schedule", "start", "boot", "work", "notice")
-AHEAD = re.compile(r"^\S+ quickstart: round (\d+): its trainers are done: round \d+'s trainers applied", re.M)
+LIVED = re.compile(r"rounds (\d+)-(\d+) trainers$")
 ROW = re.compile(r"^\S+ quickstart:   (?P<stage>.+?) +(?P<pod>\S+)" + r" +(\S+)" * len(COLUMNS) + r"$")
 
 
@@ -160,39 +160,52 @@ def run_kubernetes(args, kubeconfig):
         run([kubectl, "--kubeconfig", kubeconfig, "delete", "namespace", ns, "--timeout=120s"], timeout=180)
 
 
+def trainers_of(stage, stages):
+    """The trainers' stage of a "round N ..." stage among STAGES: "round N trainers", or the trainers that lived
+    through rounds A-B ("rounds A-B trainers", A <= N <= B: one Job a worker for the run); None if neither."""
+    n = int(stage.split()[1])
+    if f"round {n} trainers" in stages:
+        return f"round {n} trainers"
+    return next((s for s in stages if (m := LIVED.match(s)) and int(m[1]) <= n <= int(m[2])), None)
+
+
 def breakdown(output):
     """The quickstart's rows, and per column the sum over the critical path: each stage's last pod (by when it
     was done), where stages that overlap count once. A round's aggregator is applied with its trainers: the
     slowest trainer's way to done, then the aggregator's own part (done after the last model) and its notice.
-    The accuracy test applied with the last round ("round N accuracy-test") counts likewise with the part of it
-    left once the quickstart saw the round done; the server, applied then, runs beside that part: the longer of
-    the two counts. (An accuracy test applied after the round, "accuracy-test", counts whole.) The dataset
-    upload and the splitter applied with round 1's trainers ("round 1 dataset", "round 1 splitter") count
-    nothing: their rows count from the same apply as the trainers', which waited for the split. Likewise a round
-    whose trainers' end started the next round's ("round N: its trainers are done: ... applied"): the next round's
-    trainers, waiting for the aggregate, run beside its aggregator, so the round counts to its trainers seen done."""
+    Trainers that lived through several rounds ("rounds A-B trainers", their rows and every round's counting from
+    their one apply) hold the aggregators of the rounds before B inside their work: only round B's aggregator
+    adds its part after them. The accuracy test applied with the last round ("round N accuracy-test") counts
+    likewise with the part of it left once the quickstart saw the round done; the server, applied then, runs
+    beside that part: the longer of the two counts. (An accuracy test applied after the round, "accuracy-test",
+    counts whole.) The dataset upload and the splitter applied with round 1's trainers ("round 1 dataset",
+    "round 1 splitter") count nothing: their rows count from the same apply as the trainers', which waited for
+    the split."""
     rows = []
     for line in output.splitlines():
         m = ROW.match(line)
         if m and m["pod"] != "pod":
             values = [None if v == "-" else float(v) for v in m.groups()[2:]]
             rows.append((m["stage"], m["pod"], values))
-    ahead = {f"round {m[1]} aggregator" for m in AHEAD.finditer(output)}
     last = {}
     for stage, pod, values in rows:
         done = sum(v for v in values[:5] if v is not None)
         if stage not in last or done > last[stage][0]:
             last[stage] = (done, values)
+    rounds = [s for s in last if s.startswith("round ")]
+    paired = {trainers_of(s, last) for s in rounds if s.endswith(" aggregator")} - {None}
     path, tail = [], []
     for stage, (done, values) in last.items():
-        if stage.endswith(" trainers") and stage.replace("trainers", "aggregator") in last:
+        trainers = trainers_of(stage, last) if stage in rounds else None
+        if stage in paired:
             continue  # counted with its aggregator
-        if stage.endswith((" splitter", " dataset")) and stage.rsplit(" ", 1)[0] + " trainers" in last:
+        if stage.endswith((" splitter", " dataset")) and trainers:
             continue  # inside its round's trainers' way to done
-        if stage in ahead and stage.replace("aggregator", "trainers") in last:
-            path.append(last[stage.replace("aggregator", "trainers")][1])
-        elif stage.endswith(" aggregator") and stage.replace("aggregator", "trainers") in last:
-            t_done, t_values = last[stage.replace("aggregator", "trainers")]
+        if stage.endswith(" aggregator") and trainers:
+            t_done, t_values = last[trainers]
+            lived = LIVED.match(trainers)
+            if lived and int(stage.split()[1]) < int(lived[2]):
+                continue  # a round before their last: inside their work (they waited for its aggregate)
             path += [t_values[:5] + [0.0], [0.0] * 4 + [max(0.0, done - t_done), values[5]]]
         elif stage.endswith(" accuracy-test") and stage.replace("accuracy-test", "aggregator") in last:
             a_done, a_values = last[stage.replace("accuracy-test", "aggregator")]

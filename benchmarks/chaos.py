@@ -187,7 +187,7 @@ class PodWatch(threading.Thread):
     def __init__(self, cluster, namespace, period=0.5):
         super().__init__(daemon=True)
         self.cluster, self.namespace, self.period = cluster, namespace, period
-        self.pods, self.job_order, self.lock, self.stop = {}, {}, threading.Lock(), threading.Event()
+        self.pods, self.lock, self.stop = {}, threading.Lock(), threading.Event()
 
     def run(self):
         while not self.stop.is_set():
@@ -211,10 +211,6 @@ class PodWatch(threading.Thread):
                                                      "running": None, "ended": None, "container": None,
                                                      "job": labels.get("batch.kubernetes.io/controller-uid"),
                                                      "job_name": labels.get("job-name"), "ready": None})
-                    if rec["job"]:
-                        order = self.job_order.setdefault((kind, rec["job_name"]), [])
-                        if rec["job"] not in order:
-                            order.append(rec["job"])
                     status = next((c for c in pod["status"].get("containerStatuses") or []
                                    if c["name"] == CONTAINERS[kind]), None)
                     running = bool(status and status.get("state", {}).get("running")) and not meta.get("deletionTimestamp")
@@ -230,25 +226,6 @@ class PodWatch(threading.Thread):
                     if uid not in seen and rec["ended"] is None and rec["running"] is not None:
                         rec["ended"] = now
             time.sleep(self.period)
-
-    def round_of(self, rec):
-        """A Job pod's round: the place of its Job among the Jobs of that name seen so far (1-based)."""
-        order = self.job_order.get((rec["kind"], rec["job_name"]), [])
-        return order.index(rec["job"]) + 1 if rec["job"] in order else None
-
-    def running(self, p):
-        """The record of a running pod that matches plan p, or None."""
-        with self.lock:
-            for rec in sorted(self.pods.values(), key=lambda r: r["name"]):
-                if rec["kind"] != p["kind"] or rec["running"] is None or rec["ended"] is not None:
-                    continue
-                if p["kind"] == "trainer" and (rec["job_name"] != f"mnist-trainer-{p['index']}"
-                                               or self.round_of(rec) != p["round"]):
-                    continue
-                if p["kind"] == "aggregator" and self.round_of(rec) != p["round"]:
-                    continue
-                return dict(rec)
-        return None
 
     def lifetimes(self):
         """{kind: median seconds from running to ended} over the pods that ended; the server and the NFS server:
@@ -273,42 +250,68 @@ class PodWatch(threading.Thread):
 
 class CriWatch(threading.Thread):
     """The undisturbed run's containers as containerd sees them (every 0.2 s): per container id, its kind, when
-    it was created and when it was last seen running. lifetimes(): {kind: median seconds}, the lives the
-    seeded fractions apply to."""
+    it was created and when it was last seen running; and when the quickstart announced each round.
+    lifetimes(): {kind: median seconds}, the lives the seeded fractions apply to."""
 
     def __init__(self, cluster, namespace, log):
         super().__init__(daemon=True)
         self.cluster, self.namespace, self.log, self.seen, self.stop = cluster, namespace, log, {}, threading.Event()
+        self.round_starts = {}
 
     def run(self):
         while not self.stop.is_set():
             kinds = {CONTAINERS[k]: k for k in ("splitter", "trainer", "aggregator")}
+            now_round = current_round(self.log)
+            self.round_starts.setdefault(now_round, time.time())
             for c in self.cluster.cri_running(self.namespace):
                 if c["name"] in kinds:
                     self.seen.setdefault(c["id"], {"kind": kinds[c["name"]], "created": c["created"],
-                                                   "round": current_round(self.log, kinds[c["name"]])})["last"] = time.time()
+                                                   "round": now_round})["last"] = time.time()
             time.sleep(0.2)
 
+    def in_rounds(self, c):
+        """[(round, start, end)]: the part of container c's life in each round it ran in. A trainer lives through
+        every round of the run (one Job a worker, issue 30): its life is cut at the rounds' announcements. A
+        container of one round (the aggregator's, a trainer's with MIN_WORKERS below the worker count), or
+        any without announcements known: its whole life, in the round it was first seen in."""
+        if c["kind"] != "trainer" or not self.round_starts:
+            return [(c["round"], c["created"], c["last"])]
+        bounds = sorted(self.round_starts.items())
+        parts = []
+        for i, (r, begin) in enumerate(bounds):
+            end = bounds[i + 1][1] if i + 1 < len(bounds) else float("inf")
+            lo, hi = max(c["created"], begin), min(c["last"], end)
+            if hi > lo:
+                parts.append((r, lo, hi))
+        return parts
+
     def starts(self, t0):
-        """{"kind/round": seconds from t0 (the run's start) to the first container of that kind and round}."""
+        """{"kind/round": seconds from t0 (the run's start) to the first container of that kind in that round}."""
         out = {}
         for c in self.seen.values():
-            key = f"{c['kind']}/{c['round']}"
-            out[key] = round(min(out.get(key, float("inf")), c["created"] - t0), 2)
+            for r, lo, _ in self.in_rounds(c):
+                key = f"{c['kind']}/{r}"
+                out[key] = round(min(out.get(key, float("inf")), lo - t0), 2)
         return out
 
     def lifetimes(self):
         """{kind: median seconds} over the run, and {"kind/round": median} for a trainer's or the aggregator's
         round: rounds differ (the last one also runs the accuracy test beside it, issue 30), so a seeded
-        fraction of a round's pod is taken of that round's life."""
+        fraction of a round's pod is taken of its life in that round."""
         out = {}
         for kind in ("splitter", "trainer", "aggregator"):
-            for key, want in [(kind, None)] + [(f"{kind}/{r}", r) for r in sorted(
-                    {c["round"] for c in self.seen.values() if c["kind"] == kind}) if kind != "splitter"]:
-                spans = sorted(c["last"] - c["created"] for c in self.seen.values()
-                               if c["kind"] == kind and (want is None or c["round"] == want))
-                if spans:
-                    out[key] = spans[len(spans) // 2]
+            mine = [c for c in self.seen.values() if c["kind"] == kind]
+            spans = sorted(c["last"] - c["created"] for c in mine)
+            if spans:
+                out[kind] = spans[len(spans) // 2]
+            if kind == "splitter":
+                continue
+            by_round = {}
+            for c in mine:
+                for r, lo, hi in self.in_rounds(c):
+                    by_round.setdefault(r, []).append(hi - lo)
+            for r, spans in sorted(by_round.items()):
+                out[f"{kind}/{r}"] = sorted(spans)[len(spans) // 2]
         return out
 
 
@@ -326,20 +329,13 @@ def scaled_delay(fraction, life, base_offset, offset):
     return fraction * life * pace, round(pace, 2)
 
 
-AHEAD = re.compile(r"quickstart: round \d+: its trainers are done: round (\d+)'s trainers applied")
-
-
-def current_round(log, kind=None):
-    """The round the quickstart's output last announced ('== round r/R'), 0 before the first. For a trainer
-    also "round r: its trainers are done: round r+1's trainers applied": those start before round r+1 is
-    announced (issue 30)."""
+def current_round(log):
+    """The round the quickstart's output last announced ('== round r/R'), 0 before the first."""
     try:
         text = Path(log).read_text()
     except OSError:
         return 0
     rounds = [int(line.split("== round ", 1)[1].split("/", 1)[0]) for line in text.splitlines() if "== round " in line]
-    if kind == "trainer":
-        rounds += [int(m[1]) for m in AHEAD.finditer(text)]
     return max(rounds, default=0)
 
 
@@ -608,29 +604,36 @@ class Runner:
         if p["kind"] == "nfs-server":  # its life is the run: the fraction falls in the split and the rounds
             life = baseline["training_span"]
         deadline = time.monotonic() + 1800
+        round_seen = None  # when the plan's round was first seen announced
         while time.monotonic() < deadline and proc.poll() is None:
             found = self.cluster.cri_running(namespace, CONTAINERS[p["kind"]])
             if p["kind"] == "trainer":
                 found = [c for c in found if c["pod"].startswith(f"mnist-trainer-{p['index']}-")]
-            if p["kind"] in ("trainer", "aggregator") and current_round(log, p["kind"]) != p["round"]:
-                found = []
+            if p["kind"] in ("trainer", "aggregator"):
+                if current_round(log) != p["round"]:
+                    found = []
+                elif round_seen is None:
+                    round_seen = time.time()
             if found:
                 target = found[0]
                 key = f"{p['kind']}/{p.get('round', 0)}"
+                # its life in this round (a trainer lives through every round): from the later of its creation
+                # and the round's announcement
+                began = max(target["created"], round_seen or 0.0)
                 delay, pace = scaled_delay(p["fraction"], life, (baseline or {}).get("starts", {}).get(key),
-                                           target["created"] - t0)
-                time.sleep(max(0.0, target["created"] + delay - time.time()))
+                                           began - t0)
+                time.sleep(max(0.0, began + delay - time.time()))
                 fault.update(pod=target["pod"], life=round(life, 1), pace=pace)
                 try:
                     if p["method"] == "delete":
                         if not any(c["id"] == target["id"] for c in self.cluster.cri_running(namespace, CONTAINERS[p["kind"]])):
-                            raise RuntimeError(f"the container ended {time.time() - target['created']:.1f} s into its life, "
+                            raise RuntimeError(f"the container ended {time.time() - began:.1f} s into its life, "
                                                "before the moment")
                         self.cluster.kubectl("delete", "pod", target["pod"], "--wait=false", namespace=namespace)
                         how = "deleted"
                     else:
                         how = f"SIGKILL pid {self.cluster.sigkill(target['id'])}"
-                    fault.update(moment=round(time.time() - target["created"], 1), how=how, hit=True)
+                    fault.update(moment=round(time.time() - began, 1), how=how, hit=True)
                 except Exception as e:  # the container ended before the moment (a short life): say so
                     fault["error"] = f"{type(e).__name__}: {e}"
                 return

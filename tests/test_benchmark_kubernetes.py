@@ -62,15 +62,22 @@ def test_a_splitter_applied_with_round_1s_trainers_counts_inside_their_wait():
     assert before == pytest.approx([t + v for t, v in zip(totals, [0.2, 1.0, 1.0, 0.0, 0.0, 0.3])])
 
 
-def test_a_round_whose_trainers_started_the_next_rounds_counts_to_its_trainers_seen_done():
-    """The quickstart applied round 2's trainers once round 1's were done (issue 30): they wait for round 1's
-    aggregate beside its aggregator, so round 1 counts its slowest trainer's way to done and its notice only."""
-    round2 = "".join(line.replace("round 1", "round 2").replace("-a ", "-b ") + "\n" for line in SUMMARY.splitlines()
-                     if "round 1 " in line)
-    summary = SUMMARY.replace("10:00:00 quickstart:   server", round2 + "10:00:00 quickstart:   server")
-    _, both = bench.breakdown(summary)
-    ahead = "10:00:00 quickstart: round 1: its trainers are done: round 2's trainers applied, to start from its aggregate\n"
-    rows, totals = bench.breakdown(ahead + summary)
-    assert len(rows) == 9
-    # round 1: the slowest trainer (14.5 s to done) and its notice 2.0, instead of the aggregator's 1.0 + 1.5
-    assert totals == pytest.approx([b + d for b, d in zip(both, [0, 0, 0, 0, -1.0, 2.0 - 1.5])])
+def test_trainers_that_lived_through_the_rounds_hold_the_rounds_before_the_last_in_their_work():
+    """One trainer Job a worker for rounds 1-2 (issue 30): every row counts from their apply, round 1's
+    aggregator ran inside their work (they waited for its aggregate), and round 2's adds its part after them."""
+    rows1 = [line for line in SUMMARY.splitlines() if "round 1 trainers" in line]
+    lived = "".join(line.replace("round 1 trainers  ", "rounds 1-2 trainers") + "\n" for line in rows1)
+    round2 = SUMMARY.splitlines()[4].replace("round 1 aggregator", "round 2 aggregator") + "\n"
+    summary = SUMMARY.replace("".join(line + "\n" for line in rows1), "").replace(
+        "10:00:00 quickstart:   server", lived + round2 + "10:00:00 quickstart:   server")
+    rows, totals = bench.breakdown(summary)
+    assert [r[0] for r in rows].count("rounds 1-2 trainers") == 2 and len(rows) == 7
+    # the same figures as one round's trainers and aggregator: round 1's aggregator adds nothing
+    assert totals == pytest.approx(bench.breakdown(SUMMARY)[1])
+    # a round 1 aggregator done after the trainers (it cannot be: they waited for it) still adds nothing; round
+    # 2's, done later, adds its part
+    late = summary.replace("round 1 aggregator       mnist-aggregator-a                    0.5      0.0    1.0    0.5    13.5",
+                           "round 1 aggregator       mnist-aggregator-a                    0.5      0.0    1.0    0.5    33.5")
+    assert late != summary and bench.breakdown(late)[1] == pytest.approx(totals)
+    assert bench.trainers_of("round 2 aggregator", {"rounds 1-2 trainers": 0}) == "rounds 1-2 trainers"
+    assert bench.trainers_of("round 3 aggregator", {"rounds 1-2 trainers": 0}) is None
