@@ -128,9 +128,7 @@ check_settings() {
   command -v "${kubectl_cmd[0]}" >/dev/null 2>&1 || fail config "'${kubectl_cmd[0]}' not found (install kubectl or set KUBECTL)"
   export WORKER_NUMBER EPOCH BATCH STORAGE_CLASS SERVICE_TYPE ROUND_DEADLINE GCE_PROJECT GCE_DISK_ZONE
   export MIN_WORKERS="$min_workers" # render.sh: the aggregator's --min-workers and --deadline
-  # At the default MIN_WORKERS the trainers live through every round (train_rounds); render.sh: --last-round
-  unset LAST_ROUND
-  ((min_workers < WORKER_NUMBER)) || export LAST_ROUND="$ROUNDS"
+  unset LAST_ROUND # choose_trainers sets it
   local problem
   problem="$(fl_knob_problem "$WORKER_NUMBER")"
   [[ -z "$problem" ]] || fail config "$problem"
@@ -626,6 +624,57 @@ connect() {
   fi
 }
 
+# requests_of MANIFEST: its (last) container's CPU and memory requests, "CPU MEMORY"
+requests_of() { sed -n 's/.*requests: {cpu: \([^,]*\), memory: \([^}]*\)}.*/\1 \2/p' "$1" | tail -n 1; }
+
+# free_slots: how many trainer pods fit at once on the nodes that take our pods (no NoSchedule/NoExecute taint,
+# not cordoned), by what the pods already there request, after a round's aggregator and the accuracy test;
+# nothing when that cannot be read (no right to list nodes or every namespace's pods)
+# shellcheck disable=SC2016  # Go templates: their $ are not the shell's
+free_slots() {
+  local nodes pods
+  nodes="$(k get nodes -o 'go-template={{range .items}}node {{.metadata.name}} {{.status.allocatable.cpu}} {{.status.allocatable.memory}} {{if .spec.unschedulable}}cordoned{{else}}-{{end}} {{range .spec.taints}}{{.effect}},{{end}}
+{{end}}' 2>/dev/null)" || return 0
+  pods="$(k get pods --all-namespaces -o 'go-template={{range .items}}{{if and .spec.nodeName (ne .status.phase "Succeeded") (ne .status.phase "Failed")}}{{$n := .spec.nodeName}}{{range .spec.containers}}pod {{$n}} {{or .resources.requests.cpu "0"}} {{or .resources.requests.memory "0"}}
+{{end}}{{end}}{{end}}' 2>/dev/null)" || return 0
+  # shellcheck disable=SC2046  # "CPU MEMORY" pairs, word-split on purpose
+  printf '%s\n%s\n' "$nodes" "$pods" | awk -v want="$(requests_of "$root/manifests/5-trainer.yaml")" \
+    -v first="$(requests_of "$root/manifests/6-aggregator.yaml") $(requests_of "$root/manifests/9999-accuracy-test.yaml")" '
+    function cpu(q) { return q ~ /m$/ ? substr(q, 1, length(q) - 1) + 0 : q * 1000 }
+    BEGIN { split("Ki 1024 Mi 1048576 Gi 1073741824 Ti 1099511627776 k 1e3 M 1e6 G 1e9 T 1e12 m 0.001", t, " ")
+            for (i = 1; i in t; i += 2) unit[t[i]] = t[i + 1] + 0 }
+    function mem(q,   u) { u = q; sub(/^[0-9.]+/, "", u); return (q + 0) * (u in unit ? unit[u] : 1) }
+    function place(c, m,   n) { for (n in fc) if (fc[n] >= c && fm[n] >= m) { fc[n] -= c; fm[n] -= m; return 1 } return 0 }
+    $1 == "node" && $5 == "-" && $6 !~ /NoSchedule|NoExecute/ { fc[$2] = cpu($3); fm[$2] = mem($4) }
+    $1 == "pod" { used_c[$2] += cpu($3); used_m[$2] += mem($4) }
+    END {
+      for (n in fc) { fc[n] -= used_c[n]; fm[n] -= used_m[n] }
+      split(first, f, " "); split(want, w, " ")
+      for (i = 1; i in f; i += 2) if (!place(cpu(f[i]), mem(f[i + 1]))) { print 0; exit }
+      for (k = 0; place(cpu(w[1]), mem(w[2])); k++) if (k > 100000) break
+      print k
+    }'
+}
+
+# choose_trainers: at the default MIN_WORKERS, when every trainer fits on the nodes at once, one trainer Job a
+# worker lives through every round (LAST_ROUND: render.sh's --last-round): no pod, interpreter or TensorFlow start
+# at a round's start. Otherwise a Job per round: trainers that waited for their round to close would keep
+# their CPU from those still to be scheduled (a node that takes 3 of 8 would never run the other 5), and with
+# MIN_WORKERS below WORKER_NUMBER a round may close without a trainer.
+choose_trainers() {
+  local slots
+  ((min_workers == WORKER_NUMBER && ROUNDS > 1)) || return 0
+  slots="$(free_slots)"
+  if [[ "$slots" =~ ^[0-9]+$ ]] && ((slots >= WORKER_NUMBER)); then
+    export LAST_ROUND="$ROUNDS"
+    say "trainers: one Job a worker through all $ROUNDS rounds (the nodes have room for $slots at once)"
+  elif [[ -z "$slots" ]]; then
+    say "trainers: a Job a worker a round (cannot read the nodes' free CPU and memory to know that all $WORKER_NUMBER fit at once)"
+  else
+    say "trainers: a Job a worker a round (the nodes have room for $slots of $WORKER_NUMBER at once; each round's start is then a pod start)"
+  fi
+}
+
 # 1-3: the shared volume: the NFS server, its Service and NetworkPolicy, the PV and claim (or the rwx claim)
 prepare_volume() {
   local node_ips old_ip
@@ -931,6 +980,7 @@ main() {
   check_settings
   for ((i = 0; i < WORKER_NUMBER; i++)); do trainers+=("mnist-trainer-$i"); done
   connect
+  choose_trainers
   prepare_volume
   done_rounds=0
   if [[ "$RESUME" == 1 ]]; then resume_from_ledger; fi

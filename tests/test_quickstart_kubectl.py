@@ -86,6 +86,13 @@ elif args[:2] == ["get", "jobs,replicasets,pods,persistentvolumeclaims"]:
         out(f"obj\tPod\tnfs-server-abc\tuid-2\tPending\nwait\tnfs-server-abc\tnfs-server\t{env('FAKE_WAITING')}\tpull access denied\n")
 elif args[:3] == ["get", "deployment", "nfs-server"] or args[:3] == ["get", "deployment", "mnist-server"]:
     out("" if env("FAKE_WAITING") else "ready")
+elif args[:2] == ["get", "nodes"] and "allocatable" in template:  # room for the trainers: one roomy node
+    if env("FAKE_NODES") == "forbidden":
+        print('Error from server (Forbidden): nodes is forbidden: cannot list resource "nodes"', file=sys.stderr)
+        sys.exit(1)
+    out(env("FAKE_NODES", "node node-1 8 32Gi - \n"))
+elif args[:2] == ["get", "pods"] and "--all-namespaces" in args:  # what the pods there request
+    out(env("FAKE_NODE_PODS", "pod node-1 100m 128Mi\n"))
 elif args[:2] == ["get", "nodes"]:  # the nodes' InternalIPs, for the NFS server's NetworkPolicy
     out(env("FAKE_NODE_IPS", "10.128.0.5 10.128.0.9 10.128.0.12"))
 elif args[:2] == ["get", "pvc"]:
@@ -185,7 +192,7 @@ def nfs_steps(proc):
             steps.append(("apply", next(applied)))
             if ("PersistentVolume", "mlk-nfs-default") in steps[-1][1]:
                 return steps
-        elif c[:2] == ["get", "nodes"]:
+        elif c[:2] == ["get", "nodes"] and "allocatable" not in " ".join(c):  # not the trainers' room
             steps.append(("get", "nodes"))
         elif c[:2] in (["get", "pvc"], ["get", "deployment"], ["get", "service"]):
             steps.append(tuple(c[:3]))
@@ -550,6 +557,32 @@ def test_quickstart_trainers_live_through_every_round_at_the_default_min_workers
     assert deletes == [["mnist-splitter"], ["mnist-aggregator"], ["mnist-aggregator"], ["mnist-aggregator"],
                        ["mnist-accuracy-test"]]
     assert proc.stdout.count("rounds 1-3 trainers ") == 1 and "round 1 trainers" not in proc.stdout
+
+
+@pytest.mark.parametrize("nodes, pods, room", [
+    ("node n1 2 8Gi - \n", "pod n1 100m 64Mi\n", "3 of 4"),  # 1.9 CPU - 0.2 (aggregator, accuracy test)
+    ("node n1 8 32Gi - NoSchedule,\nnode n2 1500m 16Gi cordoned \n", "", "0 of 4"),  # tainted, cordoned
+    ("node n1 8 3Gi - \n", "pod n1 0 512Mi\n", "1 of 4"),  # memory: 2.5Gi - 1.25Gi
+])
+def test_quickstart_trainers_that_do_not_all_fit_at_once_get_a_job_a_round(fake, nodes, pods, room):
+    """Trainers that waited for their round to close would keep their CPU and memory from the trainers still to
+    be scheduled (on the real node 3 of 8 ran round 1 and waited for 5 that never started): only when the
+    schedulable nodes have room for every trainer at once, after what their pods request and a round's
+    aggregator and accuracy test, do the trainers live through the rounds; else a Job a worker a round."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="4", ROUNDS="2", SERVE="0", FAKE_NODES=nodes, FAKE_NODE_PODS=pods)
+    assert proc.returncode == 0, proc.stderr
+    assert f"trainers: a Job a worker a round (the nodes have room for {room} at once" in proc.stdout
+    trainers = [d for docs in proc.applied for d in docs if d["metadata"]["name"].startswith("mnist-trainer")]
+    assert len(trainers) == 8 and not [d for d in trainers if "--last-round" in container_args(d)]
+    # room for all four: one Job a worker
+    before = len(proc.applied)
+    proc = fake(QUICKSTART, WORKER_NUMBER="4", ROUNDS="2", SERVE="0", FAKE_NODES="node n1 3 8Gi - \nnode n2 3 8Gi - \n",
+                FAKE_NODE_PODS=pods)
+    assert "trainers: one Job a worker through all 2 rounds (the nodes have room for " in proc.stdout
+    assert len([d for docs in proc.applied[before:] for d in docs if d["metadata"]["name"].startswith("mnist-trainer")]) == 4
+    # the nodes or every namespace's pods cannot be read: a Job a round
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="2", SERVE="0", FAKE_NODES="forbidden")
+    assert "trainers: a Job a worker a round (cannot read the nodes' free CPU and memory" in proc.stdout
 
 
 def test_quickstart_failed_aggregator_takes_the_living_trainers_with_it(fake):
