@@ -820,7 +820,7 @@ delete_old_trainers() {
 # round's rows in the breakdown then count from their apply. With MIN_WORKERS below the worker count each round
 # has its own trainer Jobs: a round may close without one, which then must be stopped.
 train_rounds() {
-  local round
+  local round new_trainers
   [[ -n "$trainers_applied" ]] || delete_old_trainers
   for ((round = done_rounds + 1; round <= ROUNDS; round++)); do
     if ((round > 1)); then export INIT_MODEL="$aggregate"; else unset INIT_MODEL; fi
@@ -832,6 +832,7 @@ train_rounds() {
     else
       say "== round $round/$ROUNDS: $WORKER_NUMBER trainers and the aggregator"
     fi
+    new_trainers=0
     if ((round == 1)) && [[ -n "$trainers_applied" ]]; then # with the splitter, which is done
       delete_jobs mnist-aggregator
       stage_applied="$trainers_applied" # the round's rows count from its trainers' apply
@@ -841,10 +842,11 @@ train_rounds() {
     else
       delete_jobs "${trainers[@]}" mnist-aggregator
       applying
-      apply_trainers "$round"
-      [[ -z "${LAST_ROUND:-}" ]] || trainers_applied="$stage_applied"
+      new_trainers=1
     fi
     ((round < ROUNDS)) || delete_jobs mnist-accuracy-test
+    # The aggregator (and the last round's accuracy test) go before new trainers: on nodes that cannot take
+    # every trainer at once they are then scheduled first, rather than after the trainers queued before them.
     ROUND="$round" apply "aggregator (round $round)" "$root/manifests/6-aggregator.yaml"
     # The accuracy test starts beside the last round too (--wait-round): its pod and TensorFlow start, and the
     # scoring of the rounds before, overlap the round's training.
@@ -855,6 +857,10 @@ train_rounds() {
     else # trainers living on would wait for a round that will not come
       waiting_jobs=()
       [[ -z "${LAST_ROUND:-}" ]] || waiting_jobs=("${trainers[@]}")
+    fi
+    if ((new_trainers)); then
+      apply_trainers "$round"
+      [[ -z "${LAST_ROUND:-}" ]] || trainers_applied="$stage_applied"
     fi
     wait_round "$round"
     if [[ -z "${LAST_ROUND:-}" ]]; then
