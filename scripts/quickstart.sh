@@ -904,7 +904,7 @@ live_accuracy() { # live_accuracy JSON: the accuracy test's result into the Conf
 # its last log line is the result
 accuracy_applied=""
 accuracy_test() {
-  local result
+  local result pod
   say "== accuracy test"
   if [[ -n "$accuracy_applied" ]]; then
     stage_applied="$accuracy_applied" waiting_jobs=()
@@ -915,7 +915,12 @@ accuracy_test() {
   fi
   wait_jobs accuracy-test "app.kubernetes.io/component=accuracy-test" mnist-accuracy-test
   note_timeline "${accuracy_applied:+round $ROUNDS }accuracy-test" "app.kubernetes.io/component=accuracy-test"
-  if result="$(k logs job/mnist-accuracy-test --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
+  # the pod that succeeded: a retried Job's failed pod (a volume away for a moment) has another last line
+  # shellcheck disable=SC2016  # a Go template: its $p is not the shell's
+  pod="$(k get pods -l job-name=mnist-accuracy-test -o 'go-template={{range .items}}{{$p := .metadata.name}}{{range .status.containerStatuses}}{{with .state.terminated}}{{if eq .exitCode 0}}{{$p}} {{end}}{{end}}{{end}}{{end}}' 2>/dev/null)" || pod=""
+  pod="${pod%% *}"
+  [[ -n "$pod" ]] && pod="pod/$pod" || pod=job/mnist-accuracy-test
+  if result="$(k logs "$pod" --tail=1 2>/dev/null)" && [[ -n "$result" ]]; then
     say "accuracy test: $result"
     live_accuracy "$result"
     say "history: every round's accuracy, its workers' and its timings in /mnt/rounds/ledger.json, plotted in /mnt/rounds/history.png (docs/kubernetes.md, \"Round ledger\")"

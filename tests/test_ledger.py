@@ -571,6 +571,34 @@ def test_evaluate_waiting_looks_again_when_the_volume_is_away(monkeypatch, tmp_p
     assert out.rstrip().endswith("round 2 recorded")
 
 
+def test_evaluate_start_looks_again_when_the_volume_is_away(monkeypatch, tmp_path, capsys):
+    """The accuracy test started while the NFS server restarts (the real node's pvc run deletes it in round 2):
+    its first look at the ledger fails with "No route to host". It says so and goes on to wait (which looks
+    again), rather than exit 1 with that error as its last line."""
+    import evaluate
+
+    ledger = tmp_path / "rounds" / "ledger.json"
+    ledger.parent.mkdir()
+    ledger.write_text("{}")
+    np.savez(tmp_path / "test.npz", x=np.zeros((2, 28, 28), np.uint8), y=np.array([0, 1], np.uint8))
+
+    def away(path):
+        raise OSError(113, "No route to host")
+
+    waited = []
+
+    def wait(args, score):
+        waited.append(args.wait_round)
+        raise evaluate.InputError("stopped here by the test")
+
+    monkeypatch.setattr(evaluate, "load_ledger", away)
+    monkeypatch.setattr(evaluate, "wait_round", wait)
+    assert evaluate.main(["--ledger", str(ledger), "--wait-round", "2", "--data", str(tmp_path / "test.npz")]) == 2
+    out = capsys.readouterr()
+    assert waited == [2] and "No route to host" in out.out and "looking again" in out.out
+    assert "stopped here by the test" in out.err
+
+
 def test_evaluate_refuses_a_bad_ledger_before_tensorflow(tmp_path):
     (tmp_path / "ledger.json").write_text("[]")
     proc = subprocess.run([sys.executable, str(REPO / "trainer/evaluate.py"), "--ledger", str(tmp_path / "ledger.json"),

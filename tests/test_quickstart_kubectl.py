@@ -111,6 +111,10 @@ elif args[:2] == ["exec", "-i"]:  # the dataset upload: what arrived on stdin, c
     print(len(sys.stdin.buffer.read()))
 elif args[:3] == ["get", "pod", "mnist-dataset-upload"]:
     out("True")
+elif args[:2] == ["get", "pods"] and "exitCode" in template:  # the accuracy test's pod that exited 0
+    out(env("FAKE_ACCURACY_POD", ""))
+elif args[:2] == ["logs", "pod/mnist-accuracy-test-ok"]:
+    print('{"loss": 0.0399, "accuracy": 0.9877}')
 elif args[:2] == ["logs", "job/mnist-accuracy-test"]:
     print('{"loss": 0.0412, "accuracy": 0.9861}')
 elif args[:2] == ["logs", "job/mnist-ledger-restore"]:
@@ -606,6 +610,15 @@ def test_quickstart_failed_aggregator_takes_the_living_trainers_with_it(fake):
     assert len(trainers) == 4 and not [d for d in trainers if "--last-round" in container_args(d)]
     assert [container_args(d)[-2:] for d in trainers[2:]] == [["--init-model", "/mnt/aggregated-model.h5"]] * 2
     assert "round 1 trainers " in proc.stdout and "round 2 trainers " in proc.stdout
+
+
+def test_quickstart_reads_the_accuracy_from_the_pod_that_succeeded(fake):
+    """A retried accuracy test (its first pod failed while the NFS server restarted): `kubectl logs job/...` may
+    answer the failed pod's last line; the quickstart reads the pod whose container exited 0."""
+    proc = fake(QUICKSTART, WORKER_NUMBER="2", ROUNDS="1", SERVE="0", FAKE_ACCURACY_POD="mnist-accuracy-test-ok ")
+    assert proc.returncode == 0, proc.stderr
+    assert 'accuracy test: {"loss": 0.0399, "accuracy": 0.9877}' in proc.stdout
+    assert ["logs", "pod/mnist-accuracy-test-ok", "--tail=1"] in proc.calls
 
 
 def test_quickstart_resume_continues_after_the_last_complete_round(fake):

@@ -260,8 +260,14 @@ def evaluate(args):
         raise InputError("--wait-round needs --ledger and a round >= 1")
     if not 0 <= args.wait <= 86400:
         raise InputError(f"--wait must be 0-86400 seconds, got {args.wait:g}")
-    if args.ledger is not None and (args.wait_round is None or Path(args.ledger).exists()):
+    if args.ledger is not None and args.wait_round is None:
         load_ledger(args.ledger)  # a bad ledger is reported before TensorFlow starts
+    elif args.ledger is not None:
+        try:
+            if Path(args.ledger).exists():
+                load_ledger(args.ledger)  # likewise, if there is one yet
+        except OSError as err:  # a volume away for a moment (an NFS server restarting): the wait looks again
+            print(f"cannot read {args.ledger} ({err.strerror or err}); looking again while waiting", flush=True)
     x, y = load_shard(args.data)
     x = to_model_input(x)
     score = Scorer(x, y, args.batch)
