@@ -637,7 +637,6 @@ free_slots() {
 {{end}}' 2>/dev/null)" || return 0
   pods="$(k get pods --all-namespaces -o 'go-template={{range .items}}{{if and .spec.nodeName (ne .status.phase "Succeeded") (ne .status.phase "Failed")}}{{$n := .spec.nodeName}}{{range .spec.containers}}pod {{$n}} {{or .resources.requests.cpu "0"}} {{or .resources.requests.memory "0"}}
 {{end}}{{end}}{{end}}' 2>/dev/null)" || return 0
-  # shellcheck disable=SC2046  # "CPU MEMORY" pairs, word-split on purpose
   printf '%s\n%s\n' "$nodes" "$pods" | awk -v want="$(requests_of "$root/manifests/5-trainer.yaml")" \
     -v first="$(requests_of "$root/manifests/6-aggregator.yaml") $(requests_of "$root/manifests/9999-accuracy-test.yaml")" '
     function cpu(q) { return q ~ /m$/ ? substr(q, 1, length(q) - 1) + 0 : q * 1000 }
