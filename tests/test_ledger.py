@@ -132,6 +132,10 @@ def test_round_is_kept_with_hashes_timings_and_report(round_one, capsys):
         # agreement: the highest cosine with another worker in the layer where two workers agree best
         assert w["agreement"] == pytest.approx(max(pairs[(best_layer, i, j)] for j in others), abs=1e-5)
         assert w["agreement_with"] == f"{max(others, key=lambda j: pairs[(best_layer, i, j)])}-model.h5/{best_layer}"
+        # layer_norm_ratio: per layer, its update norm over the median of the three; the median over the layers
+        ratios = [np.linalg.norm(layer_updates[i][layer])
+                  / np.median([np.linalg.norm(layer_updates[j][layer]) for j in range(3)]) for layer in ("conv", "dense")]
+        assert w["layer_norm_ratio"] == pytest.approx(np.median(ratios), rel=1e-5)
         assert w["outlier"] is False
     # the table on stdout
     assert "update norm" in out.out and "0-model.h5" in out.out
@@ -288,6 +292,55 @@ def test_drop_outliers_leaves_the_flagged_worker_out(round_one, capsys):
     ws = [h5_weights(root / f"model/{i}-model.h5") for i in range(3)]
     for k, v in h5_weights(root / "aggregated-model.h5").items():
         np.testing.assert_allclose(v, (100 * ws[0][k] + 200 * ws[1][k] + 300 * ws[2][k]) / 600, rtol=1e-5, atol=1e-7)
+
+
+def test_a_worker_that_moves_every_layer_further_is_flagged(tmp_path, capsys):
+    """The third condition of OUTLIER_RULE: 5 workers share a direction (they agree as honest ones do); worker 4's
+    update is an honest-looking one times 1.3 in every layer (a data attack's mark: it learns what the others
+    do not), which the agreement and the 3x whole-norm conditions let pass; times 1.1 stays below 1.15."""
+    for factor, flagged in ((1.3, True), (1.1, False)):
+        root = tmp_path / f"x{factor}"
+        (root / "model").mkdir(parents=True)
+        (root / "rounds").mkdir()
+        start = tiny_model(7)
+        start.save(str(root / "rounds/r0.h5"))
+        fp = h5_fingerprint(root / "rounds/r0.h5")
+        for i in range(5):
+            save_worker(moved(start, i, 0.001 * (factor if i == 4 else 1.0), shared=20.0), root / f"model/{i}-model.h5",
+                        100, fp)
+        rc, out = aggregate(root, "--expect", 5, capsys=capsys)
+        assert rc == 0, out.err
+        report = entries(root)[0]["workers"]
+        assert report[4]["layer_norm_ratio"] == pytest.approx(factor, rel=0.05)
+        assert report[4]["norm_to_median"] < aggregator.OUTLIER_NORM_RATIO
+        assert report[4]["agreement"] > aggregator.OUTLIER_AGREEMENT_FRACTION * max(w["agreement"] for w in report)
+        assert [w["outlier"] for w in report] == [False] * 4 + [flagged], factor
+        assert all(0.9 < w["layer_norm_ratio"] < 1.1 for w in report[:4])
+
+
+def test_agreement_says_nothing_when_the_workers_agree_with_nobody():
+    """Near convergence under label skew the workers' updates are nearly unrelated (their median agreement 0.03-0.16
+    in PRESET=label-skew's later rounds): then a worker whose agreement is far below that median is not flagged, as
+    it was in 11 of 12 such rounds before the OUTLIER_MIN_AGREEMENT gate. worker_report on two made-up layers of 4000
+    weights: 5 workers share a direction (cosine about shared^2 / (1 + shared^2)), worker 4 leans the other way."""
+    rng = np.random.default_rng(3)
+    start = {"a/kernel": np.zeros(4000), "b/kernel": np.zeros(4000)}
+    common = {k: rng.standard_normal(4000) for k in start}
+
+    def report(shared):
+        models = [{"samples": 100, "weights": {k: (-shared if i == 4 else shared) * common[k] + rng.standard_normal(4000)
+                                               for k in start}} for i in range(5)]
+        return aggregator.worker_report(models, start, [f"{i}-model.h5" for i in range(5)])
+
+    weak = report(0.3)  # cosine about 0.08
+    typical = float(np.median([w["agreement"] for w in weak]))
+    assert 0 < typical < aggregator.OUTLIER_MIN_AGREEMENT
+    assert weak[4]["agreement"] < aggregator.OUTLIER_AGREEMENT_FRACTION * typical  # flagged without the gate
+    assert all(abs(w["layer_norm_ratio"] - 1) < 0.05 for w in weak)
+    assert [w["outlier"] for w in weak] == [False] * 5
+    strong = report(1.0)  # cosine about 0.5: the same lean is flagged
+    assert float(np.median([w["agreement"] for w in strong])) > aggregator.OUTLIER_MIN_AGREEMENT
+    assert [w["outlier"] for w in strong] == [False] * 4 + [True]
 
 
 @pytest.fixture(scope="module")
