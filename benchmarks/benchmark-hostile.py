@@ -7,8 +7,10 @@ are the trainer's --attack kinds: shuffled-labels, sign-flip, scale10, backdoor,
 The honest workers' models do not depend on the attack, so each is trained once per split and seed; the
 attacker's shuffled-labels and backdoor models are trained (trainer.main --attack), its sign-flip and scale10
 models are its honest model's update negated / times 10 (trainer.tampered, what --attack does after training).
-Every (attack, rule) is then one aggregator.main run (--aggregation fedavg|median|trimmed-mean|krum, in
-process, the round's start as ROOT/rounds/r1.h5), and its aggregate is scored on the 10000 MNIST test digits.
+Every (attack, rule) is then one aggregator.main run (--aggregation fedavg|median|trimmed-mean|krum, or
+fedavg+drop: FedAvg with --drop-outliers; in process, the round's start as ROOT/rounds/r1.h5), and its aggregate is
+scored on the 10000 MNIST test digits. "honest only" is FedAvg of the 4 honest workers, the attacker left out by
+hand: what a rule that finds and drops the attacker gets (on label skew the attacker's digits go with it).
 
 Printed, per split x attack x rule: the mean final accuracy over the seeds (and its change against the clean
 FedAvg run of the same split and seed), the backdoor's success (patched test digits other than 7 read as 7), and
@@ -16,7 +18,8 @@ per split x attack the ledger's outlier flag rates (aggregator's OUTLIER_RULE: t
 workers flagged). Targets (issue 31): a robust rule within 0.5 points of the clean run; FedAvg shows the damage;
 >= 95 % of attackers flagged and <= 2 % of honest workers. The whole matrix is printed, targets missed included.
 
-Usage: nice -n 5 .venv/bin/python benchmarks/benchmark-hostile.py [--seeds 5] [--steps 50] [--json OUT.json]
+Usage: nice -n 5 .venv/bin/python benchmarks/benchmark-hostile.py [--seeds 5] [--first-seed 0] [--steps 50]
+       [--json OUT.json] [--keep DIR]
 MNIST: $MNIST_NPZ, else ../shared/datasets/mnist.npz beside the repository (tests/helpers.py's mnist_path()).
 """
 
@@ -41,7 +44,11 @@ PROG = "benchmark-hostile.py"
 WORKERS = 5
 BATCH = 100
 ATTACKS = ("clean", "shuffled-labels", "sign-flip", "scale10", "backdoor")
-RULES = ("fedavg", "median", "trimmed-mean", "krum")
+# Each column: the aggregator's flags. fedavg+drop is FedAvg of the workers the ledger's outlier flag leaves in
+# (--drop-outliers): a robust rule built on the detection.
+RULES = {"fedavg": ["--aggregation", "fedavg"], "median": ["--aggregation", "median"],
+         "trimmed-mean": ["--aggregation", "trimmed-mean"], "krum": ["--aggregation", "krum"],
+         "fedavg+drop": ["--aggregation", "fedavg", "--drop-outliers"]}
 SPLITS = ("iid", "label-skew")
 ROBUST_POINTS = 0.5  # a robust rule's accuracy under attack within this many points of the clean FedAvg run
 ATTACKER_FLAGGED, HONEST_FLAGGED = 0.95, 0.02
@@ -51,11 +58,15 @@ BACKDOOR_PROBE = 2000  # patched test digits (not 7) the backdoor's success is m
 def build_parser():
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5, help="seeds per split (default 5)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0): seeds FIRST ... FIRST+SEEDS-1, "
+                   "e.g. to check a rule on seeds it was not chosen on")
     p.add_argument("--steps", type=int, default=50, help="batches of 100 each worker trains in the round (default 50)")
     p.add_argument("--warm-epochs", type=int, default=1, help="epochs of the clean warm-start round (default 1)")
     p.add_argument("--warm-steps", type=int, default=0, help="at most this many batches in the warm-start round "
                    "(default 0: --warm-epochs whole)")
     p.add_argument("--json", help="also write every run's figures here")
+    p.add_argument("--keep", metavar="DIR", help="also keep the round's start and every trained model here "
+                   "(DIR/start.h5, DIR/SPLIT-SEED/{honest/I-model.h5,ATTACK.h5}), to study other rules on them")
     p.add_argument("--report", metavar="JSON", help="only print the matrix of a run saved with --json")
     return p
 
@@ -73,9 +84,9 @@ def train(trainer, keras, argv):
         sys.exit(f"{PROG}: trainer failed ({code}): {' '.join(map(str, argv))}")
 
 
-def aggregate(aggregator, model_dir, root, *flags):
+def aggregate(aggregator, model_dir, root, *flags, expect=WORKERS):
     code = quiet(aggregator.main, ["--dir", str(model_dir), "--savefile", str(root / "aggregated-model.h5"),
-                                   "--expect", str(WORKERS), *map(str, flags)])
+                                   "--expect", str(expect), *map(str, flags)])
     if code != 0:
         sys.exit(f"{PROG}: aggregator failed ({code}) on {model_dir} {flags}")
     return json.loads((root / "rounds/ledger.json").read_text())["rounds"][-1]
@@ -102,8 +113,9 @@ def main(argv=None) -> int:
         report(saved["runs"], saved["seeds"], saved["steps"], saved["warm_accuracy"], saved["seconds"],
                saved.get("load_before", "?"))
         return 0
-    if args.seeds < 1 or args.steps < 1 or args.warm_epochs < 1 or args.warm_steps < 0:
-        print(f"{PROG}: error: --seeds, --steps and --warm-epochs must be >= 1, --warm-steps >= 0", file=sys.stderr)
+    if args.seeds < 1 or args.steps < 1 or args.warm_epochs < 1 or args.warm_steps < 0 or args.first_seed < 0:
+        print(f"{PROG}: error: --seeds, --steps and --warm-epochs must be >= 1, --warm-steps and --first-seed >= 0",
+              file=sys.stderr)
         return 2
     try:
         mnist = mnist_path()
@@ -144,7 +156,7 @@ def main(argv=None) -> int:
               f"{warm_accuracy:.4f} [{time.perf_counter() - started:.0f}s]", flush=True)
 
         for split in SPLITS:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 attacker = seed % WORKERS
                 base = tmp / f"{split}-{seed}"
                 honest = base / "honest"
@@ -163,6 +175,12 @@ def main(argv=None) -> int:
                                                "--attack", attack, *common])
                     else:
                         tampered_copy(trainer, honest / f"{attacker}-model.h5", start, hostile[attack], attack)
+                if args.keep:
+                    kept = Path(args.keep) / f"{split}-{seed}"
+                    shutil.copytree(honest, kept / "honest", dirs_exist_ok=True)
+                    for attack, path in hostile.items():
+                        shutil.copyfile(path, kept / path.name)
+                    shutil.copyfile(start, Path(args.keep) / "start.h5")
                 print(f"{split} seed {seed}: trained (attacker: worker {attacker}) "
                       f"[{time.perf_counter() - started:.0f}s]", flush=True)
                 for attack in ATTACKS:
@@ -171,11 +189,11 @@ def main(argv=None) -> int:
                     for i in range(WORKERS):
                         source = hostile[attack] if (attack != "clean" and i == attacker) else honest / f"{i}-model.h5"
                         os.link(source, models / f"{i}-model.h5")
-                    for rule in RULES:
+                    for rule, flags in RULES.items():
                         root = base / f"root-{attack}-{rule}"
                         (root / "rounds").mkdir(parents=True)
                         shutil.copyfile(start, root / "rounds/r1.h5")
-                        entry = aggregate(aggregator, models, root, "--aggregation", rule)
+                        entry = aggregate(aggregator, models, root, *flags)
                         flags = [w["outlier"] for w in entry["workers"]]
                         run = {"split": split, "seed": seed, "attack": attack, "rule": rule, "attacker": attacker,
                                "accuracy": score(root / "rounds/r2.h5")[1],
@@ -187,6 +205,21 @@ def main(argv=None) -> int:
                         runs.append(run)
                         shutil.rmtree(root)
                     shutil.rmtree(models)
+                # The honest workers alone (FedAvg without the attacker): what a rule can keep at most once the
+                # attacker's own data are lost to the round, the reference for the label-skew split.
+                models = base / "models-honest-only"
+                models.mkdir()
+                for i in range(WORKERS):
+                    if i != attacker:
+                        os.link(honest / f"{i}-model.h5", models / f"{i}-model.h5")
+                root = base / "root-honest-only"
+                (root / "rounds").mkdir(parents=True)
+                shutil.copyfile(start, root / "rounds/r1.h5")
+                aggregate(aggregator, models, root, expect=WORKERS - 1)
+                runs.append({"split": split, "seed": seed, "attack": "honest-only", "rule": "fedavg",
+                             "attacker": attacker, "accuracy": score(root / "rounds/r2.h5")[1]})
+                shutil.rmtree(root)
+                shutil.rmtree(models)
                 clean = {r["rule"]: r["accuracy"] for r in runs if (r["split"], r["seed"], r["attack"]) ==
                          (split, seed, "clean")}
                 print(f"{split} seed {seed}: clean " + ", ".join(f"{k} {v:.4f}" for k, v in clean.items())
@@ -202,21 +235,23 @@ def main(argv=None) -> int:
 
 def report(runs, seeds, steps, warm_accuracy, seconds, load_before):
     def pick(**keys):
-        return [r for r in runs if all(r[k] == v for k, v in keys.items())]
+        return [r for r in runs if all(r.get(k) == v for k, v in keys.items())]
 
     clean = {(r["split"], r["seed"]): r["accuracy"] for r in pick(attack="clean", rule="fedavg")}
+    alone = {(r["split"], r["seed"]): r["accuracy"] for r in pick(attack="honest-only")}
+    rules = [rule for rule in RULES if pick(rule=rule, attack="clean")]  # a run saved before a column existed
     print()
     print(f"hostile-worker matrix: {WORKERS} workers (1 attacker), {seeds} seeds, 1 round of {steps} steps "
           f"of {BATCH} from a warm start at {warm_accuracy:.4f}; {seconds:.0f} s; load average before {load_before}, "
           f"after {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print()
-    print("| split | attack | " + " | ".join(RULES) + " | attacker flagged | honest flagged |")
-    print("| --- | --- | " + " | ".join("---:" for _ in RULES) + " | ---: | ---: |")
+    print("| split | attack | " + " | ".join(rules) + " | honest only | attacker flagged | honest flagged |")
+    print("| --- | --- | " + " | ".join("---:" for _ in rules) + " | ---: | ---: | ---: |")
     verdicts = []
     for split in SPLITS:
         for attack in ATTACKS:
             cells = []
-            for rule in RULES:
+            for rule in rules:
                 rs = pick(split=split, attack=attack, rule=rule)
                 acc = np.mean([r["accuracy"] for r in rs])
                 delta = np.mean([(r["accuracy"] - clean[(split, r["seed"])]) * 100 for r in rs])
@@ -225,22 +260,38 @@ def report(runs, seeds, steps, warm_accuracy, seconds, load_before):
                     cell += f" bd {np.mean([r['backdoor_success'] for r in rs]):.1%}"
                 cells.append(cell)
                 if attack != "clean" and rule != "fedavg":
-                    verdicts.append((split, attack, rule, delta))
+                    to_alone = (np.mean([(r["accuracy"] - alone[(split, r["seed"])]) * 100 for r in rs])
+                                if alone else None)
+                    verdicts.append((split, attack, rule, delta, to_alone))
+            if alone:
+                keys = [k for k in alone if k[0] == split]
+                cells.append(f"{np.mean([alone[k] for k in keys]):.4f} "
+                             f"({np.mean([(alone[k] - clean[k]) * 100 for k in keys]):+.2f})")
+            else:
+                cells.append("—")
             rs = pick(split=split, attack=attack, rule="fedavg")  # the flags do not depend on the rule
             att = "—" if attack == "clean" else f"{np.mean([r['attacker_flagged'] for r in rs]):.0%}"
             hon = sum(r["honest_flagged"] for r in rs) / sum(r["honest"] for r in rs)
             print(f"| {split} | {attack} | " + " | ".join(cells) + f" | {att} | {hon:.1%} |")
     print()
     print("cells: mean test accuracy over the seeds (mean change in points against the clean FedAvg run of the same "
-          "split and seed); bd: the backdoor's success, patched test digits other than 7 read as 7")
-    attacked = [r for r in pick(rule="fedavg") if r["attack"] != "clean"]
+          "split and seed); bd: the backdoor's success, patched test digits other than 7 read as 7; honest only: "
+          "FedAvg of the 4 honest workers, the attacker left out (a rule that finds the attacker and drops it gets "
+          "this; the attacker's own data are lost to the round, on label skew the only copy of about two digits)")
+    attacked = [r for r in pick(rule="fedavg") if r["attack"] not in ("clean", "honest-only")]
     att_rate = np.mean([r["attacker_flagged"] for r in attacked])
-    hon_rate = sum(r["honest_flagged"] for r in pick(rule="fedavg")) / sum(r["honest"] for r in pick(rule="fedavg"))
-    for rule in RULES[1:]:
-        missed = [(s, a, d) for s, a, r, d in verdicts if r == rule and d < -ROBUST_POINTS]
-        print(f"target robust rule {rule}: under every attack within {ROBUST_POINTS} points of the clean FedAvg run "
-              "(mean over the seeds): "
-              + ("met" if not missed else "missed in " + ", ".join(f"{s}/{a} ({d:+.2f})" for s, a, d in missed)))
+    flagged = [r for r in pick(rule="fedavg") if r["attack"] != "honest-only"]
+    hon_rate = sum(r["honest_flagged"] for r in flagged) / sum(r["honest"] for r in flagged)
+    for rule in rules[1:]:
+        missed = [(s, a, d) for s, a, r, d, _ in verdicts if r == rule and d < -ROBUST_POINTS]
+        line = (f"target robust rule {rule}: under every attack within {ROBUST_POINTS} points of the clean FedAvg run "
+                "(mean over the seeds): "
+                + ("met" if not missed else "missed in " + ", ".join(f"{s}/{a} ({d:+.2f})" for s, a, d in missed)))
+        if alone:
+            off = [(s, a, d) for s, a, r, _, d in verdicts if r == rule and d < -ROBUST_POINTS]
+            line += ("; within it of the honest workers alone: "
+                     + ("always" if not off else "not in " + ", ".join(f"{s}/{a} ({d:+.2f})" for s, a, d in off)))
+        print(line)
     print(f"target detection: attackers flagged {att_rate:.1%} (>= {ATTACKER_FLAGGED:.0%}: "
           f"{'met' if att_rate >= ATTACKER_FLAGGED else 'missed'}), honest workers flagged {hon_rate:.1%} "
           f"(<= {HONEST_FLAGGED:.0%}: {'met' if hon_rate <= HONEST_FLAGGED else 'missed'})")

@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     print("| --- | ---: | ---: | ---: |")
     print(f"| default IID pipeline | {iid_seconds:.1f} | {len(iid)} | {iid[-1]['test_accuracy']:.4f} |")
     print(f"| PRESET=label-skew | {skew_seconds:.1f} | {len(skew)} | {skew[-1]['test_accuracy']:.4f} |")
+    for name, rounds in (("default IID pipeline", iid), ("PRESET=label-skew", skew)):  # every worker is honest here
+        flags = [w["outlier"] for e in rounds for w in e["workers"]]
+        print(f"outlier flags (honest workers, the ledger's rule): {name} {sum(flags)} of {len(flags)} worker-rounds")
     accuracy, ratio = skew[-1]["test_accuracy"], skew_seconds / iid_seconds
     ok = accuracy >= TARGET and ratio <= TIME_RATIO
     print(f"verdict: {'PASS' if ok else 'FAIL'} - label-skew accuracy {accuracy:.4f} (target >= {TARGET}), wall "
