@@ -712,10 +712,14 @@ def test_fedavgm_round_records_its_state_and_steps_from_the_start(tmp_path, caps
     assert "from rounds/r1-opt.npz" in out.out
 
 
-def test_fedadam_resumed_after_restore_equals_an_uninterrupted_run_bit_for_bit(tmp_path, capsys):
-    """3 rounds of FedAdam in one go, and 2 rounds + a round 3 killed after writing its state and the aggregate
+@pytest.mark.parametrize("flags, fresh_optimizer", [
+    (("--server-optimizer", "fedadam", "--server-lr", "0.01"), lambda: aggregator.strategies.FedAdam(0.01)),
+    (("--server-optimizer", "fedavgm", "--server-momentum", "0.5"), lambda: aggregator.strategies.FedAvgM(1.0, 0.5)),
+], ids=["fedadam", "fedavgm"])
+def test_server_optimizer_resumed_after_restore_equals_an_uninterrupted_run_bit_for_bit(flags, fresh_optimizer,
+                                                                                       tmp_path, capsys):
+    """3 rounds of the optimiser in one go, and 2 rounds + a round 3 killed after writing its state and the aggregate
     (not the ledger) + ledger.py restore + round 3 again: the same round-3 weights, bit for bit."""
-    flags = ("--server-optimizer", "fedadam", "--server-lr", "0.01")
     one_go = start_root(tmp_path / "one-go")
     for rnd in (1, 2, 3):
         run_round(one_go, rnd, *flags, capsys=capsys)
@@ -738,8 +742,7 @@ def test_fedadam_resumed_after_restore_equals_an_uninterrupted_run_bit_for_bit(t
     models = [aggregator.read_model(resumed / f"rounds/r3/{i}-model.h5") for i in range(3)]
     order = models[0]["order"]
     start = h5_weights(resumed / "rounds/r2.h5")
-    fresh, _ = aggregator.strategies.FedAdam(0.01).step([start[k] for k in order],
-                                                         [aggregator.fedavg(models)[k] for k in order], None)
+    fresh, _ = fresh_optimizer().step([start[k] for k in order], [aggregator.fedavg(models)[k] for k in order], None)
     assert any(f.tobytes() != b[k].tobytes() for f, k in zip(fresh, order))
 
 
