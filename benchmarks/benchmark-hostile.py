@@ -194,19 +194,20 @@ def main(argv=None) -> int:
                         (root / "rounds").mkdir(parents=True)
                         shutil.copyfile(start, root / "rounds/r1.h5")
                         entry = aggregate(aggregator, models, root, *flags)
-                        flags = [w["outlier"] for w in entry["workers"]]
+                        outliers = [w["outlier"] for w in entry["workers"]]
                         run = {"split": split, "seed": seed, "attack": attack, "rule": rule, "attacker": attacker,
                                "accuracy": score(root / "rounds/r2.h5")[1],
-                               "attacker_flagged": None if attack == "clean" else flags[attacker],
-                               "honest_flagged": sum(f for i, f in enumerate(flags) if attack == "clean" or i != attacker),
+                               "attacker_flagged": None if attack == "clean" else outliers[attacker],
+                               "honest_flagged": sum(f for i, f in enumerate(outliers)
+                                                     if attack == "clean" or i != attacker),
                                "honest": WORKERS if attack == "clean" else WORKERS - 1}
                         if attack == "backdoor":
                             run["backdoor_success"] = probe(root / "rounds/r2.h5")[1]
                         runs.append(run)
                         shutil.rmtree(root)
                     shutil.rmtree(models)
-                # The honest workers alone (FedAvg without the attacker): what a rule can keep at most once the
-                # attacker's own data are lost to the round, the reference for the label-skew split.
+                # The honest workers alone (FedAvg without the attacker): what a rule that finds and drops the
+                # attacker gets, its own data lost to the round; the reference for the label-skew split.
                 models = base / "models-honest-only"
                 models.mkdir()
                 for i in range(WORKERS):
