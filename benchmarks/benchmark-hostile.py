@@ -92,6 +92,17 @@ def aggregate(aggregator, model_dir, root, *flags, expect=WORKERS):
     return json.loads((root / "rounds/ledger.json").read_text())["rounds"][-1]
 
 
+def aggregate_from(aggregator, start, root, models, *flags):
+    """aggregate() in a new ROOT: the round's start as ROOT/rounds/r1.h5, the worker models ({i: file}) linked into
+    ROOT/model as {i}-model.h5; the aggregate is ROOT/rounds/r2.h5."""
+    (root / "rounds").mkdir(parents=True)
+    (root / "model").mkdir()
+    shutil.copyfile(start, root / "rounds/r1.h5")
+    for i, source in models.items():
+        os.link(source, root / f"model/{i}-model.h5")
+    return aggregate(aggregator, root / "model", root, *flags, expect=len(models))
+
+
 def tampered_copy(trainer, source, start, target, attack):
     """source's .h5 with every weight w replaced by trainer.tampered's (start + factor x (w - start))."""
     import h5py
@@ -184,16 +195,11 @@ def main(argv=None) -> int:
                 print(f"{split} seed {seed}: trained (attacker: worker {attacker}) "
                       f"[{time.perf_counter() - started:.0f}s]", flush=True)
                 for attack in ATTACKS:
-                    models = base / f"models-{attack}"
-                    models.mkdir()
-                    for i in range(WORKERS):
-                        source = hostile[attack] if (attack != "clean" and i == attacker) else honest / f"{i}-model.h5"
-                        os.link(source, models / f"{i}-model.h5")
+                    models = {i: hostile[attack] if (attack != "clean" and i == attacker) else honest / f"{i}-model.h5"
+                              for i in range(WORKERS)}
                     for rule, flags in RULES.items():
                         root = base / f"root-{attack}-{rule}"
-                        (root / "rounds").mkdir(parents=True)
-                        shutil.copyfile(start, root / "rounds/r1.h5")
-                        entry = aggregate(aggregator, models, root, *flags)
+                        entry = aggregate_from(aggregator, start, root, models, *flags)
                         outliers = [w["outlier"] for w in entry["workers"]]
                         run = {"split": split, "seed": seed, "attack": attack, "rule": rule, "attacker": attacker,
                                "accuracy": score(root / "rounds/r2.h5")[1],
@@ -205,22 +211,14 @@ def main(argv=None) -> int:
                             run["backdoor_success"] = probe(root / "rounds/r2.h5")[1]
                         runs.append(run)
                         shutil.rmtree(root)
-                    shutil.rmtree(models)
                 # The honest workers alone (FedAvg without the attacker): what a rule that finds and drops the
                 # attacker gets, its own data lost to the round; the reference for the label-skew split.
-                models = base / "models-honest-only"
-                models.mkdir()
-                for i in range(WORKERS):
-                    if i != attacker:
-                        os.link(honest / f"{i}-model.h5", models / f"{i}-model.h5")
                 root = base / "root-honest-only"
-                (root / "rounds").mkdir(parents=True)
-                shutil.copyfile(start, root / "rounds/r1.h5")
-                aggregate(aggregator, models, root, expect=WORKERS - 1)
+                aggregate_from(aggregator, start, root,
+                               {i: honest / f"{i}-model.h5" for i in range(WORKERS) if i != attacker})
                 runs.append({"split": split, "seed": seed, "attack": "honest-only", "rule": "fedavg",
                              "attacker": attacker, "accuracy": score(root / "rounds/r2.h5")[1]})
                 shutil.rmtree(root)
-                shutil.rmtree(models)
                 clean = {r["rule"]: r["accuracy"] for r in runs if (r["split"], r["seed"], r["attack"]) ==
                          (split, seed, "clean")}
                 print(f"{split} seed {seed}: clean " + ", ".join(f"{k} {v:.4f}" for k, v in clean.items())
